@@ -1,0 +1,402 @@
+//! What to send and how to report it, whichever argument form asked; and
+//! running it against the monitor.
+
+use std::io::{self, BufRead, Write};
+use std::time::Duration;
+
+use qemu_monitor::{Error, ErrorKind, Monitor, MonitorAddr, Options, Protocol};
+use serde_json::{json, Value};
+
+/// Exit statuses, as documented in `--help`.
+pub mod exit {
+    /// Every command was received and ran.
+    pub const OK: u8 = 0;
+    /// Bad arguments, or the socket could not be reached: nothing was sent.
+    pub const UNREACHABLE: u8 = 1;
+    /// QEMU answered at least one command with an error.
+    pub const COMMAND_ERROR: u8 = 2;
+    /// A command was not confirmed: timeout, early close, or not a QEMU monitor.
+    pub const DELIVERY: u8 = 3;
+    /// A line was refused before sending (too long, control bytes, no command at all).
+    pub const REFUSED: u8 = 4;
+}
+
+pub const PROG: &str = "monitor-send";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Commands {
+    Stdin,
+    Args(Vec<String>),
+    /// Connect and show the greeting only (nc -d, a reversed socat -u).
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Wait for each command's reply (the next prompt, the QMP return).
+    Reply,
+    /// Return once QEMU has read and dispatched each command (nc -w 0, socat -u).
+    Dispatch,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// Command output only; QMP replies as QEMU sent them (the nc/socat forms).
+    Plain,
+    /// Nothing on stdout (socat -u).
+    Quiet,
+    /// One JSON object per command.
+    Json,
+    /// The bytes as QEMU sent them, echo and prompts included.
+    Raw,
+}
+
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub addr: MonitorAddr,
+    pub commands: Commands,
+    pub mode: Mode,
+    pub output: Output,
+    /// The nc and socat forms print QMP traffic as those tools would.
+    pub qmp_passthrough: bool,
+    pub protocol: Option<Protocol>,
+    pub timeout: Duration,
+    pub wait_socket: Option<Duration>,
+    pub verbose: bool,
+}
+
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Job {
+    pub fn new(addr: MonitorAddr) -> Self {
+        Job {
+            addr,
+            commands: Commands::Stdin,
+            mode: Mode::Reply,
+            output: Output::Plain,
+            qmp_passthrough: false,
+            protocol: None,
+            timeout: DEFAULT_TIMEOUT,
+            wait_socket: None,
+            verbose: false,
+        }
+    }
+}
+
+/// A failure that ends the run, with its exit status.
+struct Fatal {
+    status: u8,
+    message: String,
+}
+
+fn fatal(e: &Error, confirmed: usize) -> Fatal {
+    let status = match e.kind() {
+        ErrorKind::Unreachable => exit::UNREACHABLE,
+        ErrorKind::Command => exit::COMMAND_ERROR,
+        ErrorKind::Delivery => exit::DELIVERY,
+        ErrorKind::Refused => exit::REFUSED,
+    };
+    let mut message = e.to_string();
+    if matches!(e.kind(), ErrorKind::Delivery | ErrorKind::Refused) {
+        message.push_str(&format!(
+            "; {confirmed} command{} confirmed before that",
+            if confirmed == 1 { "" } else { "s" }
+        ));
+    }
+    Fatal { status, message }
+}
+
+struct Runner<'a> {
+    job: &'a Job,
+    out: io::StdoutLock<'static>,
+    confirmed: usize,
+    refused_by_qemu: usize,
+}
+
+pub fn run(job: &Job) -> u8 {
+    let mut runner = Runner {
+        job,
+        out: io::stdout().lock(),
+        confirmed: 0,
+        refused_by_qemu: 0,
+    };
+    match runner.run() {
+        Ok(()) if runner.refused_by_qemu > 0 => exit::COMMAND_ERROR,
+        Ok(()) => exit::OK,
+        Err(f) => {
+            let _ = runner.out.flush();
+            eprintln!("{PROG}: {}", f.message);
+            f.status
+        }
+    }
+}
+
+impl Runner<'_> {
+    fn run(&mut self) -> Result<(), Fatal> {
+        let job = self.job;
+        let options = Options {
+            timeout: job.timeout,
+            wait_socket: job.wait_socket,
+        };
+        let mut monitor =
+            qemu_monitor::connect(job.addr.clone(), &options).map_err(|e| fatal(&e, 0))?;
+        if let Some(want) = job.protocol {
+            if want != monitor.protocol() {
+                return Err(Fatal {
+                    status: exit::UNREACHABLE,
+                    message: format!(
+                        "{}: this socket speaks {}, not {} as asked",
+                        job.addr,
+                        name(monitor.protocol()),
+                        name(want)
+                    ),
+                });
+            }
+        }
+        if job.verbose {
+            eprintln!("{PROG}: connected to {} ({})", job.addr, describe(&monitor));
+        }
+        self.greeting(&monitor);
+
+        let mut lines_seen = 0usize;
+        match &job.commands {
+            Commands::None => {}
+            Commands::Args(args) => {
+                for line in args {
+                    lines_seen += 1;
+                    self.one(&mut monitor, line)?;
+                }
+            }
+            Commands::Stdin => {
+                let stdin = io::stdin();
+                let mut stdin = stdin.lock();
+                let mut raw = Vec::new();
+                loop {
+                    raw.clear();
+                    let n = stdin.read_until(b'\n', &mut raw).map_err(|e| Fatal {
+                        status: exit::REFUSED,
+                        message: format!("reading standard input: {e}"),
+                    })?;
+                    if n == 0 {
+                        break;
+                    }
+                    let line = std::str::from_utf8(&raw).map_err(|_| {
+                        fatal(
+                            &Error::BadLine {
+                                command: String::from_utf8_lossy(&raw).trim_end().to_string(),
+                                reason: "it is not valid UTF-8".into(),
+                            },
+                            self.confirmed,
+                        )
+                    })?;
+                    let line = line.strip_suffix('\n').unwrap_or(line);
+                    let line = line.strip_suffix('\r').unwrap_or(line);
+                    lines_seen += 1;
+                    self.one(&mut monitor, line)?;
+                }
+            }
+        }
+        monitor.close().map_err(|e| fatal(&e, self.confirmed))?;
+        if job.commands != Commands::None && self.confirmed == 0 && self.refused_by_qemu == 0 {
+            return Err(Fatal {
+                status: exit::REFUSED,
+                message: if lines_seen == 0 {
+                    "no command to send: the input was empty".into()
+                } else {
+                    "no command to send: the input held only blank lines".into()
+                },
+            });
+        }
+        Ok(())
+    }
+
+    fn greeting(&mut self, monitor: &Monitor) {
+        let show = self.job.output == Output::Raw
+            || (self.job.commands == Commands::None && self.job.output != Output::Quiet);
+        match monitor {
+            Monitor::Hmp(s) if show => {
+                let _ = writeln!(self.out, "{}", s.banner());
+            }
+            Monitor::Qmp(s)
+                if show || (self.job.qmp_passthrough && self.job.output == Output::Plain) =>
+            {
+                let _ = writeln!(self.out, "{}", s.greeting().raw);
+            }
+            _ => {}
+        }
+        let _ = self.out.flush();
+    }
+
+    fn one(&mut self, monitor: &mut Monitor, line: &str) -> Result<(), Fatal> {
+        if line.trim().is_empty() {
+            // QEMU ignores an empty line; sending it would only cost a round trip.
+            return Ok(());
+        }
+        let result = match monitor {
+            Monitor::Hmp(s) => {
+                if line.trim_start().starts_with('{') {
+                    Err(Error::BadLine {
+                        command: line.to_string(),
+                        reason: "it is a QMP (JSON) command and this socket is the human monitor"
+                            .into(),
+                    })
+                } else if self.job.mode == Mode::Dispatch {
+                    s.dispatch(line).map(|echo| {
+                        if self.job.output == Output::Raw {
+                            let _ = self.out.write_all(&echo);
+                        }
+                    })
+                } else {
+                    s.command_reply(line)
+                        .map(|r| self.print_hmp(line, &r.raw, &r.output))
+                }
+            }
+            Monitor::Qmp(s) => {
+                if line.trim_start().starts_with('{') {
+                    return self.qmp_json(s, line);
+                }
+                s.negotiate().and_then(|()| s.hmp(line)).map(|text| {
+                    self.print_events(s);
+                    self.print_hmp(line, text.as_bytes(), &text)
+                })
+            }
+        };
+        self.settle(line, result)
+    }
+
+    /// Counts a command's outcome: QEMU's refusal is reported and the run
+    /// goes on, as it would with nc; anything else ends it.
+    fn settle(&mut self, line: &str, result: Result<(), Error>) -> Result<(), Fatal> {
+        let _ = self.out.flush();
+        match result {
+            Ok(()) => {
+                self.confirmed += 1;
+                Ok(())
+            }
+            Err(e @ Error::Command { .. }) => {
+                self.confirmed += 1;
+                self.refused_by_qemu += 1;
+                if self.job.output == Output::Json {
+                    let (class, message) = match &e {
+                        Error::Command { class, message, .. } => (class.clone(), message.clone()),
+                        _ => unreachable!(),
+                    };
+                    let _ = writeln!(
+                        self.out,
+                        "{}",
+                        json!({ "command": line, "error": message, "class": class })
+                    );
+                }
+                eprintln!("{PROG}: {e}");
+                Ok(())
+            }
+            Err(e) => Err(fatal(&e, self.confirmed)),
+        }
+    }
+
+    fn print_hmp(&mut self, line: &str, raw: &[u8], output: &str) {
+        let _ = match self.job.output {
+            Output::Quiet => Ok(()),
+            Output::Plain => self.out.write_all(output.as_bytes()),
+            Output::Raw => self.out.write_all(raw),
+            Output::Json => writeln!(self.out, "{}", json!({ "command": line, "output": output })),
+        };
+    }
+
+    fn print_qmp_reply(&mut self, msg: &Value, reply: &qemu_monitor::Reply) {
+        let _ = match (&reply.result, self.job.output) {
+            (_, Output::Quiet) | (Err(_), Output::Json) => Ok(()),
+            (_, Output::Raw) => writeln!(self.out, "{}", reply.raw),
+            (_, Output::Plain) if self.job.qmp_passthrough => writeln!(self.out, "{}", reply.raw),
+            (Ok(v), Output::Plain) => writeln!(self.out, "{v}"),
+            (Ok(v), Output::Json) => {
+                writeln!(self.out, "{}", json!({ "command": msg, "return": v }))
+            }
+            (Err(_), Output::Plain) => Ok(()),
+        };
+    }
+
+    fn print_events(&mut self, s: &mut qemu_monitor::QmpSession) {
+        let events = s.take_events();
+        if self.job.output == Output::Raw
+            || (self.job.qmp_passthrough && self.job.output == Output::Plain)
+        {
+            for e in events {
+                let _ = writeln!(self.out, "{}", e.raw);
+            }
+        }
+    }
+
+    /// One input line of JSON may hold several messages, as in
+    /// `{"execute":"qmp_capabilities"} {"execute":"query-status"}`.
+    fn qmp_json(&mut self, s: &mut qemu_monitor::QmpSession, line: &str) -> Result<(), Fatal> {
+        let mut messages = Vec::new();
+        for value in serde_json::Deserializer::from_str(line).into_iter::<Value>() {
+            match value {
+                Ok(v) if v.is_object() => messages.push(v),
+                Ok(_) => {
+                    return Err(refused(
+                        line,
+                        "a QMP message must be a JSON object",
+                        self.confirmed,
+                    ))
+                }
+                Err(e) => {
+                    return Err(refused(
+                        line,
+                        &format!("it is not valid JSON: {e}"),
+                        self.confirmed,
+                    ))
+                }
+            }
+        }
+        for msg in messages {
+            let command = msg
+                .get("execute")
+                .or_else(|| msg.get("exec-oob"))
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            if !s.is_negotiated() && command != "qmp_capabilities" {
+                if let Err(e) = s.negotiate() {
+                    return Err(fatal(&e, self.confirmed));
+                }
+            }
+            let reply = s.send(&msg).map_err(|e| fatal(&e, self.confirmed))?;
+            self.print_events(s);
+            self.print_qmp_reply(&msg, &reply);
+            let result = reply.result.map(drop).map_err(|e| Error::Command {
+                addr: s.addr().clone(),
+                command: command.clone(),
+                class: Some(e.class),
+                message: e.desc,
+            });
+            self.settle(&msg.to_string(), result)?;
+        }
+        Ok(())
+    }
+}
+
+fn refused(line: &str, reason: &str, confirmed: usize) -> Fatal {
+    fatal(
+        &Error::BadLine {
+            command: line.to_string(),
+            reason: reason.to_string(),
+        },
+        confirmed,
+    )
+}
+
+fn name(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Hmp => "HMP",
+        Protocol::Qmp => "QMP",
+    }
+}
+
+fn describe(m: &Monitor) -> String {
+    match m {
+        Monitor::Hmp(s) => format!("HMP, QEMU {}", s.version().unwrap_or("of unknown version")),
+        Monitor::Qmp(s) => format!("QMP, QEMU {}", s.version()),
+    }
+}

@@ -1,0 +1,102 @@
+//! monitor-send's own form: `monitor-send [OPTIONS] SOCKET [COMMAND]...`.
+
+use std::time::Duration;
+
+use clap::Parser;
+use qemu_monitor::{MonitorAddr, Protocol};
+
+use crate::duration;
+use crate::job::{Commands, Job, Mode, Output};
+
+const AFTER_HELP: &str = "\
+Argument forms:
+  monitor-send [OPTIONS] SOCKET [COMMAND]...       this form
+  monitor-send [-N] [-d] [-q S] [-w S] -U PATH      OpenBSD nc's form (-w 0: dispatch and go)
+  monitor-send [-u] [-t S] [-T S] ADDR ADDR         socat's form (-u: dispatch and go, quiet)
+  Linked or copied as `nc`, `netcat` or `socat`, it takes that tool's form, so
+  `echo stop | nc -w 0 -U /tmp/qemu-sock` in a recipe runs unchanged.
+
+Every command is confirmed received before the next is sent and before the
+connection closes: by its reply, or in dispatch mode by QEMU's echo of the
+line's end (HMP) or its reply (QMP).
+
+Exit status:
+  0  every command was received and ran
+  1  bad arguments, or the socket could not be reached (nothing was sent)
+  2  QEMU answered a command with an error (the other commands still ran)
+  3  a command was not confirmed: timeout, early close, or not a QEMU monitor
+  4  a line was refused before sending: longer than 4095 bytes, control
+     bytes, JSON to the human monitor, or no command at all
+
+Examples:
+  monitor-send /tmp/qemu-sock 'info status'
+  monitor-send --dispatch /tmp/qemu-sock 'migrate \"exec:cat > /tmp/statefile\"'
+  monitor-send --json /tmp/qmp-sock '{\"execute\":\"query-status\"}' 'info version'
+  echo 'migrate \"exec:cat > /tmp/statefile\"' | nc -w 0 -U /tmp/qemu-sock";
+
+/// Send commands to a QEMU monitor socket (HMP or QMP) without losing any.
+#[derive(Debug, Parser)]
+#[command(name = "monitor-send", version, after_help = AFTER_HELP)]
+struct Cli {
+    /// The monitor's unix socket; `@name` for an abstract socket.
+    socket: String,
+    /// Commands to send, one per argument; read from stdin, one per line, if none.
+    commands: Vec<String>,
+    /// Expect the machine monitor (QMP); HMP command lines go through human-monitor-command.
+    #[arg(long, conflicts_with = "hmp")]
+    qmp: bool,
+    /// Expect the human monitor (HMP).
+    #[arg(long)]
+    hmp: bool,
+    /// Print one JSON object per command: its output or its error.
+    #[arg(long, conflicts_with = "raw")]
+    json: bool,
+    /// Print the bytes as QEMU sent them, echo and prompts included.
+    #[arg(long)]
+    raw: bool,
+    /// Return once each command is dispatched, without waiting for its output.
+    #[arg(long)]
+    dispatch: bool,
+    /// Deadline for each wait on QEMU (e.g. 500ms, 10s, 2m).
+    #[arg(long, value_parser = duration::parse, default_value = "60s")]
+    timeout: Duration,
+    /// Wait this long for the socket to appear and accept.
+    #[arg(long, value_parser = duration::parse, value_name = "DURATION")]
+    wait_socket: Option<Duration>,
+    /// Say on stderr what was connected to.
+    #[arg(short, long)]
+    verbose: bool,
+}
+
+pub fn parse(args: &[String]) -> Result<Job, clap::Error> {
+    let cli = Cli::try_parse_from(
+        std::iter::once("monitor-send".to_string()).chain(args.iter().cloned()),
+    )?;
+    let mut job = Job::new(MonitorAddr::parse(&cli.socket));
+    job.commands = if cli.commands.is_empty() {
+        Commands::Stdin
+    } else {
+        Commands::Args(cli.commands)
+    };
+    job.protocol = match (cli.qmp, cli.hmp) {
+        (true, _) => Some(Protocol::Qmp),
+        (_, true) => Some(Protocol::Hmp),
+        _ => None,
+    };
+    job.output = if cli.json {
+        Output::Json
+    } else if cli.raw {
+        Output::Raw
+    } else {
+        Output::Plain
+    };
+    job.mode = if cli.dispatch {
+        Mode::Dispatch
+    } else {
+        Mode::Reply
+    };
+    job.timeout = cli.timeout;
+    job.wait_socket = cli.wait_socket;
+    job.verbose = cli.verbose;
+    Ok(job)
+}

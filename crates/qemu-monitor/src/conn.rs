@@ -1,0 +1,266 @@
+//! The byte transport under both protocols: a non-blocking unix socket where
+//! every wait has a deadline.
+
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::time::{Duration, Instant};
+
+use mio::{Events, Interest, Poll, Token};
+
+use crate::addr::MonitorAddr;
+use crate::error::{Error, Result};
+
+const SOCKET: Token = Token(0);
+
+/// How often a missing or busy socket is tried again while waiting for it.
+/// There is no event for "a socket file appeared and accepts", so this polls
+/// the thing itself, within the caller's deadline.
+const CONNECT_RETRY: Duration = Duration::from_millis(5);
+
+/// What a wait is for, so that a timeout can say so.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Wait<'a> {
+    pub deadline: Instant,
+    pub timeout: Duration,
+    pub what: &'a str,
+    pub hint: &'static str,
+}
+
+impl<'a> Wait<'a> {
+    pub fn new(timeout: Duration, what: &'a str) -> Self {
+        Wait {
+            deadline: Instant::now() + timeout,
+            timeout,
+            what,
+            hint: "",
+        }
+    }
+
+    pub fn hint(mut self, hint: &'static str) -> Self {
+        self.hint = hint;
+        self
+    }
+}
+
+/// A connected monitor socket with an input buffer.
+#[derive(Debug)]
+pub(crate) struct Connection {
+    stream: mio::net::UnixStream,
+    poll: Poll,
+    events: Events,
+    pub addr: MonitorAddr,
+    buf: Vec<u8>,
+    /// Where the next pattern search may start: bytes before it were searched.
+    scanned: usize,
+    eof: bool,
+}
+
+impl Connection {
+    /// Connects, retrying a missing, refusing or busy socket until `wait` runs out.
+    pub fn connect(addr: &MonitorAddr, wait: Option<Duration>) -> Result<Self> {
+        let sockaddr = addr.socket_addr().map_err(|source| Error::Connect {
+            addr: addr.clone(),
+            source,
+        })?;
+        let start = Instant::now();
+        let stream = loop {
+            match mio::net::UnixStream::connect_addr(&sockaddr) {
+                Ok(s) => break s,
+                Err(e) => {
+                    let retryable = matches!(
+                        e.kind(),
+                        io::ErrorKind::NotFound
+                            | io::ErrorKind::ConnectionRefused
+                            | io::ErrorKind::WouldBlock
+                    );
+                    match wait {
+                        Some(w) if retryable && start.elapsed() < w => {
+                            std::thread::sleep(CONNECT_RETRY)
+                        }
+                        Some(w) if retryable => {
+                            return Err(Error::SocketWait {
+                                addr: addr.clone(),
+                                waited: w,
+                                source: e,
+                            })
+                        }
+                        _ => {
+                            return Err(Error::Connect {
+                                addr: addr.clone(),
+                                source: e,
+                            })
+                        }
+                    }
+                }
+            }
+        };
+        let io_err = |source| Error::Io {
+            addr: addr.clone(),
+            source,
+        };
+        let poll = Poll::new().map_err(io_err)?;
+        let mut conn = Connection {
+            stream,
+            poll,
+            events: Events::with_capacity(4),
+            addr: addr.clone(),
+            buf: Vec::with_capacity(4096),
+            scanned: 0,
+            eof: false,
+        };
+        conn.poll
+            .registry()
+            .register(
+                &mut conn.stream,
+                SOCKET,
+                Interest::READABLE | Interest::WRITABLE,
+            )
+            .map_err(io_err)?;
+        Ok(conn)
+    }
+
+    fn io_error(&self, source: io::Error) -> Error {
+        Error::Io {
+            addr: self.addr.clone(),
+            source,
+        }
+    }
+
+    fn timeout(&self, wait: &Wait) -> Error {
+        Error::Timeout {
+            addr: self.addr.clone(),
+            what: wait.what.to_string(),
+            timeout: wait.timeout,
+            hint: wait.hint,
+        }
+    }
+
+    /// Blocks until the socket may be ready or the deadline passes.
+    fn poll_until(&mut self, wait: &Wait) -> Result<()> {
+        let now = Instant::now();
+        if now >= wait.deadline {
+            return Err(self.timeout(wait));
+        }
+        match self.poll.poll(&mut self.events, Some(wait.deadline - now)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
+            Err(e) => Err(self.io_error(e)),
+        }
+    }
+
+    /// Reads whatever is available into the buffer; waits for data if none is.
+    /// Returns false at end of stream.
+    fn fill(&mut self, wait: &Wait) -> Result<bool> {
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            match self.stream.read(&mut chunk) {
+                Ok(0) => {
+                    self.eof = true;
+                    return Ok(false);
+                }
+                Ok(n) => {
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    return Ok(true);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.poll_until(wait)?,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                    self.eof = true;
+                    return Ok(false);
+                }
+                Err(e) => return Err(self.io_error(e)),
+            }
+        }
+    }
+
+    /// Reads until `pattern` arrives and returns everything up to and including it.
+    pub fn read_through(&mut self, pattern: &[u8], wait: &Wait) -> Result<Vec<u8>> {
+        loop {
+            if let Some(end) = self.find(pattern) {
+                self.scanned = 0;
+                return Ok(self.buf.drain(..end).collect());
+            }
+            if self.eof || !self.fill(wait)? {
+                return Err(Error::Closed {
+                    addr: self.addr.clone(),
+                    what: wait.what.to_string(),
+                    received: String::from_utf8_lossy(&self.buf).into_owned(),
+                });
+            }
+        }
+    }
+
+    /// The end of the first `pattern` in the buffer, searching only new bytes.
+    fn find(&mut self, pattern: &[u8]) -> Option<usize> {
+        let from = self.scanned.saturating_sub(pattern.len() - 1);
+        let found = self.buf[from..]
+            .windows(pattern.len())
+            .position(|w| w == pattern)
+            .map(|i| from + i + pattern.len());
+        if found.is_none() {
+            self.scanned = self.buf.len();
+        }
+        found
+    }
+
+    /// Reads more into the buffer (for callers deciding on partial data).
+    pub fn read_more(&mut self, wait: &Wait) -> Result<bool> {
+        if self.eof {
+            return Ok(false);
+        }
+        self.fill(wait)
+    }
+
+    pub fn buffered(&self) -> &[u8] {
+        &self.buf
+    }
+
+    pub fn write_all(&mut self, mut data: &[u8], wait: &Wait) -> Result<()> {
+        while !data.is_empty() {
+            match self.stream.write(data) {
+                Ok(n) => data = &data[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Keep reading while we wait, so a peer that echoes what
+                    // it reads is never blocked on us.
+                    let mut chunk = [0u8; 16 * 1024];
+                    match self.stream.read(&mut chunk) {
+                        Ok(0) => self.eof = true,
+                        Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.poll_until(wait)?,
+                        Err(_) => {}
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                    ) =>
+                {
+                    return Err(Error::Closed {
+                        addr: self.addr.clone(),
+                        what: wait.what.to_string(),
+                        received: String::from_utf8_lossy(&self.buf).into_owned(),
+                    })
+                }
+                Err(e) => return Err(self.io_error(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Half-closes and reads to end of stream, so QEMU sees a clean end after
+    /// it has read everything: a full close can make it drop unread input.
+    /// Returns what arrived after the last exchange.
+    pub fn finish(mut self, wait: &Wait) -> Result<Vec<u8>> {
+        match self.stream.shutdown(Shutdown::Write) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => return Ok(self.buf),
+            Err(e) => return Err(self.io_error(e)),
+        }
+        while !self.eof {
+            self.fill(wait)?;
+        }
+        Ok(self.buf)
+    }
+}

@@ -1,0 +1,120 @@
+use std::io;
+use std::time::Duration;
+
+use crate::addr::MonitorAddr;
+
+/// Everything that can go wrong talking to a monitor. Each variant names the
+/// socket, what was being waited for, and what QEMU said where it said anything.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The socket could not be connected to (missing, refused, not a socket).
+    #[error("{addr}: {}", os_message(.source))]
+    Connect {
+        addr: MonitorAddr,
+        #[source]
+        source: io::Error,
+    },
+    /// The socket did not become connectable before the deadline.
+    #[error("{addr}: {} (waited {waited:?} for the socket)", os_message(.source))]
+    SocketWait {
+        addr: MonitorAddr,
+        waited: Duration,
+        #[source]
+        source: io::Error,
+    },
+    /// The peer said nothing (more) before the deadline.
+    #[error("{addr}: no {what} from QEMU within {timeout:?}{hint}")]
+    Timeout {
+        addr: MonitorAddr,
+        what: String,
+        timeout: Duration,
+        hint: &'static str,
+    },
+    /// The peer closed the connection before the exchange was complete.
+    #[error("{addr}: the peer closed the connection while waiting for {what}{}", received_suffix(.received))]
+    Closed {
+        addr: MonitorAddr,
+        what: String,
+        received: String,
+    },
+    /// The peer is not a QEMU monitor, or broke the protocol.
+    #[error("{addr}: not a QEMU monitor: {detail}")]
+    NotAMonitor { addr: MonitorAddr, detail: String },
+    /// QEMU received the command and answered with an error.
+    #[error("{addr}: QEMU refused `{command}`: {message}")]
+    Command {
+        addr: MonitorAddr,
+        command: String,
+        /// The QMP error class (`GenericError`, `CommandNotFound`, ...); `None` for HMP.
+        class: Option<String>,
+        message: String,
+    },
+    /// A command line was refused before anything was sent.
+    #[error("refused before sending {:?}: {reason}", shorten(.command))]
+    BadLine { command: String, reason: String },
+    /// Reading or writing the socket failed.
+    #[error("{addr}: {}", os_message(.source))]
+    Io {
+        addr: MonitorAddr,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What kind of failure an [`Error`] is, for callers that map failures to exit statuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The socket could not be reached: nothing was sent.
+    Unreachable,
+    /// QEMU answered a command with an error.
+    Command,
+    /// No confirmation: a timeout, an early close, or a peer that is not QEMU.
+    Delivery,
+    /// A line was refused before it was sent.
+    Refused,
+}
+
+impl Error {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Connect { .. } | Error::SocketWait { .. } => ErrorKind::Unreachable,
+            Error::Command { .. } => ErrorKind::Command,
+            Error::BadLine { .. } => ErrorKind::Refused,
+            Error::Timeout { .. }
+            | Error::Closed { .. }
+            | Error::NotAMonitor { .. }
+            | Error::Io { .. } => ErrorKind::Delivery,
+        }
+    }
+}
+
+/// An OS error as nc and socat print it: the message without "(os error N)".
+pub(crate) fn os_message(e: &io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+fn received_suffix(received: &str) -> String {
+    if received.is_empty() {
+        String::new()
+    } else {
+        format!(" (it had sent {:?})", shorten(received))
+    }
+}
+
+pub(crate) fn shorten(s: &str) -> String {
+    const MAX: usize = 80;
+    if s.len() <= MAX {
+        return s.to_string();
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

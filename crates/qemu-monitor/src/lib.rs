@@ -1,0 +1,171 @@
+//! A client for QEMU's monitor sockets that never loses a command.
+//!
+//! QEMU's monitors read their socket slowly (the human monitor one byte per
+//! main-loop pass) and throw away what they have not read when the client
+//! hangs up. This crate connects to a monitor socket (a path, or `@name` for
+//! an abstract socket), tells the human monitor (HMP) from the machine
+//! monitor (QMP) by its greeting, sends one command at a time and waits for
+//! the proof that QEMU read it, and ends a session with a half-close and a
+//! read to the end of the stream. Every wait has a deadline.
+//!
+//! ```no_run
+//! use qemu_monitor::Options;
+//!
+//! let mut monitor = qemu_monitor::connect("/tmp/qemu-sock", &Options::default())?;
+//! let status = monitor.human_command("info status")?;
+//! println!("{status}");
+//! monitor.close()?;
+//! # Ok::<(), qemu_monitor::Error>(())
+//! ```
+
+mod addr;
+mod conn;
+mod error;
+pub mod hmp;
+pub mod qmp;
+
+use std::time::Duration;
+
+pub use addr::MonitorAddr;
+pub use error::{Error, ErrorKind, Result};
+pub use hmp::{HmpReply, HmpSession};
+pub use qmp::{Event, Greeting, QemuVersion, QmpError, QmpSession, Reply};
+
+use conn::{Connection, Wait};
+
+/// How to connect.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The deadline of every single wait: greeting, echo, reply.
+    pub timeout: Duration,
+    /// Wait this long for a missing, refusing or busy socket to accept.
+    pub wait_socket: Option<Duration>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            timeout: Duration::from_secs(30),
+            wait_socket: None,
+        }
+    }
+}
+
+/// Which monitor protocol a socket speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Hmp,
+    Qmp,
+}
+
+/// A connected monitor of either protocol.
+#[derive(Debug)]
+pub enum Monitor {
+    Hmp(HmpSession),
+    Qmp(QmpSession),
+}
+
+/// Connects and tells the protocol from what QEMU sends first.
+pub fn connect(addr: impl Into<MonitorAddr>, options: &Options) -> Result<Monitor> {
+    let addr = addr.into();
+    let mut conn = Connection::connect(&addr, options.wait_socket)?;
+    match detect(&mut conn, options.timeout)? {
+        Protocol::Hmp => HmpSession::start(conn, options.timeout).map(Monitor::Hmp),
+        Protocol::Qmp => QmpSession::start(conn, options.timeout).map(Monitor::Qmp),
+    }
+}
+
+/// Connects to a human monitor; a QMP socket is an error.
+pub fn connect_hmp(addr: impl Into<MonitorAddr>, options: &Options) -> Result<HmpSession> {
+    match connect(addr, options)? {
+        Monitor::Hmp(s) => Ok(s),
+        Monitor::Qmp(s) => Err(Error::NotAMonitor {
+            addr: s.addr().clone(),
+            detail: "it speaks QMP, not the human monitor".into(),
+        }),
+    }
+}
+
+/// Connects to a machine monitor and negotiates capabilities; an HMP socket is an error.
+pub fn connect_qmp(addr: impl Into<MonitorAddr>, options: &Options) -> Result<QmpSession> {
+    let addr = addr.into();
+    match connect(addr.clone(), options)? {
+        Monitor::Qmp(mut s) => {
+            s.negotiate()?;
+            Ok(s)
+        }
+        Monitor::Hmp(_) => Err(Error::NotAMonitor {
+            addr,
+            detail: "it speaks the human monitor (HMP), not QMP".into(),
+        }),
+    }
+}
+
+fn detect(conn: &mut Connection, timeout: Duration) -> Result<Protocol> {
+    const HMP_START: &[u8] = b"QEMU ";
+    let wait = Wait::new(timeout, "greeting")
+        .hint(": the monitor may be busy with another client (QEMU serves one at a time)");
+    loop {
+        let buf = conn.buffered();
+        let start = buf
+            .iter()
+            .position(|b| !b.is_ascii_whitespace())
+            .unwrap_or(buf.len());
+        let seen = &buf[start..];
+        if seen.first() == Some(&b'{') {
+            return Ok(Protocol::Qmp);
+        }
+        if seen.starts_with(HMP_START) {
+            return Ok(Protocol::Hmp);
+        }
+        let n = seen.len().min(HMP_START.len());
+        if n > 0 && seen[..n] != HMP_START[..n] {
+            let snippet: String = String::from_utf8_lossy(&seen[..seen.len().min(60)]).into();
+            return Err(Error::NotAMonitor {
+                addr: conn.addr.clone(),
+                detail: format!("it greeted with {snippet:?}"),
+            });
+        }
+        if !conn.read_more(&wait)? {
+            return Err(Error::Closed {
+                addr: conn.addr.clone(),
+                what: "greeting".into(),
+                received: String::from_utf8_lossy(conn.buffered()).into_owned(),
+            });
+        }
+    }
+}
+
+impl Monitor {
+    pub fn protocol(&self) -> Protocol {
+        match self {
+            Monitor::Hmp(_) => Protocol::Hmp,
+            Monitor::Qmp(_) => Protocol::Qmp,
+        }
+    }
+
+    /// Runs an HMP command line on either monitor (QMP: via `human-monitor-command`).
+    pub fn human_command(&mut self, line: &str) -> Result<String> {
+        match self {
+            Monitor::Hmp(s) => s.command(line),
+            Monitor::Qmp(s) => {
+                s.negotiate()?;
+                s.hmp(line)
+            }
+        }
+    }
+
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        match self {
+            Monitor::Hmp(s) => s.set_timeout(timeout),
+            Monitor::Qmp(s) => s.set_timeout(timeout),
+        }
+    }
+
+    pub fn close(self) -> Result<()> {
+        match self {
+            Monitor::Hmp(s) => s.close().map(drop),
+            Monitor::Qmp(s) => s.close().map(drop),
+        }
+    }
+}

@@ -1,0 +1,315 @@
+//! The machine monitor: JSON lines. Replies and events share the socket, so
+//! events are set aside in their own queue as replies are waited for.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::conn::{Connection, Wait};
+use crate::error::{shorten, Error, Result};
+
+/// QEMU's version as the QMP greeting states it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct QemuVersion {
+    pub major: u32,
+    pub minor: u32,
+    pub micro: u32,
+}
+
+impl std::fmt::Display for QemuVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.micro)
+    }
+}
+
+impl std::str::FromStr for QemuVersion {
+    type Err = String;
+
+    /// Parses `7.2.22` (and `10.0`, with micro 0).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut parts = s.trim().split('.').map(|p| p.parse::<u32>());
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(Ok(major)), Some(Ok(minor)), micro) => Ok(QemuVersion {
+                major,
+                minor,
+                micro: micro.and_then(|m| m.ok()).unwrap_or(0),
+            }),
+            _ => Err(format!("not a QEMU version: {s:?}")),
+        }
+    }
+}
+
+/// The greeting QEMU sends on connect.
+#[derive(Debug, Clone)]
+pub struct Greeting {
+    pub version: QemuVersion,
+    /// The distribution's package string, e.g. `Debian 1:7.2+dfsg-7`.
+    pub package: String,
+    pub capabilities: Vec<String>,
+    /// The line as QEMU sent it.
+    pub raw: String,
+}
+
+/// An asynchronous event.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub name: String,
+    pub data: Value,
+    pub timestamp: Option<Value>,
+    /// The line as QEMU sent it.
+    pub raw: String,
+}
+
+/// A reply to one message: its value or QEMU's error.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub result: std::result::Result<Value, QmpError>,
+    /// The line as QEMU sent it.
+    pub raw: String,
+}
+
+/// An error reply: `{"error": {"class": ..., "desc": ...}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct QmpError {
+    pub class: String,
+    pub desc: String,
+}
+
+/// A session with QEMU's machine monitor.
+#[derive(Debug)]
+pub struct QmpSession {
+    conn: Connection,
+    greeting: Greeting,
+    timeout: Duration,
+    events: VecDeque<Event>,
+    next_id: u64,
+    negotiated: bool,
+}
+
+#[derive(Deserialize)]
+struct GreetingBody {
+    version: GreetingVersion,
+    #[serde(default)]
+    capabilities: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct GreetingVersion {
+    qemu: QemuVersion,
+    #[serde(default)]
+    package: String,
+}
+
+enum Message {
+    Reply(Reply, Option<Value>),
+    Event(Event),
+}
+
+impl QmpSession {
+    pub(crate) fn start(mut conn: Connection, timeout: Duration) -> Result<Self> {
+        let line = conn.read_through(b"\n", &Wait::new(timeout, "QMP greeting"))?;
+        let raw = String::from_utf8_lossy(&line).trim_end().to_string();
+        let not_qmp = |detail: String| Error::NotAMonitor {
+            addr: conn.addr.clone(),
+            detail,
+        };
+        let value: Value = serde_json::from_str(&raw)
+            .map_err(|e| not_qmp(format!("its greeting is not JSON ({e}): {}", shorten(&raw))))?;
+        let body = value.get("QMP").ok_or_else(|| {
+            not_qmp(format!(
+                "its greeting has no \"QMP\" key: {}",
+                shorten(&raw)
+            ))
+        })?;
+        let body: GreetingBody = serde_json::from_value(body.clone()).map_err(|e| {
+            not_qmp(format!(
+                "its greeting is malformed ({e}): {}",
+                shorten(&raw)
+            ))
+        })?;
+        Ok(QmpSession {
+            conn,
+            greeting: Greeting {
+                version: body.version.qemu,
+                package: body.version.package,
+                capabilities: body.capabilities,
+                raw,
+            },
+            timeout,
+            events: VecDeque::new(),
+            next_id: 1,
+            negotiated: false,
+        })
+    }
+
+    pub fn addr(&self) -> &crate::MonitorAddr {
+        &self.conn.addr
+    }
+
+    pub fn greeting(&self) -> &Greeting {
+        &self.greeting
+    }
+
+    pub fn version(&self) -> QemuVersion {
+        self.greeting.version
+    }
+
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    pub fn is_negotiated(&self) -> bool {
+        self.negotiated
+    }
+
+    /// Leaves capabilities negotiation; QEMU accepts nothing else before it.
+    pub fn negotiate(&mut self) -> Result<()> {
+        if !self.negotiated {
+            self.execute("qmp_capabilities", None)?;
+        }
+        Ok(())
+    }
+
+    /// Runs a command and returns its `return` value; an error reply is
+    /// [`Error::Command`] with QEMU's class and description.
+    pub fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value> {
+        let id = format!("qemu-monitor-{}", self.next_id);
+        self.next_id += 1;
+        let mut msg = json!({ "execute": command, "id": id });
+        if let Some(args) = arguments {
+            msg["arguments"] = args;
+        }
+        let reply = self.send(&msg)?;
+        reply.result.map_err(|e| Error::Command {
+            addr: self.conn.addr.clone(),
+            command: command.to_string(),
+            class: Some(e.class),
+            message: e.desc,
+        })
+    }
+
+    /// Sends a message as given and returns the reply to it, matched by `id`
+    /// when it has one, else the next reply (QMP answers in order).
+    pub fn send(&mut self, msg: &Value) -> Result<Reply> {
+        let what = match msg.get("execute").or_else(|| msg.get("exec-oob")) {
+            Some(Value::String(c)) => format!("reply to `{c}`"),
+            _ => "reply".to_string(),
+        };
+        let mut line = serde_json::to_vec(msg).expect("a serde_json::Value always serialises");
+        line.push(b'\n');
+        self.conn
+            .write_all(&line, &Wait::new(self.timeout, &what))?;
+        let wait = Wait::new(self.timeout, &what);
+        let want_id = msg.get("id");
+        loop {
+            match self.read_message(&wait)? {
+                Message::Event(e) => self.events.push_back(e),
+                Message::Reply(reply, id) => {
+                    if want_id.is_none() || id.as_ref() == want_id {
+                        if msg.get("execute").and_then(Value::as_str) == Some("qmp_capabilities")
+                            && reply.result.is_ok()
+                        {
+                            self.negotiated = true;
+                        }
+                        return Ok(reply);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs an HMP command line through `human-monitor-command`.
+    pub fn hmp(&mut self, line: &str) -> Result<String> {
+        let out = self.execute(
+            "human-monitor-command",
+            Some(json!({ "command-line": line })),
+        )?;
+        let text = out.as_str().unwrap_or_default().replace("\r\n", "\n");
+        if let Some(message) = crate::hmp::error_message(&text) {
+            return Err(Error::Command {
+                addr: self.conn.addr.clone(),
+                command: line.to_string(),
+                class: None,
+                message,
+            });
+        }
+        Ok(text)
+    }
+
+    /// The next event, waiting up to `timeout` for one.
+    pub fn next_event(&mut self, timeout: Duration) -> Result<Event> {
+        if let Some(e) = self.events.pop_front() {
+            return Ok(e);
+        }
+        let wait = Wait::new(timeout, "event");
+        loop {
+            if let Message::Event(e) = self.read_message(&wait)? {
+                return Ok(e);
+            }
+        }
+    }
+
+    /// Events received so far and not yet taken.
+    pub fn take_events(&mut self) -> Vec<Event> {
+        self.events.drain(..).collect()
+    }
+
+    fn read_message(&mut self, wait: &Wait) -> Result<Message> {
+        let line = self.conn.read_through(b"\n", wait)?;
+        let raw = String::from_utf8_lossy(&line).trim_end().to_string();
+        let value: Value = serde_json::from_str(&raw).map_err(|e| Error::NotAMonitor {
+            addr: self.conn.addr.clone(),
+            detail: format!("it sent a line that is not JSON ({e}): {}", shorten(&raw)),
+        })?;
+        if let Some(Value::String(name)) = value.get("event") {
+            return Ok(Message::Event(Event {
+                name: name.clone(),
+                data: value.get("data").cloned().unwrap_or(Value::Null),
+                timestamp: value.get("timestamp").cloned(),
+                raw,
+            }));
+        }
+        let id = value.get("id").cloned();
+        if let Some(ret) = value.get("return") {
+            return Ok(Message::Reply(
+                Reply {
+                    result: Ok(ret.clone()),
+                    raw,
+                },
+                id,
+            ));
+        }
+        if let Some(err) = value.get("error") {
+            let err: QmpError = serde_json::from_value(err.clone()).unwrap_or_else(|_| QmpError {
+                class: "GenericError".into(),
+                desc: err.to_string(),
+            });
+            return Ok(Message::Reply(
+                Reply {
+                    result: Err(err),
+                    raw,
+                },
+                id,
+            ));
+        }
+        Err(Error::NotAMonitor {
+            addr: self.conn.addr.clone(),
+            detail: format!(
+                "it sent a message that is neither reply nor event: {}",
+                shorten(&raw)
+            ),
+        })
+    }
+
+    /// Ends the session: half-close, read to the end.
+    pub fn close(self) -> Result<Vec<u8>> {
+        let timeout = self.timeout;
+        self.conn.finish(&Wait::new(timeout, "end of the session"))
+    }
+}

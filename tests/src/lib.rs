@@ -1,0 +1,1 @@
+//! Helpers for the cross-crate tests: finding QEMU and starting it.
