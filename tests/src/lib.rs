@@ -1,1 +1,187 @@
-//! Helpers for the cross-crate tests: finding QEMU and starting it.
+//! Helpers for the cross-crate tests: which QEMUs to test against, starting
+//! one with monitor sockets, and the project's binaries.
+//!
+//! The QEMUs come from `QEMU_BINARIES` (colon-separated paths; `cargo xtask
+//! test` sets it to every QEMU it installed), else `qemu-system-x86_64` on
+//! PATH. No QEMU is a failure, not a skip: these tests are about QEMU.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use qemu_monitor::{Options, QmpSession};
+use tempfile::TempDir;
+
+/// Every QEMU the tests must pass on.
+pub fn qemus() -> Vec<PathBuf> {
+    let list: Vec<PathBuf> = match std::env::var("QEMU_BINARIES") {
+        Ok(v) if !v.trim().is_empty() => v
+            .split(':')
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
+            .collect(),
+        _ => vec![PathBuf::from("qemu-system-x86_64")],
+    };
+    for q in &list {
+        let ok = Command::new(q)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "QEMU {} does not run: install it (.ci/install-deps) or set QEMU_BINARIES",
+            q.display()
+        );
+    }
+    list
+}
+
+/// `QEMU emulator version 7.2.22 (...)` → `7.2.22`.
+pub fn qemu_version(bin: &Path) -> String {
+    let out = Command::new(bin)
+        .arg("--version")
+        .output()
+        .expect("qemu --version");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .nth(3)
+        .unwrap_or("unknown")
+        .to_string()
+}
+
+/// A path to one of the workspace's binaries (built by `cargo test --workspace`).
+pub fn bin(name: &str) -> PathBuf {
+    let path = assert_cmd::cargo::cargo_bin(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run the tests with `cargo test --workspace`",
+        path.display()
+    );
+    path
+}
+
+/// A directory with `nc`, `netcat` and `socat` as links to monitor-send,
+/// to put first on PATH so a recipe runs unchanged.
+pub fn drop_in_dir() -> TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let target = bin("monitor-send");
+    for name in ["nc", "netcat", "socat"] {
+        std::os::unix::fs::symlink(&target, dir.path().join(name)).expect("symlink");
+    }
+    dir
+}
+
+/// PATH with `dir` in front.
+pub fn path_with(dir: &Path) -> String {
+    format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+/// A running QEMU with an HMP socket (`hmp`) and a QMP socket (`qmp`).
+#[derive(Debug)]
+pub struct Vm {
+    child: Child,
+    pub dir: TempDir,
+    pub hmp: PathBuf,
+    pub qmp_path: PathBuf,
+    qmp: Option<QmpSession>,
+}
+
+impl Vm {
+    /// A monitor-only QEMU: starts in milliseconds.
+    pub fn none(qemu: &Path) -> Vm {
+        Vm::start(qemu, &["-M", "none"])
+    }
+
+    /// QEMU with `args` plus `-display none`, the two monitor sockets, and stderr kept in `dir`.
+    pub fn start(qemu: &Path, args: &[&str]) -> Vm {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Vm::start_in(qemu, args, dir)
+    }
+
+    pub fn start_in(qemu: &Path, args: &[&str], dir: TempDir) -> Vm {
+        let hmp = dir.path().join("hmp.sock");
+        let qmp_path = dir.path().join("qmp.sock");
+        let stderr = std::fs::File::create(dir.path().join("qemu.stderr")).expect("stderr file");
+        let child = Command::new(qemu)
+            .args(args)
+            .args(["-display", "none"])
+            .arg("-monitor")
+            .arg(format!("unix:{},server,nowait", hmp.display()))
+            .arg("-qmp")
+            .arg(format!("unix:{},server,nowait", qmp_path.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", qemu.display()));
+        let mut vm = Vm {
+            child,
+            dir,
+            hmp,
+            qmp_path,
+            qmp: None,
+        };
+        let options = Options {
+            timeout: Duration::from_secs(20),
+            wait_socket: Some(Duration::from_secs(20)),
+        };
+        match qemu_monitor::connect_qmp(vm.qmp_path.clone(), &options) {
+            Ok(s) => vm.qmp = Some(s),
+            Err(e) => panic!("{e}; QEMU said: {}", vm.stderr()),
+        }
+        vm
+    }
+
+    /// The test's own QMP session (QEMU serves one client per socket).
+    pub fn qmp(&mut self) -> &mut QmpSession {
+        self.qmp.as_mut().expect("QMP session")
+    }
+
+    /// `query-status`'s status: `running`, `paused`, `postmigrate`, ...
+    pub fn status(&mut self) -> String {
+        let r = self
+            .qmp()
+            .execute("query-status", None)
+            .expect("query-status");
+        r["status"].as_str().unwrap_or_default().to_string()
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("qemu.stderr")).unwrap_or_default()
+    }
+
+    /// Waits for a QMP event by name (with `migrate-set-capabilities events` on
+    /// for migration events).
+    pub fn wait_event(&mut self, name: &str, timeout: Duration) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let e = self
+                .qmp()
+                .next_event(left)
+                .unwrap_or_else(|e| panic!("waiting for event {name}: {e}"));
+            if e.name == name {
+                return e.data;
+            }
+        }
+    }
+
+    /// Waits until QEMU exits by itself and returns its status.
+    pub fn wait_exit(mut self) -> std::process::ExitStatus {
+        self.qmp = None;
+        self.child.wait().expect("wait")
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
