@@ -185,3 +185,40 @@ impl Drop for Vm {
         let _ = self.child.wait();
     }
 }
+
+impl Vm {
+    /// Turns on migration events, so that completion can be waited for.
+    pub fn enable_migration_events(&mut self) {
+        self.qmp()
+            .execute(
+                "migrate-set-capabilities",
+                Some(
+                    serde_json::json!({"capabilities": [{"capability": "events", "state": true}]}),
+                ),
+            )
+            .expect("migrate-set-capabilities events");
+    }
+
+    /// Waits for the `MIGRATION` event with a final status and returns it.
+    pub fn wait_migration_end(&mut self, timeout: Duration) -> String {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let data = self.wait_event("MIGRATION", left);
+            let status = data["status"].as_str().unwrap_or_default().to_string();
+            if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
+                return status;
+            }
+        }
+    }
+
+    /// Waits until an incoming migration has finished and the guest runs.
+    pub fn wait_running(&mut self, timeout: Duration) {
+        if self.status() == "running" {
+            return;
+        }
+        // RESUME follows the status query if the guest was not yet running;
+        // the session was open before the query, so it cannot be missed.
+        self.wait_event("RESUME", timeout);
+    }
+}
