@@ -249,6 +249,81 @@ impl Connection {
         Ok(())
     }
 
+    /// The process on the other end (the QEMU serving this monitor).
+    pub fn peer_pid(&self) -> Result<u32> {
+        use std::os::fd::AsRawFd;
+        let mut cred = libc::ucred {
+            pid: 0,
+            uid: 0,
+            gid: 0,
+        };
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: cred and len are valid for writes of the sizes given.
+        let rc = unsafe {
+            libc::getsockopt(
+                self.stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                (&mut cred as *mut libc::ucred).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(self.io_error(io::Error::last_os_error()));
+        }
+        Ok(cred.pid as u32)
+    }
+
+    /// Sends `data` with a file descriptor attached (SCM_RIGHTS), the way
+    /// QEMU's `getfd` expects it: the descriptor rides on the command's bytes.
+    pub fn write_with_fd(
+        &mut self,
+        data: &[u8],
+        fd: std::os::fd::BorrowedFd,
+        wait: &Wait,
+    ) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        const FD_SPACE: usize = 64;
+        // SAFETY: CMSG_SPACE only computes a size.
+        let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) } as usize;
+        debug_assert!(space <= FD_SPACE);
+        let mut control = [0u8; FD_SPACE];
+        let mut iov = libc::iovec {
+            iov_base: data.as_ptr() as *mut libc::c_void,
+            iov_len: data.len(),
+        };
+        loop {
+            // SAFETY: msghdr is plain data; every pointer set below outlives the call.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = space as _;
+            // SAFETY: msg_control points at `space` bytes, room for one header and one fd.
+            unsafe {
+                let cmsg = libc::CMSG_FIRSTHDR(&msg);
+                (*cmsg).cmsg_level = libc::SOL_SOCKET;
+                (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+                (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as _;
+                std::ptr::write_unaligned(
+                    libc::CMSG_DATA(cmsg).cast::<libc::c_int>(),
+                    fd.as_raw_fd(),
+                );
+            }
+            // SAFETY: the socket is open and msg is fully initialised.
+            let n = unsafe { libc::sendmsg(self.stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+            if n >= 0 {
+                return self.write_all(&data[n as usize..], wait);
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => {}
+                io::ErrorKind::WouldBlock => self.poll_until(wait)?,
+                _ => return Err(self.io_error(e)),
+            }
+        }
+    }
+
     /// Half-closes and reads to end of stream, so QEMU sees a clean end after
     /// it has read everything: a full close can make it drop unread input.
     /// Returns what arrived after the last exchange.

@@ -122,10 +122,20 @@ impl HmpSession {
     /// reply is returned as [`Error::Command`].
     pub fn command_reply(&mut self, line: &str) -> Result<HmpReply> {
         let mut raw = self.dispatch(line)?;
-        let rest = self.conn.read_through(
+        let rest = match self.conn.read_through(
             PROMPT,
             &Wait::new(self.timeout, &format!("reply to `{line}`")),
-        )?;
+        ) {
+            // `quit` answers by closing: once it was dispatched, that is success.
+            Err(Error::Closed { received, .. }) if is_quit(line) => {
+                self.reply_pending = false;
+                return Ok(HmpReply {
+                    raw,
+                    output: received,
+                });
+            }
+            other => other?,
+        };
         self.reply_pending = false;
         let output = clean_output(&rest[..rest.len() - PROMPT.len()]);
         raw.extend_from_slice(&rest);
@@ -144,6 +154,40 @@ impl HmpSession {
     /// started running it (the echo of the line's end), without awaiting its
     /// output: a `migrate` returns at once, yet is never lost.
     pub fn dispatch(&mut self, line: &str) -> Result<Vec<u8>> {
+        self.dispatch_inner(line, None)
+    }
+
+    /// Runs a command with a file descriptor attached, for `getfd NAME`.
+    pub fn command_with_fd(&mut self, line: &str, fd: std::os::fd::BorrowedFd) -> Result<String> {
+        let mut raw = self.dispatch_inner(line, Some(fd))?;
+        let rest = self.conn.read_through(
+            PROMPT,
+            &Wait::new(self.timeout, &format!("reply to `{line}`")),
+        )?;
+        self.reply_pending = false;
+        raw.extend_from_slice(&rest);
+        let output = clean_output(&rest[..rest.len() - PROMPT.len()]);
+        match error_message(&output) {
+            Some(message) => Err(Error::Command {
+                addr: self.conn.addr.clone(),
+                command: line.to_string(),
+                class: None,
+                message,
+            }),
+            None => Ok(output),
+        }
+    }
+
+    /// The QEMU process serving this monitor.
+    pub fn peer_pid(&self) -> Result<u32> {
+        self.conn.peer_pid()
+    }
+
+    fn dispatch_inner(
+        &mut self,
+        line: &str,
+        fd: Option<std::os::fd::BorrowedFd>,
+    ) -> Result<Vec<u8>> {
         check_line(line)?;
         if self.reply_pending {
             // Until the previous command's prompt is in, a `\r\n` could be its output.
@@ -157,8 +201,14 @@ impl HmpSession {
         bytes.extend_from_slice(line.as_bytes());
         bytes.push(b'\n');
         let what = format!("echo of `{line}`");
-        self.conn
-            .write_all(&bytes, &Wait::new(self.timeout, &what))?;
+        match fd {
+            Some(fd) => self
+                .conn
+                .write_with_fd(&bytes, fd, &Wait::new(self.timeout, &what))?,
+            None => self
+                .conn
+                .write_all(&bytes, &Wait::new(self.timeout, &what))?,
+        }
         let echo = self.conn.read_through(
             LINE_END_ECHO,
             &Wait::new(self.timeout, &what)
@@ -181,6 +231,10 @@ impl HmpSession {
         let timeout = self.timeout;
         self.conn.finish(&Wait::new(timeout, "end of the session"))
     }
+}
+
+fn is_quit(line: &str) -> bool {
+    matches!(line.split_whitespace().next(), Some("quit" | "q"))
 }
 
 /// The command output with `\r\n` turned into `\n`.

@@ -194,18 +194,51 @@ impl QmpSession {
         })
     }
 
+    /// Runs a command with a file descriptor attached, for `getfd` and `add-fd`.
+    pub fn execute_with_fd(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: std::os::fd::BorrowedFd,
+    ) -> Result<Value> {
+        let id = format!("qemu-monitor-{}", self.next_id);
+        self.next_id += 1;
+        let mut msg = json!({ "execute": command, "id": id });
+        if let Some(args) = arguments {
+            msg["arguments"] = args;
+        }
+        let reply = self.send_inner(&msg, Some(fd))?;
+        reply.result.map_err(|e| Error::Command {
+            addr: self.conn.addr.clone(),
+            command: command.to_string(),
+            class: Some(e.class),
+            message: e.desc,
+        })
+    }
+
+    /// The QEMU process serving this monitor.
+    pub fn peer_pid(&self) -> Result<u32> {
+        self.conn.peer_pid()
+    }
+
     /// Sends a message as given and returns the reply to it, matched by `id`
     /// when it has one, else the next reply (QMP answers in order).
     pub fn send(&mut self, msg: &Value) -> Result<Reply> {
+        self.send_inner(msg, None)
+    }
+
+    fn send_inner(&mut self, msg: &Value, fd: Option<std::os::fd::BorrowedFd>) -> Result<Reply> {
         let what = match msg.get("execute").or_else(|| msg.get("exec-oob")) {
             Some(Value::String(c)) => format!("reply to `{c}`"),
             _ => "reply".to_string(),
         };
         let mut line = serde_json::to_vec(msg).expect("a serde_json::Value always serialises");
         line.push(b'\n');
-        self.conn
-            .write_all(&line, &Wait::new(self.timeout, &what))?;
         let wait = Wait::new(self.timeout, &what);
+        match fd {
+            Some(fd) => self.conn.write_with_fd(&line, fd, &wait)?,
+            None => self.conn.write_all(&line, &wait)?,
+        }
         let want_id = msg.get("id");
         loop {
             match self.read_message(&wait)? {

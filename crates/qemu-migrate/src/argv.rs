@@ -1,0 +1,145 @@
+//! A QEMU command line: what identifies the VM, and what only wires it to
+//! this particular run (monitors, -incoming, -daemonize, -pidfile).
+
+/// Options that take a value and only wire this run; left out of the VM's identity.
+const RUN_OPTIONS_WITH_VALUE: &[&str] = &[
+    "-monitor",
+    "-qmp",
+    "-qmp-pretty",
+    "-mon",
+    "-incoming",
+    "-pidfile",
+    "-chroot",
+    "-runas",
+];
+/// Flags that only concern this run.
+const RUN_FLAGS: &[&str] = &["-daemonize", "-S"];
+
+/// Canonical spelling: QEMU accepts `--opt` for `-opt`.
+fn canonical(arg: &str) -> &str {
+    if arg.starts_with("--") && arg.len() > 2 {
+        &arg[1..]
+    } else {
+        arg
+    }
+}
+
+/// The VM's options without those that wire it to one run: the part that
+/// must be the same when it is restored.
+pub fn vm_options(args: &[String]) -> Vec<String> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut i = 0;
+    while i < args.len() {
+        let a = canonical(&args[i]);
+        if RUN_OPTIONS_WITH_VALUE.contains(&a) {
+            i += 2;
+            continue;
+        }
+        if RUN_FLAGS.contains(&a) {
+            i += 1;
+            continue;
+        }
+        // A chardev that only serves a monitor is wiring too, but which one
+        // does cannot be known without following -mon; chardevs stay.
+        out.push(args[i].clone());
+        i += 1;
+    }
+    out
+}
+
+/// The options to start a restoring QEMU with: the original run's options
+/// (its monitors too, so the user's recipes keep working) without
+/// -incoming, -daemonize, -pidfile and -S, which the restore sets itself.
+pub fn restart_options(args: &[String]) -> Vec<String> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut i = 0;
+    while i < args.len() {
+        let a = canonical(&args[i]);
+        if matches!(a, "-incoming" | "-pidfile") {
+            i += 2;
+            continue;
+        }
+        if matches!(a, "-daemonize" | "-S") {
+            i += 1;
+            continue;
+        }
+        out.push(args[i].clone());
+        i += 1;
+    }
+    out
+}
+
+/// The value of the last `-name VALUE` (QEMU lets later options win).
+pub fn last_value<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    let mut found = None;
+    let mut i = 0;
+    while i + 1 < args.len() {
+        if canonical(&args[i]) == name {
+            found = Some(args[i + 1].as_str());
+            i += 2;
+        } else {
+            i += 1;
+        }
+    }
+    found
+}
+
+/// The machine type asked for (`-M pc` or `-machine q35,accel=tcg`), if any.
+pub fn machine(args: &[String]) -> Option<String> {
+    let v = last_value(args, "-M").or_else(|| last_value(args, "-machine"))?;
+    let first = v.split(',').next()?;
+    match first.strip_prefix("type=") {
+        Some(t) => Some(t.to_string()),
+        None if first.contains('=') => v
+            .split(',')
+            .find_map(|p| p.strip_prefix("type="))
+            .map(String::from),
+        None => Some(first.to_string()),
+    }
+}
+
+/// Whether the VM's serial port (or monitor) is on QEMU's stdio: then a
+/// restore hands it the terminal.
+pub fn uses_stdio(args: &[String]) -> bool {
+    args.windows(2).any(|w| {
+        matches!(
+            canonical(&w[0]),
+            "-serial" | "-monitor" | "-chardev" | "-mon"
+        ) && (w[1] == "stdio" || w[1].starts_with("stdio,") || w[1].contains("backend=stdio"))
+    }) || args.iter().any(|a| canonical(a) == "-nographic")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn identity_leaves_out_wiring() {
+        let args = v("-m 32 -nodefaults -serial stdio -kernel k -monitor unix:/tmp/s,server,nowait -incoming defer -S --qmp unix:/q,server -daemonize -pidfile p");
+        assert_eq!(
+            vm_options(&args),
+            v("-m 32 -nodefaults -serial stdio -kernel k")
+        );
+        assert_eq!(
+            restart_options(&args),
+            v("-m 32 -nodefaults -serial stdio -kernel k -monitor unix:/tmp/s,server,nowait --qmp unix:/q,server")
+        );
+    }
+
+    #[test]
+    fn finds_machine_and_stdio() {
+        assert_eq!(machine(&v("-M pc -m 1")), Some("pc".into()));
+        assert_eq!(machine(&v("-machine q35,accel=tcg")), Some("q35".into()));
+        assert_eq!(
+            machine(&v("-machine accel=tcg,type=pc-i440fx-7.2")),
+            Some("pc-i440fx-7.2".into())
+        );
+        assert_eq!(machine(&v("-m 1")), None);
+        assert!(uses_stdio(&v("-serial stdio")));
+        assert!(!uses_stdio(&v("-serial file:/x")));
+    }
+}

@@ -1,0 +1,55 @@
+//! How the CLI shows progress: a bar on a terminal, JSON lines for scripts.
+
+use std::io::Write;
+use std::sync::Mutex;
+
+use qemu_migrate::progress::Progress;
+
+pub struct Bar(indicatif::ProgressBar);
+
+impl Bar {
+    pub fn new() -> Bar {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg:>9} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        Bar(bar)
+    }
+
+    pub fn finish(&self) {
+        self.0.finish_and_clear();
+    }
+}
+
+impl Progress for Bar {
+    fn update(&self, phase: &str, done: u64, total: Option<u64>) {
+        if let Some(t) = total {
+            // The stream carries a little more than the RAM it describes.
+            self.0.set_length(t.max(done));
+        }
+        self.0.set_message(phase.to_string());
+        self.0.set_position(done);
+    }
+}
+
+pub struct JsonLines(Mutex<()>);
+
+impl JsonLines {
+    pub fn new() -> JsonLines {
+        JsonLines(Mutex::new(()))
+    }
+}
+
+impl Progress for JsonLines {
+    fn update(&self, phase: &str, done: u64, total: Option<u64>) {
+        let _guard = self.0.lock();
+        let line = serde_json::json!({ "progress": phase, "done": done, "total": total });
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    }
+}

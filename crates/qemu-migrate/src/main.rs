@@ -1,0 +1,334 @@
+//! `qemu-migrate`: the command line over the library; see `--help`.
+
+mod cli_progress;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use qemu_migrate::progress::{Progress, Quiet};
+use qemu_migrate::restore::{self, RestoreOptions};
+use qemu_migrate::save::{self, SaveOptions, Then};
+use qemu_migrate::{Error, Manifest, Vm};
+
+const AFTER_HELP: &str = "\
+Examples:
+  qemu-migrate save --monitor /tmp/qemu-sock /tmp/statefile
+  qemu-migrate restore /tmp/statefile
+  qemu-migrate restore /tmp/recipe-state -- -m 32 -nodefaults -kernel k ...   (a file with no manifest)
+  qemu-migrate inspect /tmp/statefile --json
+
+Exit status:
+  0  done
+  1  bad arguments, or the monitor socket or QEMU could not be reached or started
+  2  refused before anything changed: incomplete or damaged state file, options
+     that cannot restore it, a VM already saved (postmigrate) or busy
+  3  the migration failed or QEMU exited; nothing half-written is left
+  4  cancelled (Ctrl-C): the migration was cancelled and the guest resumed";
+
+/// Save, restore and inspect QEMU VMs with the exact same options.
+#[derive(Debug, Parser)]
+#[command(name = "qemu-migrate", version, after_help = AFTER_HELP)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+    /// Progress and results as JSON lines on stdout.
+    #[arg(long, global = true)]
+    json: bool,
+    /// No progress bar.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ThenArg {
+    Stop,
+    Quit,
+    Resume,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Save a running VM to a state file (and STATEFILE.manifest.json beside it).
+    Save {
+        /// The VM's monitor socket (HMP or QMP), e.g. /tmp/qemu-sock.
+        #[arg(long)]
+        monitor: String,
+        statefile: PathBuf,
+        /// Save without pausing the guest first.
+        #[arg(long)]
+        live: bool,
+        /// What becomes of the VM after the save.
+        #[arg(long, value_enum, default_value = "stop")]
+        then: ThenArg,
+        /// Bandwidth cap in MiB/s (default: none).
+        #[arg(long)]
+        bandwidth: Option<u64>,
+        /// Deadline for each monitor reply, in seconds.
+        #[arg(long, default_value = "30")]
+        timeout: u64,
+    },
+    /// Start a VM from a state file with the options it was saved with.
+    Restore {
+        statefile: PathBuf,
+        /// The QEMU binary (default: the one that saved it).
+        #[arg(long)]
+        qemu: Option<PathBuf>,
+        /// Keep the guest paused after loading.
+        #[arg(long)]
+        paused: bool,
+        /// Leave the VM running in the background instead of in this terminal.
+        #[arg(long)]
+        daemonize: bool,
+        /// With --daemonize: write QEMU's pid here.
+        #[arg(long, requires = "daemonize")]
+        pidfile: Option<PathBuf>,
+        /// QEMU options to use instead of the manifest's (required for a file with no manifest).
+        #[arg(last = true)]
+        qemu_args: Vec<String>,
+    },
+    /// Say what a state file holds, and whether it is complete.
+    Inspect {
+        statefile: PathBuf,
+        /// Also say whether these QEMU options (after --) would restore it.
+        #[arg(long)]
+        check: bool,
+        #[arg(last = true)]
+        qemu_args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    // Printing into a closed pipe (`| head`) ends the process quietly, as
+    // for any Unix tool, instead of panicking.
+    // SAFETY: resetting a signal disposition before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    let cli = Cli::parse();
+    let cancel = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let _ = signal_hook::flag::register(sig, Arc::clone(&cancel));
+    }
+    match run(&cli, cancel) {
+        Ok(code) => code,
+        Err(e) => {
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "error": e.to_string(), "exit": e.exit_code() })
+                );
+            }
+            eprintln!("qemu-migrate: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+enum Shown {
+    Bar(cli_progress::Bar),
+    Json(cli_progress::JsonLines),
+    Quiet(Quiet),
+}
+
+impl Shown {
+    fn new(cli: &Cli) -> Shown {
+        if cli.json {
+            Shown::Json(cli_progress::JsonLines::new())
+        } else if !cli.quiet && std::io::stderr().is_terminal() {
+            Shown::Bar(cli_progress::Bar::new())
+        } else {
+            Shown::Quiet(Quiet)
+        }
+    }
+
+    fn progress(&self) -> &dyn Progress {
+        match self {
+            Shown::Bar(b) => b,
+            Shown::Json(j) => j,
+            Shown::Quiet(q) => q,
+        }
+    }
+
+    fn done(&self) {
+        if let Shown::Bar(b) = self {
+            b.finish();
+        }
+    }
+}
+
+fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
+    match &cli.command {
+        Cmd::Save {
+            monitor,
+            statefile,
+            live,
+            then,
+            bandwidth,
+            timeout,
+        } => {
+            let mut vm = Vm::attach(monitor.as_str(), Duration::from_secs(*timeout))?;
+            let options = SaveOptions {
+                live: *live,
+                bandwidth: bandwidth.map(|m| m << 20),
+                then: match then {
+                    ThenArg::Stop => Then::Stop,
+                    ThenArg::Quit => Then::Quit,
+                    ThenArg::Resume => Then::Resume,
+                },
+                cancel,
+            };
+            let shown = Shown::new(cli);
+            let report = save::save(&mut vm, statefile, &options, shown.progress());
+            shown.done();
+            let report = report?;
+            let m = &report.manifest;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "saved": report.path, "seconds": report.elapsed.as_secs_f64(), "manifest": m })
+                );
+            } else {
+                eprintln!(
+                    "saved {}: {:.1} MB in {:.2} s (QEMU {}, {}, {} MiB RAM)",
+                    report.path.display(),
+                    m.stream_bytes as f64 / 1e6,
+                    report.elapsed.as_secs_f64(),
+                    m.qemu_version,
+                    m.machine.as_deref().unwrap_or("machine unknown"),
+                    m.ram_bytes >> 20
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Restore {
+            statefile,
+            qemu,
+            paused,
+            daemonize,
+            pidfile,
+            qemu_args,
+        } => {
+            let options = RestoreOptions {
+                qemu: qemu.clone(),
+                paused: *paused,
+                args: (!qemu_args.is_empty()).then(|| qemu_args.clone()),
+                foreground: !*daemonize,
+                cancel,
+            };
+            let shown = Shown::new(cli);
+            let restored = restore::restore(statefile, &options, shown.progress());
+            shown.done();
+            let mut restored = restored?;
+            let pid = restored.vm.pid;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "restored": statefile, "pid": pid, "seconds": restored.elapsed.as_secs_f64() })
+                );
+            } else if *daemonize || !cli.quiet {
+                eprintln!(
+                    "restored {} in {:.2} s (QEMU pid {pid})",
+                    statefile.display(),
+                    restored.elapsed.as_secs_f64()
+                );
+            }
+            if *daemonize {
+                if let Some(p) = pidfile {
+                    std::fs::write(p, format!("{pid}\n")).map_err(|e| Error::File {
+                        path: p.clone(),
+                        what: "writing the pidfile",
+                        source: e,
+                    })?;
+                }
+                restored.vm.detach();
+                return Ok(ExitCode::SUCCESS);
+            }
+            // In the foreground the VM has this terminal until it ends.
+            let launched = restored
+                .vm
+                .child
+                .as_mut()
+                .expect("a restored VM was launched here");
+            let (status, _) = launched.wait().map_err(|e| Error::File {
+                path: PathBuf::from(format!("/proc/{pid}")),
+                what: "waiting for QEMU",
+                source: e,
+            })?;
+            Ok(ExitCode::from(
+                status.code().unwrap_or(1).clamp(0, 255) as u8
+            ))
+        }
+        Cmd::Inspect {
+            statefile,
+            check,
+            qemu_args,
+        } => inspect(cli, statefile, *check, qemu_args),
+    }
+}
+
+fn inspect(
+    cli: &Cli,
+    statefile: &std::path::Path,
+    check: bool,
+    qemu_args: &[String],
+) -> Result<ExitCode, Error> {
+    let summary = qemu_stream::inspect_file(statefile).map_err(|e| Error::BadStateFile {
+        path: statefile.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let manifest = Manifest::load(statefile)?;
+    let verdict = restore::check(statefile).map(drop);
+    if cli.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "file": statefile,
+                "stream": summary,
+                "manifest": manifest,
+                "restorable": verdict.is_ok(),
+                "problem": verdict.as_ref().err().map(|e| e.to_string()),
+            })
+        );
+    } else {
+        println!("{summary}");
+        if let Some(m) = &manifest {
+            println!(
+                "manifest: saved by QEMU {} ({}) from a {} guest\n  options: {}",
+                m.qemu_version,
+                m.qemu.display(),
+                if m.guest_was_running {
+                    "running"
+                } else {
+                    "paused"
+                },
+                m.vm_options.join(" ")
+            );
+        }
+        match &verdict {
+            Ok(()) => println!(
+                "complete: yes{}",
+                if manifest.is_some() {
+                    ", checksum matches"
+                } else {
+                    ""
+                }
+            ),
+            Err(e) => println!("complete: no: {e}"),
+        }
+    }
+    verdict?;
+    if check {
+        let checked = restore::check(statefile)?;
+        let binary = PathBuf::from("qemu-system-x86_64");
+        qemu_migrate::preflight::check(&checked, &binary, qemu_args, &Default::default())?;
+        if !cli.json {
+            println!("these options can restore it");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,85 @@
+//! The manifest written beside a state file: everything needed to restore
+//! it without the user repeating an option, and to tell it is complete.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+pub const FORMAT: &str = "qemu-migrate/1";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    /// The QEMU binary that ran the VM.
+    pub qemu: PathBuf,
+    pub qemu_version: String,
+    /// The command line as it ran (without argv[0]).
+    pub args: Vec<String>,
+    /// The part of it that identifies the VM: monitors, -incoming,
+    /// -daemonize and -pidfile left out.
+    pub vm_options: Vec<String>,
+    /// `QEMU_*` environment the binary needs (module and firmware paths).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// The machine type the stream names, e.g. `pc-i440fx-7.2`.
+    pub machine: Option<String>,
+    pub ram_bytes: u64,
+    pub stream_bytes: u64,
+    /// CRC-32 (IEEE) of the stream, 8 hex digits.
+    pub crc32: String,
+    pub guest_was_running: bool,
+    /// Seconds since the Unix epoch.
+    pub saved_at: u64,
+    pub transport: String,
+}
+
+/// Where the manifest of `statefile` lives.
+pub fn path_for(statefile: &Path) -> PathBuf {
+    let mut name = statefile.file_name().unwrap_or_default().to_os_string();
+    name.push(".manifest.json");
+    statefile.with_file_name(name)
+}
+
+impl Manifest {
+    pub fn load(statefile: &Path) -> Result<Option<Manifest>> {
+        let path = path_for(statefile);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::file(&path, "reading the manifest")(e)),
+        };
+        let m: Manifest = serde_json::from_str(&text).map_err(|e| Error::BadStateFile {
+            path: path.clone(),
+            reason: format!("the manifest is damaged: {e}"),
+        })?;
+        if m.format != FORMAT {
+            return Err(Error::BadStateFile {
+                path,
+                reason: format!("unknown manifest format {:?} (expected {FORMAT})", m.format),
+            });
+        }
+        Ok(Some(m))
+    }
+
+    /// Writes the manifest atomically: a temporary file, synced, renamed.
+    pub fn store(&self, statefile: &Path) -> Result<()> {
+        let path = path_for(statefile);
+        let tmp = path.with_extension("json.partial");
+        let text = serde_json::to_string_pretty(self).expect("a manifest always serialises");
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.write_all(b"\n")?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        };
+        write().map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            Error::file(&path, "writing the manifest")(e)
+        })
+    }
+}

@@ -1,0 +1,257 @@
+//! Restoring a state file: checked before anything starts, then loaded into
+//! a QEMU started with the recorded options through a pipe we feed.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::argv;
+use crate::control::MigrationStatus;
+use crate::error::{Error, Result};
+use crate::manifest::Manifest;
+use crate::preflight;
+use crate::progress::Progress;
+use crate::save::{partial_path, pipe};
+use crate::vm::{LaunchOptions, Vm};
+
+const PROGRESS_TICK: Duration = Duration::from_millis(100);
+const FD_NAME: &str = "qemu-migrate-restore";
+
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// The QEMU binary; by default the one that saved the file.
+    pub qemu: Option<PathBuf>,
+    /// Keep the guest paused after loading.
+    pub paused: bool,
+    /// QEMU options to use instead of the manifest's; required for a bare
+    /// state file (one from the shell recipe, with no manifest).
+    pub args: Option<Vec<String>>,
+    /// Give QEMU this terminal (its `-serial stdio`).
+    pub foreground: bool,
+    pub cancel: Arc<AtomicBool>,
+}
+
+/// A state file that passed its checks.
+#[derive(Debug)]
+pub struct Checked {
+    pub path: PathBuf,
+    pub manifest: Option<Manifest>,
+    pub summary: Option<qemu_stream::Summary>,
+    pub stream_bytes: u64,
+}
+
+/// Checks a state file before anything starts: complete, untampered.
+pub fn check(path: &Path) -> Result<Checked> {
+    let bad = |reason: String| Error::BadStateFile {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && partial_path(path).exists() => {
+            return Err(bad(format!(
+                "the save did not finish: only {} exists",
+                partial_path(path).display()
+            )))
+        }
+        Err(e) => return Err(Error::file(path, "opening the state file")(e)),
+    };
+    let manifest = Manifest::load(path)?;
+    match manifest {
+        Some(m) => {
+            if meta.len() != m.stream_bytes {
+                return Err(bad(format!(
+                    "incomplete or altered: {} bytes, but the save wrote {} (manifest)",
+                    meta.len(),
+                    m.stream_bytes
+                )));
+            }
+            let crc = crc_file(path)?;
+            if format!("{crc:08x}") != m.crc32 {
+                return Err(bad(format!(
+                    "damaged: its CRC-32 is {crc:08x}, the save recorded {} (manifest)",
+                    m.crc32
+                )));
+            }
+            Ok(Checked {
+                path: path.to_path_buf(),
+                stream_bytes: meta.len(),
+                manifest: Some(m),
+                summary: None,
+            })
+        }
+        None => {
+            // No manifest: the stream itself must say it is whole.
+            let summary = qemu_stream::inspect_file(path).map_err(|e| bad(e.to_string()))?;
+            if !summary.complete {
+                let why = summary
+                    .stopped
+                    .as_ref()
+                    .map_or("it does not end".to_string(), |s| s.message.clone());
+                return Err(bad(format!("not a complete migration stream: {why}")));
+            }
+            Ok(Checked {
+                path: path.to_path_buf(),
+                stream_bytes: meta.len(),
+                manifest: None,
+                summary: Some(summary),
+            })
+        }
+    }
+}
+
+fn crc_file(path: &Path) -> Result<u32> {
+    let mut f = File::open(path).map_err(Error::file(path, "reading the state file"))?;
+    let mut hasher = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(Error::file(path, "reading the state file"))?;
+        if n == 0 {
+            return Ok(hasher.finalize());
+        }
+        hasher.update(&buf[..n]);
+    }
+}
+
+/// A restored VM: running (or paused, if asked), with its QEMU launched here.
+#[derive(Debug)]
+pub struct Restored {
+    pub vm: Vm,
+    pub manifest: Option<Manifest>,
+    pub elapsed: Duration,
+}
+
+pub fn restore(path: &Path, options: &RestoreOptions, progress: &dyn Progress) -> Result<Restored> {
+    let started = Instant::now();
+    let checked = check(path)?;
+    let (binary, args, env, was_running) = match (&checked.manifest, &options.args) {
+        (_, Some(args)) => (
+            options
+                .qemu
+                .clone()
+                .or_else(|| checked.manifest.as_ref().map(|m| m.qemu.clone()))
+                .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64")),
+            args.clone(),
+            checked
+                .manifest
+                .as_ref()
+                .map(|m| m.env.clone())
+                .unwrap_or_default(),
+            checked
+                .manifest
+                .as_ref()
+                .is_none_or(|m| m.guest_was_running),
+        ),
+        (Some(m), None) => (
+            options.qemu.clone().unwrap_or_else(|| m.qemu.clone()),
+            m.args.clone(),
+            m.env.clone(),
+            m.guest_was_running,
+        ),
+        (None, None) => {
+            return Err(Error::BadStateFile {
+                path: path.to_path_buf(),
+                reason: "it has no manifest, so QEMU's options are not known: give them after --, \
+                         exactly as the VM that saved it was started"
+                    .into(),
+            })
+        }
+    };
+    preflight::check(&checked, &binary, &args, &env)?;
+
+    let mut launch_args = argv::restart_options(&args);
+    launch_args.extend(["-incoming".to_string(), "defer".to_string()]);
+    let mut vm = Vm::launch(
+        &binary,
+        &launch_args,
+        &LaunchOptions {
+            foreground: options.foreground,
+            show_stderr: options.foreground,
+            env,
+        },
+    )?;
+    load(&mut vm, &checked, options, progress)?;
+    if was_running && !options.paused {
+        let state = vm.control.status()?;
+        if !state.is_running() {
+            vm.control.cont()?;
+        }
+    } else if options.paused && vm.control.status()?.is_running() {
+        vm.control.stop()?;
+    }
+    Ok(Restored {
+        vm,
+        manifest: checked.manifest,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Feeds the stream to the waiting QEMU and waits for it to say it loaded.
+fn load(
+    vm: &mut Vm,
+    checked: &Checked,
+    options: &RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<()> {
+    vm.control.set_capability("events", true)?;
+    let (read_end, write_end) = pipe()?;
+    vm.control.getfd(FD_NAME, read_end.as_fd())?;
+    drop(read_end);
+    vm.control.migrate_incoming(&format!("fd:{FD_NAME}"))?;
+
+    let file =
+        File::open(&checked.path).map_err(Error::file(&checked.path, "reading the state file"))?;
+    let fed = Arc::new(AtomicU64::new(0));
+    let feeder = {
+        let fed = Arc::clone(&fed);
+        std::thread::spawn(move || feed(file, write_end, &fed))
+    };
+    let total = checked.stream_bytes;
+    let outcome = loop {
+        match vm.control.next_event(PROGRESS_TICK) {
+            Ok(Some(e)) if e.name == "MIGRATION" => {
+                let status: Option<MigrationStatus> =
+                    serde_json::from_value(e.data["status"].clone()).ok();
+                match status {
+                    Some(MigrationStatus::Completed) => break Ok(()),
+                    Some(MigrationStatus::Failed) => {
+                        // The reason is on QEMU's stderr; it exits right after.
+                        break Err(vm.exited("while loading the state"));
+                    }
+                    _ => {}
+                }
+            }
+            Ok(_) => {
+                progress.update("restoring", fed.load(Ordering::Relaxed), Some(total));
+                if options.cancel.load(Ordering::Relaxed) {
+                    break Err(Error::Interrupted(
+                        "the restore was cancelled; QEMU was stopped".into(),
+                    ));
+                }
+            }
+            Err(_) => break Err(vm.exited("while loading the state")),
+        }
+    };
+    progress.update("restoring", fed.load(Ordering::Relaxed), Some(total));
+    let _ = feeder.join();
+    outcome
+}
+
+fn feed(mut file: File, write_end: OwnedFd, fed: &AtomicU64) {
+    let mut pipe = File::from(write_end);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    while let Ok(n) = file.read(&mut buf) {
+        if n == 0 || pipe.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        total += n as u64;
+        fed.store(total, Ordering::Relaxed);
+    }
+}
