@@ -105,6 +105,22 @@ impl Vm {
     }
 
     pub fn start_in(qemu: &Path, args: &[&str], dir: TempDir) -> Vm {
+        Vm::spawn(qemu, args, dir, Stdio::null()).0
+    }
+
+    /// Like [`Vm::start`] for a guest with `-serial stdio`: its output lines too.
+    pub fn start_with_serial(qemu: &Path, args: &[&str]) -> (Vm, Lines) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (vm, out) = Vm::spawn(qemu, args, dir, Stdio::piped());
+        (vm, Lines::collect(out.expect("piped stdout")))
+    }
+
+    fn spawn(
+        qemu: &Path,
+        args: &[&str],
+        dir: TempDir,
+        stdout: Stdio,
+    ) -> (Vm, Option<std::process::ChildStdout>) {
         let hmp = dir.path().join("hmp.sock");
         let qmp_path = dir.path().join("qmp.sock");
         let stderr = std::fs::File::create(dir.path().join("qemu.stderr")).expect("stderr file");
@@ -116,10 +132,12 @@ impl Vm {
             .arg("-qmp")
             .arg(format!("unix:{},server,nowait", qmp_path.display()))
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(stderr)
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", qemu.display()));
+        let mut child = child;
+        let out = child.stdout.take();
         let mut vm = Vm {
             child,
             dir,
@@ -135,7 +153,11 @@ impl Vm {
             Ok(s) => vm.qmp = Some(s),
             Err(e) => panic!("{e}; QEMU said: {}", vm.stderr()),
         }
-        vm
+        (vm, out)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The test's own QMP session (QEMU serves one client per socket).
@@ -173,7 +195,7 @@ impl Vm {
     }
 
     /// Waits until QEMU exits by itself and returns its status.
-    pub fn wait_exit(mut self) -> std::process::ExitStatus {
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
         self.qmp = None;
         self.child.wait().expect("wait")
     }
@@ -221,4 +243,72 @@ impl Vm {
         // the session was open before the query, so it cannot be missed.
         self.wait_event("RESUME", timeout);
     }
+}
+
+/// Lines a child process prints, collected by a thread, waited for with deadlines.
+#[derive(Debug, Clone, Default)]
+pub struct Lines(std::sync::Arc<(std::sync::Mutex<(Vec<String>, bool)>, std::sync::Condvar)>);
+
+impl Lines {
+    /// Starts collecting `reader`'s lines.
+    pub fn collect(reader: impl std::io::Read + Send + 'static) -> Lines {
+        use std::io::BufRead;
+        let lines = Lines::default();
+        let inner = lines.clone();
+        std::thread::spawn(move || {
+            let (list, cv) = &*inner.0;
+            for line in std::io::BufReader::new(reader).lines() {
+                let Ok(line) = line else { break };
+                let line = line.trim_end_matches('\r').to_string();
+                list.lock().unwrap().0.push(line);
+                cv.notify_all();
+            }
+            list.lock().unwrap().1 = true;
+            cv.notify_all();
+        });
+        lines
+    }
+
+    pub fn snapshot(&self) -> Vec<String> {
+        self.0 .0.lock().unwrap().0.clone()
+    }
+
+    /// Waits for a line (from index `from` on) that `pred` accepts; returns its index.
+    pub fn wait_for(
+        &self,
+        from: usize,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&str) -> bool,
+    ) -> usize {
+        let deadline = std::time::Instant::now() + timeout;
+        let (list, cv) = &*self.0;
+        let mut guard = list.lock().unwrap();
+        loop {
+            if let Some(i) = guard.0.iter().skip(from).position(|l| pred(l)) {
+                return from + i;
+            }
+            assert!(!guard.1, "no {what}: the output ended; got: {:?}", guard.0);
+            let now = std::time::Instant::now();
+            assert!(
+                now < deadline,
+                "no {what} within {timeout:?}; got: {:?}",
+                guard.0
+            );
+            guard = cv.wait_timeout(guard, deadline - now).unwrap().0;
+        }
+    }
+}
+
+pub use test_guest::tick;
+
+/// The test guest, built once per test run.
+pub fn guest() -> PathBuf {
+    static GUEST: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    GUEST
+        .get_or_init(|| {
+            let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest");
+            test_guest::build(&out).unwrap_or_else(|e| panic!("{e}"))
+        })
+        .clone()
 }

@@ -80,11 +80,13 @@ pub fn save(
 
     let state = vm.control.status()?;
     match state.0.as_str() {
-        "postmigrate" => return Err(Error::NotReady(format!(
+        "postmigrate" => {
+            return Err(Error::NotReady(format!(
             "the VM (QEMU pid {}) is paused after a previous migration (postmigrate): its state \
                  was already saved or moved; `cont` it first to save it again",
             vm.pid
-        ))),
+        )))
+        }
         "inmigrate" | "finish-migrate" | "prelaunch" | "shutdown" | "internal-error" => {
             return Err(Error::NotReady(format!(
                 "the VM (QEMU pid {}) cannot be saved in its state {:?}",

@@ -1,0 +1,488 @@
+//! `qemu-migrate save` and `restore` against a real QEMU running the test
+//! guest: the restored guest carries on, and every fault leaves nothing
+//! half-written and the guest as it was.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use recipe_tests::{bin, guest, qemus, tick, Lines, Vm};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn migrate() -> Command {
+    Command::new(bin("qemu-migrate"))
+}
+
+/// The user's recipe options (TCG instead of KVM) with the test guest.
+fn recipe_options(dir: &Path) -> Vec<String> {
+    let payload = dir.join("hello.bin");
+    std::fs::write(&payload, b"hello from the payload\n").unwrap();
+    let payload = payload.display().to_string();
+    let guest = guest().display().to_string();
+    [
+        "-accel",
+        "tcg",
+        "-m",
+        "32",
+        "-nodefaults",
+        "-serial",
+        "stdio",
+        "-kernel",
+        &guest,
+        "-append",
+        "-initrd hello.bin",
+        "-initrd",
+        &payload,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn as_strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// A save of a guest with `fill_mib` of RAM written, running in the background
+/// with `--json` progress; returns once the first bytes have been saved.
+fn slow_save(
+    vm: &Vm,
+    statefile: &Path,
+    extra: &[&str],
+) -> (Child, BufReader<std::process::ChildStdout>) {
+    let mut child = migrate()
+        .args(["save", "--json", "--monitor"])
+        .arg(&vm.hmp)
+        .arg(statefile)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "save ended before it made progress"
+        );
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v["done"].as_u64().unwrap_or(0) > 0 {
+            return (child, out);
+        }
+    }
+}
+
+/// A guest with `fill_mib` of its RAM written, once it has written it.
+fn big_guest(qemu: &Path, ram_mib: u32, fill_mib: u32) -> Vm {
+    let guest = guest().display().to_string();
+    let ram = ram_mib.to_string();
+    let append = format!("fill={fill_mib}");
+    let (vm, serial) = Vm::start_with_serial(
+        qemu,
+        &[
+            "-accel",
+            "tcg",
+            "-m",
+            &ram,
+            "-nodefaults",
+            "-serial",
+            "stdio",
+            "-kernel",
+            &guest,
+            "-append",
+            &append,
+        ],
+    );
+    serial.wait_for(0, WAIT, "the first tick after the fill", |l| {
+        tick(l) == Some(1)
+    });
+    vm
+}
+
+fn assert_nothing_left(statefile: &Path) {
+    let dir = statefile.parent().unwrap();
+    let left: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("state")
+        })
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[test]
+fn recipe_vm_is_saved_and_restored_without_repeating_an_option() {
+    for qemu in qemus() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = recipe_options(dir.path());
+        let (mut source, serial) = Vm::start_with_serial(&qemu, &as_strs(&options));
+        serial.wait_for(0, WAIT, "boot banner", |l| l.starts_with("BOOT "));
+        serial.wait_for(0, WAIT, "tick 3", |l| tick(l) == Some(3));
+
+        let statefile = dir.path().join("statefile");
+        let out = migrate()
+            .args(["save", "--then", "quit", "--monitor"])
+            .arg(&source.hmp)
+            .arg(&statefile)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(statefile.exists() && dir.path().join("statefile.manifest.json").exists());
+        assert!(!dir.path().join("statefile.partial").exists());
+        let sock = source.hmp.clone();
+        assert!(source.wait_exit().success(), "--then quit ends the source");
+        let last_saved = serial
+            .snapshot()
+            .iter()
+            .filter_map(|l| tick(l))
+            .max()
+            .unwrap();
+
+        // Restore in the foreground: the VM's serial console is our stdout.
+        let mut restore = migrate()
+            .arg("restore")
+            .arg(&statefile)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let restored = Lines::collect(restore.stdout.take().unwrap());
+        let first = restored.wait_for(0, WAIT, "a tick after restore", |l| tick(l).is_some());
+        restored.wait_for(first, WAIT, "a second tick", |l| {
+            tick(l).is_some_and(|n| n > last_saved + 1)
+        });
+        let lines = restored.snapshot();
+        assert!(
+            !lines.iter().any(|l| l.starts_with("BOOT ")),
+            "{}: the restored guest booted again: {lines:?}",
+            qemu.display()
+        );
+        let first_tick = tick(&lines[first]).unwrap();
+        assert!(
+            first_tick > last_saved && first_tick <= last_saved + 2,
+            "first tick after restore {first_tick}, last saved {last_saved}"
+        );
+        assert!(!lines.iter().any(|l| l.contains("MISMATCH")), "{lines:?}");
+
+        // The restored VM answers on the socket the user's recipe knows.
+        let q = Command::new(bin("monitor-send"))
+            .arg(&sock)
+            .arg("quit")
+            .output()
+            .unwrap();
+        assert!(q.status.success(), "{}", String::from_utf8_lossy(&q.stderr));
+        assert!(restore.wait().unwrap().success());
+    }
+}
+
+#[test]
+fn qemu_killed_during_a_save_leaves_no_state_file() {
+    for qemu in qemus() {
+        let vm = big_guest(&qemu, 1024, 600);
+        let dir = tempfile::tempdir().unwrap();
+        let statefile = dir.path().join("state");
+        let (save, _out) = slow_save(&vm, &statefile, &["--bandwidth", "200"]);
+        // SAFETY: kill on a pid we started.
+        unsafe { libc::kill(vm.pid() as i32, libc::SIGKILL) };
+        let out = save.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(3));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("QEMU exited during the save; nothing was kept"),
+            "{err}"
+        );
+        assert_nothing_left(&statefile);
+    }
+}
+
+#[test]
+fn ctrl_c_during_a_save_cancels_it_and_resumes_the_guest() {
+    for qemu in qemus() {
+        let mut vm = big_guest(&qemu, 1024, 600);
+        let dir = tempfile::tempdir().unwrap();
+        let statefile = dir.path().join("state");
+        let (save, _out) = slow_save(&vm, &statefile, &["--bandwidth", "100"]);
+        // SAFETY: a signal to a process we started.
+        unsafe { libc::kill(save.id() as i32, libc::SIGINT) };
+        let out = save.wait_with_output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(4),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_nothing_left(&statefile);
+        assert_eq!(vm.status(), "running");
+    }
+}
+
+#[test]
+fn a_second_save_of_the_same_vm_is_refused() {
+    for qemu in qemus() {
+        let dir = tempfile::tempdir().unwrap();
+        let qmp2 = dir.path().join("qmp2.sock");
+        let qmp2_arg = format!("unix:{},server,nowait", qmp2.display());
+        let guest = guest().display().to_string();
+        let vm = Vm::start_in(
+            &qemu,
+            &[
+                "-accel",
+                "tcg",
+                "-m",
+                "1024",
+                "-nodefaults",
+                "-kernel",
+                &guest,
+                "-append",
+                "fill=600",
+                "-qmp",
+                &qmp2_arg,
+            ],
+            dir,
+        );
+        let states = tempfile::tempdir().unwrap();
+        let (mut first, _out) =
+            slow_save(&vm, &states.path().join("state1"), &["--bandwidth", "100"]);
+        let out = migrate()
+            .args(["save", "--monitor"])
+            .arg(&qmp2)
+            .arg(states.path().join("state2"))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!(
+                "another qemu-migrate is already saving or migrating this VM (QEMU pid {})",
+                vm.pid()
+            )),
+            "{err}"
+        );
+        assert!(!states.path().join("state2").exists());
+        assert!(first.wait().unwrap().success());
+        assert!(states.path().join("state1").exists());
+    }
+}
+
+#[test]
+fn a_full_disk_fails_the_save_cleanly_and_resumes_the_guest() {
+    for qemu in qemus() {
+        let mnt = tempfile::tempdir().unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+            .arg(mnt.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "mounting a small tmpfs needs root (CI runs as root)");
+        struct Unmount<'a>(&'a Path);
+        impl Drop for Unmount<'_> {
+            fn drop(&mut self) {
+                let _ = Command::new("umount").arg(self.0).status();
+            }
+        }
+        let _unmount = Unmount(mnt.path());
+
+        let mut vm = big_guest(&qemu, 64, 32);
+        let statefile = mnt.path().join("state");
+        let out = migrate()
+            .args(["save", "--monitor"])
+            .arg(&vm.hmp)
+            .arg(&statefile)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{err}");
+        assert!(
+            err.contains(&format!(
+                "{}: writing the state file: No space left on device",
+                mnt.path().join("state.partial").display()
+            )),
+            "{err}"
+        );
+        assert_nothing_left(&statefile);
+        assert_eq!(vm.status(), "running");
+    }
+}
+
+/// A good save of the recipe VM, for the restore checks.
+fn saved(qemu: &Path, dir: &Path) -> (PathBuf, Vec<String>) {
+    let options = recipe_options(dir);
+    let (source, serial) = Vm::start_with_serial(qemu, &as_strs(&options));
+    serial.wait_for(0, WAIT, "tick 1", |l| tick(l) == Some(1));
+    let statefile = dir.join("state");
+    let out = migrate()
+        .args(["save", "--monitor"])
+        .arg(&source.hmp)
+        .arg(&statefile)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (statefile, options)
+}
+
+fn restore_err(args: &[&std::ffi::OsStr]) -> String {
+    let out = migrate().arg("restore").args(args).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn damaged_state_files_are_refused_before_qemu_starts() {
+    for qemu in qemus() {
+        let dir = tempfile::tempdir().unwrap();
+        let (statefile, _) = saved(&qemu, dir.path());
+        let good = std::fs::read(&statefile).unwrap();
+        let manifest = dir.path().join("state.manifest.json");
+        let good_manifest = std::fs::read(&manifest).unwrap();
+
+        std::fs::write(&statefile, &good[..good.len() - 1]).unwrap();
+        let err = restore_err(&[statefile.as_os_str()]);
+        assert!(
+            err.contains(&format!(
+                "incomplete or altered: {} bytes, but the save wrote {}",
+                good.len() - 1,
+                good.len()
+            )),
+            "{err}"
+        );
+
+        let mut flipped = good.clone();
+        flipped[good.len() / 2] ^= 0x40;
+        std::fs::write(&statefile, &flipped).unwrap();
+        assert!(restore_err(&[statefile.as_os_str()]).contains("damaged: its CRC-32 is"));
+
+        std::fs::write(&statefile, &good).unwrap();
+        std::fs::write(&manifest, b"{\"format\": \"qemu-migrate/1\", \"qemu\": ").unwrap();
+        assert!(restore_err(&[statefile.as_os_str()]).contains("the manifest is damaged"));
+        std::fs::write(&manifest, &good_manifest).unwrap();
+
+        // A bare file cut short (the recipe's own kind) is caught by reading the stream.
+        std::fs::remove_file(&manifest).unwrap();
+        std::fs::write(&statefile, &good[..good.len() / 2]).unwrap();
+        let err = restore_err(&[
+            statefile.as_os_str(),
+            "--".as_ref(),
+            "-m".as_ref(),
+            "32".as_ref(),
+        ]);
+        assert!(err.contains("not a complete migration stream"), "{err}");
+
+        std::fs::remove_file(&statefile).unwrap();
+        std::fs::write(dir.path().join("state.partial"), b"QEVM").unwrap();
+        assert!(restore_err(&[statefile.as_os_str()]).contains("the save did not finish"));
+    }
+}
+
+#[test]
+fn mismatched_options_are_refused_in_words() {
+    for qemu in qemus() {
+        let dir = tempfile::tempdir().unwrap();
+        let (statefile, options) = saved(&qemu, dir.path());
+        let with = |edit: &dyn Fn(&mut Vec<String>)| {
+            let mut o = options.clone();
+            edit(&mut o);
+            let mut args: Vec<std::ffi::OsString> = vec![
+                statefile.clone().into(),
+                "--qemu".into(),
+                qemu.clone().into(),
+                "--".into(),
+            ];
+            args.extend(o.into_iter().map(Into::into));
+            let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+            restore_err(&refs)
+        };
+        let err = with(&|o| {
+            let i = o.iter().position(|a| a == "-m").unwrap();
+            o[i + 1] = "64".into();
+        });
+        assert!(
+            err.contains(
+                "RAM: the state holds 32 MiB of guest RAM (-m 32); these options give 64 MiB"
+            ),
+            "{err}"
+        );
+        let err = with(&|o| o.extend(["-M".into(), "q35".into()]));
+        assert!(
+            err.contains("machine type: the state is pc-i440fx-"),
+            "{err}"
+        );
+        assert!(err.contains("these options give pc-q35-"), "{err}");
+        let err = with(&|o| o.extend(["-device".into(), "virtio-rng-pci".into()]));
+        assert!(
+            err.contains("the VM's options differ from those it was saved with"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn a_vm_already_migrated_and_a_socket_that_is_not_qemu_are_clear_errors() {
+    for qemu in qemus() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = recipe_options(dir.path());
+        let (source, serial) = Vm::start_with_serial(&qemu, &as_strs(&options));
+        serial.wait_for(0, WAIT, "tick 1", |l| tick(l) == Some(1));
+        let first = migrate()
+            .args(["save", "--monitor"])
+            .arg(&source.hmp)
+            .arg(dir.path().join("a"))
+            .output()
+            .unwrap();
+        assert!(first.status.success());
+        let again = migrate()
+            .args(["save", "--monitor"])
+            .arg(&source.hmp)
+            .arg(dir.path().join("b"))
+            .output()
+            .unwrap();
+        assert_eq!(again.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&again.stderr);
+        assert!(
+            err.contains("is paused after a previous migration (postmigrate)"),
+            "{err}"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("not-qemu");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    std::thread::spawn(move || {
+        use std::io::Write;
+        let (mut s, _) = listener.accept().unwrap();
+        let _ = s.write_all(b"SSH-2.0-OpenSSH_9.2\r\n");
+        let _ = std::io::Read::read(&mut s, &mut [0u8; 16]);
+    });
+    let out = migrate()
+        .args(["save", "--monitor"])
+        .arg(&sock)
+        .arg(dir.path().join("s"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not a QEMU monitor: it greeted with \"SSH-2.0"),
+        "{err}"
+    );
+}
