@@ -245,62 +245,7 @@ impl Vm {
     }
 }
 
-/// Lines a child process prints, collected by a thread, waited for with deadlines.
-#[derive(Debug, Clone, Default)]
-pub struct Lines(std::sync::Arc<(std::sync::Mutex<(Vec<String>, bool)>, std::sync::Condvar)>);
-
-impl Lines {
-    /// Starts collecting `reader`'s lines.
-    pub fn collect(reader: impl std::io::Read + Send + 'static) -> Lines {
-        use std::io::BufRead;
-        let lines = Lines::default();
-        let inner = lines.clone();
-        std::thread::spawn(move || {
-            let (list, cv) = &*inner.0;
-            for line in std::io::BufReader::new(reader).lines() {
-                let Ok(line) = line else { break };
-                let line = line.trim_end_matches('\r').to_string();
-                list.lock().unwrap().0.push(line);
-                cv.notify_all();
-            }
-            list.lock().unwrap().1 = true;
-            cv.notify_all();
-        });
-        lines
-    }
-
-    pub fn snapshot(&self) -> Vec<String> {
-        self.0 .0.lock().unwrap().0.clone()
-    }
-
-    /// Waits for a line (from index `from` on) that `pred` accepts; returns its index.
-    pub fn wait_for(
-        &self,
-        from: usize,
-        timeout: Duration,
-        what: &str,
-        pred: impl Fn(&str) -> bool,
-    ) -> usize {
-        let deadline = std::time::Instant::now() + timeout;
-        let (list, cv) = &*self.0;
-        let mut guard = list.lock().unwrap();
-        loop {
-            if let Some(i) = guard.0.iter().skip(from).position(|l| pred(l)) {
-                return from + i;
-            }
-            assert!(!guard.1, "no {what}: the output ended; got: {:?}", guard.0);
-            let now = std::time::Instant::now();
-            assert!(
-                now < deadline,
-                "no {what} within {timeout:?}; got: {:?}",
-                guard.0
-            );
-            guard = cv.wait_timeout(guard, deadline - now).unwrap().0;
-        }
-    }
-}
-
-pub use test_guest::tick;
+pub use test_guest::{tick, Lines};
 
 /// The test guest, built once per test run.
 pub fn guest() -> PathBuf {

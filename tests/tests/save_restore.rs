@@ -47,6 +47,8 @@ fn as_strs(v: &[String]) -> Vec<&str> {
 
 /// A save of a guest with `fill_mib` of RAM written, running in the background
 /// with `--json` progress; returns once the first bytes have been saved.
+// The child is returned to the caller, who waits for it.
+#[allow(clippy::zombie_processes)]
 fn slow_save(
     vm: &Vm,
     statefile: &Path,
@@ -65,10 +67,13 @@ fn slow_save(
     let mut line = String::new();
     loop {
         line.clear();
-        assert!(
-            out.read_line(&mut line).unwrap() > 0,
-            "save ended before it made progress"
-        );
+        if out.read_line(&mut line).unwrap() == 0 {
+            let end = child.wait_with_output().unwrap();
+            panic!(
+                "save ended before it made progress: {}",
+                String::from_utf8_lossy(&end.stderr)
+            );
+        }
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         if v["done"].as_u64().unwrap_or(0) > 0 {
             return (child, out);

@@ -1,6 +1,7 @@
 //! The project's tasks, in plain Rust: `cargo xtask <task>`.
 
 mod bench;
+mod e2e;
 mod guest;
 mod qemu;
 mod test;
@@ -8,42 +9,167 @@ mod test;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-const HELP: &str = "\
-cargo xtask <task> [options]
+use clap::{Parser, Subcommand, ValueEnum};
 
-tasks:
-  test [--install-deps]   fmt, clippy and every test, against every QEMU installed
-                          (--install-deps: install QEMU 7.2, 10.0, socat, nc first)
-  bench [--runs N]        speed and delivery, beside nc, socat and the seed's recipe
-  build-guest             build the test guest (fixtures/guest) into target/guest
-";
+/// The project's tasks.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum TransportArg {
+    Exec,
+    Unix,
+    Tcp,
+    File,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum MonitorArg {
+    Hmp,
+    Qmp,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum GuestArg {
+    Test,
+    Linux,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum AccelArg {
+    Kvm,
+    Tcg,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum SabotageArg {
+    WrongMemory,
+    Truncate,
+    Reboot,
+    FlipRam,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Boot the test guest with the recipe's options, save it with the recipe's
+    /// line through monitor-send, restore it, and check it carried on.
+    E2e {
+        /// The QEMU binary (default: qemu-system-x86_64 on PATH).
+        #[arg(long)]
+        qemu: Option<PathBuf>,
+        /// Accelerator (default: KVM if it really runs a guest here, else TCG).
+        #[arg(long, value_enum)]
+        accel: Option<AccelArg>,
+        #[arg(long, value_enum, default_value = "exec")]
+        transport: TransportArg,
+        #[arg(long, value_enum, default_value = "hmp")]
+        monitor: MonitorArg,
+        #[arg(long, value_enum, default_value = "test")]
+        guest: GuestArg,
+        /// A kernel of your own (e.g. IncludeOS's chainloader), booted instead of the test guest.
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        #[arg(long, requires = "kernel")]
+        initrd: Option<PathBuf>,
+        #[arg(long, requires = "kernel", default_value = "")]
+        append: String,
+        /// Every variant against every QEMU installed (7.2 and 10.0 side by side).
+        #[arg(long)]
+        all: bool,
+        /// Break the restore on purpose, to see the checks catch it.
+        #[arg(long, value_enum)]
+        sabotage: Option<SabotageArg>,
+        /// Install QEMU, socat and nc first where missing (root and apt-get).
+        #[arg(long)]
+        install_deps: bool,
+    },
+    /// fmt, clippy and every test, against every QEMU installed.
+    Test {
+        /// Install QEMU 7.2, 10.0, socat and nc first where missing.
+        #[arg(long)]
+        install_deps: bool,
+    },
+    /// Speed and delivery, beside nc, socat and the seed's recipe.
+    Bench {
+        #[arg(long, default_value = "200")]
+        runs: usize,
+        #[arg(long, default_value = "100")]
+        delivery_runs: usize,
+    },
+    /// Build the test guest (fixtures/guest) into target/guest.
+    BuildGuest,
+}
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let cli = Cli::parse();
     let root = project_root();
-    let flag = |name: &str| args.iter().any(|a| a == name);
-    let result = match args.first().map(String::as_str) {
-        Some("test") => test::run(&root, flag("--install-deps")),
-        Some("bench") => {
-            let runs = value(&args, "--runs").unwrap_or(200);
-            bench::run(
-                &root,
-                &bench::Args {
-                    runs,
-                    delivery_runs: value(&args, "--delivery-runs").unwrap_or(100),
+    let result = match cli.task {
+        Task::Test { install_deps } => test::run(&root, install_deps),
+        Task::Bench {
+            runs,
+            delivery_runs,
+        } => bench::run(
+            &root,
+            &bench::Args {
+                runs,
+                delivery_runs,
+            },
+        ),
+        Task::BuildGuest => {
+            guest::build(&root.join("target/guest")).map(|p| println!("{}", p.display()))
+        }
+        Task::E2e {
+            qemu,
+            accel,
+            transport,
+            monitor,
+            guest,
+            kernel,
+            initrd,
+            append,
+            all,
+            sabotage,
+            install_deps,
+        } => {
+            let options = e2e_cli::Options {
+                qemu,
+                accel: accel.map(|a| match a {
+                    AccelArg::Kvm => e2e::Accel::Kvm,
+                    AccelArg::Tcg => e2e::Accel::Tcg,
+                }),
+                transport: match transport {
+                    TransportArg::Exec => e2e::Transport::Exec,
+                    TransportArg::Unix => e2e::Transport::Unix,
+                    TransportArg::Tcp => e2e::Transport::Tcp,
+                    TransportArg::File => e2e::Transport::File,
                 },
-            )
-        }
-        Some("build-guest") => guest::build(&root.join("target/guest")).map(|p| {
-            println!("{}", p.display());
-        }),
-        Some("-h" | "--help" | "help") => {
-            print!("{HELP}");
-            return ExitCode::SUCCESS;
-        }
-        _ => {
-            eprint!("{HELP}");
-            return ExitCode::from(2);
+                monitor: match monitor {
+                    MonitorArg::Hmp => e2e::MonitorKind::Hmp,
+                    MonitorArg::Qmp => e2e::MonitorKind::Qmp,
+                },
+                guest: match (kernel, guest) {
+                    (Some(kernel), _) => e2e::GuestKind::Custom {
+                        kernel,
+                        initrd,
+                        append,
+                    },
+                    (None, GuestArg::Test) => e2e::GuestKind::Test,
+                    (None, GuestArg::Linux) => e2e::GuestKind::Linux,
+                },
+                all,
+                sabotage: sabotage.map(|s| match s {
+                    SabotageArg::WrongMemory => e2e::Sabotage::WrongMemory,
+                    SabotageArg::Truncate => e2e::Sabotage::Truncate,
+                    SabotageArg::Reboot => e2e::Sabotage::Reboot,
+                    SabotageArg::FlipRam => e2e::Sabotage::FlipRam,
+                }),
+                install_deps,
+            };
+            e2e_cli::run(&root, &options)
         }
     };
     match result {
@@ -55,10 +181,79 @@ fn main() -> ExitCode {
     }
 }
 
-/// The number after `--name`, if given.
-fn value(args: &[String], name: &str) -> Option<usize> {
-    let i = args.iter().position(|a| a == name)?;
-    args.get(i + 1)?.parse().ok()
+/// The e2e task's driver: which scenarios, and the report.
+mod e2e_cli {
+    use std::path::{Path, PathBuf};
+
+    use anyhow::bail;
+
+    use crate::{e2e, qemu, test::cargo};
+
+    pub struct Options {
+        pub qemu: Option<PathBuf>,
+        pub accel: Option<e2e::Accel>,
+        pub transport: e2e::Transport,
+        pub monitor: e2e::MonitorKind,
+        pub guest: e2e::GuestKind,
+        pub all: bool,
+        pub sabotage: Option<e2e::Sabotage>,
+        pub install_deps: bool,
+    }
+
+    pub fn run(root: &Path, o: &Options) -> anyhow::Result<()> {
+        if o.install_deps {
+            qemu::install_deps(root)?;
+        }
+        let guest = test_guest::build(&root.join("target/guest"))?;
+        cargo(root, &["build", "-q", "-p", "monitor-send"], &[])?;
+        let qemus = e2e::qemus(o.qemu.as_deref(), o.all)?;
+        let kit = e2e::Kit {
+            root: root.to_path_buf(),
+            guest: guest.clone(),
+            monitor_send: root.join("target/debug/monitor-send"),
+            linux: None,
+        };
+        let mut scenarios = Vec::new();
+        for q in &qemus {
+            let accel = o.accel.unwrap_or_else(|| e2e::probe_accel(q, &guest));
+            println!(
+                "QEMU {} ({}): {}",
+                q.version,
+                q.binary.display(),
+                match (accel, o.accel.is_some()) {
+                    (e2e::Accel::Kvm, _) => "KVM",
+                    (e2e::Accel::Tcg, true) => "TCG (as asked)",
+                    (e2e::Accel::Tcg, false) => "TCG (KVM does not run a guest here)",
+                }
+            );
+            if o.all {
+                scenarios.extend(e2e::all_scenarios(q, accel, false));
+            } else {
+                scenarios.push(e2e::Scenario {
+                    qemu: q.clone(),
+                    accel,
+                    transport: o.transport,
+                    monitor: o.monitor,
+                    guest: o.guest.clone(),
+                    sabotage: o.sabotage,
+                });
+            }
+        }
+        let mut failed = 0;
+        for sc in &scenarios {
+            match e2e::run_one(&kit, sc) {
+                Ok(r) => e2e::print_report(&r),
+                Err(f) => {
+                    failed += 1;
+                    println!("FAIL {}\n  {f}", sc.name());
+                }
+            }
+        }
+        if failed > 0 {
+            bail!("{failed} of {} e2e runs failed", scenarios.len());
+        }
+        Ok(())
+    }
 }
 
 /// The workspace root, whatever directory cargo was run from.

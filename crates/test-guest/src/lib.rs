@@ -10,11 +10,11 @@
 //! ```
 
 use std::fmt;
-use std::io::ErrorKind;
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
-use std::time::SystemTime;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 /// Where the guest's sources are.
 pub fn source_dir() -> PathBuf {
@@ -135,6 +135,22 @@ impl Banner {
     }
 }
 
+/// Adler-32 as zlib computes it: the guest's `module_sum` of its payload.
+pub fn adler32(bytes: &[u8]) -> u32 {
+    const MOD: u32 = 65521;
+    let (mut a, mut b) = (1u32, 0u32);
+    // 5552 bytes is the most that can be summed before b could overflow.
+    for chunk in bytes.chunks(5552) {
+        for &byte in chunk {
+            a += u32::from(byte);
+            b += a;
+        }
+        a %= MOD;
+        b %= MOD;
+    }
+    (b << 16) | a
+}
+
 /// The number of a `tick N` line.
 pub fn tick(line: &str) -> Option<u64> {
     line.trim_end().strip_prefix("tick ")?.parse().ok()
@@ -143,6 +159,101 @@ pub fn tick(line: &str) -> Option<u64> {
 /// Whether a line is the guest's own report of inconsistent RAM.
 pub fn is_ram_mismatch(line: &str) -> bool {
     line.starts_with("RAM MISMATCH")
+}
+
+/// Lines a process prints (a guest's serial console on QEMU's stdout),
+/// collected by a thread with the time each arrived, copied to a log if
+/// asked, and waited for with deadlines.
+#[derive(Debug, Clone, Default)]
+pub struct Lines(Arc<(Mutex<Collected>, Condvar)>);
+
+#[derive(Debug, Default)]
+struct Collected {
+    lines: Vec<(Instant, String)>,
+    ended: bool,
+}
+
+impl Lines {
+    /// Starts collecting `reader`'s lines.
+    pub fn collect(reader: impl Read + Send + 'static) -> Lines {
+        Lines::collect_to(reader, None)
+    }
+
+    /// Starts collecting `reader`'s lines, appending each to `log` as well.
+    pub fn collect_to(reader: impl Read + Send + 'static, mut log: Option<std::fs::File>) -> Lines {
+        let lines = Lines::default();
+        let inner = lines.clone();
+        std::thread::spawn(move || {
+            let (state, cv) = &*inner.0;
+            // Lines end in \n; a migration can cut one, so bytes are taken as they come.
+            for line in BufReader::new(reader).split(b'\n') {
+                let Ok(line) = line else { break };
+                let line = String::from_utf8_lossy(&line)
+                    .trim_end_matches('\r')
+                    .to_string();
+                if let Some(f) = log.as_mut() {
+                    let _ = writeln!(f, "{line}");
+                }
+                state
+                    .lock()
+                    .expect("lines lock")
+                    .lines
+                    .push((Instant::now(), line));
+                cv.notify_all();
+            }
+            state.lock().expect("lines lock").ended = true;
+            cv.notify_all();
+        });
+        lines
+    }
+
+    pub fn snapshot(&self) -> Vec<String> {
+        self.timed().into_iter().map(|(_, l)| l).collect()
+    }
+
+    /// The lines with the time each arrived.
+    pub fn timed(&self) -> Vec<(Instant, String)> {
+        self.0 .0.lock().expect("lines lock").lines.clone()
+    }
+
+    /// Waits for a line (from index `from` on) that `pred` accepts and
+    /// returns its index; panics naming `what` at the deadline or when the
+    /// output ends without one. For tests.
+    pub fn wait_for(
+        &self,
+        from: usize,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&str) -> bool,
+    ) -> usize {
+        self.try_wait_for(from, timeout, pred)
+            .unwrap_or_else(|got| panic!("no {what} within {timeout:?}; got: {got:?}"))
+    }
+
+    /// Like [`Lines::wait_for`], returning the lines seen instead of panicking.
+    pub fn try_wait_for(
+        &self,
+        from: usize,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<usize, Vec<String>> {
+        let deadline = Instant::now() + timeout;
+        let (state, cv) = &*self.0;
+        let mut guard = state.lock().expect("lines lock");
+        loop {
+            if let Some(i) = guard.lines.iter().skip(from).position(|(_, l)| pred(l)) {
+                return Ok(from + i);
+            }
+            let now = Instant::now();
+            if guard.ended || now >= deadline {
+                return Err(guard.lines.iter().map(|(_, l)| l.clone()).collect());
+            }
+            guard = cv
+                .wait_timeout(guard, deadline - now)
+                .expect("lines lock")
+                .0;
+        }
+    }
 }
 
 /// The guest's page size for the sweep.
@@ -244,5 +355,7 @@ mod tests {
         assert_eq!(b.module_size, 6);
         assert_eq!(b.sweep, Some((0x400000, 0x1c00000)));
         assert_eq!(tick("tick 12"), Some(12));
+        assert_eq!(adler32(b"Wikipedia"), 0x11E6_0398);
+        assert_eq!(adler32(b""), 1);
     }
 }
