@@ -491,3 +491,32 @@ fn a_vm_already_migrated_and_a_socket_that_is_not_qemu_are_clear_errors() {
         "{err}"
     );
 }
+
+#[test]
+fn a_save_puts_qemus_own_settings_back_and_resumes_when_asked() {
+    for qemu in qemus() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = recipe_options(dir.path());
+        let (mut vm, serial) = Vm::start_with_serial(&qemu, &as_strs(&options));
+        serial.wait_for(0, WAIT, "tick 1", |l| tick(l) == Some(1));
+        let before =
+            vm.qmp().execute("query-migrate-parameters", None).unwrap()["max-bandwidth"].clone();
+        let out = migrate()
+            .args(["save", "--then", "resume", "--monitor"])
+            .arg(&vm.hmp)
+            .arg(dir.path().join("state"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let after =
+            vm.qmp().execute("query-migrate-parameters", None).unwrap()["max-bandwidth"].clone();
+        assert_eq!(after, before, "the bandwidth cap is QEMU's again");
+        assert_eq!(vm.status(), "running");
+        let n = serial.snapshot().len();
+        serial.wait_for(n, WAIT, "a tick after the save", |l| tick(l).is_some());
+    }
+}

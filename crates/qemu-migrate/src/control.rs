@@ -192,9 +192,16 @@ impl Control {
             Control::Qmp(s) => s
                 .execute("migrate-set-parameters", Some(json!({ name: value })))
                 .map(drop)?,
-            Control::Hmp(s) => s
-                .command(&format!("migrate_set_parameter {name} {value}"))
-                .map(drop)?,
+            Control::Hmp(s) => {
+                // HMP reads a bare size as MiB; a `B` suffix makes it bytes.
+                let unit = if SIZE_PARAMETERS.contains(&name) {
+                    "B"
+                } else {
+                    ""
+                };
+                s.command(&format!("migrate_set_parameter {name} {value}{unit}"))
+                    .map(drop)?
+            }
         }
         Ok(())
     }
@@ -329,6 +336,13 @@ impl Control {
         Ok(())
     }
 }
+
+/// Migration parameters that HMP parses as sizes.
+const SIZE_PARAMETERS: &[&str] = &[
+    "max-bandwidth",
+    "max-postcopy-bandwidth",
+    "xbzrle-cache-size",
+];
 
 /// HMP parses its arguments with quotes: a URI with spaces needs them.
 fn hmp_quote(s: &str) -> String {

@@ -71,6 +71,9 @@ enum Cmd {
         /// Deadline for each monitor reply, in seconds.
         #[arg(long, default_value = "30")]
         timeout: u64,
+        /// Do not fsync the state file (faster; not durable across a power cut).
+        #[arg(long)]
+        no_sync: bool,
     },
     /// Start a VM from a state file with the options it was saved with.
     Restore {
@@ -170,6 +173,7 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
             then,
             bandwidth,
             timeout,
+            no_sync,
         } => {
             let mut vm = Vm::attach(monitor.as_str(), Duration::from_secs(*timeout))?;
             let options = SaveOptions {
@@ -180,6 +184,7 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
                     ThenArg::Quit => Then::Quit,
                     ThenArg::Resume => Then::Resume,
                 },
+                no_sync: *no_sync,
                 cancel,
             };
             let shown = Shown::new(cli);

@@ -47,6 +47,9 @@ pub struct SaveOptions {
     /// Bandwidth cap in bytes per second; uncapped by default.
     pub bandwidth: Option<u64>,
     pub then: Then,
+    /// Skip the fsync: faster, but a crash of this machine soon after could
+    /// lose a file that looked complete. The rename stays atomic.
+    pub no_sync: bool,
     /// Set (e.g. by a signal handler) to cancel the save.
     pub cancel: Arc<AtomicBool>,
 }
