@@ -16,15 +16,28 @@ use crate::test::cargo;
 pub struct Args {
     pub runs: usize,
     pub delivery_runs: usize,
+    /// Guest RAM and how much of it the guest writes, for the save rows.
+    pub ram_mib: u32,
+    pub fill_mib: u32,
 }
 
 pub fn run(root: &Path, args: &Args) -> anyhow::Result<()> {
     cargo(
         root,
-        &["build", "--release", "-q", "-p", "monitor-send"],
+        &[
+            "build",
+            "--release",
+            "-q",
+            "-p",
+            "monitor-send",
+            "-p",
+            "qemu-migrate",
+        ],
         &[],
     )?;
     let send = root.join("target/release/monitor-send");
+    let migrate = root.join("target/release/qemu-migrate");
+    let guest = test_guest::build(&root.join("target/guest"))?;
     let qemus = qemu::installed();
     if qemus.is_empty() {
         bail!(qemu::INSTALL_HINT);
@@ -32,6 +45,11 @@ pub fn run(root: &Path, args: &Args) -> anyhow::Result<()> {
     let mut report = String::new();
     for q in &qemus {
         let section = monitor_round_trips(q, &send, args)?;
+        print!("{section}");
+        report.push_str(&section);
+    }
+    for q in &qemus {
+        let section = save_speed(q, &send, &migrate, &guest, args)?;
         print!("{section}");
         report.push_str(&section);
     }
@@ -232,3 +250,263 @@ fn monitor_round_trips(q: &Qemu, send: &Path, args: &Args) -> anyhow::Result<Str
     }
     Ok(out)
 }
+
+/// A test guest with most of its RAM written, and the bench's own QMP socket.
+struct FilledVm {
+    child: Child,
+    dir: tempfile::TempDir,
+    hmp: PathBuf,
+    qmp: QmpSession,
+    _serial: test_guest::Lines,
+}
+
+impl FilledVm {
+    fn start(q: &Qemu, guest: &Path, ram_mib: u32, fill_mib: u32) -> anyhow::Result<FilledVm> {
+        let dir = tempfile::tempdir()?;
+        let hmp = dir.path().join("hmp.sock");
+        let qmp = dir.path().join("qmp.sock");
+        let mut child = Command::new(&q.binary)
+            .args([
+                "-accel",
+                "tcg",
+                "-m",
+                &ram_mib.to_string(),
+                "-nodefaults",
+                "-display",
+                "none",
+            ])
+            .args(["-serial", "stdio", "-kernel"])
+            .arg(guest)
+            .args(["-append", &format!("fill={fill_mib}"), "-monitor"])
+            .arg(format!("unix:{},server,nowait", hmp.display()))
+            .arg("-qmp")
+            .arg(format!("unix:{},server,nowait", qmp.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", q.binary.display()))?;
+        let serial = test_guest::Lines::collect(child.stdout.take().expect("piped"));
+        serial
+            .try_wait_for(0, Duration::from_secs(120), |l| {
+                test_guest::tick(l) == Some(1)
+            })
+            .map_err(|got| anyhow::anyhow!("the guest did not finish its fill: {got:?}"))?;
+        let mut qmp = qemu_monitor::connect_qmp(
+            qmp,
+            &Options {
+                timeout: Duration::from_secs(120),
+                wait_socket: Some(Duration::from_secs(10)),
+            },
+        )?;
+        qmp.execute(
+            "migrate-set-capabilities",
+            Some(serde_json::json!({"capabilities": [{"capability": "events", "state": true}]})),
+        )?;
+        Ok(FilledVm {
+            child,
+            dir,
+            hmp,
+            qmp,
+            _serial: serial,
+        })
+    }
+
+    /// Waits for the migration to end; returns QEMU's status.
+    fn wait_migration(&mut self) -> anyhow::Result<String> {
+        loop {
+            let info = self.qmp.execute("query-migrate", None)?;
+            let status = info["status"].as_str().unwrap_or_default().to_string();
+            if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
+                return Ok(status);
+            }
+            self.qmp.next_event(Duration::from_secs(300))?;
+        }
+    }
+
+    fn resume(&mut self) -> anyhow::Result<()> {
+        self.qmp.execute("cont", None)?;
+        Ok(())
+    }
+}
+
+impl Drop for FilledVm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a command to its end; returns its time and peak resident memory (KiB).
+fn timed_child(cmd: &mut Command) -> anyhow::Result<(Duration, u64)> {
+    let start = Instant::now();
+    let child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: rusage is plain data, filled by wait4 for our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // wait4 rather than Child::wait, for this child's own peak memory.
+    // SAFETY: pid is our child, not yet waited for; status and usage are valid.
+    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let took = start.elapsed();
+    if rc != pid {
+        bail!("wait4: {}", std::io::Error::last_os_error());
+    }
+    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr {
+            use std::io::Read;
+            let _ = e.read_to_string(&mut err);
+        }
+        bail!("{:?} failed: {}", cmd.get_program(), err.trim());
+    }
+    Ok((took, usage.ru_maxrss as u64))
+}
+
+/// Writes `bytes` to a file as fast as the page cache takes it, optionally synced.
+fn write_bound(path: &Path, bytes: u64, sync: bool) -> anyhow::Result<Duration> {
+    let chunk = vec![0x5au8; 1 << 20];
+    let start = Instant::now();
+    let mut f = std::fs::File::create(path)?;
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        f.write_all(&chunk[..n])?;
+        left -= n as u64;
+    }
+    if sync {
+        f.sync_all()?;
+    }
+    let took = start.elapsed();
+    drop(f);
+    std::fs::remove_file(path)?;
+    Ok(took)
+}
+
+fn save_speed(
+    q: &Qemu,
+    send: &Path,
+    migrate: &Path,
+    guest: &Path,
+    args: &Args,
+) -> anyhow::Result<String> {
+    let mut vm = FilledVm::start(q, guest, args.ram_mib, args.fill_mib)?;
+    let dir = vm.dir.path().to_path_buf();
+    let state = dir.join("state");
+    let mut rows: Vec<(String, Duration, String)> = Vec::new();
+
+    // The seed's recipe: a running guest, QEMU's defaults.
+    let start = Instant::now();
+    let peer = Peer {
+        name: "recipe",
+        program: send.to_path_buf(),
+        args: vec![
+            "-w".into(),
+            "0".into(),
+            "-U".into(),
+            vm.hmp.display().to_string(),
+        ],
+    };
+    run_once(
+        &peer,
+        format!("migrate \"exec:cat > {}\"\n", state.display()).as_bytes(),
+    )?;
+    let status = vm.wait_migration()?;
+    let recipe = start.elapsed();
+    if status != "completed" {
+        bail!("the recipe's migration {status}");
+    }
+    let stream_bytes = std::fs::metadata(&state)?.len();
+    std::fs::remove_file(&state)?;
+    vm.resume()?;
+    rows.push((
+        "the seed's recipe: `migrate \"exec:cat > F\"`, running guest, defaults".into(),
+        recipe,
+        String::new(),
+    ));
+
+    let mut peak = 0;
+    for (name, extra) in [
+        ("`qemu-migrate save --no-sync`", &["--no-sync"][..]),
+        ("`qemu-migrate save` (fsync)", &[][..]),
+    ] {
+        let (took, rss) = timed_child(
+            Command::new(migrate)
+                .args(["save", "--quiet", "--then", "resume", "--monitor"])
+                .arg(&vm.hmp)
+                .arg(&state)
+                .args(extra),
+        )?;
+        peak = peak.max(rss);
+        let _ = std::fs::remove_file(&state);
+        let _ = std::fs::remove_file(dir.join("state.manifest.json"));
+        rows.push((
+            name.into(),
+            took,
+            format!("peak RSS {:.1} MiB", rss as f64 / 1024.0),
+        ));
+    }
+    let has_file = q
+        .version
+        .parse::<qemu_monitor::QemuVersion>()
+        .is_ok_and(|v| (v.major, v.minor) >= (8, 2));
+    if has_file {
+        // QEMU writing the file itself, by hand: paused, uncapped, `file:`.
+        let start = Instant::now();
+        vm.qmp.execute("stop", None)?;
+        vm.qmp.execute(
+            "migrate-set-parameters",
+            Some(serde_json::json!({"max-bandwidth": crate::bench::UNCAPPED})),
+        )?;
+        vm.qmp.execute(
+            "migrate",
+            Some(serde_json::json!({"uri": format!("file:{}", state.display())})),
+        )?;
+        let status = vm.wait_migration()?;
+        let took = start.elapsed();
+        if status != "completed" {
+            bail!("the file: migration {status}");
+        }
+        let _ = std::fs::remove_file(&state);
+        vm.resume()?;
+        rows.push((
+            "by hand: `stop`, cap lifted, `migrate file:F` (no fsync)".into(),
+            took,
+            String::new(),
+        ));
+    }
+    let cache = write_bound(&dir.join("bound"), stream_bytes, false)?;
+    rows.push((
+        "writing the same bytes to the page cache".into(),
+        cache,
+        String::new(),
+    ));
+    let synced = write_bound(&dir.join("bound"), stream_bytes, true)?;
+    rows.push((
+        "the same with fsync (`dd conv=fsync`)".into(),
+        synced,
+        String::new(),
+    ));
+
+    let mut out = format!(
+        "\n### Saving a {} MiB guest with {} MiB written (QEMU {}, {:.0} MB stream)\n\n\
+         | method | time | MB/s | vs the recipe | |\n|---|---|---|---|---|\n",
+        args.ram_mib,
+        args.fill_mib,
+        q.version,
+        stream_bytes as f64 / 1e6
+    );
+    for (name, took, note) in &rows {
+        out.push_str(&format!(
+            "| {name} | {:.2} s | {:.0} | {:.1}× faster | {note} |\n",
+            took.as_secs_f64(),
+            stream_bytes as f64 / 1e6 / took.as_secs_f64(),
+            recipe.as_secs_f64() / took.as_secs_f64()
+        ));
+    }
+    let _ = peak;
+    Ok(out)
+}
+
+/// A bandwidth cap no link reaches: what "uncapped" means to QEMU.
+pub const UNCAPPED: u64 = 1 << 40;

@@ -99,6 +99,12 @@ enum Task {
         runs: usize,
         #[arg(long, default_value = "100")]
         delivery_runs: usize,
+        /// Guest RAM (MiB) for the save rows.
+        #[arg(long, default_value = "1024")]
+        ram: u32,
+        /// How much of it the guest writes (MiB).
+        #[arg(long, default_value = "600")]
+        fill: u32,
     },
     /// Build the test guest (fixtures/guest) into target/guest.
     BuildGuest,
@@ -112,11 +118,15 @@ fn main() -> ExitCode {
         Task::Bench {
             runs,
             delivery_runs,
+            ram,
+            fill,
         } => bench::run(
             &root,
             &bench::Args {
                 runs,
                 delivery_runs,
+                ram_mib: ram,
+                fill_mib: fill,
             },
         ),
         Task::BuildGuest => {
