@@ -155,7 +155,7 @@ fn check(e: &Expect, s: &Summary, bytes: &[u8]) {
     assert_eq!(s.iterative.len(), 1, "{ctx}");
     assert_eq!(s.iterative[0].name, "ram", "{ctx}");
     assert_eq!(
-        s.commands.get("switchover-start").is_some(),
+        s.commands.contains_key("switchover-start"),
         e.switchover_start,
         "{ctx}"
     );

@@ -153,9 +153,9 @@ fn huge_length_fields_do_not_allocate() {
 
     // A RAM total near u64::MAX and a block as large.
     let mut d = b"QEVM\0\0\0\x03\x07\0\0\0\x02pc\x01\0\0\0\x01\x03ram\0\0\0\0\0\0\0\x04".to_vec();
-    d.extend_from_slice(&(u64::MAX & !0xfff | 0x04).to_be_bytes());
+    d.extend_from_slice(&(!0xfffu64 | 0x04).to_be_bytes());
     d.extend_from_slice(b"\x06pc.ram");
-    d.extend_from_slice(&(u64::MAX & !0xfff).to_be_bytes());
+    d.extend_from_slice(&(!0xfffu64).to_be_bytes());
     d.extend_from_slice(&0x0000_0000_0000_0008u64.to_be_bytes());
     d.extend_from_slice(b"\x06pc.ram");
     let s = inspect(&d[..]).unwrap();
