@@ -436,7 +436,40 @@ fn mismatched_options_are_refused_in_words() {
         assert!(err.contains("these options give pc-q35-"), "{err}");
         let err = with(&|o| o.extend(["-device".into(), "virtio-rng-pci".into()]));
         assert!(
-            err.contains("the VM's options differ from those it was saved with"),
+            err.contains("device 0000:00:02.0/virtio-rng (instance 0) is created by these options but is not in the state"),
+            "{err}"
+        );
+
+        // A device only on the source: QEMU itself would say "Unknown savevm section".
+        let dir = tempfile::tempdir().unwrap();
+        let mut options = recipe_options(dir.path());
+        options.extend(["-device".into(), "virtio-rng-pci".into()]);
+        let (source, serial) = Vm::start_with_serial(&qemu, &as_strs(&options));
+        serial.wait_for(0, WAIT, "tick 1", |l| tick(l) == Some(1));
+        let statefile = dir.path().join("state");
+        let out = migrate()
+            .args(["save", "--monitor"])
+            .arg(&source.hmp)
+            .arg(&statefile)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        options.truncate(options.len() - 2);
+        let mut args: Vec<std::ffi::OsString> = vec![
+            statefile.into(),
+            "--qemu".into(),
+            qemu.clone().into(),
+            "--".into(),
+        ];
+        args.extend(options.into_iter().map(Into::into));
+        let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        let err = restore_err(&refs);
+        assert!(
+            err.contains("device 0000:00:02.0/virtio-rng (instance 0) is in the state, but these options do not create it"),
             "{err}"
         );
     }

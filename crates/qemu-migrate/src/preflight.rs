@@ -7,9 +7,13 @@ use std::process::Command;
 
 use qemu_monitor::QemuVersion;
 
+use std::os::fd::AsFd;
+
 use crate::argv;
 use crate::error::{Error, Result};
 use crate::restore::Checked;
+use crate::save::{pipe, UNCAPPED};
+use crate::vm::{LaunchOptions, Vm};
 
 /// QEMU's default `-m` when none is given.
 const DEFAULT_RAM_MIB: u64 = 128;
@@ -22,7 +26,6 @@ pub fn check(
 ) -> Result<()> {
     let mut differences = Vec::new();
     let dest_version = qemu_version(binary, env)?;
-
     if let Some(m) = &checked.manifest {
         if let Ok(saved) = m.qemu_version.parse::<QemuVersion>() {
             if dest_version < saved {
@@ -33,52 +36,28 @@ pub fn check(
                 ));
             }
         }
-        let saved_opts = &m.vm_options;
-        let new_opts = argv::vm_options(args);
-        if *saved_opts != new_opts {
-            differences.push(format!(
-                "the VM's options differ from those it was saved with:\n      saved: {}\n      given: {}",
-                saved_opts.join(" "),
-                new_opts.join(" ")
-            ));
+        // The very QEMU and options it was saved with: nothing else can differ.
+        if m.qemu == binary && m.vm_options == argv::vm_options(args) {
+            return verdict(checked, differences);
         }
     }
-
-    let saved_ram_mib = match (&checked.summary, &checked.manifest) {
-        (Some(s), _) => s.main_ram.as_ref().map(|r| r.mib),
-        (None, Some(m)) => Some(m.ram_bytes >> 20),
-        _ => None,
+    let read;
+    let saved = match &checked.summary {
+        Some(s) => s,
+        None => {
+            read = qemu_stream::inspect_file(&checked.path).map_err(|e| Error::BadStateFile {
+                path: checked.path.clone(),
+                reason: e.to_string(),
+            })?;
+            &read
+        }
     };
-    let given_ram_mib = ram_mib(args);
-    if let (Some(saved), Some(given)) = (saved_ram_mib, given_ram_mib) {
-        if saved != given {
-            differences.push(format!(
-                "RAM: the state holds {saved} MiB of guest RAM (-m {saved}); these options give {given} MiB"
-            ));
-        }
-    }
+    let given = probe(binary, args, env)?;
+    differences.extend(compare(saved, &given, args));
+    verdict(checked, differences)
+}
 
-    let saved_machine = checked
-        .summary
-        .as_ref()
-        .and_then(|s| s.machine_type.clone())
-        .or_else(|| checked.manifest.as_ref().and_then(|m| m.machine.clone()));
-    if let Some(saved) = saved_machine {
-        let asked = argv::machine(args);
-        if let Some(given) = resolve_machine(binary, env, asked.as_deref())? {
-            if given != saved {
-                differences.push(format!(
-                    "machine type: the state is {saved}; these options give {given}{}",
-                    match &asked {
-                        Some(a) if *a != given => format!(" (-M {a})"),
-                        None => " (QEMU's default)".to_string(),
-                        _ => String::new(),
-                    }
-                ));
-            }
-        }
-    }
-
+fn verdict(checked: &Checked, differences: Vec<String>) -> Result<()> {
     if differences.is_empty() {
         Ok(())
     } else {
@@ -86,6 +65,126 @@ pub fn check(
             path: checked.path.clone(),
             differences,
         })
+    }
+}
+
+/// What a VM started with `args` would send: asked of QEMU itself, by
+/// starting it paused and reading its own migration stream. It knows which
+/// devices and RAM blocks its options create far better than any guess.
+pub fn probe(
+    binary: &Path,
+    args: &[String],
+    env: &BTreeMap<String, String>,
+) -> Result<qemu_stream::Summary> {
+    const FD_NAME: &str = "qemu-migrate-probe";
+    let mut probe_args = argv::vm_options(args);
+    probe_args.extend(["-S".to_string(), "-display".to_string(), "none".to_string()]);
+    let mut vm = Vm::launch(
+        binary,
+        &probe_args,
+        &LaunchOptions {
+            env: env.clone(),
+            ..LaunchOptions::default()
+        },
+    )
+    .map_err(|e| match e {
+        Error::QemuExited { stderr, .. } => Error::QemuExited {
+            during: "while checking the options (QEMU refused them)".into(),
+            stderr,
+        },
+        e => e,
+    })?;
+    vm.control.set_max_bandwidth(UNCAPPED)?;
+    let (read_end, write_end) = pipe()?;
+    vm.control.getfd(FD_NAME, write_end.as_fd())?;
+    drop(write_end);
+    vm.control.migrate(&format!("fd:{FD_NAME}"))?;
+    let summary = qemu_stream::inspect(std::fs::File::from(read_end));
+    let _ = vm.control.quit();
+    summary.map_err(|e| Error::Protocol(format!("reading the probe QEMU's stream: {e}")))
+}
+
+/// The differences that would make QEMU refuse the state, or load it into
+/// a VM other than the one that saved it, in words.
+pub fn compare(
+    saved: &qemu_stream::Summary,
+    given: &qemu_stream::Summary,
+    args: &[String],
+) -> Vec<String> {
+    let mut out = Vec::new();
+    if let (Some(a), Some(b)) = (&saved.machine_type, &given.machine_type) {
+        if a != b {
+            let asked = match argv::machine(args) {
+                Some(m) if m != *b => format!(" (-M {m})"),
+                Some(_) => String::new(),
+                None => " (QEMU's default)".into(),
+            };
+            out.push(format!(
+                "machine type: the state is {a}; these options give {b}{asked}"
+            ));
+        }
+    }
+    let main = saved.main_ram.as_ref().map(|r| r.block.as_str());
+    for block in &saved.ram_blocks {
+        match given.ram_blocks.iter().find(|b| b.name == block.name) {
+            None => out.push(format!(
+                "RAM block {} ({}) is in the state, but these options create no such block \
+                 (a device with its own memory or ROM is missing)",
+                block.name,
+                size(block.size)
+            )),
+            Some(b) if b.size != block.size && Some(block.name.as_str()) == main => {
+                out.push(format!(
+                    "RAM: the state holds {} MiB of guest RAM (-m {}); these options give {} MiB",
+                    block.size >> 20,
+                    block.size >> 20,
+                    b.size >> 20
+                ))
+            }
+            Some(b) if b.size != block.size => out.push(format!(
+                "RAM block {}: {} in the state, {} with these options",
+                block.name,
+                size(block.size),
+                size(b.size)
+            )),
+            Some(_) => {}
+        }
+    }
+    for b in &given.ram_blocks {
+        if !saved.ram_blocks.iter().any(|s| s.name == b.name) {
+            out.push(format!(
+                "RAM block {} ({}) exists only with these options",
+                b.name,
+                size(b.size)
+            ));
+        }
+    }
+    let key = |d: &qemu_stream::DeviceSection| (d.name.clone(), d.instance_id);
+    for d in &saved.devices {
+        if !given.devices.iter().any(|g| key(g) == key(d)) {
+            out.push(format!(
+                "device {} (instance {}) is in the state, but these options do not create it",
+                d.name, d.instance_id
+            ));
+        }
+    }
+    for g in &given.devices {
+        if !saved.devices.iter().any(|d| key(g) == key(d)) {
+            out.push(format!(
+                "device {} (instance {}) is created by these options but is not in the state: \
+                 it would start from reset, not as it was saved",
+                g.name, g.instance_id
+            ));
+        }
+    }
+    out
+}
+
+fn size(bytes: u64) -> String {
+    if bytes >= 1 << 20 && bytes % (1 << 20) == 0 {
+        format!("{} MiB", bytes >> 20)
+    } else {
+        format!("{} KiB", bytes >> 10)
     }
 }
 
@@ -132,40 +231,6 @@ pub fn ram_mib(args: &[String]) -> Option<u64> {
         "K" | "KB" => Some(n / 1024),
         _ => None,
     }
-}
-
-/// The versioned machine type `asked` means on this QEMU (`pc` → `pc-i440fx-7.2`),
-/// from `-M help`; `None` asked means QEMU's default.
-fn resolve_machine(
-    binary: &Path,
-    env: &BTreeMap<String, String>,
-    asked: Option<&str>,
-) -> Result<Option<String>> {
-    let out = Command::new(binary)
-        .args(["-M", "help"])
-        .envs(env)
-        .output()
-        .map_err(|source| Error::Launch {
-            binary: binary.to_path_buf(),
-            source,
-        })?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    for line in text.lines().skip(1) {
-        let mut words = line.split_whitespace();
-        let Some(name) = words.next() else { continue };
-        let target = line
-            .split("(alias of ")
-            .nth(1)
-            .and_then(|r| r.split(')').next())
-            .unwrap_or(name);
-        let is_default = line.contains("(default)");
-        match asked {
-            Some(a) if a == name => return Ok(Some(target.to_string())),
-            None if is_default => return Ok(Some(target.to_string())),
-            _ => {}
-        }
-    }
-    Ok(asked.map(String::from))
 }
 
 #[cfg(test)]
