@@ -9,6 +9,10 @@ use crate::StreamError;
 /// megabyte rather than a syscall per page.
 const BUF_SIZE: usize = 1 << 20;
 
+/// Small inputs (and the many short reads of tests and fuzzing) should not pay for
+/// zeroing a megabyte; the buffer grows to `BUF_SIZE` once the stream proves long.
+const FIRST_BUF_SIZE: usize = 64 << 10;
+
 /// Below this, reading through the buffer is cheaper than a seek that throws the
 /// read-ahead away.
 const SEEK_THRESHOLD: u64 = BUF_SIZE as u64;
@@ -67,7 +71,7 @@ impl<R: Read + Seek> Source for Seekable<R> {
 
 pub(crate) struct Input<'a> {
     src: &'a mut dyn Source,
-    buf: Box<[u8]>,
+    buf: Vec<u8>,
     start: usize,
     end: usize,
     /// Stream offset of `buf[start]`.
@@ -79,7 +83,7 @@ impl<'a> Input<'a> {
     pub(crate) fn new(src: &'a mut dyn Source) -> Self {
         Input {
             src,
-            buf: vec![0u8; BUF_SIZE].into_boxed_slice(),
+            buf: vec![0u8; FIRST_BUF_SIZE],
             start: 0,
             end: 0,
             pos: 0,
@@ -105,10 +109,13 @@ impl<'a> Input<'a> {
 
     /// Tries to have at least `n` bytes buffered (`n <= BUF_SIZE`); returns how many are.
     fn fill(&mut self, n: usize) -> Result<usize, StreamError> {
-        let n = n.min(self.buf.len());
         if self.buffered() >= n || self.eof {
             return Ok(self.buffered());
         }
+        if self.buf.len() < BUF_SIZE && (n > self.buf.len() || self.pos >= BUF_SIZE as u64) {
+            self.buf.resize(BUF_SIZE, 0);
+        }
+        let n = n.min(self.buf.len());
         if self.start > 0 {
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;

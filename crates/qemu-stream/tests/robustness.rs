@@ -46,12 +46,13 @@ fn assert_truncated(s: &Summary, cut: usize, ctx: &str) {
     );
 }
 
-fn check_prefix(bytes: &[u8], cut: usize, ctx: &str) {
+fn check_prefix(bytes: &[u8], cut: usize, ctx: &str, seekable_too: bool) {
     let prefix = &bytes[..cut];
-    for (how, r) in [
-        ("pipe", inspect(prefix)),
-        ("seekable", inspect_seekable(Cursor::new(prefix))),
-    ] {
+    let mut runs = vec![("pipe", inspect(prefix))];
+    if seekable_too {
+        runs.push(("seekable", inspect_seekable(Cursor::new(prefix))));
+    }
+    for (how, r) in runs {
         match r {
             Ok(s) => assert_truncated(&s, cut, &format!("{ctx} ({how})")),
             // Only a cut inside the 8-byte header is "not a stream".
@@ -66,8 +67,10 @@ fn check_prefix(bytes: &[u8], cut: usize, ctx: &str) {
 #[test]
 fn every_prefix_of_a_small_stream_is_truncated() {
     let bytes = fixture("microvm-7.2-exec");
+    // Every cut through the front-to-back reader; the seekable one differs only
+    // in how it finds the description, so every fifth cut is enough there.
     for cut in 0..bytes.len() {
-        check_prefix(&bytes, cut, "microvm-7.2-exec");
+        check_prefix(&bytes, cut, "microvm-7.2-exec", cut % 5 == 0);
     }
 }
 
@@ -76,11 +79,11 @@ fn sampled_prefixes_of_every_stream_are_truncated() {
     for name in ALL {
         let bytes = fixture(name);
         let n = bytes.len();
-        let mut cuts: Vec<usize> = (0..600).chain(n.saturating_sub(600)..n).collect();
+        let mut cuts: Vec<usize> = (0..300).chain(n.saturating_sub(300)..n).collect();
         // Odd strides land at every position within a page record over the run.
         cuts.extend((0..n).step_by((n / 300).max(4099) | 1));
         for cut in cuts {
-            check_prefix(&bytes, cut, name);
+            check_prefix(&bytes, cut, name, true);
         }
     }
 }
