@@ -22,6 +22,7 @@
 pub mod argv;
 pub mod control;
 mod error;
+pub mod live;
 pub mod manifest;
 pub mod preflight;
 pub mod progress;

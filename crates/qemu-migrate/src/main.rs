@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use qemu_migrate::live::{self, AfterLive, Destination, LiveOptions, ReceiveOptions, VmSpec};
 use qemu_migrate::progress::{Progress, Quiet};
 use qemu_migrate::restore::{self, RestoreOptions};
 use qemu_migrate::save::{self, SaveOptions, Then};
@@ -21,6 +22,9 @@ Examples:
   qemu-migrate restore /tmp/statefile
   qemu-migrate restore /tmp/recipe-state -- -m 32 -nodefaults -kernel k ...   (a file with no manifest)
   qemu-migrate inspect /tmp/statefile --json
+  qemu-migrate live --monitor /tmp/qemu-sock --to local
+  qemu-migrate receive --listen tcp:0.0.0.0:4444 -- -m 256 ...   (on the other host, then:)
+  qemu-migrate live --monitor /tmp/qemu-sock --to tcp:otherhost:4444
 
 Exit status:
   0  done
@@ -49,6 +53,12 @@ enum ThenArg {
     Stop,
     Quit,
     Resume,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LiveThenArg {
+    Quit,
+    Stop,
 }
 
 #[derive(Debug, Subcommand)]
@@ -92,6 +102,52 @@ enum Cmd {
         pidfile: Option<PathBuf>,
         /// QEMU options to use instead of the manifest's (required for a file with no manifest).
         #[arg(last = true)]
+        qemu_args: Vec<String>,
+    },
+    /// Move a running VM to a new QEMU while the guest runs; the source ends
+    /// only after the destination confirms the guest runs there.
+    Live {
+        /// The VM's monitor socket (HMP or QMP), e.g. /tmp/qemu-sock.
+        #[arg(long)]
+        monitor: String,
+        /// `local` (a new QEMU on this host) or tcp:HOST:PORT (a `qemu-migrate receive`).
+        #[arg(long, default_value = "local")]
+        to: Destination,
+        /// The longest pause allowed for the final copy, in milliseconds (QEMU's default: 300).
+        #[arg(long, value_name = "MS")]
+        downtime_limit: Option<u64>,
+        /// Bandwidth cap in MiB/s (default: none).
+        #[arg(long, value_name = "MIB_PER_S")]
+        bandwidth: Option<u64>,
+        /// Don't throttle a guest that dirties RAM faster than it can be sent.
+        #[arg(long)]
+        no_auto_converge: bool,
+        /// What becomes of the source once the destination runs.
+        #[arg(long, value_enum, default_value = "quit")]
+        then: LiveThenArg,
+        /// Deadline for each monitor reply, in seconds.
+        #[arg(long, default_value = "30")]
+        timeout: u64,
+    },
+    /// Start a QEMU that waits for a live migration on a TCP port, then run it.
+    Receive {
+        /// Where to wait for the migration: tcp:ADDR:PORT.
+        #[arg(long, value_name = "tcp:ADDR:PORT")]
+        listen: String,
+        /// Start QEMU from a `qemu-migrate save` manifest instead of options after --.
+        #[arg(long, conflicts_with = "qemu_args")]
+        manifest: Option<PathBuf>,
+        /// The QEMU binary (default: the manifest's, else qemu-system-x86_64).
+        #[arg(long)]
+        qemu: Option<PathBuf>,
+        /// Once the guest runs, leave it in the background instead of in this terminal.
+        #[arg(long)]
+        daemonize: bool,
+        /// With --daemonize: write QEMU's pid here.
+        #[arg(long, requires = "daemonize")]
+        pidfile: Option<PathBuf>,
+        /// QEMU options, exactly as the source VM runs.
+        #[arg(last = true, required_unless_present = "manifest")]
         qemu_args: Vec<String>,
     },
     /// Say what a state file holds, and whether it is complete.
@@ -273,6 +329,140 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
             check,
             qemu_args,
         } => inspect(cli, statefile, *check, qemu_args),
+        Cmd::Live {
+            monitor,
+            to,
+            downtime_limit,
+            bandwidth,
+            no_auto_converge,
+            then,
+            timeout,
+        } => {
+            let mut vm = Vm::attach(monitor.as_str(), Duration::from_secs(*timeout))?;
+            let options = LiveOptions {
+                downtime_limit: downtime_limit.map(Duration::from_millis),
+                bandwidth: bandwidth.map(|m| m << 20),
+                auto_converge: !*no_auto_converge,
+                then: match then {
+                    LiveThenArg::Quit => AfterLive::Quit,
+                    LiveThenArg::Stop => AfterLive::Stop,
+                },
+                cancel,
+                ..LiveOptions::default()
+            };
+            let shown = Shown::new(cli);
+            let report = live::live(&mut vm, to, &options, shown.progress());
+            shown.done();
+            let r = report?;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "migrated": r.destination.to_string(),
+                        "seconds": r.elapsed.as_secs_f64(),
+                        "total_time_ms": r.migration.total_time_ms,
+                        "downtime_ms": r.migration.downtime_ms,
+                        "bytes": r.migration.transferred,
+                        "pid": r.destination_pid,
+                        "state": r.destination_state,
+                        "source_sockets": r.source_sockets,
+                    })
+                );
+            } else {
+                eprintln!(
+                    "migrated to {} in {:.2} s: downtime {} ms, {:.1} MB sent; the guest is {} \
+                     there{}",
+                    r.destination,
+                    r.elapsed.as_secs_f64(),
+                    r.migration
+                        .downtime_ms
+                        .map_or("unknown".to_string(), |d| d.to_string()),
+                    r.migration.transferred as f64 / 1e6,
+                    r.destination_state,
+                    r.destination_pid
+                        .map_or(String::new(), |p| format!(" (QEMU pid {p})")),
+                );
+                for s in &r.source_sockets {
+                    eprintln!(
+                        "the paused source keeps its socket at {}; do not resume it while the \
+                         destination runs",
+                        s.display()
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Receive {
+            listen,
+            manifest,
+            qemu,
+            daemonize,
+            pidfile,
+            qemu_args,
+        } => {
+            let spec = match manifest {
+                Some(m) => VmSpec::Manifest(m.clone()),
+                None => VmSpec::Args(qemu_args.clone()),
+            };
+            let options = ReceiveOptions {
+                qemu: qemu.clone(),
+                foreground: !*daemonize,
+                cancel,
+            };
+            let receiver = live::Receiver::start(listen, &spec, &options)?;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "listening": receiver.listen, "pid": receiver.vm.pid })
+                );
+            } else if !cli.quiet {
+                eprintln!(
+                    "waiting for a migration on {} (QEMU pid {})",
+                    receiver.listen, receiver.vm.pid
+                );
+            }
+            let shown = Shown::new(cli);
+            let received = receiver.finish(&options, shown.progress());
+            shown.done();
+            let mut received = received?;
+            let pid = received.vm.pid;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "received": listen, "state": received.state, "pid": pid, "seconds": received.elapsed.as_secs_f64() })
+                );
+            } else if *daemonize || !cli.quiet {
+                eprintln!(
+                    "received the VM in {:.2} s; the guest is {} (QEMU pid {pid})",
+                    received.elapsed.as_secs_f64(),
+                    received.state
+                );
+            }
+            if *daemonize {
+                if let Some(p) = pidfile {
+                    std::fs::write(p, format!("{pid}\n")).map_err(|e| Error::File {
+                        path: p.clone(),
+                        what: "writing the pidfile",
+                        source: e,
+                    })?;
+                }
+                received.vm.detach();
+                return Ok(ExitCode::SUCCESS);
+            }
+            let launched = received
+                .vm
+                .child
+                .as_mut()
+                .expect("a received VM was launched here");
+            let (status, _) = launched.wait().map_err(|e| Error::File {
+                path: PathBuf::from(format!("/proc/{pid}")),
+                what: "waiting for QEMU",
+                source: e,
+            })?;
+            Ok(ExitCode::from(
+                status.code().unwrap_or(1).clamp(0, 255) as u8
+            ))
+        }
     }
 }
 
