@@ -93,7 +93,8 @@ impl Tool {
     fn finish(mut self) -> (i32, String, Vec<Value>) {
         let status = self.child.wait().expect("wait");
         let stderr = self.child.wait_with_output_now();
-        self.seen.extend(self.lines.try_iter());
+        // The reader thread ends at the end of stdout: every line is in.
+        self.seen.extend(self.lines.iter());
         (
             status.code().unwrap_or(-1),
             stderr,

@@ -156,6 +156,9 @@ enum Cmd {
         /// Also say whether these QEMU options (after --) would restore it.
         #[arg(long)]
         check: bool,
+        /// With --check: the QEMU that would restore it (default: qemu-system-x86_64).
+        #[arg(long, requires = "check")]
+        qemu: Option<PathBuf>,
         #[arg(last = true)]
         qemu_args: Vec<String>,
     },
@@ -284,7 +287,7 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
             let shown = Shown::new(cli);
             let restored = restore::restore(statefile, &options, shown.progress());
             shown.done();
-            let mut restored = restored?;
+            let restored = restored?;
             let pid = restored.vm.pid;
             if cli.json {
                 println!(
@@ -298,37 +301,19 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
                     restored.elapsed.as_secs_f64()
                 );
             }
-            if *daemonize {
-                if let Some(p) = pidfile {
-                    std::fs::write(p, format!("{pid}\n")).map_err(|e| Error::File {
-                        path: p.clone(),
-                        what: "writing the pidfile",
-                        source: e,
-                    })?;
-                }
-                restored.vm.detach();
-                return Ok(ExitCode::SUCCESS);
-            }
-            // In the foreground the VM has this terminal until it ends.
-            let launched = restored
-                .vm
-                .child
-                .as_mut()
-                .expect("a restored VM was launched here");
-            let (status, _) = launched.wait().map_err(|e| Error::File {
-                path: PathBuf::from(format!("/proc/{pid}")),
-                what: "waiting for QEMU",
-                source: e,
-            })?;
-            Ok(ExitCode::from(
-                status.code().unwrap_or(1).clamp(0, 255) as u8
-            ))
+            hand_over(restored.vm, *daemonize, pidfile.as_deref())
         }
         Cmd::Inspect {
             statefile,
             check,
+            qemu,
             qemu_args,
-        } => inspect(cli, statefile, *check, qemu_args),
+        } => inspect(
+            cli,
+            statefile,
+            check.then(|| qemu.clone().unwrap_or_else(|| "qemu-system-x86_64".into())),
+            qemu_args,
+        ),
         Cmd::Live {
             monitor,
             to,
@@ -424,7 +409,7 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
             let shown = Shown::new(cli);
             let received = receiver.finish(&options, shown.progress());
             shown.done();
-            let mut received = received?;
+            let received = received?;
             let pid = received.vm.pid;
             if cli.json {
                 println!(
@@ -438,38 +423,66 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
                     received.state
                 );
             }
-            if *daemonize {
-                if let Some(p) = pidfile {
-                    std::fs::write(p, format!("{pid}\n")).map_err(|e| Error::File {
-                        path: p.clone(),
-                        what: "writing the pidfile",
-                        source: e,
-                    })?;
-                }
-                received.vm.detach();
-                return Ok(ExitCode::SUCCESS);
-            }
-            let launched = received
-                .vm
-                .child
-                .as_mut()
-                .expect("a received VM was launched here");
-            let (status, _) = launched.wait().map_err(|e| Error::File {
-                path: PathBuf::from(format!("/proc/{pid}")),
-                what: "waiting for QEMU",
-                source: e,
-            })?;
-            Ok(ExitCode::from(
-                status.code().unwrap_or(1).clamp(0, 255) as u8
-            ))
+            hand_over(received.vm, *daemonize, pidfile.as_deref())
         }
     }
+}
+
+/// Leaves a VM launched here running: in the background (with its pid in
+/// `pidfile`), or in the foreground with this terminal until it ends.
+fn hand_over(
+    mut vm: Vm,
+    daemonize: bool,
+    pidfile: Option<&std::path::Path>,
+) -> Result<ExitCode, Error> {
+    let pid = vm.pid;
+    if daemonize {
+        if let Some(p) = pidfile {
+            std::fs::write(p, format!("{pid}\n")).map_err(|e| Error::File {
+                path: p.to_path_buf(),
+                what: "writing the pidfile",
+                source: e,
+            })?;
+        }
+        vm.detach();
+        return Ok(ExitCode::SUCCESS);
+    }
+    // A signal meant for this process is passed on to QEMU, which ends the
+    // way it does for any signal.
+    forward_signals(pid);
+    let launched = vm
+        .child
+        .as_mut()
+        .expect("a VM handed over was launched here");
+    let (status, _) = launched.wait().map_err(|e| Error::File {
+        path: PathBuf::from(format!("/proc/{pid}")),
+        what: "waiting for QEMU",
+        source: e,
+    })?;
+    Ok(ExitCode::from(
+        status.code().unwrap_or(1).clamp(0, 255) as u8
+    ))
+}
+
+fn forward_signals(pid: u32) {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) else {
+        return;
+    };
+    std::thread::spawn(move || {
+        for sig in signals.forever() {
+            // SAFETY: kill only sends a signal to the QEMU this process started.
+            unsafe {
+                libc::kill(pid as libc::pid_t, sig);
+            }
+        }
+    });
 }
 
 fn inspect(
     cli: &Cli,
     statefile: &std::path::Path,
-    check: bool,
+    check_with: Option<PathBuf>,
     qemu_args: &[String],
 ) -> Result<ExitCode, Error> {
     let summary = qemu_stream::inspect_file(statefile).map_err(|e| Error::BadStateFile {
@@ -517,9 +530,8 @@ fn inspect(
         }
     }
     verdict?;
-    if check {
+    if let Some(binary) = check_with {
         let checked = restore::check(statefile)?;
-        let binary = PathBuf::from("qemu-system-x86_64");
         qemu_migrate::preflight::check(&checked, &binary, qemu_args, &Default::default())?;
         if !cli.json {
             println!("these options can restore it");
