@@ -52,6 +52,9 @@ pub fn run(root: &Path, args: &Args) -> anyhow::Result<()> {
         let section = save_speed(q, &send, &migrate, &guest, args)?;
         print!("{section}");
         report.push_str(&section);
+        let section = live_speed(q, &migrate, &guest, args)?;
+        print!("{section}");
+        report.push_str(&section);
     }
     let out = root.join("target/bench");
     std::fs::create_dir_all(&out)?;
@@ -254,18 +257,21 @@ fn monitor_round_trips(q: &Qemu, send: &Path, args: &Args) -> anyhow::Result<Str
 /// A test guest with most of its RAM written, and the bench's own QMP socket.
 struct FilledVm {
     child: Child,
-    dir: tempfile::TempDir,
+    _dir: tempfile::TempDir,
     hmp: PathBuf,
     qmp: QmpSession,
     _serial: test_guest::Lines,
 }
 
 impl FilledVm {
+    /// Starts the guest paused, connects to its serial socket, lets it run
+    /// and waits for its first tick: the fill is done by then.
     fn start(q: &Qemu, guest: &Path, ram_mib: u32, fill_mib: u32) -> anyhow::Result<FilledVm> {
         let dir = tempfile::tempdir()?;
         let hmp = dir.path().join("hmp.sock");
         let qmp = dir.path().join("qmp.sock");
-        let mut child = Command::new(&q.binary)
+        let serial = dir.path().join("serial.sock");
+        let child = Command::new(&q.binary)
             .args([
                 "-accel",
                 "tcg",
@@ -274,24 +280,24 @@ impl FilledVm {
                 "-nodefaults",
                 "-display",
                 "none",
+                "-S",
             ])
-            .args(["-serial", "stdio", "-kernel"])
+            .arg("-chardev")
+            .arg(format!(
+                "socket,id=ser0,path={},server=on,wait=off",
+                serial.display()
+            ))
+            .args(["-serial", "chardev:ser0", "-kernel"])
             .arg(guest)
             .args(["-append", &format!("fill={fill_mib}"), "-monitor"])
             .arg(format!("unix:{},server,nowait", hmp.display()))
             .arg("-qmp")
             .arg(format!("unix:{},server,nowait", qmp.display()))
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
+            .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .with_context(|| format!("starting {}", q.binary.display()))?;
-        let serial = test_guest::Lines::collect(child.stdout.take().expect("piped"));
-        serial
-            .try_wait_for(0, Duration::from_secs(120), |l| {
-                test_guest::tick(l) == Some(1)
-            })
-            .map_err(|got| anyhow::anyhow!("the guest did not finish its fill: {got:?}"))?;
         let mut qmp = qemu_monitor::connect_qmp(
             qmp,
             &Options {
@@ -299,13 +305,24 @@ impl FilledVm {
                 wait_socket: Some(Duration::from_secs(10)),
             },
         )?;
+        // QMP answers after every chardev exists, so the serial socket is there.
+        let serial = test_guest::Lines::collect(
+            std::os::unix::net::UnixStream::connect(&serial)
+                .with_context(|| format!("connecting to {}", serial.display()))?,
+        );
+        qmp.execute("cont", None)?;
+        serial
+            .try_wait_for(0, Duration::from_secs(120), |l| {
+                test_guest::tick(l) == Some(1)
+            })
+            .map_err(|got| anyhow::anyhow!("the guest did not finish its fill: {got:?}"))?;
         qmp.execute(
             "migrate-set-capabilities",
             Some(serde_json::json!({"capabilities": [{"capability": "events", "state": true}]})),
         )?;
         Ok(FilledVm {
             child,
-            dir,
+            _dir: dir,
             hmp,
             qmp,
             _serial: serial,
@@ -324,7 +341,18 @@ impl FilledVm {
         }
     }
 
+    /// Resumes the guest after a completed migration. QEMU reports
+    /// completion a moment before it has finished with the source
+    /// (`postmigrate`), and refuses `cont` until then.
     fn resume(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = self.qmp.execute("query-status", None)?;
+            if status["status"] != "finish-migrate" || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
         self.qmp.execute("cont", None)?;
         Ok(())
     }
@@ -340,7 +368,11 @@ impl Drop for FilledVm {
 /// Runs a command to its end; returns its time and peak resident memory (KiB).
 fn timed_child(cmd: &mut Command) -> anyhow::Result<(Duration, u64)> {
     let start = Instant::now();
-    let child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {:?}", cmd.get_program()))?;
     let pid = child.id() as libc::pid_t;
     let mut status = 0;
     // SAFETY: rusage is plain data, filled by wait4 for our own child.
@@ -391,7 +423,8 @@ fn save_speed(
     args: &Args,
 ) -> anyhow::Result<String> {
     let mut vm = FilledVm::start(q, guest, args.ram_mib, args.fill_mib)?;
-    let dir = vm.dir.path().to_path_buf();
+    let work = tempfile::tempdir()?;
+    let dir = work.path().to_path_buf();
     let state = dir.join("state");
     let mut rows: Vec<(String, Duration, String)> = Vec::new();
 
@@ -416,8 +449,10 @@ fn save_speed(
     if status != "completed" {
         bail!("the recipe's migration {status}");
     }
-    let stream_bytes = std::fs::metadata(&state)?.len();
-    std::fs::remove_file(&state)?;
+    let stream_bytes = std::fs::metadata(&state)
+        .with_context(|| format!("the recipe's state file {}", state.display()))?
+        .len();
+    std::fs::remove_file(&state).with_context(|| format!("removing {}", state.display()))?;
     vm.resume()?;
     rows.push((
         "the seed's recipe: `migrate \"exec:cat > F\"`, running guest, defaults".into(),
@@ -475,6 +510,36 @@ fn save_speed(
             String::new(),
         ));
     }
+    // Restore of the synced save, to a running guest (it binds the source's
+    // socket paths, so it comes last).
+    timed_child(
+        Command::new(migrate)
+            .args(["save", "--quiet", "--then", "quit", "--monitor"])
+            .arg(&vm.hmp)
+            .arg(&state),
+    )?;
+    let pidfile = dir.join("restored.pid");
+    let (restore, _) = timed_child(
+        Command::new(migrate)
+            .args(["restore", "--quiet", "--daemonize", "--pidfile"])
+            .arg(&pidfile)
+            .arg(&state),
+    )?;
+    if let Some(pid) = std::fs::read_to_string(&pidfile)
+        .ok()
+        .and_then(|p| p.trim().parse::<i32>().ok())
+    {
+        // SAFETY: a signal to the QEMU the restore started.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+    let _ = std::fs::remove_file(&state);
+    rows.push((
+        "`qemu-migrate restore --daemonize` (checksum, load, guest running)".into(),
+        restore,
+        String::new(),
+    ));
+    drop(vm);
+
     let cache = write_bound(&dir.join("bound"), stream_bytes, false)?;
     rows.push((
         "writing the same bytes to the page cache".into(),
@@ -510,3 +575,40 @@ fn save_speed(
 
 /// A bandwidth cap no link reaches: what "uncapped" means to QEMU.
 pub const UNCAPPED: u64 = 1 << 40;
+
+/// Live migration of a running guest to a new QEMU on this host.
+fn live_speed(q: &Qemu, migrate: &Path, guest: &Path, args: &Args) -> anyhow::Result<String> {
+    let mut out = format!(
+        "\n### Live migration of a running {} MiB guest with {} MiB written (QEMU {})\n\n\
+         | route | total | downtime | sent |\n|---|---|---|---|\n",
+        args.ram_mib, args.fill_mib, q.version
+    );
+    let vm = FilledVm::start(q, guest, args.ram_mib, args.fill_mib)?;
+    let output = Command::new(migrate)
+        .args(["live", "--json", "--to", "local", "--monitor"])
+        .arg(&vm.hmp)
+        .stderr(Stdio::piped())
+        .output()?;
+    if !output.status.success() {
+        bail!(
+            "qemu-migrate live: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    let result: serde_json::Value = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v.get("migrated").is_some())
+        .ok_or_else(|| anyhow::anyhow!("qemu-migrate live printed no result"))?;
+    if let Some(pid) = result["pid"].as_i64() {
+        // SAFETY: a signal to the destination QEMU the migration started.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    }
+    out.push_str(&format!(
+        "| local (unix socket), `qemu-migrate live --to local` | {:.2} s | {} ms | {:.0} MB |\n",
+        result["seconds"].as_f64().unwrap_or(0.0),
+        result["downtime_ms"],
+        result["bytes"].as_f64().unwrap_or(0.0) / 1e6
+    ));
+    Ok(out)
+}

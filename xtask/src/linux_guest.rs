@@ -41,20 +41,6 @@ pub struct LinuxGuest {
     pub append: String,
 }
 
-impl LinuxGuest {
-    /// The QEMU options that boot this guest; `-m 256` is plenty.
-    pub fn qemu_args(&self) -> Vec<&OsStr> {
-        vec![
-            OsStr::new("-kernel"),
-            self.kernel.as_os_str(),
-            OsStr::new("-initrd"),
-            self.initrd.as_os_str(),
-            OsStr::new("-append"),
-            OsStr::new(&self.append),
-        ]
-    }
-}
-
 /// Fetches (once, cached under `cache_dir`) Debian's kernel from
 /// `linux-image-cloud-amd64` and `busybox-static` with `apt-get download`
 /// (no root needed), and builds an initramfs whose init prints ticks.

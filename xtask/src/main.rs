@@ -3,6 +3,7 @@
 mod bench;
 mod e2e;
 mod guest;
+mod linux_guest;
 mod qemu;
 mod test;
 
@@ -217,11 +218,21 @@ mod e2e_cli {
         let guest = test_guest::build(&root.join("target/guest"))?;
         cargo(root, &["build", "-q", "-p", "monitor-send"], &[])?;
         let qemus = e2e::qemus(o.qemu.as_deref(), o.all)?;
+        let linux = if o.all || o.guest == e2e::GuestKind::Linux {
+            let l = crate::linux_guest::prepare(&root.join("target/linux-guest"))?;
+            Some(e2e::GuestFiles {
+                kernel: l.kernel,
+                initrd: l.initrd,
+                append: l.append,
+            })
+        } else {
+            None
+        };
         let kit = e2e::Kit {
             root: root.to_path_buf(),
             guest: guest.clone(),
             monitor_send: root.join("target/debug/monitor-send"),
-            linux: None,
+            linux,
         };
         let mut scenarios = Vec::new();
         for q in &qemus {
@@ -237,7 +248,7 @@ mod e2e_cli {
                 }
             );
             if o.all {
-                scenarios.extend(e2e::all_scenarios(q, accel, false));
+                scenarios.extend(e2e::all_scenarios(q, accel, true));
             } else {
                 scenarios.push(e2e::Scenario {
                     qemu: q.clone(),

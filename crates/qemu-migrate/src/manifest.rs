@@ -65,8 +65,9 @@ impl Manifest {
         Ok(Some(m))
     }
 
-    /// Writes the manifest atomically: a temporary file, synced, renamed.
-    pub fn store(&self, statefile: &Path) -> Result<()> {
+    /// Writes the manifest atomically: a temporary file, renamed; synced
+    /// first when `sync` (an fsync here can cost as much as the state file's).
+    pub fn store(&self, statefile: &Path, sync: bool) -> Result<()> {
         let path = path_for(statefile);
         let tmp = path.with_extension("json.partial");
         let text = serde_json::to_string_pretty(self).expect("a manifest always serialises");
@@ -74,7 +75,9 @@ impl Manifest {
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(text.as_bytes())?;
             f.write_all(b"\n")?;
-            f.sync_all()?;
+            if sync {
+                f.sync_all()?;
+            }
             std::fs::rename(&tmp, &path)
         };
         write().map_err(|e| {

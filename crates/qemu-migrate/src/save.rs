@@ -150,15 +150,20 @@ pub fn save(
             .map_or(0, |d| d.as_secs()),
         transport: "fd".into(),
     };
+    let sync = !options.no_sync;
     let commit = || -> Result<()> {
-        copied
-            .file
-            .sync_all()
-            .map_err(Error::file(&partial, "syncing the state file"))?;
-        manifest.store(path)?;
+        if sync {
+            copied
+                .file
+                .sync_all()
+                .map_err(Error::file(&partial, "syncing the state file"))?;
+        }
+        manifest.store(path, sync)?;
         std::fs::rename(&partial, path)
             .map_err(Error::file(path, "renaming the finished state file"))?;
-        sync_dir(path);
+        if sync {
+            sync_dir(path);
+        }
         Ok(())
     };
     if let Err(e) = commit() {
