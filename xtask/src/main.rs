@@ -2,6 +2,7 @@
 
 mod bench;
 mod e2e;
+mod fuzz;
 mod guest;
 mod linux_guest;
 mod qemu;
@@ -109,6 +110,11 @@ enum Task {
     },
     /// Build the test guest (fixtures/guest) into target/guest.
     BuildGuest,
+    /// Fuzz the migration stream reader for a bounded time.
+    Fuzz {
+        #[arg(long, default_value = "60")]
+        seconds: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -130,6 +136,7 @@ fn main() -> ExitCode {
                 fill_mib: fill,
             },
         ),
+        Task::Fuzz { seconds } => fuzz::run(&root, seconds),
         Task::BuildGuest => {
             guest::build(&root.join("target/guest")).map(|p| println!("{}", p.display()))
         }
