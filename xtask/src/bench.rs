@@ -452,6 +452,7 @@ fn save_speed(
     let stream_bytes = std::fs::metadata(&state)
         .with_context(|| format!("the recipe's state file {}", state.display()))?
         .len();
+    let reading = inspect_speed(migrate, &state, stream_bytes)?;
     std::fs::remove_file(&state).with_context(|| format!("removing {}", state.display()))?;
     vm.resume()?;
     rows.push((
@@ -570,6 +571,41 @@ fn save_speed(
         ));
     }
     let _ = peak;
+    out.push_str(&reading);
+    Ok(out)
+}
+
+/// Reading the recipe's state file back: `qemu-migrate inspect` beside
+/// QEMU's own analyze-migration.py when a copy is named by
+/// `ANALYZE_MIGRATION_PY` (the project does not ship it).
+fn inspect_speed(migrate: &Path, state: &Path, bytes: u64) -> anyhow::Result<String> {
+    // Once unmeasured, so the file is in the page cache for every reader.
+    timed_child(Command::new(migrate).args(["inspect"]).arg(state))?;
+    let mut out = format!(
+        "\n#### Reading that {:.0} MB state file from the page cache\n\n\
+         | reader | time | GB/s | peak RSS |\n|---|---|---|---|\n",
+        bytes as f64 / 1e6
+    );
+    let mut row = |name: &str, cmd: &mut Command| -> anyhow::Result<()> {
+        let (took, rss) = timed_child(cmd)?;
+        out.push_str(&format!(
+            "| {name} | {:.3} s | {:.2} | {:.1} MiB |\n",
+            took.as_secs_f64(),
+            bytes as f64 / 1e9 / took.as_secs_f64(),
+            rss as f64 / 1024.0
+        ));
+        Ok(())
+    };
+    row(
+        "`qemu-migrate inspect`",
+        Command::new(migrate).arg("inspect").arg(state),
+    )?;
+    if let Some(script) = std::env::var_os("ANALYZE_MIGRATION_PY") {
+        row(
+            "QEMU's `analyze-migration.py -f`",
+            Command::new("python3").arg(script).arg("-f").arg(state),
+        )?;
+    }
     Ok(out)
 }
 
