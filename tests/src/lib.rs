@@ -51,12 +51,26 @@ pub fn qemu_version(bin: &Path) -> String {
         .to_string()
 }
 
-/// A path to one of the workspace's binaries (built by `cargo test --workspace`).
+/// A path to one of the workspace's binaries. Cargo builds another
+/// package's binaries for its own tests only, so `cargo xtask test` builds
+/// them first (`cargo build --workspace --bins`).
 pub fn bin(name: &str) -> PathBuf {
-    let path = assert_cmd::cargo::cargo_bin(name);
+    // Test executables live in target/<profile>/deps; binaries one level up.
+    let exe = std::env::current_exe().expect("the test's own path");
+    let dir = exe
+        .parent()
+        .and_then(|d| {
+            if d.ends_with("deps") {
+                d.parent()
+            } else {
+                Some(d)
+            }
+        })
+        .expect("a target directory");
+    let path = dir.join(name);
     assert!(
         path.exists(),
-        "{} is not built: run the tests with `cargo test --workspace`",
+        "{} is not built: run `cargo build --workspace --bins` first (`cargo xtask test` does)",
         path.display()
     );
     path

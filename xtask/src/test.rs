@@ -39,6 +39,9 @@ pub fn run(root: &Path, install_deps: bool) -> anyhow::Result<()> {
         ],
         &[],
     )?;
+    // The tests run the binaries as a user does; cargo builds another
+    // package's binaries for its own tests only.
+    cargo(root, &["build", "--workspace", "--bins"], &[])?;
     cargo(
         root,
         &["test", "--workspace"],

@@ -180,7 +180,7 @@ pub fn live(
 ) -> Result<LiveReport> {
     let started = Instant::now();
     let _lock = lock_vm(vm.pid)?;
-    let was_running = check_source(vm)?;
+    let was_running = vm.check_migratable("migrate")?;
     let ram_bytes = vm.control.ram_size()?;
 
     // Prepare: the destination exists and listens before the source changes.
@@ -282,35 +282,6 @@ pub fn live(
         destination_state: dest_state,
         source_sockets,
     })
-}
-
-/// Refuses a source that cannot be migrated now; returns whether it runs.
-fn check_source(vm: &mut Vm) -> Result<bool> {
-    let state = vm.control.status()?;
-    match state.0.as_str() {
-        "postmigrate" => {
-            return Err(Error::NotReady(format!(
-                "the VM (QEMU pid {}) is paused after a previous migration (postmigrate): it \
-                 was already moved; `cont` it first only if no other copy runs",
-                vm.pid
-            )))
-        }
-        "inmigrate" | "finish-migrate" | "prelaunch" | "shutdown" | "internal-error" => {
-            return Err(Error::NotReady(format!(
-                "the VM (QEMU pid {}) cannot be migrated in its state {:?}",
-                vm.pid, state.0
-            )))
-        }
-        _ => {}
-    }
-    let before = vm.control.query_migrate()?;
-    if !before.status.is_final() && before.status != MigrationStatus::None {
-        return Err(Error::Busy(format!(
-            "a migration of this VM (QEMU pid {}) is already running ({:?})",
-            vm.pid, before.status
-        )));
-    }
-    Ok(state.is_running())
 }
 
 /// Starts the local destination, listening on a unix socket in a private directory.

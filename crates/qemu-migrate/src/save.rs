@@ -81,31 +81,7 @@ pub fn save(
     let started = Instant::now();
     let _lock = lock_vm(vm.pid)?;
 
-    let state = vm.control.status()?;
-    match state.0.as_str() {
-        "postmigrate" => {
-            return Err(Error::NotReady(format!(
-            "the VM (QEMU pid {}) is paused after a previous migration (postmigrate): its state \
-                 was already saved or moved; `cont` it first to save it again",
-            vm.pid
-        )))
-        }
-        "inmigrate" | "finish-migrate" | "prelaunch" | "shutdown" | "internal-error" => {
-            return Err(Error::NotReady(format!(
-                "the VM (QEMU pid {}) cannot be saved in its state {:?}",
-                vm.pid, state.0
-            )))
-        }
-        _ => {}
-    }
-    let before = vm.control.query_migrate()?;
-    if !before.status.is_final() && before.status != MigrationStatus::None {
-        return Err(Error::Busy(format!(
-            "a migration of this VM (QEMU pid {}) is already running ({:?})",
-            vm.pid, before.status
-        )));
-    }
-    let was_running = state.is_running();
+    let was_running = vm.check_migratable("save")?;
     let ram_bytes = vm.control.ram_size()?;
 
     let partial = partial_path(path);

@@ -175,6 +175,38 @@ impl Vm {
         self.pid
     }
 
+    /// Refuses a VM that cannot start a migration now (already migrated,
+    /// still loading, broken, or migrating); returns whether its guest runs.
+    /// `verb` says what was asked: `save`, `migrate`.
+    pub fn check_migratable(&mut self, verb: &str) -> Result<bool> {
+        let state = self.control.status()?;
+        match state.0.as_str() {
+            "postmigrate" => {
+                return Err(Error::NotReady(format!(
+                    "the VM (QEMU pid {}) is paused after a previous migration (postmigrate): its \
+                     state was already saved or moved; `cont` it first to {verb} it again, and \
+                     only if no other copy of it runs",
+                    self.pid
+                )))
+            }
+            "inmigrate" | "finish-migrate" | "prelaunch" | "shutdown" | "internal-error" => {
+                return Err(Error::NotReady(format!(
+                    "the VM (QEMU pid {}) cannot be {verb}d in its state {:?}",
+                    self.pid, state.0
+                )))
+            }
+            _ => {}
+        }
+        let before = self.control.query_migrate()?;
+        if !before.status.is_final() && before.status != crate::MigrationStatus::None {
+            return Err(Error::Busy(format!(
+                "a migration of this VM (QEMU pid {}) is already running ({:?})",
+                self.pid, before.status
+            )));
+        }
+        Ok(state.is_running())
+    }
+
     /// QEMU's stderr so far, when it was launched here.
     pub fn stderr(&self) -> String {
         self.child
