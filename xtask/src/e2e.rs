@@ -32,6 +32,8 @@ pub enum Transport {
     Unix,
     Tcp,
     File,
+    /// `qemu-migrate save` and `restore` (the library), not the recipe's line.
+    QemuMigrate,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,35 +172,55 @@ pub struct GuestFiles {
 
 /// A QEMU this harness started, with its serial console collected.
 struct Running {
-    child: Child,
+    process: Process,
     serial: Lines,
     started: Instant,
-    stderr_log: PathBuf,
+}
+
+/// A QEMU started by the harness itself, or by qemu-migrate's restore.
+enum Process {
+    Started { child: Child, stderr_log: PathBuf },
+    Restored(Box<qemu_migrate::Vm>),
 }
 
 impl Running {
-    fn stderr(&self) -> String {
-        fs::read_to_string(&self.stderr_log).unwrap_or_default()
-    }
-
     /// QEMU's own words, without the harmless module warnings.
     fn said(&self) -> String {
-        self.stderr()
+        let stderr = match &self.process {
+            Process::Started { stderr_log, .. } => {
+                fs::read_to_string(stderr_log).unwrap_or_default()
+            }
+            Process::Restored(vm) => vm.stderr(),
+        };
+        stderr
             .lines()
             .filter(|l| !l.contains("failed to open module") && !l.trim().is_empty())
             .collect::<Vec<_>>()
             .join(" / ")
     }
 
-    fn exited(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(Some(_)))
+    /// Waits for QEMU to exit (it has, or is about to: it refused the state).
+    fn wait(&mut self) {
+        match &mut self.process {
+            Process::Started { child, .. } => {
+                let _ = child.wait();
+            }
+            Process::Restored(vm) => {
+                if let Some(l) = vm.child.as_mut() {
+                    let _ = l.wait();
+                }
+            }
+        }
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // A restored VM's handle ends its QEMU itself.
+        if let Process::Started { child, .. } = &mut self.process {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -223,10 +245,9 @@ fn start_qemu(qemu: &Qemu, args: &[String], dir: &Path, role: &str) -> Result<Ru
         })?;
     let serial = Lines::collect_to(child.stdout.take().expect("piped"), serial_log);
     Ok(Running {
-        child,
+        process: Process::Started { child, stderr_log },
         serial,
         started: Instant::now(),
-        stderr_log,
     })
 }
 
@@ -495,6 +516,7 @@ fn run_in(kit: &Kit, sc: &Scenario, dir: &Path) -> Result<Report, Failure> {
     let (uri, mut live_dest) = match sc.transport {
         Transport::Exec => (format!("exec:cat > {}", state.display()), None),
         Transport::File => (format!("file:{}", state.display()), None),
+        Transport::QemuMigrate => (String::new(), None),
         Transport::Unix | Transport::Tcp => {
             let incoming = if sc.transport == Transport::Unix {
                 format!("unix:{}", dir.join("migration.sock").display())
@@ -511,78 +533,92 @@ fn run_in(kit: &Kit, sc: &Scenario, dir: &Path) -> Result<Report, Failure> {
         }
     };
 
-    // The recipe's line, through monitor-send in the recipe's own nc form.
-    let line = match sc.monitor {
-        MonitorKind::Hmp => format!("migrate \"{uri}\""),
-        MonitorKind::Qmp => {
-            serde_json::json!({"execute": "migrate", "arguments": {"uri": uri}}).to_string()
-        }
-    };
-    let dispatched = Instant::now();
-    let mut send = Command::new(&kit.monitor_send)
-        .args(["-w", "0", "-U"])
-        .arg(&sock)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| Failure {
+    let save = if sc.transport == Transport::QemuMigrate {
+        // The orchestrator, through the user's own monitor socket.
+        let started = Instant::now();
+        let mut vm = qemu_migrate::Vm::attach(sock.clone(), WAIT).map_err(monitor_err("save"))?;
+        let options = qemu_migrate::save::SaveOptions {
+            then: qemu_migrate::save::Then::Quit,
+            ..Default::default()
+        };
+        qemu_migrate::save::save(&mut vm, &state, &options, &qemu_migrate::progress::Quiet)
+            .map_err(monitor_err("save"))?;
+        started.elapsed()
+    } else {
+        // The recipe's line, through monitor-send in the recipe's own nc form.
+        let line = match sc.monitor {
+            MonitorKind::Hmp => format!("migrate \"{uri}\""),
+            MonitorKind::Qmp => {
+                serde_json::json!({"execute": "migrate", "arguments": {"uri": uri}}).to_string()
+            }
+        };
+        let dispatched = Instant::now();
+        let mut send = Command::new(&kit.monitor_send)
+            .args(["-w", "0", "-U"])
+            .arg(&sock)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| Failure {
+                check: "setup",
+                detail: format!("running {}: {e}", kit.monitor_send.display()),
+                kept: None,
+            })?;
+        // `echo -e "...\n"` sends the line and an empty one.
+        let _ = send
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(format!("{line}\n\n").as_bytes());
+        let out = send.wait_with_output().map_err(|e| Failure {
             check: "setup",
-            detail: format!("running {}: {e}", kit.monitor_send.display()),
+            detail: e.to_string(),
             kept: None,
         })?;
-    // `echo -e "...\n"` sends the line and an empty one.
-    let _ = send
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(format!("{line}\n\n").as_bytes());
-    let out = send.wait_with_output().map_err(|e| Failure {
-        check: "setup",
-        detail: e.to_string(),
-        kept: None,
-    })?;
-    if !out.status.success() {
-        return fail(
-            "save",
-            format!(
-                "monitor-send: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        );
-    }
+        if !out.status.success() {
+            return fail(
+                "save",
+                format!(
+                    "monitor-send: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            );
+        }
 
-    // Done when QEMU says so: its MIGRATION event.
-    let info = loop {
-        let info = watch.query_migrate().map_err(monitor_err("save"))?;
-        if info.status.is_final() {
-            break info;
-        }
-        match watch.next_event(WAIT) {
-            Ok(Some(_)) => {}
-            Ok(None) => {
-                return fail(
-                    "save",
-                    format!(
-                        "the migration did not end within {WAIT:?}: {:?}",
-                        info.status
-                    ),
-                )
+        // Done when QEMU says so: its MIGRATION event.
+        let info = loop {
+            let info = watch.query_migrate().map_err(monitor_err("save"))?;
+            if info.status.is_final() {
+                break info;
             }
-            Err(e) => return fail("save", e.to_string()),
+            match watch.next_event(WAIT) {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    return fail(
+                        "save",
+                        format!(
+                            "the migration did not end within {WAIT:?}: {:?}",
+                            info.status
+                        ),
+                    )
+                }
+                Err(e) => return fail("save", e.to_string()),
+            }
+        };
+        let took = dispatched.elapsed();
+        if info.status != qemu_migrate::MigrationStatus::Completed {
+            return fail(
+                "save",
+                format!(
+                    "QEMU reports {:?}: {}",
+                    info.status,
+                    info.error.unwrap_or_default()
+                ),
+            );
         }
+        took
     };
-    let save = dispatched.elapsed();
-    if info.status != qemu_migrate::MigrationStatus::Completed {
-        return fail(
-            "save",
-            format!(
-                "QEMU reports {:?}: {}",
-                info.status,
-                info.error.unwrap_or_default()
-            ),
-        );
-    }
     checks.push("save completed");
     let state_bytes = fs::metadata(&state).ok().map(|m| m.len());
     let last_tick_before = src
@@ -615,8 +651,36 @@ fn run_in(kit: &Kit, sc: &Scenario, dir: &Path) -> Result<Report, Failure> {
 
     // The destination.
     let restore_started = Instant::now();
+    let dest_harness = if sc.transport == Transport::QemuMigrate {
+        // The restore starts QEMU with the source's very options.
+        harness_src.clone()
+    } else {
+        harness_dest.clone()
+    };
     let mut dest = match live_dest.take() {
         Some(d) => d,
+        None if sc.transport == Transport::QemuMigrate && sc.sabotage != Some(Sabotage::Reboot) => {
+            let mut options = qemu_migrate::restore::RestoreOptions {
+                console: qemu_migrate::vm::Console::Pipe,
+                ..Default::default()
+            };
+            if sc.sabotage == Some(Sabotage::WrongMemory) {
+                options.args = Some(vm_args(ram_mib * 2, &sock, &harness_src));
+            }
+            let restored =
+                qemu_migrate::restore::restore(&state, &options, &qemu_migrate::progress::Quiet)
+                    .map_err(monitor_err("restore"))?;
+            let mut vm = restored.vm;
+            let Some(stdout) = vm.child.as_mut().and_then(|l| l.child.stdout.take()) else {
+                return fail("restore", "the restored QEMU's console is not a pipe");
+            };
+            let log = fs::File::create(dir.join("destination-serial.log")).ok();
+            Running {
+                process: Process::Restored(Box::new(vm)),
+                serial: Lines::collect_to(stdout, log),
+                started: restore_started,
+            }
+        }
         None => {
             let ram = if sc.sabotage == Some(Sabotage::WrongMemory) {
                 ram_mib * 2
@@ -634,7 +698,10 @@ fn run_in(kit: &Kit, sc: &Scenario, dir: &Path) -> Result<Report, Failure> {
             start_qemu(&sc.qemu, &args, dir, "destination")?
         }
     };
-    let restore_from = if sc.transport == Transport::Unix || sc.transport == Transport::Tcp {
+    let restore_from = if matches!(
+        sc.transport,
+        Transport::Unix | Transport::Tcp | Transport::QemuMigrate
+    ) {
         restore_started
     } else {
         dest.started
@@ -642,7 +709,7 @@ fn run_in(kit: &Kit, sc: &Scenario, dir: &Path) -> Result<Report, Failure> {
     let first_after = match dest.serial.try_wait_for(0, WAIT, |l| tick(l).is_some()) {
         Ok(i) => i,
         Err(got) => {
-            let _ = dest.child.wait();
+            dest.wait();
             let said = dest.said();
             return fail(
                 "restore",
@@ -705,15 +772,13 @@ fn run_in(kit: &Kit, sc: &Scenario, dir: &Path) -> Result<Report, Failure> {
         return fail("RAM sweep", format!("the guest found its RAM changed: {m}"));
     }
     if sc.guest == GuestKind::Test {
-        check_ram(&harness_dest, &banner_line, dir)?;
+        check_ram(&dest_harness, &banner_line, dir)?;
         checks.push("RAM sweep");
     }
-    if let Ok(mut c) = control(&harness_dest, WAIT) {
+    if let Ok(mut c) = control(&dest_harness, WAIT) {
         let _ = c.quit();
     }
-    if dest.exited() {
-        let _ = dest.child.wait();
-    }
+    drop(dest);
     Ok(Report {
         name: sc.name(),
         accel: sc.accel,
@@ -832,8 +897,10 @@ pub fn all_scenarios(qemu: &Qemu, accel: Accel, with_linux: bool) -> Vec<Scenari
     if has_file {
         add(Transport::File, MonitorKind::Hmp, GuestKind::Test);
     }
+    add(Transport::QemuMigrate, MonitorKind::Hmp, GuestKind::Test);
     if with_linux {
         add(Transport::Exec, MonitorKind::Hmp, GuestKind::Linux);
+        add(Transport::QemuMigrate, MonitorKind::Hmp, GuestKind::Linux);
     }
     list
 }

@@ -27,6 +27,8 @@ enum TransportArg {
     Unix,
     Tcp,
     File,
+    /// `qemu-migrate save` and `restore` instead of the recipe's line.
+    QemuMigrate,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -164,6 +166,7 @@ fn main() -> ExitCode {
                     TransportArg::Unix => e2e::Transport::Unix,
                     TransportArg::Tcp => e2e::Transport::Tcp,
                     TransportArg::File => e2e::Transport::File,
+                    TransportArg::QemuMigrate => e2e::Transport::QemuMigrate,
                 },
                 monitor: match monitor {
                     MonitorArg::Hmp => e2e::MonitorKind::Hmp,

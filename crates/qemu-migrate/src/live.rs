@@ -50,7 +50,7 @@ use crate::error::{Error, Result};
 use crate::manifest::Manifest;
 use crate::progress::Progress;
 use crate::save::{lock_vm, UNCAPPED};
-use crate::vm::{LaunchOptions, Vm};
+use crate::vm::{Console, LaunchOptions, Vm};
 
 /// How often progress is reported (and an HMP-only source is polled).
 const PROGRESS_TICK: Duration = Duration::from_millis(100);
@@ -299,7 +299,7 @@ fn start_local(vm: &Vm) -> Result<(Vm, tempfile::TempDir, String)> {
         &vm.binary,
         &args,
         &LaunchOptions {
-            foreground: false,
+            console: Console::Null,
             show_stderr: false,
             env: vm.env.clone(),
         },
@@ -804,8 +804,8 @@ pub enum VmSpec {
 pub struct ReceiveOptions {
     /// The QEMU binary; by default the manifest's, else `qemu-system-x86_64`.
     pub qemu: Option<PathBuf>,
-    /// Give QEMU this terminal (its `-serial stdio`).
-    pub foreground: bool,
+    /// Where the VM's console (its `-serial stdio`) goes.
+    pub console: Console,
     pub cancel: Arc<AtomicBool>,
 }
 
@@ -879,8 +879,8 @@ impl Receiver {
             &binary,
             &launch_args,
             &LaunchOptions {
-                foreground: options.foreground,
-                show_stderr: options.foreground,
+                console: options.console,
+                show_stderr: options.console.is_terminal(),
                 env,
             },
         )?;

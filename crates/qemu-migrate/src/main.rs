@@ -14,6 +14,7 @@ use qemu_migrate::live::{self, AfterLive, Destination, LiveOptions, ReceiveOptio
 use qemu_migrate::progress::{Progress, Quiet};
 use qemu_migrate::restore::{self, RestoreOptions};
 use qemu_migrate::save::{self, SaveOptions, Then};
+use qemu_migrate::vm::Console;
 use qemu_migrate::{Error, Manifest, Vm};
 
 const AFTER_HELP: &str = "\
@@ -281,7 +282,11 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
                 qemu: qemu.clone(),
                 paused: *paused,
                 args: (!qemu_args.is_empty()).then(|| qemu_args.clone()),
-                foreground: !*daemonize,
+                console: if *daemonize {
+                    Console::Null
+                } else {
+                    Console::Terminal
+                },
                 cancel,
             };
             let shown = Shown::new(cli);
@@ -391,7 +396,11 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
             };
             let options = ReceiveOptions {
                 qemu: qemu.clone(),
-                foreground: !*daemonize,
+                console: if *daemonize {
+                    Console::Null
+                } else {
+                    Console::Terminal
+                },
                 cancel,
             };
             let receiver = live::Receiver::start(listen, &spec, &options)?;

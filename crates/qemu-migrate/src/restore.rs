@@ -16,7 +16,7 @@ use crate::manifest::Manifest;
 use crate::preflight;
 use crate::progress::Progress;
 use crate::save::{partial_path, pipe};
-use crate::vm::{LaunchOptions, Vm};
+use crate::vm::{Console, LaunchOptions, Vm};
 
 const PROGRESS_TICK: Duration = Duration::from_millis(100);
 const FD_NAME: &str = "qemu-migrate-restore";
@@ -30,8 +30,8 @@ pub struct RestoreOptions {
     /// QEMU options to use instead of the manifest's; required for a bare
     /// state file (one from the shell recipe, with no manifest).
     pub args: Option<Vec<String>>,
-    /// Give QEMU this terminal (its `-serial stdio`).
-    pub foreground: bool,
+    /// Where the VM's console (its `-serial stdio`) goes.
+    pub console: Console,
     pub cancel: Arc<AtomicBool>,
 }
 
@@ -171,8 +171,8 @@ pub fn restore(path: &Path, options: &RestoreOptions, progress: &dyn Progress) -
         &binary,
         &launch_args,
         &LaunchOptions {
-            foreground: options.foreground,
-            show_stderr: options.foreground,
+            console: options.console,
+            show_stderr: options.console.is_terminal(),
             env,
         },
     )?;

@@ -69,11 +69,29 @@ impl Drop for Launched {
     }
 }
 
+/// Where a launched QEMU's stdin and stdout go: what a guest with
+/// `-serial stdio` reads and prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Console {
+    /// This process's own (a restore in the foreground).
+    Terminal,
+    /// Nowhere (in the background).
+    #[default]
+    Null,
+    /// A pipe the caller reads from the launched child's stdout.
+    Pipe,
+}
+
+impl Console {
+    pub fn is_terminal(self) -> bool {
+        self == Console::Terminal
+    }
+}
+
 /// How to start a QEMU.
 #[derive(Debug, Clone, Default)]
 pub struct LaunchOptions {
-    /// Give QEMU this process's terminal (for `-serial stdio`); else /dev/null.
-    pub foreground: bool,
+    pub console: Console,
     /// Pass QEMU's stderr through to ours as well as keeping it.
     pub show_stderr: bool,
     pub env: BTreeMap<String, String>,
@@ -118,8 +136,14 @@ impl Vm {
             .arg(format!("unix:{},server,nowait", qmp.display()))
             .envs(&options.env)
             .stderr(Stdio::piped());
-        if !options.foreground {
-            cmd.stdin(Stdio::null()).stdout(Stdio::null());
+        match options.console {
+            Console::Terminal => {}
+            Console::Null => {
+                cmd.stdin(Stdio::null()).stdout(Stdio::null());
+            }
+            Console::Pipe => {
+                cmd.stdin(Stdio::null()).stdout(Stdio::piped());
+            }
         }
         let mut child = cmd.spawn().map_err(|source| Error::Launch {
             binary: binary.to_path_buf(),
