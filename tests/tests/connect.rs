@@ -1,0 +1,91 @@
+//! Reaching a monitor: waiting for a socket that is not there yet, and
+//! Linux abstract sockets.
+
+use std::process::{Command, Stdio};
+
+use recipe_tests::{bin, qemus, Vm};
+
+#[test]
+fn wait_socket_connects_once_qemu_is_up() {
+    for qemu in qemus() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("late-sock");
+        // Started first: the socket does not exist yet.
+        let send = Command::new(bin("monitor-send"))
+            .args(["--wait-socket", "30s"])
+            .arg(&sock)
+            .arg("info status")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let monitor = format!("unix:{},server,nowait", sock.display());
+        let _vm = Vm::start(&qemu, &["-M", "none", "-monitor", &monitor]);
+        let out = send.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "VM status: running\n");
+
+        // socat's retry options mean the same.
+        let out = Command::new(bin("monitor-send"))
+            .args([
+                "-",
+                &format!("unix-connect:{},retry=3,interval=0.1", sock.display()),
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        // Nothing to send: refused, but only after the socket was reached.
+        assert_eq!(
+            out.status.code(),
+            Some(4),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn abstract_sockets_are_named_with_an_at_sign() {
+    for qemu in qemus() {
+        let name = format!("qemu-monitor-test-{}", std::process::id());
+        let chardev = format!("socket,id=mon0,path={name},abstract=on,server=on,wait=off");
+        let _vm = Vm::start(
+            &qemu,
+            &[
+                "-M",
+                "none",
+                "-chardev",
+                &chardev,
+                "-mon",
+                "chardev=mon0,mode=readline",
+            ],
+        );
+        let at = format!("@{name}");
+        let out = Command::new(bin("monitor-send"))
+            .arg(&at)
+            .arg("info status")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "VM status: running\n");
+        let out = Command::new(bin("monitor-send"))
+            .args(["-", &format!("ABSTRACT-CONNECT:{name}")])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(4),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
