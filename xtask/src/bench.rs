@@ -263,6 +263,40 @@ struct FilledVm {
     _serial: test_guest::Lines,
 }
 
+/// The options of the filled guest, its sockets in `dir`.
+fn filled_args(dir: &Path, guest: &Path, ram_mib: u32, fill_mib: u32) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "-accel",
+        "tcg",
+        "-m",
+        &ram_mib.to_string(),
+        "-nodefaults",
+        "-display",
+        "none",
+    ]
+    .map(String::from)
+    .to_vec();
+    let sock = |name: &str| dir.join(name).display().to_string();
+    a.extend([
+        "-chardev".into(),
+        format!(
+            "socket,id=ser0,path={},server=on,wait=off",
+            sock("serial.sock")
+        ),
+        "-serial".into(),
+        "chardev:ser0".into(),
+        "-kernel".into(),
+        guest.display().to_string(),
+        "-append".into(),
+        format!("fill={fill_mib}"),
+        "-monitor".into(),
+        format!("unix:{},server,nowait", sock("hmp.sock")),
+        "-qmp".into(),
+        format!("unix:{},server,nowait", sock("qmp.sock")),
+    ]);
+    a
+}
+
 impl FilledVm {
     /// Starts the guest paused, connects to its serial socket, lets it run
     /// and waits for its first tick: the fill is done by then.
@@ -272,27 +306,8 @@ impl FilledVm {
         let qmp = dir.path().join("qmp.sock");
         let serial = dir.path().join("serial.sock");
         let child = Command::new(&q.binary)
-            .args([
-                "-accel",
-                "tcg",
-                "-m",
-                &ram_mib.to_string(),
-                "-nodefaults",
-                "-display",
-                "none",
-                "-S",
-            ])
-            .arg("-chardev")
-            .arg(format!(
-                "socket,id=ser0,path={},server=on,wait=off",
-                serial.display()
-            ))
-            .args(["-serial", "chardev:ser0", "-kernel"])
-            .arg(guest)
-            .args(["-append", &format!("fill={fill_mib}"), "-monitor"])
-            .arg(format!("unix:{},server,nowait", hmp.display()))
-            .arg("-qmp")
-            .arg(format!("unix:{},server,nowait", qmp.display()))
+            .args(filled_args(dir.path(), guest, ram_mib, fill_mib))
+            .arg("-S")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -642,6 +657,74 @@ fn live_speed(q: &Qemu, migrate: &Path, guest: &Path, args: &Args) -> anyhow::Re
     }
     out.push_str(&format!(
         "| local (unix socket), `qemu-migrate live --to local` | {:.2} s | {} ms | {:.0} MB |\n",
+        result["seconds"].as_f64().unwrap_or(0.0),
+        result["downtime_ms"],
+        result["bytes"].as_f64().unwrap_or(0.0) / 1e6
+    ));
+    drop(vm);
+
+    // Over TCP on 127.0.0.1: a receiver with the same options (its own sockets).
+    let vm = FilledVm::start(q, guest, args.ram_mib, args.fill_mib)?;
+    let dest_dir = tempfile::tempdir()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let listen = format!("tcp:127.0.0.1:{port}");
+    let mut receiver = Command::new(migrate)
+        .args([
+            "receive",
+            "--json",
+            "--daemonize",
+            "--listen",
+            &listen,
+            "--qemu",
+        ])
+        .arg(&q.binary)
+        .arg("--")
+        .args(filled_args(
+            dest_dir.path(),
+            guest,
+            args.ram_mib,
+            args.fill_mib,
+        ))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let said = test_guest::Lines::collect(receiver.stdout.take().expect("piped"));
+    said.try_wait_for(0, Duration::from_secs(60), |l| l.contains("\"listening\""))
+        .map_err(|got| anyhow::anyhow!("the receiver did not listen: {got:?}"))?;
+    let output = Command::new(migrate)
+        .args(["live", "--json", "--to", &listen, "--monitor"])
+        .arg(&vm.hmp)
+        .stderr(Stdio::piped())
+        .output()?;
+    let received = receiver.wait_with_output()?;
+    if !output.status.success() {
+        bail!(
+            "qemu-migrate live over TCP: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    let result: serde_json::Value = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v.get("migrated").is_some())
+        .ok_or_else(|| anyhow::anyhow!("qemu-migrate live printed no result"))?;
+    let dest_pid = said
+        .snapshot()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|v| v.get("received").and(v["pid"].as_i64()));
+    let Some(pid) = dest_pid else {
+        bail!(
+            "the receiver reported nothing: {}",
+            String::from_utf8_lossy(&received.stderr).trim()
+        );
+    };
+    // SAFETY: a signal to the destination QEMU the receiver started.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    out.push_str(&format!(
+        "| TCP on 127.0.0.1, `qemu-migrate receive` + `live --to tcp:` | {:.2} s | {} ms | {:.0} MB |\n",
         result["seconds"].as_f64().unwrap_or(0.0),
         result["downtime_ms"],
         result["bytes"].as_f64().unwrap_or(0.0) / 1e6
