@@ -2,6 +2,10 @@
 //! one. It speaks its own argument form and, as a drop-in, those of OpenBSD
 //! nc (`-U PATH`) and socat (`- UNIX-CONNECT:PATH`); see `--help`.
 
+// Started thousands of times from shell recipes, it skips the Rust runtime's
+// start-up (stack-guard probing reads /proc/self/maps): a C `main` calls ours.
+#![cfg_attr(not(test), no_main)]
+
 mod duration;
 mod job;
 mod native;
@@ -9,7 +13,6 @@ mod nc;
 mod socat;
 
 use std::path::Path;
-use std::process::ExitCode;
 
 use job::{exit, PROG};
 
@@ -48,7 +51,21 @@ fn form(argv0: &str, args: &[String]) -> Form {
     Form::Native
 }
 
-fn main() -> ExitCode {
+#[cfg(not(test))]
+#[no_mangle]
+extern "C" fn main(
+    _argc: std::ffi::c_int,
+    _argv: *const *const std::ffi::c_char,
+) -> std::ffi::c_int {
+    let code = run();
+    // Without the runtime's exit path, nothing flushes stdout for us.
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    i32::from(code)
+}
+
+// In a test build the harness has the `main`, and nothing calls this.
+#[cfg_attr(test, allow(dead_code))]
+fn run() -> u8 {
     let mut argv = std::env::args();
     let argv0 = argv.next().unwrap_or_else(|| PROG.to_string());
     let args: Vec<String> = argv.collect();
@@ -57,11 +74,11 @@ fn main() -> ExitCode {
             Ok(job) => job,
             Err(e) => {
                 let _ = e.print();
-                return ExitCode::from(if e.use_stderr() {
+                return if e.use_stderr() {
                     exit::UNREACHABLE
                 } else {
                     exit::OK
-                });
+                };
             }
         },
         Form::Nc => match nc::parse(&args) {
@@ -73,12 +90,13 @@ fn main() -> ExitCode {
             Err(message) => return usage(&message),
         },
     };
-    ExitCode::from(job::run(&job))
+    job::run(&job)
 }
 
-fn usage(message: &str) -> ExitCode {
+#[cfg_attr(test, allow(dead_code))]
+fn usage(message: &str) -> u8 {
     eprintln!("{PROG}: {message}");
-    ExitCode::from(exit::UNREACHABLE)
+    exit::UNREACHABLE
 }
 
 #[cfg(test)]
