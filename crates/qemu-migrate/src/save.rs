@@ -184,10 +184,11 @@ fn run_migration(
 
     let written = Arc::new(AtomicU64::new(0));
     let (tx, rx) = mpsc::channel();
+    let sync = !options.no_sync;
     {
         let written = Arc::clone(&written);
         std::thread::spawn(move || {
-            let _ = tx.send(copy(read_end, file, &written));
+            let _ = tx.send(copy(read_end, file, &written, sync));
         });
     }
     let mut cancelled = false;
@@ -252,7 +253,10 @@ fn wait_final(vm: &mut Vm) -> Result<MigrationInfo> {
     }
 }
 
-fn copy(read_end: OwnedFd, mut file: File, written: &AtomicU64) -> Copied {
+/// How much is written between nudges to the kernel to start writing it out.
+const WRITEBACK_STEP: u64 = 32 << 20;
+
+fn copy(read_end: OwnedFd, mut file: File, written: &AtomicU64, sync: bool) -> Copied {
     let mut pipe = File::from(read_end);
     let mut buf = vec![0u8; CHUNK];
     let mut hasher = crc32fast::Hasher::new();
@@ -272,8 +276,15 @@ fn copy(read_end: OwnedFd, mut file: File, written: &AtomicU64) -> Copied {
         if head.len() < 64 * 1024 {
             head.extend_from_slice(&buf[..n.min(64 * 1024 - head.len())]);
         }
+        let before = bytes;
         bytes += n as u64;
         written.store(bytes, Ordering::Relaxed);
+        if sync && before / WRITEBACK_STEP != bytes / WRITEBACK_STEP {
+            // Start writing the finished step to disk now, while QEMU still
+            // streams, so the final fsync has little left to wait for.
+            let end = bytes / WRITEBACK_STEP * WRITEBACK_STEP;
+            start_writeback(&file, end - WRITEBACK_STEP, WRITEBACK_STEP);
+        }
     };
     // Closing the read end makes QEMU's next write fail, so a failed copy
     // fails the migration rather than blocking it.
@@ -284,6 +295,20 @@ fn copy(read_end: OwnedFd, mut file: File, written: &AtomicU64) -> Copied {
         head,
         error,
         file,
+    }
+}
+
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: an advisory call on an open descriptor; failure only means the
+    // final fsync does all the work, as it would without this.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
     }
 }
 
