@@ -553,3 +553,22 @@ fn a_save_puts_qemus_own_settings_back_and_resumes_when_asked() {
         serial.wait_for(n, WAIT, "a tick after the save", |l| tick(l).is_some());
     }
 }
+
+#[test]
+fn a_qemu_older_than_the_saving_one_is_refused_before_it_starts() {
+    for qemu in qemus() {
+        let dir = tempfile::tempdir().unwrap();
+        let (statefile, _) = saved(&qemu, dir.path());
+        // As if a newer QEMU had saved it.
+        let manifest = dir.path().join("state.manifest.json");
+        let mut m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+        m["qemu_version"] = "99.0.0".into();
+        std::fs::write(&manifest, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+        let err = restore_err(&[statefile.as_os_str()]);
+        assert!(
+            err.contains("is older than QEMU 99.0.0 that saved it"),
+            "{err}"
+        );
+    }
+}
