@@ -153,6 +153,18 @@ impl Control {
         Ok(())
     }
 
+    /// Resumes a guest whose migration just completed. QEMU reports
+    /// completion a moment before the source leaves `finish-migrate`, and
+    /// refuses `cont` until then; no event marks that moment, so the state
+    /// is asked again, briefly, until it has.
+    pub fn cont_after_migration(&mut self) -> Result<()> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.status()?.0 == "finish-migrate" && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        self.cont()
+    }
+
     /// Ends QEMU. It answers by closing the monitor, which is success here.
     pub fn quit(&mut self) -> Result<()> {
         match self {

@@ -444,29 +444,16 @@ fn capability(control: &mut Control, name: &str) -> Option<bool> {
 }
 
 fn restore_settings(control: &mut Control, bandwidth: u64, auto_converge: Option<bool>) {
-    let _ = set_bandwidth(control, bandwidth);
+    let _ = control.set_max_bandwidth(bandwidth);
     if let Some(on) = auto_converge {
         let _ = control.set_capability("auto-converge", on);
-    }
-}
-
-/// HMP reads a bare `max-bandwidth` number as MiB/s (QMP takes bytes); the
-/// `B` suffix makes it bytes on HMP too.
-fn set_bandwidth(control: &mut Control, bytes_per_second: u64) -> Result<()> {
-    match control {
-        Control::Qmp(_) => control.set_max_bandwidth(bytes_per_second),
-        Control::Hmp(_) => control
-            .hmp(&format!(
-                "migrate_set_parameter max-bandwidth {bytes_per_second}B"
-            ))
-            .map(drop),
     }
 }
 
 /// Puts a source that was running back to running, whatever paused it.
 fn resume(control: &mut Control) {
     if control.status().is_ok_and(|s| !s.is_running()) {
-        let _ = control.cont();
+        let _ = control.cont_after_migration();
     }
 }
 
@@ -486,7 +473,7 @@ fn perform(
     let src = &mut vm.control;
     src.set_capability("events", true)?;
     src.set_capability("auto-converge", options.auto_converge)?;
-    set_bandwidth(src, options.bandwidth.unwrap_or(UNCAPPED))?;
+    src.set_max_bandwidth(options.bandwidth.unwrap_or(UNCAPPED))?;
     if let Some(limit) = options.downtime_limit {
         src.set_parameter("downtime-limit", limit.as_millis() as u64)?;
     }

@@ -146,14 +146,14 @@ pub fn save(
         let _ = std::fs::remove_file(&partial);
         let _ = std::fs::remove_file(manifest::path_for(path));
         if was_running && !options.live {
-            let _ = vm.control.cont();
+            let _ = vm.control.cont_after_migration();
         }
         return Err(e);
     }
 
     match options.then {
         Then::Stop => {}
-        Then::Resume => vm.control.cont()?,
+        Then::Resume => vm.control.cont_after_migration()?,
         Then::Quit => vm.control.quit()?,
     }
     Ok(SaveReport {
