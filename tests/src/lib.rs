@@ -261,6 +261,30 @@ impl Vm {
 
 pub use test_guest::{tick, Lines};
 
+/// The user's recipe options (TCG instead of KVM) booting the test guest
+/// with a payload written into `dir`, as the recipe boots IncludeOS.
+pub fn recipe_options(dir: &Path) -> Vec<String> {
+    let payload = dir.join("hello.bin");
+    std::fs::write(&payload, b"hello from the payload\n").expect("payload");
+    [
+        "-accel",
+        "tcg",
+        "-m",
+        "32",
+        "-nodefaults",
+        "-serial",
+        "stdio",
+        "-kernel",
+        &guest().display().to_string(),
+        "-append",
+        "-initrd hello.bin",
+        "-initrd",
+        &payload.display().to_string(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// The test guest, built once per test run.
 pub fn guest() -> PathBuf {
     static GUEST: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use recipe_tests::{bin, guest, qemus, tick, Lines, Vm};
+use recipe_tests::{bin, qemus, recipe_options, tick, Lines, Vm};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -27,29 +27,8 @@ fn ramblocks(vm: &mut Vm) -> Vec<(String, u64)> {
 fn a_bare_recipe_file_is_described_checked_and_restored() {
     for qemu in qemus() {
         let dir = tempfile::tempdir().unwrap();
-        let payload = dir.path().join("hello.bin");
-        std::fs::write(&payload, b"payload\n").unwrap();
-        let guest = guest().display().to_string();
-        let payload = payload.display().to_string();
-        let options: Vec<String> = [
-            "-accel",
-            "tcg",
-            "-m",
-            "32",
-            "-nodefaults",
-            "-serial",
-            "stdio",
-            "-kernel",
-            &guest,
-            "-append",
-            "-initrd hello.bin",
-            "-initrd",
-            &payload,
-            "-device",
-            "virtio-rng-pci",
-        ]
-        .map(String::from)
-        .to_vec();
+        let mut options = recipe_options(dir.path());
+        options.extend(["-device".to_string(), "virtio-rng-pci".to_string()]);
         let opts: Vec<&str> = options.iter().map(String::as_str).collect();
         let (mut vm, serial) = Vm::start_with_serial(&qemu, &opts);
         serial.wait_for(0, WAIT, "tick 2", |l| tick(l) == Some(2));

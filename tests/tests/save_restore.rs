@@ -7,38 +7,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use recipe_tests::{bin, guest, qemus, tick, Lines, Vm};
+use recipe_tests::{bin, guest, qemus, recipe_options, tick, Lines, Vm};
 
 const WAIT: Duration = Duration::from_secs(60);
 
 fn migrate() -> Command {
     Command::new(bin("qemu-migrate"))
-}
-
-/// The user's recipe options (TCG instead of KVM) with the test guest.
-fn recipe_options(dir: &Path) -> Vec<String> {
-    let payload = dir.join("hello.bin");
-    std::fs::write(&payload, b"hello from the payload\n").unwrap();
-    let payload = payload.display().to_string();
-    let guest = guest().display().to_string();
-    [
-        "-accel",
-        "tcg",
-        "-m",
-        "32",
-        "-nodefaults",
-        "-serial",
-        "stdio",
-        "-kernel",
-        &guest,
-        "-append",
-        "-initrd hello.bin",
-        "-initrd",
-        &payload,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
 }
 
 fn as_strs(v: &[String]) -> Vec<&str> {
