@@ -627,6 +627,26 @@ fn inspect_speed(migrate: &Path, state: &Path, bytes: u64) -> anyhow::Result<Str
 /// A bandwidth cap no link reaches: what "uncapped" means to QEMU.
 pub const UNCAPPED: u64 = 1 << 40;
 
+/// `qemu-migrate live --json --to DEST`; returns its result line.
+fn run_live(migrate: &Path, monitor: &Path, to: &str) -> anyhow::Result<serde_json::Value> {
+    let output = Command::new(migrate)
+        .args(["live", "--json", "--to", to, "--monitor"])
+        .arg(monitor)
+        .stderr(Stdio::piped())
+        .output()?;
+    if !output.status.success() {
+        bail!(
+            "qemu-migrate live --to {to}: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v.get("migrated").is_some())
+        .ok_or_else(|| anyhow::anyhow!("qemu-migrate live printed no result"))
+}
+
 /// Live migration of a running guest to a new QEMU on this host.
 fn live_speed(q: &Qemu, migrate: &Path, guest: &Path, args: &Args) -> anyhow::Result<String> {
     let mut out = format!(
@@ -635,22 +655,7 @@ fn live_speed(q: &Qemu, migrate: &Path, guest: &Path, args: &Args) -> anyhow::Re
         args.ram_mib, args.fill_mib, q.version
     );
     let vm = FilledVm::start(q, guest, args.ram_mib, args.fill_mib)?;
-    let output = Command::new(migrate)
-        .args(["live", "--json", "--to", "local", "--monitor"])
-        .arg(&vm.hmp)
-        .stderr(Stdio::piped())
-        .output()?;
-    if !output.status.success() {
-        bail!(
-            "qemu-migrate live: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    let result: serde_json::Value = String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v.get("migrated").is_some())
-        .ok_or_else(|| anyhow::anyhow!("qemu-migrate live printed no result"))?;
+    let result = run_live(migrate, &vm.hmp, "local")?;
     if let Some(pid) = result["pid"].as_i64() {
         // SAFETY: a signal to the destination QEMU the migration started.
         unsafe { libc::kill(pid as i32, libc::SIGTERM) };
@@ -693,23 +698,9 @@ fn live_speed(q: &Qemu, migrate: &Path, guest: &Path, args: &Args) -> anyhow::Re
     let said = test_guest::Lines::collect(receiver.stdout.take().expect("piped"));
     said.try_wait_for(0, Duration::from_secs(60), |l| l.contains("\"listening\""))
         .map_err(|got| anyhow::anyhow!("the receiver did not listen: {got:?}"))?;
-    let output = Command::new(migrate)
-        .args(["live", "--json", "--to", &listen, "--monitor"])
-        .arg(&vm.hmp)
-        .stderr(Stdio::piped())
-        .output()?;
+    let result = run_live(migrate, &vm.hmp, &listen);
     let received = receiver.wait_with_output()?;
-    if !output.status.success() {
-        bail!(
-            "qemu-migrate live over TCP: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    let result: serde_json::Value = String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v.get("migrated").is_some())
-        .ok_or_else(|| anyhow::anyhow!("qemu-migrate live printed no result"))?;
+    let result = result?;
     let dest_pid = said
         .snapshot()
         .iter()
