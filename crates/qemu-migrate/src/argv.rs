@@ -1,6 +1,8 @@
 //! A QEMU command line: what identifies the VM, and what only wires it to
 //! this particular run (monitors, -incoming, -daemonize, -pidfile).
 
+use std::path::PathBuf;
+
 /// Options that take a value and only wire this run; left out of the VM's identity.
 const RUN_OPTIONS_WITH_VALUE: &[&str] = &[
     "-monitor",
@@ -47,9 +49,11 @@ pub fn vm_options(args: &[String]) -> Vec<String> {
     out
 }
 
-/// The options to start a restoring QEMU with: the original run's options
-/// (its monitors too, so the user's recipes keep working) without
-/// -incoming, -daemonize, -pidfile and -S, which the restore sets itself.
+/// The options to start a QEMU that takes over a VM with: the original
+/// run's options (its monitors too, so the user's recipes keep working)
+/// without -incoming, -daemonize, -pidfile and -S, which the taker sets
+/// itself, and without listening sockets in directories that are gone (a VM
+/// restored by qemu-migrate carries the private QMP socket of that run).
 pub fn restart_options(args: &[String]) -> Vec<String> {
     let mut out = Vec::with_capacity(args.len());
     let mut i = 0;
@@ -62,6 +66,15 @@ pub fn restart_options(args: &[String]) -> Vec<String> {
         if matches!(a, "-daemonize" | "-S") {
             i += 1;
             continue;
+        }
+        if let Some(path) = args.get(i + 1).and_then(|v| unix_server_path(&args[i], v)) {
+            if path
+                .parent()
+                .is_some_and(|d| !d.as_os_str().is_empty() && !d.is_dir())
+            {
+                i += 2;
+                continue;
+            }
         }
         out.push(args[i].clone());
         i += 1;
@@ -109,6 +122,33 @@ pub fn uses_stdio(args: &[String]) -> bool {
     }) || args.iter().any(|a| canonical(a) == "-nographic")
 }
 
+/// The path of a unix socket that `OPTION VALUE` makes QEMU listen on.
+pub(crate) fn unix_server_path(option: &str, value: &str) -> Option<PathBuf> {
+    let option = option.strip_prefix('-').unwrap_or(option);
+    let option = option.strip_prefix('-').unwrap_or(option);
+    let (path, opts): (&str, Vec<&str>) = match option {
+        "monitor" | "qmp" | "qmp-pretty" | "serial" | "parallel" | "gdb" => {
+            let rest = value.strip_prefix("unix:")?;
+            let mut parts = rest.split(',');
+            (parts.next()?, parts.collect())
+        }
+        "chardev" => {
+            let mut parts = value.split(',');
+            if parts.next()? != "socket" {
+                return None;
+            }
+            let parts: Vec<&str> = parts.collect();
+            let path = parts.iter().find_map(|p| p.strip_prefix("path="))?;
+            (path, parts)
+        }
+        _ => return None,
+    };
+    let server = opts
+        .iter()
+        .any(|o| matches!(*o, "server" | "server=on" | "server=yes" | "server=true"));
+    (server && !path.is_empty()).then(|| PathBuf::from(path))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,6 +167,33 @@ mod tests {
         assert_eq!(
             restart_options(&args),
             v("-m 32 -nodefaults -serial stdio -kernel k -monitor unix:/tmp/s,server,nowait --qmp unix:/q,server")
+        );
+    }
+
+    #[test]
+    fn finds_listening_unix_sockets() {
+        assert_eq!(
+            unix_server_path("-monitor", "unix:/tmp/qemu-sock,server,nowait"),
+            Some(PathBuf::from("/tmp/qemu-sock"))
+        );
+        assert_eq!(
+            unix_server_path("--qmp", "unix:/tmp/q,server=on,wait=off"),
+            Some(PathBuf::from("/tmp/q"))
+        );
+        assert_eq!(
+            unix_server_path("-chardev", "socket,id=c,path=/tmp/s,server=on"),
+            Some(PathBuf::from("/tmp/s"))
+        );
+        assert_eq!(unix_server_path("-monitor", "unix:/tmp/c"), None);
+        assert_eq!(unix_server_path("-serial", "stdio"), None);
+    }
+
+    #[test]
+    fn drops_sockets_in_vanished_directories() {
+        let args = v("-m 32 -qmp unix:/nonexistent-dir-x/qmp.sock,server,nowait -monitor unix:/tmp/m,server,nowait -incoming defer");
+        assert_eq!(
+            restart_options(&args),
+            v("-m 32 -monitor unix:/tmp/m,server,nowait")
         );
     }
 

@@ -293,73 +293,18 @@ fn start_local(vm: &Vm) -> Result<(Vm, tempfile::TempDir, String)> {
             std::env::temp_dir(),
             "creating a private directory",
         ))?;
-    let mut args = destination_args(&vm.args);
-    args.extend(["-incoming".to_string(), "defer".to_string()]);
-    let mut dest = Vm::launch(
+    let mut dest = Vm::launch_incoming(
         &vm.binary,
-        &args,
+        &vm.args,
         &LaunchOptions {
             console: Console::Null,
             show_stderr: false,
             env: vm.env.clone(),
         },
     )?;
-    dest.control.set_capability("events", true)?;
     let uri = format!("unix:{}", dir.path().join("migrate.sock").display());
     dest.control.migrate_incoming(&uri)?;
     Ok((dest, dir, uri))
-}
-
-/// The source's command line for a destination QEMU: [`argv::restart_options`],
-/// without sockets in directories that are gone (a VM restored by
-/// `qemu-migrate restore` carries the private QMP socket of that run).
-pub fn destination_args(args: &[String]) -> Vec<String> {
-    let args = argv::restart_options(args);
-    let mut out = Vec::with_capacity(args.len());
-    let mut i = 0;
-    while i < args.len() {
-        if i + 1 < args.len() {
-            if let Some(path) = unix_server_path(&args[i], &args[i + 1]) {
-                if path
-                    .parent()
-                    .is_some_and(|d| !d.as_os_str().is_empty() && !d.is_dir())
-                {
-                    i += 2;
-                    continue;
-                }
-            }
-        }
-        out.push(args[i].clone());
-        i += 1;
-    }
-    out
-}
-
-/// The path of a unix socket that `OPTION VALUE` makes QEMU listen on.
-fn unix_server_path(option: &str, value: &str) -> Option<PathBuf> {
-    let option = option.strip_prefix('-').unwrap_or(option);
-    let option = option.strip_prefix('-').unwrap_or(option);
-    let (path, opts): (&str, Vec<&str>) = match option {
-        "monitor" | "qmp" | "qmp-pretty" | "serial" | "parallel" | "gdb" => {
-            let rest = value.strip_prefix("unix:")?;
-            let mut parts = rest.split(',');
-            (parts.next()?, parts.collect())
-        }
-        "chardev" => {
-            let mut parts = value.split(',');
-            if parts.next()? != "socket" {
-                return None;
-            }
-            let parts: Vec<&str> = parts.collect();
-            let path = parts.iter().find_map(|p| p.strip_prefix("path="))?;
-            (path, parts)
-        }
-        _ => return None,
-    };
-    let server = opts
-        .iter()
-        .any(|o| matches!(*o, "server" | "server=on" | "server=yes" | "server=true"));
-    (server && !path.is_empty()).then(|| PathBuf::from(path))
 }
 
 /// The user's listening unix sockets, kept reachable across a local migration.
@@ -374,7 +319,7 @@ impl SocketHandover {
         use std::os::unix::fs::FileTypeExt;
         let mut handover = SocketHandover::default();
         for w in args.windows(2) {
-            let Some(path) = unix_server_path(&w[0], &w[1]) else {
+            let Some(path) = argv::unix_server_path(&w[0], &w[1]) else {
                 continue;
             };
             let is_socket =
@@ -860,18 +805,15 @@ impl Receiver {
         // Bound before QEMU starts, so a taken port fails before anything runs.
         let listener = TcpListener::bind((host.as_str(), port))
             .map_err(|e| Error::NotReady(format!("cannot listen on {listen}: {e}")))?;
-        let mut launch_args = destination_args(&args);
-        launch_args.extend(["-incoming".to_string(), "defer".to_string()]);
-        let mut vm = Vm::launch(
+        let vm = Vm::launch_incoming(
             &binary,
-            &launch_args,
+            &args,
             &LaunchOptions {
                 console: options.console,
                 show_stderr: options.console.is_terminal(),
                 env,
             },
         )?;
-        vm.control.set_capability("events", true)?;
         let (tx, incoming) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let version = vm.version.to_string();
@@ -1086,10 +1028,6 @@ fn classify(stream: TcpStream) -> Option<Incoming> {
 mod tests {
     use super::*;
 
-    fn v(s: &str) -> Vec<String> {
-        s.split_whitespace().map(String::from).collect()
-    }
-
     #[test]
     fn parses_destinations() {
         assert_eq!("local".parse(), Ok(Destination::Local));
@@ -1109,33 +1047,6 @@ mod tests {
         );
         assert!("tcp:host".parse::<Destination>().is_err());
         assert!("10.0.0.1:4444".parse::<Destination>().is_err());
-    }
-
-    #[test]
-    fn finds_listening_unix_sockets() {
-        assert_eq!(
-            unix_server_path("-monitor", "unix:/tmp/qemu-sock,server,nowait"),
-            Some(PathBuf::from("/tmp/qemu-sock"))
-        );
-        assert_eq!(
-            unix_server_path("--qmp", "unix:/tmp/q,server=on,wait=off"),
-            Some(PathBuf::from("/tmp/q"))
-        );
-        assert_eq!(
-            unix_server_path("-chardev", "socket,id=c,path=/tmp/s,server=on"),
-            Some(PathBuf::from("/tmp/s"))
-        );
-        assert_eq!(unix_server_path("-monitor", "unix:/tmp/c"), None);
-        assert_eq!(unix_server_path("-serial", "stdio"), None);
-    }
-
-    #[test]
-    fn drops_sockets_in_vanished_directories() {
-        let args = v("-m 32 -qmp unix:/nonexistent-dir-x/qmp.sock,server,nowait -monitor unix:/tmp/m,server,nowait -incoming defer");
-        assert_eq!(
-            destination_args(&args),
-            v("-m 32 -monitor unix:/tmp/m,server,nowait")
-        );
     }
 
     #[test]

@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::argv;
 use crate::control::MigrationStatus;
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
@@ -165,11 +164,9 @@ pub fn restore(path: &Path, options: &RestoreOptions, progress: &dyn Progress) -
     };
     preflight::check(&checked, &binary, &args, &env)?;
 
-    let mut launch_args = argv::restart_options(&args);
-    launch_args.extend(["-incoming".to_string(), "defer".to_string()]);
-    let mut vm = Vm::launch(
+    let mut vm = Vm::launch_incoming(
         &binary,
-        &launch_args,
+        &args,
         &LaunchOptions {
             console: options.console,
             show_stderr: options.console.is_terminal(),
@@ -199,7 +196,6 @@ fn load(
     options: &RestoreOptions,
     progress: &dyn Progress,
 ) -> Result<()> {
-    vm.control.set_capability("events", true)?;
     let (read_end, write_end) = pipe()?;
     vm.control.getfd(FD_NAME, read_end.as_fd())?;
     drop(read_end);

@@ -191,6 +191,16 @@ impl Vm {
         })
     }
 
+    /// Starts a QEMU that waits for a migration (`-incoming defer`) to take
+    /// over a VM run with `args`, with migration events on.
+    pub fn launch_incoming(binary: &Path, args: &[String], options: &LaunchOptions) -> Result<Vm> {
+        let mut launch_args = crate::argv::restart_options(args);
+        launch_args.extend(["-incoming".to_string(), "defer".to_string()]);
+        let mut vm = Vm::launch(binary, &launch_args, options)?;
+        vm.control.set_capability("events", true)?;
+        Ok(vm)
+    }
+
     /// Lets a launched QEMU run on after this `Vm` is gone; returns its pid.
     pub fn detach(mut self) -> u32 {
         if let Some(l) = self.child.as_mut() {
