@@ -113,25 +113,35 @@ impl Vm {
     }
 
     /// QEMU with `args` plus `-display none`, the two monitor sockets, and stderr kept in `dir`.
-    pub fn start(qemu: &Path, args: &[&str]) -> Vm {
+    pub fn start<S: AsRef<std::ffi::OsStr>>(qemu: &Path, args: &[S]) -> Vm {
         let dir = tempfile::tempdir().expect("tempdir");
         Vm::start_in(qemu, args, dir)
     }
 
-    pub fn start_in(qemu: &Path, args: &[&str], dir: TempDir) -> Vm {
+    pub fn start_in<S: AsRef<std::ffi::OsStr>>(qemu: &Path, args: &[S], dir: TempDir) -> Vm {
         Vm::spawn(qemu, args, dir, Stdio::null()).0
     }
 
     /// Like [`Vm::start`] for a guest with `-serial stdio`: its output lines too.
-    pub fn start_with_serial(qemu: &Path, args: &[&str]) -> (Vm, Lines) {
+    pub fn start_with_serial<S: AsRef<std::ffi::OsStr>>(qemu: &Path, args: &[S]) -> (Vm, Lines) {
         let dir = tempfile::tempdir().expect("tempdir");
         let (vm, out) = Vm::spawn(qemu, args, dir, Stdio::piped());
         (vm, Lines::collect(out.expect("piped stdout")))
     }
 
-    fn spawn(
+    /// Like [`Vm::start_with_serial`] for a guest that ticks: returns once it
+    /// has printed `tick 1` (after a `fill=`, the fill is done by then).
+    pub fn start_ticking<S: AsRef<std::ffi::OsStr>>(qemu: &Path, args: &[S]) -> (Vm, Lines) {
+        let (vm, serial) = Vm::start_with_serial(qemu, args);
+        serial.wait_for(0, Duration::from_secs(120), "tick 1", |l| {
+            tick(l) == Some(1)
+        });
+        (vm, serial)
+    }
+
+    fn spawn<S: AsRef<std::ffi::OsStr>>(
         qemu: &Path,
-        args: &[&str],
+        args: &[S],
         dir: TempDir,
         stdout: Stdio,
     ) -> (Vm, Option<std::process::ChildStdout>) {
@@ -283,6 +293,19 @@ pub fn recipe_options(dir: &Path) -> Vec<String> {
     ]
     .map(String::from)
     .to_vec()
+}
+
+/// Starts `cmd` with its stdout collected line by line (a restore in the
+/// foreground prints the VM's serial console there).
+pub fn spawn_lines(cmd: &mut Command) -> (Child, Lines) {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let lines = Lines::collect(child.stdout.take().expect("piped"));
+    (child, lines)
 }
 
 /// The test guest, built once per test run.

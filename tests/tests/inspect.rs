@@ -6,7 +6,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use recipe_tests::{bin, qemus, recipe_options, tick, Lines, Vm};
+use recipe_tests::{bin, qemus, recipe_options, spawn_lines, tick, Vm};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -29,8 +29,7 @@ fn a_bare_recipe_file_is_described_checked_and_restored() {
         let dir = tempfile::tempdir().unwrap();
         let mut options = recipe_options(dir.path());
         options.extend(["-device".to_string(), "virtio-rng-pci".to_string()]);
-        let opts: Vec<&str> = options.iter().map(String::as_str).collect();
-        let (mut vm, serial) = Vm::start_with_serial(&qemu, &opts);
+        let (mut vm, serial) = Vm::start_with_serial(&qemu, &options);
         serial.wait_for(0, WAIT, "tick 2", |l| tick(l) == Some(2));
         let blocks = ramblocks(&mut vm);
         let machine = vm
@@ -148,18 +147,14 @@ fn a_bare_recipe_file_is_described_checked_and_restored() {
 
         // And with them, it restores and carries on.
         drop(vm);
-        let mut restore = Command::new(bin("qemu-migrate"))
-            .args(["restore", "--qemu"])
-            .arg(&qemu)
-            .arg(&statefile)
-            .arg("--")
-            .args(&options)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let lines = Lines::collect(restore.stdout.take().unwrap());
+        let (mut restore, lines) = spawn_lines(
+            Command::new(bin("qemu-migrate"))
+                .args(["restore", "--qemu"])
+                .arg(&qemu)
+                .arg(&statefile)
+                .arg("--")
+                .args(&options),
+        );
         let first = lines.wait_for(0, WAIT, "a tick after restore", |l| tick(l).is_some());
         let after = lines.snapshot();
         assert!(!after.iter().any(|l| l.starts_with("BOOT")), "{after:?}");

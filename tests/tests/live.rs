@@ -181,10 +181,6 @@ fn children(pid: u32) -> Vec<u32> {
     out
 }
 
-fn as_strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
-}
-
 #[test]
 fn local_live_migration_hands_the_guest_and_its_sockets_over() {
     for qemu in qemus() {
@@ -243,7 +239,7 @@ fn a_dying_destination_leaves_the_source_running() {
     let qemu = &qemus()[0];
     let dir = tempfile::tempdir().expect("tempdir");
     let args = busy_guest(dir.path());
-    let mut src = Vm::start_in(qemu, &as_strs(&args), dir);
+    let mut src = Vm::start_in(qemu, &args, dir);
     let mut tool = Tool::spawn(&mut live_cmd(
         &src.hmp,
         &["--to", "local", "--bandwidth", "1"],
@@ -276,7 +272,7 @@ fn ctrl_c_cancels_and_resumes_the_source() {
     let qemu = &qemus()[0];
     let dir = tempfile::tempdir().expect("tempdir");
     let args = busy_guest(dir.path());
-    let mut src = Vm::start_in(qemu, &as_strs(&args), dir);
+    let mut src = Vm::start_in(qemu, &args, dir);
     let mut tool = Tool::spawn(&mut live_cmd(
         &src.hmp,
         &["--to", "local", "--bandwidth", "1"],
@@ -386,7 +382,7 @@ fn live_migration_over_tcp_between_namespaces() {
             .collect();
         src_args.push(qemu.display().to_string());
         src_args.extend(GUEST.iter().map(|s| s.to_string()));
-        let mut src = Vm::start(&ip, &as_strs(&src_args));
+        let mut src = Vm::start(&ip, &src_args);
 
         let dest_dir = tempfile::tempdir().expect("tempdir");
         let dest_hmp = dest_dir.path().join("hmp.sock");

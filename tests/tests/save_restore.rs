@@ -7,16 +7,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use recipe_tests::{bin, guest, qemus, recipe_options, tick, Lines, Vm};
+use recipe_tests::{bin, guest, qemus, recipe_options, spawn_lines, tick, Vm};
 
 const WAIT: Duration = Duration::from_secs(60);
 
 fn migrate() -> Command {
     Command::new(bin("qemu-migrate"))
-}
-
-fn as_strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
 }
 
 /// A save of a guest with `fill_mib` of RAM written, running in the background
@@ -60,7 +56,7 @@ fn big_guest(qemu: &Path, ram_mib: u32, fill_mib: u32) -> Vm {
     let guest = guest().display().to_string();
     let ram = ram_mib.to_string();
     let append = format!("fill={fill_mib}");
-    let (vm, serial) = Vm::start_with_serial(
+    let (vm, _serial) = Vm::start_ticking(
         qemu,
         &[
             "-accel",
@@ -76,9 +72,6 @@ fn big_guest(qemu: &Path, ram_mib: u32, fill_mib: u32) -> Vm {
             &append,
         ],
     );
-    serial.wait_for(0, WAIT, "the first tick after the fill", |l| {
-        tick(l) == Some(1)
-    });
     vm
 }
 
@@ -102,7 +95,7 @@ fn recipe_vm_is_saved_and_restored_without_repeating_an_option() {
     for qemu in qemus() {
         let dir = tempfile::tempdir().unwrap();
         let options = recipe_options(dir.path());
-        let (mut source, serial) = Vm::start_with_serial(&qemu, &as_strs(&options));
+        let (mut source, serial) = Vm::start_with_serial(&qemu, &options);
         serial.wait_for(0, WAIT, "boot banner", |l| l.starts_with("BOOT "));
         serial.wait_for(0, WAIT, "tick 3", |l| tick(l) == Some(3));
 
@@ -130,15 +123,7 @@ fn recipe_vm_is_saved_and_restored_without_repeating_an_option() {
             .unwrap();
 
         // Restore in the foreground: the VM's serial console is our stdout.
-        let mut restore = migrate()
-            .arg("restore")
-            .arg(&statefile)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let restored = Lines::collect(restore.stdout.take().unwrap());
+        let (mut restore, restored) = spawn_lines(migrate().arg("restore").arg(&statefile));
         let first = restored.wait_for(0, WAIT, "a tick after restore", |l| tick(l).is_some());
         restored.wait_for(first, WAIT, "a second tick", |l| {
             tick(l).is_some_and(|n| n > last_saved + 1)
@@ -299,8 +284,7 @@ fn a_full_disk_fails_the_save_cleanly_and_resumes_the_guest() {
 /// A good save of the recipe VM, for the restore checks.
 fn saved(qemu: &Path, dir: &Path) -> (PathBuf, Vec<String>) {
     let options = recipe_options(dir);
-    let (source, serial) = Vm::start_with_serial(qemu, &as_strs(&options));
-    serial.wait_for(0, WAIT, "tick 1", |l| tick(l) == Some(1));
+    let (source, _) = Vm::start_ticking(qemu, &options);
     let statefile = dir.join("state");
     let out = migrate()
         .args(["save", "--monitor"])
@@ -418,8 +402,7 @@ fn mismatched_options_are_refused_in_words() {
         let dir = tempfile::tempdir().unwrap();
         let mut options = recipe_options(dir.path());
         options.extend(["-device".into(), "virtio-rng-pci".into()]);
-        let (source, serial) = Vm::start_with_serial(&qemu, &as_strs(&options));
-        serial.wait_for(0, WAIT, "tick 1", |l| tick(l) == Some(1));
+        let (source, _) = Vm::start_ticking(&qemu, &options);
         let statefile = dir.path().join("state");
         let out = migrate()
             .args(["save", "--monitor"])
@@ -454,8 +437,7 @@ fn a_vm_already_migrated_and_a_socket_that_is_not_qemu_are_clear_errors() {
     for qemu in qemus() {
         let dir = tempfile::tempdir().unwrap();
         let options = recipe_options(dir.path());
-        let (source, serial) = Vm::start_with_serial(&qemu, &as_strs(&options));
-        serial.wait_for(0, WAIT, "tick 1", |l| tick(l) == Some(1));
+        let (source, _) = Vm::start_ticking(&qemu, &options);
         let first = migrate()
             .args(["save", "--monitor"])
             .arg(&source.hmp)
@@ -504,8 +486,7 @@ fn a_save_puts_qemus_own_settings_back_and_resumes_when_asked() {
     for qemu in qemus() {
         let dir = tempfile::tempdir().unwrap();
         let options = recipe_options(dir.path());
-        let (mut vm, serial) = Vm::start_with_serial(&qemu, &as_strs(&options));
-        serial.wait_for(0, WAIT, "tick 1", |l| tick(l) == Some(1));
+        let (mut vm, serial) = Vm::start_ticking(&qemu, &options);
         let before =
             vm.qmp().execute("query-migrate-parameters", None).unwrap()["max-bandwidth"].clone();
         let out = migrate()
