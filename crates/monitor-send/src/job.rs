@@ -273,14 +273,11 @@ impl Runner<'_> {
                 self.confirmed += 1;
                 Ok(())
             }
-            Err(e @ Error::Command { .. }) => {
+            Err(e) if e.kind() == ErrorKind::Command => {
                 self.confirmed += 1;
                 self.refused_by_qemu += 1;
-                if self.job.output == Output::Json {
-                    let (class, message) = match &e {
-                        Error::Command { class, message, .. } => (class.clone(), message.clone()),
-                        _ => unreachable!(),
-                    };
+                if let (Output::Json, Error::Command { class, message, .. }) = (self.job.output, &e)
+                {
                     let _ = writeln!(
                         self.out,
                         "{}",

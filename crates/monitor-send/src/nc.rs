@@ -118,7 +118,6 @@ fn unsupported(c: char) -> String {
         't' => " (telnet)",
         'c' => " (crlf)",
         'e' => " (execute)",
-        'h' => "",
         _ => "",
     };
     format!("nc option -{c}{what} is not supported for a monitor socket")
