@@ -494,12 +494,16 @@ fn inspect(
     check_with: Option<PathBuf>,
     qemu_args: &[String],
 ) -> Result<ExitCode, Error> {
-    let summary = qemu_stream::inspect_file(statefile).map_err(|e| Error::BadStateFile {
-        path: statefile.to_path_buf(),
-        reason: e.to_string(),
-    })?;
     let manifest = Manifest::load(statefile)?;
-    let verdict = restore::check(statefile).map(drop);
+    // The check reads a bare stream through already; its summary is reused.
+    let mut verdict = restore::check(statefile);
+    let summary = match verdict.as_mut().ok().and_then(|c| c.summary.take()) {
+        Some(s) => s,
+        None => qemu_stream::inspect_file(statefile).map_err(|e| Error::BadStateFile {
+            path: statefile.to_path_buf(),
+            reason: e.to_string(),
+        })?,
+    };
     if cli.json {
         println!(
             "{}",
@@ -527,7 +531,7 @@ fn inspect(
             );
         }
         match &verdict {
-            Ok(()) => println!(
+            Ok(_) => println!(
                 "complete: yes{}",
                 if manifest.is_some() {
                     ", checksum matches"
@@ -538,9 +542,9 @@ fn inspect(
             Err(e) => println!("complete: no: {e}"),
         }
     }
-    verdict?;
+    let mut checked = verdict?;
     if let Some(binary) = check_with {
-        let checked = restore::check(statefile)?;
+        checked.summary = Some(summary);
         qemu_migrate::preflight::check(&checked, &binary, qemu_args, &Default::default())?;
         if !cli.json {
             println!("these options can restore it");
