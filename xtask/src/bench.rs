@@ -8,6 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use qemu_migrate::save::UNCAPPED;
+use qemu_migrate::{Control, MigrationStatus};
 use qemu_monitor::{Options, QmpSession};
 
 use crate::qemu::{self, Qemu};
@@ -259,7 +261,8 @@ struct FilledVm {
     child: Child,
     _dir: tempfile::TempDir,
     hmp: PathBuf,
-    qmp: QmpSession,
+    /// The bench's own QMP session, through the library the CLIs use.
+    control: Control,
     _serial: test_guest::Lines,
 }
 
@@ -331,45 +334,26 @@ impl FilledVm {
                 test_guest::tick(l) == Some(1)
             })
             .map_err(|got| anyhow::anyhow!("the guest did not finish its fill: {got:?}"))?;
-        qmp.execute(
-            "migrate-set-capabilities",
-            Some(serde_json::json!({"capabilities": [{"capability": "events", "state": true}]})),
-        )?;
+        let mut control = Control::Qmp(qmp);
+        control.set_capability("events", true)?;
         Ok(FilledVm {
             child,
             _dir: dir,
             hmp,
-            qmp,
+            control,
             _serial: serial,
         })
     }
 
     /// Waits for the migration to end; returns QEMU's status.
-    fn wait_migration(&mut self) -> anyhow::Result<String> {
+    fn wait_migration(&mut self) -> anyhow::Result<MigrationStatus> {
         loop {
-            let info = self.qmp.execute("query-migrate", None)?;
-            let status = info["status"].as_str().unwrap_or_default().to_string();
-            if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
-                return Ok(status);
+            let info = self.control.query_migrate()?;
+            if info.status.is_final() {
+                return Ok(info.status);
             }
-            self.qmp.next_event(Duration::from_secs(300))?;
+            self.control.next_event(Duration::from_secs(300))?;
         }
-    }
-
-    /// Resumes the guest after a completed migration. QEMU reports
-    /// completion a moment before it has finished with the source
-    /// (`postmigrate`), and refuses `cont` until then.
-    fn resume(&mut self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let status = self.qmp.execute("query-status", None)?;
-            if status["status"] != "finish-migrate" || Instant::now() > deadline {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        self.qmp.execute("cont", None)?;
-        Ok(())
     }
 }
 
@@ -461,15 +445,15 @@ fn save_speed(
     )?;
     let status = vm.wait_migration()?;
     let recipe = start.elapsed();
-    if status != "completed" {
-        bail!("the recipe's migration {status}");
+    if status != MigrationStatus::Completed {
+        bail!("the recipe's migration ended {status:?}");
     }
     let stream_bytes = std::fs::metadata(&state)
         .with_context(|| format!("the recipe's state file {}", state.display()))?
         .len();
     let reading = inspect_speed(migrate, &state, stream_bytes)?;
     std::fs::remove_file(&state).with_context(|| format!("removing {}", state.display()))?;
-    vm.resume()?;
+    vm.control.cont_after_migration()?;
     rows.push((
         "the seed's recipe: `migrate \"exec:cat > F\"`, running guest, defaults".into(),
         recipe,
@@ -504,22 +488,16 @@ fn save_speed(
     if has_file {
         // QEMU writing the file itself, by hand: paused, uncapped, `file:`.
         let start = Instant::now();
-        vm.qmp.execute("stop", None)?;
-        vm.qmp.execute(
-            "migrate-set-parameters",
-            Some(serde_json::json!({"max-bandwidth": crate::bench::UNCAPPED})),
-        )?;
-        vm.qmp.execute(
-            "migrate",
-            Some(serde_json::json!({"uri": format!("file:{}", state.display())})),
-        )?;
+        vm.control.stop()?;
+        vm.control.set_max_bandwidth(UNCAPPED)?;
+        vm.control.migrate(&format!("file:{}", state.display()))?;
         let status = vm.wait_migration()?;
         let took = start.elapsed();
-        if status != "completed" {
-            bail!("the file: migration {status}");
+        if status != MigrationStatus::Completed {
+            bail!("the file: migration ended {status:?}");
         }
         let _ = std::fs::remove_file(&state);
-        vm.resume()?;
+        vm.control.cont_after_migration()?;
         rows.push((
             "by hand: `stop`, cap lifted, `migrate file:F` (no fsync)".into(),
             took,
@@ -623,9 +601,6 @@ fn inspect_speed(migrate: &Path, state: &Path, bytes: u64) -> anyhow::Result<Str
     }
     Ok(out)
 }
-
-/// A bandwidth cap no link reaches: what "uncapped" means to QEMU.
-pub const UNCAPPED: u64 = 1 << 40;
 
 /// `qemu-migrate live --json --to DEST`; returns its result line.
 fn run_live(migrate: &Path, monitor: &Path, to: &str) -> anyhow::Result<serde_json::Value> {
