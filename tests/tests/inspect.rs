@@ -12,7 +12,7 @@ const WAIT: Duration = Duration::from_secs(60);
 
 /// `info ramblock`: (name, used bytes) of every block.
 fn ramblocks(vm: &mut Vm) -> Vec<(String, u64)> {
-    let text = vm.qmp().hmp("info ramblock").unwrap();
+    let text = vm.qmp().human_command("info ramblock").unwrap();
     text.lines()
         .skip(1)
         .filter_map(|l| {

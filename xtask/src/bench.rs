@@ -8,8 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use qemu_migrate::save::UNCAPPED;
-use qemu_migrate::{Control, MigrationStatus};
+use qemu_migrate::{MigrationStatus, Monitor, UNCAPPED};
 use qemu_monitor::{Options, QmpSession};
 
 use crate::qemu::{self, Qemu};
@@ -262,7 +261,7 @@ struct FilledVm {
     _dir: tempfile::TempDir,
     hmp: PathBuf,
     /// The bench's own QMP session, through the library the CLIs use.
-    control: Control,
+    control: Monitor,
     _serial: test_guest::Lines,
 }
 
@@ -334,7 +333,7 @@ impl FilledVm {
                 test_guest::tick(l) == Some(1)
             })
             .map_err(|got| anyhow::anyhow!("the guest did not finish its fill: {got:?}"))?;
-        let mut control = Control::Qmp(qmp);
+        let mut control = Monitor::Qmp(qmp);
         control.set_capability("events", true)?;
         Ok(FilledVm {
             child,
@@ -347,13 +346,9 @@ impl FilledVm {
 
     /// Waits for the migration to end; returns QEMU's status.
     fn wait_migration(&mut self) -> anyhow::Result<MigrationStatus> {
-        loop {
-            let info = self.control.query_migrate()?;
-            if info.status.is_final() {
-                return Ok(info.status);
-            }
-            self.control.next_event(Duration::from_secs(300))?;
-        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(300);
+        let info = self.control.wait_migration(deadline, |_| {})?;
+        Ok(info.status)
     }
 }
 
@@ -489,7 +484,8 @@ fn save_speed(
         // QEMU writing the file itself, by hand: paused, uncapped, `file:`.
         let start = Instant::now();
         vm.control.stop()?;
-        vm.control.set_max_bandwidth(UNCAPPED)?;
+        vm.control
+            .set_migration_parameter("max-bandwidth", UNCAPPED)?;
         vm.control.migrate(&format!("file:{}", state.display()))?;
         let status = vm.wait_migration()?;
         let took = start.elapsed();

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use qemu_migrate::Control;
+use qemu_monitor::Monitor;
 use qemu_monitor::Options;
 use test_guest::{tick, Banner, Lines};
 
@@ -206,7 +206,7 @@ impl Running {
                 let _ = child.wait();
             }
             Process::Restored(vm) => {
-                if let Some(l) = vm.child.as_mut() {
+                if let Some(l) = vm.launched() {
                     let _ = l.wait();
                 }
             }
@@ -308,8 +308,8 @@ fn free_port() -> u16 {
         .unwrap_or(4444)
 }
 
-fn control(sock: &Path, timeout: Duration) -> Result<Control, Failure> {
-    let m = qemu_monitor::connect(
+fn control(sock: &Path, timeout: Duration) -> Result<Monitor, Failure> {
+    qemu_monitor::connect(
         sock.to_path_buf(),
         &Options {
             timeout,
@@ -320,15 +320,10 @@ fn control(sock: &Path, timeout: Duration) -> Result<Control, Failure> {
         check: "monitor",
         detail: e.to_string(),
         kept: None,
-    })?;
-    Control::from_monitor(m).map_err(|e| Failure {
-        check: "monitor",
-        detail: e.to_string(),
-        kept: None,
     })
 }
 
-fn monitor_err(check: &'static str) -> impl Fn(qemu_migrate::Error) -> Failure {
+fn monitor_err<E: std::fmt::Display>(check: &'static str) -> impl Fn(E) -> Failure {
     move |e| Failure {
         check,
         detail: e.to_string(),
@@ -555,10 +550,8 @@ fn run_in(kit: &Kit, sc: &Scenario, dir: &Path) -> Result<Report, Failure> {
         // The orchestrator, through the user's own monitor socket.
         let started = Instant::now();
         let mut vm = qemu_migrate::Vm::attach(sock.clone(), WAIT).map_err(monitor_err("save"))?;
-        let options = qemu_migrate::save::SaveOptions {
-            then: qemu_migrate::save::Then::Quit,
-            ..Default::default()
-        };
+        let mut options = qemu_migrate::save::SaveOptions::default();
+        options.then = qemu_migrate::save::Then::Quit;
         qemu_migrate::save::save(&mut vm, &state, &options, &qemu_migrate::progress::Quiet)
             .map_err(monitor_err("save"))?;
         started.elapsed()
@@ -605,25 +598,18 @@ fn run_in(kit: &Kit, sc: &Scenario, dir: &Path) -> Result<Report, Failure> {
         }
 
         // Done when QEMU says so: its MIGRATION event.
-        let info = loop {
-            let info = watch.query_migrate().map_err(monitor_err("save"))?;
-            if info.status.is_final() {
-                break info;
-            }
-            match watch.next_event(WAIT) {
-                Ok(Some(_)) => {}
-                Ok(None) => {
-                    return fail(
-                        "save",
-                        format!(
-                            "the migration did not end within {WAIT:?}: {:?}",
-                            info.status
-                        ),
-                    )
-                }
-                Err(e) => return fail("save", e.to_string()),
-            }
-        };
+        let info = watch
+            .wait_migration(Instant::now() + WAIT, |_| {})
+            .map_err(monitor_err("save"))?;
+        if !info.status.is_final() {
+            return fail(
+                "save",
+                format!(
+                    "the migration did not end within {WAIT:?}: {:?}",
+                    info.status
+                ),
+            );
+        }
         let took = dispatched.elapsed();
         if info.status != qemu_migrate::MigrationStatus::Completed {
             return fail(
@@ -678,10 +664,8 @@ fn run_in(kit: &Kit, sc: &Scenario, dir: &Path) -> Result<Report, Failure> {
     let mut dest = match live_dest.take() {
         Some(d) => d,
         None if sc.transport == Transport::QemuMigrate && sc.sabotage != Some(Sabotage::Reboot) => {
-            let mut options = qemu_migrate::restore::RestoreOptions {
-                console: qemu_migrate::vm::Console::Pipe,
-                ..Default::default()
-            };
+            let mut options = qemu_migrate::restore::RestoreOptions::default();
+            options.console = qemu_migrate::vm::Console::Pipe;
             if sc.sabotage == Some(Sabotage::WrongMemory) {
                 options.args = Some(vm_args(ram_mib * 2, &sock, &harness_src));
             }
@@ -689,7 +673,7 @@ fn run_in(kit: &Kit, sc: &Scenario, dir: &Path) -> Result<Report, Failure> {
                 qemu_migrate::restore::restore(&state, &options, &qemu_migrate::progress::Quiet)
                     .map_err(monitor_err("restore"))?;
             let mut vm = restored.vm;
-            let Some(stdout) = vm.child.as_mut().and_then(|l| l.child.stdout.take()) else {
+            let Some(stdout) = vm.launched().and_then(|l| l.take_stdout()) else {
                 return fail("restore", "the restored QEMU's console is not a pipe");
             };
             let log = fs::File::create(dir.join("destination-serial.log")).ok();
@@ -848,20 +832,14 @@ fn untick_checks(
             );
         }
     };
-    let info = loop {
-        let info = c.query_migrate().map_err(monitor_err("restore"))?;
-        if info.status.is_final() {
-            break info;
-        }
-        c.set_capability("events", true)
-            .map_err(monitor_err("restore"))?;
-        if c.next_event(WAIT)
-            .map_err(monitor_err("restore"))?
-            .is_none()
-        {
-            return fail("restore", format!("the state did not load within {WAIT:?}"));
-        }
-    };
+    c.set_capability("events", true)
+        .map_err(monitor_err("restore"))?;
+    let info = c
+        .wait_migration(Instant::now() + WAIT, |_| {})
+        .map_err(monitor_err("restore"))?;
+    if !info.status.is_final() {
+        return fail("restore", format!("the state did not load within {WAIT:?}"));
+    }
     if info.status != qemu_migrate::MigrationStatus::Completed {
         return fail(
             "restore",
@@ -930,7 +908,7 @@ fn check_ram(sock: &Path, banner_line: &str, dir: &Path) -> Result<(), Failure> 
     let mut c = control(sock, WAIT)?;
     c.stop().map_err(monitor_err("RAM sweep"))?;
     let dump = dir.join("sweep.bin");
-    c.hmp(&format!(
+    c.human_command(&format!(
         "pmemsave {start} {} \"{}\"",
         end - start,
         dump.display()

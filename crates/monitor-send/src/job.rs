@@ -255,10 +255,12 @@ impl Runner<'_> {
                 if line.trim_start().starts_with('{') {
                     return self.qmp_json(s, line);
                 }
-                s.negotiate().and_then(|()| s.hmp(line)).map(|text| {
-                    self.print_events(s);
-                    self.print_hmp(line, text.as_bytes(), &text)
-                })
+                s.negotiate()
+                    .and_then(|()| s.human_command(line))
+                    .map(|text| {
+                        self.print_events(s);
+                        self.print_hmp(line, text.as_bytes(), &text)
+                    })
             }
         };
         self.settle(line, result)

@@ -1,53 +1,193 @@
 use std::io;
 use std::path::PathBuf;
 
+use qemu_monitor::{MigrationStatus, QemuVersion, RunState};
+
 /// What went wrong in a save, restore or migration. Every variant says what
 /// failed, on which file or socket, and what QEMU said where it said anything.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
+    /// The monitor could not be reached, or failed mid-conversation.
     #[error(transparent)]
     Monitor(#[from] qemu_monitor::Error),
-    /// The monitor answered something this crate cannot read.
-    #[error("unexpected monitor output: {0}")]
-    Protocol(String),
+    /// A file of the save or of the VM could not be read or written.
     #[error("{}: {what}: {}", .path.display(), os_message(.source))]
     File {
+        /// The file.
         path: PathBuf,
+        /// What was being done with it.
         what: &'static str,
+        /// The operating system's error.
         #[source]
         source: io::Error,
     },
-    /// The VM is not in a state this operation can start from.
-    #[error("{0}")]
-    NotReady(String),
+    /// An operating-system resource that is no file (a pipe, a thread) failed.
+    #[error("{what}: {}", os_message(.source))]
+    Os {
+        /// What was being done.
+        what: &'static str,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+    /// The VM's run state does not allow the operation.
+    #[error("{}", not_migratable(*.pid, .state, .verb))]
+    NotMigratable {
+        /// QEMU's pid.
+        pid: u32,
+        /// The state it is in.
+        state: RunState,
+        /// What was asked: `save`, `migrate`.
+        verb: &'static str,
+    },
     /// Another save or migration holds this VM.
-    #[error("{0}")]
-    Busy(String),
-    /// QEMU reported the migration failed.
+    #[error("{}", busy(*.pid, .migration))]
+    Busy {
+        /// QEMU's pid.
+        pid: u32,
+        /// QEMU's own migration in progress, or `None` when another
+        /// qemu-migrate holds the VM's lock.
+        migration: Option<MigrationStatus>,
+    },
+    /// The VM's console is this terminal, which a second QEMU on the same host cannot take over.
+    #[error(
+        "the VM uses its terminal (-serial stdio, -nographic or a stdio monitor), which a second \
+         QEMU on this host cannot take over; save and restore it instead, or give the serial \
+         port a socket"
+    )]
+    UsesTerminal,
+    /// The destination runs an older QEMU than the source.
+    #[error(
+        "the destination runs QEMU {destination}, older than the source's QEMU {source_version}; \
+         QEMU loads only states from its own or older versions"
+    )]
+    OlderDestination {
+        /// The destination's QEMU.
+        destination: QemuVersion,
+        /// The source's QEMU.
+        source_version: QemuVersion,
+    },
+    /// A TCP address that is not `tcp:HOST:PORT`.
+    #[error("{given:?}: expected {expected}")]
+    BadAddress {
+        /// What was given.
+        given: String,
+        /// The forms that are understood.
+        expected: &'static str,
+    },
+    /// The receiving side of a migration could not be reached or is not one.
+    #[error("{addr}: {detail}")]
+    Receiver {
+        /// Its address, `tcp:HOST:PORT`.
+        addr: String,
+        /// What went wrong.
+        detail: String,
+    },
+    /// A TCP port could not be listened on.
+    #[error("cannot listen on {addr}: {}", os_message(.source))]
+    Listen {
+        /// The address, `tcp:ADDR:PORT`.
+        addr: String,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+    /// QEMU reported the migration failed; the text says why and what became of the guest.
     #[error("the migration failed: {0}")]
     MigrationFailed(String),
     /// QEMU exited before the operation finished.
     #[error("QEMU exited {during}{}", qemu_said(.stderr))]
-    QemuExited { during: String, stderr: String },
+    QemuExited {
+        /// When, in words (`during the save`).
+        during: String,
+        /// What QEMU printed on stderr.
+        stderr: String,
+    },
+    /// The operation was cancelled (a signal, the caller's flag).
     #[error("cancelled: {0}")]
-    Interrupted(String),
+    Cancelled(String),
     /// A state file or its manifest is incomplete, damaged or unreadable.
     #[error("{}: {reason}", .path.display())]
-    BadStateFile { path: PathBuf, reason: String },
+    BadStateFile {
+        /// The state file or manifest.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The options or QEMU chosen cannot restore this state file.
     #[error("{} cannot be restored with these options:\n{}", .path.display(), bullet(.differences))]
     Mismatch {
+        /// The state file.
         path: PathBuf,
+        /// Each difference, in words.
         differences: Vec<String>,
     },
+    /// QEMU could not be started.
     #[error("starting {}: {}", .binary.display(), os_message(.source))]
     Launch {
+        /// The QEMU binary.
         binary: PathBuf,
+        /// The operating system's error.
         #[source]
         source: io::Error,
     },
 }
 
+/// What kind of failure an [`Error`] is, for callers that map failures to
+/// exit statuses or decide whether to retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The monitor, QEMU or the other side could not be reached or started,
+    /// or an argument was malformed: nothing changed.
+    Unreachable,
+    /// Refused before anything changed: a damaged file, mismatched options,
+    /// a VM in the wrong state or busy.
+    Refused,
+    /// The migration failed or QEMU exited; nothing half-written is left.
+    Failed,
+    /// Cancelled on request; the guest is as it was.
+    Cancelled,
+}
+
+impl Error {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::BadStateFile { .. }
+            | Error::Mismatch { .. }
+            | Error::NotMigratable { .. }
+            | Error::Busy { .. }
+            | Error::UsesTerminal
+            | Error::OlderDestination { .. } => ErrorKind::Refused,
+            Error::MigrationFailed(_)
+            | Error::File { .. }
+            | Error::Os { .. }
+            | Error::QemuExited { .. } => ErrorKind::Failed,
+            Error::Cancelled(_) => ErrorKind::Cancelled,
+            Error::Monitor(_)
+            | Error::Launch { .. }
+            | Error::BadAddress { .. }
+            | Error::Receiver { .. }
+            | Error::Listen { .. } => ErrorKind::Unreachable,
+        }
+    }
+
+    pub(crate) fn file(
+        path: impl Into<PathBuf>,
+        what: &'static str,
+    ) -> impl FnOnce(io::Error) -> Error {
+        let path = path.into();
+        move |source| Error::File { path, what, source }
+    }
+
+    pub(crate) fn os(what: &'static str) -> impl FnOnce(io::Error) -> Error {
+        move |source| Error::Os { what, source }
+    }
+}
+
+/// A `Result` whose error is this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 fn os_message(e: &io::Error) -> String {
@@ -58,11 +198,17 @@ fn os_message(e: &io::Error) -> String {
     }
 }
 
-fn qemu_said(stderr: &str) -> String {
-    let lines: Vec<&str> = stderr
+/// QEMU's stderr without blank lines and the noise of modules it could not
+/// load (a distribution's optional display modules), which says nothing about the VM.
+pub fn qemu_stderr_lines(stderr: &str) -> Vec<&str> {
+    stderr
         .lines()
         .filter(|l| !l.contains("failed to open module") && !l.trim().is_empty())
-        .collect();
+        .collect()
+}
+
+fn qemu_said(stderr: &str) -> String {
+    let lines = qemu_stderr_lines(stderr);
     if lines.is_empty() {
         String::new()
     } else {
@@ -78,25 +224,28 @@ fn bullet(items: &[String]) -> String {
         .join("\n")
 }
 
-impl Error {
-    pub(crate) fn file(
-        path: impl Into<PathBuf>,
-        what: &'static str,
-    ) -> impl FnOnce(io::Error) -> Error {
-        let path = path.into();
-        move |source| Error::File { path, what, source }
+fn not_migratable(pid: u32, state: &RunState, verb: &str) -> String {
+    if *state == RunState::Postmigrate {
+        format!(
+            "the VM (QEMU pid {pid}) is paused after a previous migration (postmigrate): its \
+             state was already saved or moved; `cont` it first to {verb} it again, and only if \
+             no other copy of it runs"
+        )
+    } else {
+        format!(
+            "the VM (QEMU pid {pid}) cannot be {verb}d in its state {:?}",
+            state.name()
+        )
     }
+}
 
-    /// The CLI's exit status for this error (documented in `--help`).
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            Error::BadStateFile { .. } | Error::Mismatch { .. } => 2,
-            Error::NotReady(_) | Error::Busy(_) => 2,
-            Error::MigrationFailed(_) | Error::File { .. } => 3,
-            Error::QemuExited { .. } => 3,
-            Error::Interrupted(_) => 4,
-            Error::Monitor(e) if e.kind() == qemu_monitor::ErrorKind::Unreachable => 1,
-            Error::Monitor(_) | Error::Protocol(_) | Error::Launch { .. } => 1,
+fn busy(pid: u32, migration: &Option<MigrationStatus>) -> String {
+    match migration {
+        Some(status) => {
+            format!("a migration of this VM (QEMU pid {pid}) is already running ({status:?})")
+        }
+        None => {
+            format!("another qemu-migrate is already saving or migrating this VM (QEMU pid {pid})")
         }
     }
 }

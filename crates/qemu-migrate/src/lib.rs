@@ -9,6 +9,14 @@
 //! checksum. The stream stays QEMU's own format: `-incoming "exec: cat FILE"`
 //! still restores it by hand.
 //!
+//! Where each concern lives: [`vm`] attaches to or launches a QEMU (the
+//! monitor's typed commands come from `qemu_monitor::Monitor`); [`save`],
+//! [`restore`] and [`live`] are the three operations; [`preflight`] asks a
+//! QEMU whether given options can restore a state; [`manifest`] is the file
+//! beside the state; [`argv`] reads QEMU command lines; [`os`] is every call
+//! to the operating system beyond plain files. The `qemu-migrate` command
+//! line is a separate package over this library.
+//!
 //! ```no_run
 //! use std::time::Duration;
 //! use qemu_migrate::{progress::Quiet, save, restore, Vm};
@@ -19,18 +27,24 @@
 //! # Ok::<(), qemu_migrate::Error>(())
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod argv;
-pub mod control;
 mod error;
 pub mod live;
 pub mod manifest;
+pub mod os;
 pub mod preflight;
 pub mod progress;
 pub mod restore;
 pub mod save;
 pub mod vm;
 
-pub use control::{Control, MigrationInfo, MigrationStatus, RunState};
-pub use error::{Error, Result};
+pub use error::{qemu_stderr_lines, Error, ErrorKind, Result};
 pub use manifest::Manifest;
+pub use qemu_monitor::{MigrationInfo, MigrationStatus, Monitor, RunState};
 pub use vm::Vm;
+
+/// A bandwidth cap no disk or pipe reaches: QEMU's own default is 128 MiB/s,
+/// and a paused guest is saved, and a live migration sent, uncapped.
+pub const UNCAPPED: u64 = 1 << 40;

@@ -9,13 +9,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+/// The manifest format this version writes and reads.
 pub const FORMAT: &str = "qemu-migrate/1";
 
+/// What a save records beside its state file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
+    /// [`FORMAT`].
     pub format: String,
     /// The QEMU binary that ran the VM.
     pub qemu: PathBuf,
+    /// Its version, `7.2.22`.
     pub qemu_version: String,
     /// The command line as it ran (without argv[0]).
     pub args: Vec<String>,
@@ -27,13 +31,17 @@ pub struct Manifest {
     pub env: BTreeMap<String, String>,
     /// The machine type the stream names, e.g. `pc-i440fx-7.2`.
     pub machine: Option<String>,
+    /// The guest's base RAM.
     pub ram_bytes: u64,
+    /// The state file's size.
     pub stream_bytes: u64,
     /// CRC-32 (IEEE) of the stream, 8 hex digits.
     pub crc32: String,
+    /// Whether the guest ran when the save began (a restore resumes it then).
     pub guest_was_running: bool,
     /// Seconds since the Unix epoch.
     pub saved_at: u64,
+    /// How QEMU sent the stream (`fd`).
     pub transport: String,
 }
 
@@ -45,6 +53,10 @@ pub fn path_for(statefile: &Path) -> PathBuf {
 }
 
 impl Manifest {
+    /// The manifest beside `statefile`; `None` when it has none.
+    ///
+    /// # Errors
+    /// [`Error::BadStateFile`] for a damaged or unknown manifest.
     pub fn load(statefile: &Path) -> Result<Option<Manifest>> {
         let path = path_for(statefile);
         let text = match std::fs::read_to_string(&path) {
@@ -67,6 +79,9 @@ impl Manifest {
 
     /// Writes the manifest atomically: a temporary file, renamed; synced
     /// first when `sync` (an fsync here can cost as much as the state file's).
+    ///
+    /// # Errors
+    /// [`Error::File`] when it cannot be written.
     pub fn store(&self, statefile: &Path, sync: bool) -> Result<()> {
         let path = path_for(statefile);
         let tmp = path.with_extension("json.partial");

@@ -2,22 +2,25 @@
 //! in words, instead of QEMU's one-line error after it has started.
 
 use std::collections::BTreeMap;
+use std::os::fd::AsFd;
 use std::path::Path;
-use std::process::Command;
 
 use qemu_monitor::QemuVersion;
 
-use std::os::fd::AsFd;
-
 use crate::argv;
 use crate::error::{Error, Result};
+use crate::os;
 use crate::restore::Checked;
-use crate::save::{pipe, UNCAPPED};
-use crate::vm::{LaunchOptions, Vm};
+use crate::vm::{binary_version, LaunchOptions, Vm};
+use crate::UNCAPPED;
 
 /// QEMU's default `-m` when none is given.
 const DEFAULT_RAM_MIB: u64 = 128;
 
+/// Refuses, in words, a QEMU or options that cannot restore `checked`.
+///
+/// # Errors
+/// [`Error::Mismatch`] listing every difference; errors of starting the probe QEMU.
 pub fn check(
     checked: &Checked,
     binary: &Path,
@@ -25,7 +28,7 @@ pub fn check(
     env: &BTreeMap<String, String>,
 ) -> Result<()> {
     let mut differences = Vec::new();
-    let dest_version = qemu_version(binary, env)?;
+    let dest_version = binary_version(binary, env)?;
     if let Some(m) = &checked.manifest {
         if let Ok(saved) = m.qemu_version.parse::<QemuVersion>() {
             if dest_version < saved {
@@ -82,10 +85,7 @@ pub fn probe(
     let mut vm = Vm::launch(
         binary,
         &probe_args,
-        &LaunchOptions {
-            env: env.clone(),
-            ..LaunchOptions::default()
-        },
+        &LaunchOptions::new(crate::vm::Console::Null, env.clone()),
     )
     .map_err(|e| match e {
         Error::QemuExited { stderr, .. } => Error::QemuExited {
@@ -94,14 +94,18 @@ pub fn probe(
         },
         e => e,
     })?;
-    vm.control.set_max_bandwidth(UNCAPPED)?;
-    let (read_end, write_end) = pipe()?;
-    vm.control.getfd(FD_NAME, write_end.as_fd())?;
+    vm.monitor
+        .set_migration_parameter("max-bandwidth", UNCAPPED)?;
+    let (read_end, write_end) = os::pipe()?;
+    vm.monitor.migrate_to_fd(FD_NAME, write_end.as_fd())?;
     drop(write_end);
-    vm.control.migrate(&format!("fd:{FD_NAME}"))?;
-    let summary = qemu_stream::inspect(std::fs::File::from(read_end));
-    let _ = vm.control.quit();
-    summary.map_err(|e| Error::Protocol(format!("reading the probe QEMU's stream: {e}")))
+    let summary = qemu_stream::inspect(read_end);
+    let _ = vm.monitor.quit();
+    summary.map_err(|e| {
+        vm.exited(&format!(
+            "while checking the options (its own stream could not be read: {e})"
+        ))
+    })
 }
 
 /// The differences that would make QEMU refuse the state, or load it into
@@ -186,28 +190,6 @@ fn size(bytes: u64) -> String {
     } else {
         format!("{} KiB", bytes >> 10)
     }
-}
-
-fn qemu_version(binary: &Path, env: &BTreeMap<String, String>) -> Result<QemuVersion> {
-    let out = Command::new(binary)
-        .arg("--version")
-        .envs(env)
-        .output()
-        .map_err(|source| Error::Launch {
-            binary: binary.to_path_buf(),
-            source,
-        })?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.split_whitespace()
-        .nth(3)
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| {
-            Error::Protocol(format!(
-                "{} --version said {:?}",
-                binary.display(),
-                text.trim()
-            ))
-        })
 }
 
 /// `-m 32`, `-m 32M`, `-m 1G`, `-m size=512M,slots=2` in MiB; QEMU's default if absent.

@@ -2,25 +2,26 @@
 //! a QEMU started with the recorded options through a pipe we feed.
 
 use std::fs::File;
-use std::io::{Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::io::{PipeWriter, Read, Write};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::control::MigrationStatus;
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
+use crate::os::{self, partial_path};
 use crate::preflight;
 use crate::progress::Progress;
-use crate::save::{partial_path, pipe};
 use crate::vm::{Console, LaunchOptions, Vm};
 
 const PROGRESS_TICK: Duration = Duration::from_millis(100);
 const FD_NAME: &str = "qemu-migrate-restore";
 
+/// How to restore.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct RestoreOptions {
     /// The QEMU binary; by default the one that saved the file.
     pub qemu: Option<PathBuf>,
@@ -31,19 +32,28 @@ pub struct RestoreOptions {
     pub args: Option<Vec<String>>,
     /// Where the VM's console (its `-serial stdio`) goes.
     pub console: Console,
+    /// Set (e.g. by a signal handler) to cancel the restore.
     pub cancel: Arc<AtomicBool>,
 }
 
 /// A state file that passed its checks.
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct Checked {
+    /// The state file.
     pub path: PathBuf,
+    /// Its manifest, when it has one.
     pub manifest: Option<Manifest>,
+    /// What the stream holds, when it was read whole to check it (no manifest).
     pub summary: Option<qemu_stream::Summary>,
+    /// Its size.
     pub stream_bytes: u64,
 }
 
 /// Checks a state file before anything starts: complete, untampered.
+///
+/// # Errors
+/// [`Error::BadStateFile`] saying what is wrong; [`Error::File`] when it cannot be read.
 pub fn check(path: &Path) -> Result<Checked> {
     let bad = |reason: String| Error::BadStateFile {
         path: path.to_path_buf(),
@@ -120,12 +130,21 @@ fn crc_file(path: &Path) -> Result<u32> {
 
 /// A restored VM: running (or paused, if asked), with its QEMU launched here.
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct Restored {
+    /// The VM; its QEMU is killed when this is dropped unless detached.
     pub vm: Vm,
+    /// The manifest it was restored from.
     pub manifest: Option<Manifest>,
+    /// From the start of the call to the guest running.
     pub elapsed: Duration,
 }
 
+/// Checks `path`, starts QEMU with the recorded (or given) options and loads it.
+///
+/// # Errors
+/// Refusals ([`Error::BadStateFile`], [`Error::Mismatch`]) before any QEMU
+/// starts; [`Error::QemuExited`] with QEMU's words when it rejects the stream.
 pub fn restore(path: &Path, options: &RestoreOptions, progress: &dyn Progress) -> Result<Restored> {
     let started = Instant::now();
     let checked = check(path)?;
@@ -164,23 +183,14 @@ pub fn restore(path: &Path, options: &RestoreOptions, progress: &dyn Progress) -
     };
     preflight::check(&checked, &binary, &args, &env)?;
 
-    let mut vm = Vm::launch_incoming(
-        &binary,
-        &args,
-        &LaunchOptions {
-            console: options.console,
-            show_stderr: options.console.is_terminal(),
-            env,
-        },
-    )?;
+    let mut vm = Vm::launch_incoming(&binary, &args, &LaunchOptions::new(options.console, env))?;
     load(&mut vm, &checked, options, progress)?;
     if was_running && !options.paused {
-        let state = vm.control.status()?;
-        if !state.is_running() {
-            vm.control.cont()?;
+        if !vm.monitor.status()?.is_running() {
+            vm.monitor.cont()?;
         }
-    } else if options.paused && vm.control.status()?.is_running() {
-        vm.control.stop()?;
+    } else if options.paused && vm.monitor.status()?.is_running() {
+        vm.monitor.stop()?;
     }
     Ok(Restored {
         vm,
@@ -196,51 +206,36 @@ fn load(
     options: &RestoreOptions,
     progress: &dyn Progress,
 ) -> Result<()> {
-    let (read_end, write_end) = pipe()?;
-    vm.control.getfd(FD_NAME, read_end.as_fd())?;
+    let (read_end, write_end) = os::pipe()?;
+    vm.monitor.migrate_incoming_fd(FD_NAME, read_end.as_fd())?;
     drop(read_end);
-    vm.control.migrate_incoming(&format!("fd:{FD_NAME}"))?;
 
     let file =
         File::open(&checked.path).map_err(Error::file(&checked.path, "reading the state file"))?;
     let fed = Arc::new(AtomicU64::new(0));
     let feeder = {
         let fed = Arc::clone(&fed);
-        std::thread::spawn(move || feed(file, write_end, &fed))
+        std::thread::Builder::new()
+            .name("restore-feed".into())
+            .spawn(move || feed(file, write_end, &fed))
+            .map_err(Error::os("starting the thread that feeds QEMU"))?
     };
     let total = checked.stream_bytes;
-    let outcome = loop {
-        match vm.control.next_event(PROGRESS_TICK) {
-            Ok(Some(e)) if e.name == "MIGRATION" => {
-                let status: Option<MigrationStatus> =
-                    serde_json::from_value(e.data["status"].clone()).ok();
-                match status {
-                    Some(MigrationStatus::Completed) => break Ok(()),
-                    Some(MigrationStatus::Failed) => {
-                        // The reason is on QEMU's stderr; it exits right after.
-                        break Err(vm.exited("while loading the state"));
-                    }
-                    _ => {}
-                }
-            }
-            Ok(_) => {
-                progress.update("restoring", fed.load(Ordering::Relaxed), Some(total));
-                if options.cancel.load(Ordering::Relaxed) {
-                    break Err(Error::Interrupted(
-                        "the restore was cancelled; QEMU was stopped".into(),
-                    ));
-                }
-            }
-            Err(_) => break Err(vm.exited("while loading the state")),
+    let outcome = vm.wait_loaded(PROGRESS_TICK, |_| {
+        progress.update("restoring", fed.load(Ordering::Relaxed), Some(total));
+        if options.cancel.load(Ordering::Relaxed) {
+            return Err(Error::Cancelled(
+                "the restore was cancelled; QEMU was stopped".into(),
+            ));
         }
-    };
+        Ok(())
+    });
     progress.update("restoring", fed.load(Ordering::Relaxed), Some(total));
     let _ = feeder.join();
     outcome
 }
 
-fn feed(mut file: File, write_end: OwnedFd, fed: &AtomicU64) {
-    let mut pipe = File::from(write_end);
+fn feed(mut file: File, mut pipe: PipeWriter, fed: &AtomicU64) {
     let mut buf = vec![0u8; 1 << 20];
     let mut total = 0u64;
     while let Ok(n) = file.read(&mut buf) {

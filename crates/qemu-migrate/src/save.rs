@@ -3,32 +3,33 @@
 //! the migration completed.
 
 use std::fs::File;
-use std::io::{Read, Write};
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::io::{PipeReader, Read, Write};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use qemu_monitor::{MigrationInfo, MigrationStatus};
+
 use crate::argv;
-use crate::control::{MigrationInfo, MigrationStatus};
 use crate::error::{Error, Result};
 use crate::manifest::{self, Manifest};
+use crate::os::{self, partial_path, VmLock};
 use crate::progress::Progress;
 use crate::vm::Vm;
-
-/// QEMU's own default cap is 128 MiB/s; a paused guest is saved uncapped.
-pub const UNCAPPED: u64 = 1 << 40;
+use crate::UNCAPPED;
 /// How often progress is reported while the stream flows.
 const PROGRESS_TICK: Duration = Duration::from_millis(100);
 /// Chunk size of the copy from QEMU's pipe to the file.
-const CHUNK: usize = 1 << 20;
+const CHUNK: usize = os::PIPE_BUFFER;
 /// The name the pipe's write end gets in QEMU (`getfd`).
 const FD_NAME: &str = "qemu-migrate-save";
 
 /// What to do with the source VM after a successful save.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum Then {
     /// Leave it paused, as the recipe does (it can be resumed with `cont`).
     #[default]
@@ -39,13 +40,30 @@ pub enum Then {
     Resume,
 }
 
+impl std::str::FromStr for Then {
+    type Err = String;
+
+    /// `stop`, `quit` or `resume`.
+    fn from_str(s: &str) -> std::result::Result<Then, String> {
+        match s {
+            "stop" => Ok(Then::Stop),
+            "quit" => Ok(Then::Quit),
+            "resume" => Ok(Then::Resume),
+            _ => Err(format!("{s:?}: expected stop, quit or resume")),
+        }
+    }
+}
+
+/// How to save.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct SaveOptions {
     /// Save while the guest runs (a live snapshot of a moving target); by
     /// default the guest is paused first, which is also far faster.
     pub live: bool,
     /// Bandwidth cap in bytes per second; uncapped by default.
     pub bandwidth: Option<u64>,
+    /// What becomes of the VM after a successful save.
     pub then: Then,
     /// Skip the fsync: faster, but a crash of this machine soon after could
     /// lose a file that looked complete. The rename stays atomic.
@@ -54,11 +72,17 @@ pub struct SaveOptions {
     pub cancel: Arc<AtomicBool>,
 }
 
+/// What a finished save wrote.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct SaveReport {
+    /// The manifest written beside the state file.
     pub manifest: Manifest,
+    /// The state file.
     pub path: PathBuf,
+    /// From the start of the call to the renamed, synced file.
     pub elapsed: Duration,
+    /// QEMU's own account of the migration at completion.
     pub migration: MigrationInfo,
 }
 
@@ -72,6 +96,12 @@ struct Copied {
 }
 
 /// Saves `vm` to `path` (and `path.manifest.json`).
+///
+/// # Errors
+/// Refusals ([`Error::NotMigratable`], [`Error::Busy`]) before anything
+/// changes; a failed or cancelled migration, QEMU's exit or a write error
+/// after, each with the guest resumed if it was running and nothing left
+/// behind.
 pub fn save(
     vm: &mut Vm,
     path: &Path,
@@ -79,28 +109,30 @@ pub fn save(
     progress: &dyn Progress,
 ) -> Result<SaveReport> {
     let started = Instant::now();
-    let _lock = lock_vm(vm.pid)?;
+    let _lock = VmLock::take(vm.pid())?;
 
     let was_running = vm.check_migratable("save")?;
-    let ram_bytes = vm.control.ram_size()?;
+    let ram_bytes = vm.monitor.ram_size()?;
 
     let partial = partial_path(path);
     let file = File::create(&partial).map_err(Error::file(&partial, "creating the state file"))?;
 
     if was_running && !options.live {
-        vm.control.stop()?;
+        vm.monitor.stop()?;
     }
-    let old_bandwidth = vm.control.max_bandwidth()?;
+    let old_bandwidth = vm.monitor.migration_parameter("max-bandwidth")?;
     let result = run_migration(vm, file, &partial, ram_bytes, options, progress);
     // Put QEMU's own setting back whatever happened.
-    let _ = vm.control.set_max_bandwidth(old_bandwidth);
+    let _ = vm
+        .monitor
+        .set_migration_parameter("max-bandwidth", old_bandwidth);
 
     let (copied, info) = match result {
         Ok(r) => r,
         Err(e) => {
             let _ = std::fs::remove_file(&partial);
             if was_running && !options.live && !matches!(e, Error::QemuExited { .. }) {
-                let _ = vm.control.cont();
+                let _ = vm.monitor.cont();
             }
             return Err(e);
         }
@@ -111,11 +143,11 @@ pub fn save(
         .and_then(|s| s.machine_type);
     let manifest = Manifest {
         format: manifest::FORMAT.to_string(),
-        qemu: vm.binary.clone(),
-        qemu_version: vm.version.to_string(),
-        args: vm.args.clone(),
-        vm_options: argv::vm_options(&vm.args),
-        env: vm.env.clone(),
+        qemu: vm.binary().to_path_buf(),
+        qemu_version: vm.version().to_string(),
+        args: vm.args().to_vec(),
+        vm_options: argv::vm_options(vm.args()),
+        env: vm.env().clone(),
         machine,
         ram_bytes,
         stream_bytes: copied.bytes,
@@ -138,7 +170,7 @@ pub fn save(
         std::fs::rename(&partial, path)
             .map_err(Error::file(path, "renaming the finished state file"))?;
         if sync {
-            sync_dir(path);
+            os::sync_dir(path);
         }
         Ok(())
     };
@@ -146,15 +178,15 @@ pub fn save(
         let _ = std::fs::remove_file(&partial);
         let _ = std::fs::remove_file(manifest::path_for(path));
         if was_running && !options.live {
-            let _ = vm.control.cont_after_migration();
+            let _ = vm.monitor.cont_after_migration();
         }
         return Err(e);
     }
 
     match options.then {
         Then::Stop => {}
-        Then::Resume => vm.control.cont_after_migration()?,
-        Then::Quit => vm.control.quit()?,
+        Then::Resume => vm.monitor.cont_after_migration()?,
+        Then::Quit => vm.monitor.quit()?,
     }
     Ok(SaveReport {
         manifest,
@@ -174,22 +206,24 @@ fn run_migration(
     options: &SaveOptions,
     progress: &dyn Progress,
 ) -> Result<(Copied, MigrationInfo)> {
-    vm.control
-        .set_max_bandwidth(options.bandwidth.unwrap_or(UNCAPPED))?;
-    let (read_end, write_end) = pipe()?;
-    vm.control.getfd(FD_NAME, write_end.as_fd())?;
+    vm.monitor
+        .set_migration_parameter("max-bandwidth", options.bandwidth.unwrap_or(UNCAPPED))?;
+    let (read_end, write_end) = os::pipe()?;
+    vm.monitor.migrate_to_fd(FD_NAME, write_end.as_fd())?;
     // QEMU holds its own copy now; ours must go, or the copy never sees EOF.
     drop(write_end);
-    vm.control.migrate(&format!("fd:{FD_NAME}"))?;
 
     let written = Arc::new(AtomicU64::new(0));
     let (tx, rx) = mpsc::channel();
     let sync = !options.no_sync;
     {
         let written = Arc::clone(&written);
-        std::thread::spawn(move || {
-            let _ = tx.send(copy(read_end, file, &written, sync));
-        });
+        std::thread::Builder::new()
+            .name("save-copy".into())
+            .spawn(move || {
+                let _ = tx.send(copy(read_end, file, &written, sync));
+            })
+            .map_err(Error::os("starting the thread that writes the state file"))?;
     }
     let mut cancelled = false;
     let copied = loop {
@@ -199,20 +233,31 @@ fn run_migration(
                 progress.update("saving", written.load(Ordering::Relaxed), Some(ram_bytes));
                 if options.cancel.load(Ordering::Relaxed) && !cancelled {
                     cancelled = true;
-                    vm.control.migrate_cancel()?;
+                    vm.monitor.migrate_cancel()?;
                 }
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => {
-                return Err(Error::Protocol("the copy thread died".into()))
+                let _ = vm.monitor.migrate_cancel();
+                return Err(Error::Os {
+                    what: "writing the state file",
+                    source: std::io::Error::other("the thread that writes it panicked"),
+                });
             }
         }
     };
     progress.update("saving", copied.bytes, Some(ram_bytes));
     if copied.error.is_some() {
         // Our side failed (a full disk): make sure QEMU stops too.
-        let _ = vm.control.migrate_cancel();
+        let _ = vm.monitor.migrate_cancel();
     }
-    let info = match wait_final(vm) {
+    // QEMU marks the migration done before it closes its end of the pipe,
+    // so this is normally the first answer.
+    let settle = Instant::now() + Duration::from_secs(30);
+    let info = match vm
+        .monitor
+        .wait_migration(settle, |_| {})
+        .map_err(Error::from)
+    {
         Ok(i) => i,
         Err(Error::Monitor(e)) if e.kind() == qemu_monitor::ErrorKind::Delivery => {
             return Err(vm.exited("during the save; nothing was kept"))
@@ -227,7 +272,7 @@ fn run_migration(
         });
     }
     if cancelled || options.cancel.load(Ordering::Relaxed) {
-        return Err(Error::Interrupted(
+        return Err(Error::Cancelled(
             "the save was cancelled; nothing was kept".into(),
         ));
     }
@@ -239,25 +284,10 @@ fn run_migration(
     }
 }
 
-/// The migration's final status. QEMU marks the migration done before it
-/// closes its end of the pipe, so this is normally the first answer.
-fn wait_final(vm: &mut Vm) -> Result<MigrationInfo> {
-    const SETTLE: Duration = Duration::from_secs(30);
-    let deadline = Instant::now() + SETTLE;
-    loop {
-        let info = vm.control.query_migrate()?;
-        if info.status.is_final() || Instant::now() >= deadline {
-            return Ok(info);
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// How much is written between nudges to the kernel to start writing it out.
 const WRITEBACK_STEP: u64 = 32 << 20;
 
-fn copy(read_end: OwnedFd, mut file: File, written: &AtomicU64, sync: bool) -> Copied {
-    let mut pipe = File::from(read_end);
+fn copy(mut pipe: PipeReader, mut file: File, written: &AtomicU64, sync: bool) -> Copied {
     let mut buf = vec![0u8; CHUNK];
     let mut hasher = crc32fast::Hasher::new();
     let mut head = Vec::new();
@@ -283,7 +313,7 @@ fn copy(read_end: OwnedFd, mut file: File, written: &AtomicU64, sync: bool) -> C
             // Start writing the finished step to disk now, while QEMU still
             // streams, so the final fsync has little left to wait for.
             let end = bytes / WRITEBACK_STEP * WRITEBACK_STEP;
-            start_writeback(&file, end - WRITEBACK_STEP, WRITEBACK_STEP);
+            os::start_writeback(&file, end - WRITEBACK_STEP, WRITEBACK_STEP);
         }
     };
     // Closing the read end makes QEMU's next write fail, so a failed copy
@@ -296,78 +326,4 @@ fn copy(read_end: OwnedFd, mut file: File, written: &AtomicU64, sync: bool) -> C
         error,
         file,
     }
-}
-
-fn start_writeback(file: &File, offset: u64, len: u64) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: an advisory call on an open descriptor; failure only means the
-    // final fsync does all the work, as it would without this.
-    unsafe {
-        libc::sync_file_range(
-            file.as_raw_fd(),
-            offset as libc::off64_t,
-            len as libc::off64_t,
-            libc::SYNC_FILE_RANGE_WRITE,
-        );
-    }
-}
-
-/// A pipe with a large buffer, so QEMU and the copy thread rarely wait on each other.
-pub(crate) fn pipe() -> Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: fds has room for the two descriptors pipe2 writes.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(Error::file("pipe", "creating a pipe")(
-            std::io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: pipe2 succeeded, so both are open descriptors owned by nobody else.
-    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    // SAFETY: plain fcntl on an open descriptor; failure only leaves the default size.
-    unsafe {
-        libc::fcntl(fds[1], libc::F_SETPIPE_SZ, CHUNK as libc::c_int);
-    }
-    Ok((r, w))
-}
-
-pub fn partial_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".partial");
-    path.with_file_name(name)
-}
-
-/// Makes a rename durable: the directory entry itself is synced.
-fn sync_dir(path: &Path) {
-    if let Some(dir) = path.parent() {
-        let dir = if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        };
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-}
-
-/// One save or migration per VM at a time: an exclusive lock keyed by QEMU's pid.
-pub(crate) fn lock_vm(pid: u32) -> Result<File> {
-    use std::os::fd::AsRawFd;
-    let dir = std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir);
-    let path = dir.join(format!("qemu-migrate-{pid}.lock"));
-    let f = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(Error::file(&path, "opening the VM's lock file"))?;
-    // SAFETY: flock on an open descriptor.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(Error::Busy(format!(
-            "another qemu-migrate is already saving or migrating this VM (QEMU pid {pid})"
-        )));
-    }
-    Ok(f)
 }

@@ -7,10 +7,12 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use qemu_monitor::{ErrorKind, MonitorAddr, Options, QemuVersion};
+use qemu_monitor::{
+    ErrorKind, MigrationStatus, Monitor, MonitorAddr, Options, QemuVersion, RunState,
+};
 
-use crate::control::Control;
 use crate::error::{Error, Result};
+use crate::os;
 
 /// How long QEMU may take to start listening on its monitor.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -20,23 +22,20 @@ const START_RETRY: Duration = Duration::from_millis(2);
 /// A VM and the monitor session that drives it.
 #[derive(Debug)]
 pub struct Vm {
-    pub control: Control,
-    pub pid: u32,
-    /// The QEMU binary (`/proc/PID/exe`).
-    pub binary: PathBuf,
-    /// The command line without argv[0].
-    pub args: Vec<String>,
-    /// `QEMU_*` variables of its environment.
-    pub env: BTreeMap<String, String>,
-    pub version: QemuVersion,
-    /// Set when this process started the QEMU.
-    pub child: Option<Launched>,
+    pub(crate) monitor: Monitor,
+    pid: u32,
+    binary: PathBuf,
+    args: Vec<String>,
+    env: BTreeMap<String, String>,
+    version: QemuVersion,
+    pub(crate) child: Option<Launched>,
 }
 
-/// A QEMU this process started: its handle, private socket directory and stderr.
+/// A QEMU this process started: its handle, private socket directory and
+/// stderr. It is killed when dropped, unless the [`Vm`] was detached.
 #[derive(Debug)]
 pub struct Launched {
-    pub child: Child,
+    child: Child,
     _dir: tempfile::TempDir,
     stderr: Arc<Mutex<Vec<u8>>>,
     stderr_thread: Option<std::thread::JoinHandle<()>>,
@@ -49,7 +48,21 @@ impl Launched {
         String::from_utf8_lossy(&self.stderr.lock().expect("stderr lock")).into_owned()
     }
 
+    /// Whether QEMU has exited, without waiting.
+    pub fn has_exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// QEMU's stdout, with [`Console::Pipe`]: the guest's serial console.
+    /// Taken once.
+    pub fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.child.stdout.take()
+    }
+
     /// Waits for QEMU to exit; returns its status and everything it printed on stderr.
+    ///
+    /// # Errors
+    /// When waiting for the process fails.
     pub fn wait(&mut self) -> std::io::Result<(ExitStatus, String)> {
         let status = self.child.wait()?;
         if let Some(t) = self.stderr_thread.take() {
@@ -83,6 +96,7 @@ pub enum Console {
 }
 
 impl Console {
+    /// Whether the console is this process's terminal.
     pub fn is_terminal(self) -> bool {
         self == Console::Terminal
     }
@@ -90,37 +104,94 @@ impl Console {
 
 /// How to start a QEMU.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct LaunchOptions {
+    /// Where its stdin and stdout go.
     pub console: Console,
     /// Pass QEMU's stderr through to ours as well as keeping it.
     pub show_stderr: bool,
+    /// Environment variables to set (`QEMU_*` module and firmware paths).
     pub env: BTreeMap<String, String>,
 }
 
+impl LaunchOptions {
+    /// A QEMU whose console goes to `console`, its stderr passed through
+    /// when that is the terminal.
+    pub fn new(console: Console, env: BTreeMap<String, String>) -> LaunchOptions {
+        LaunchOptions {
+            console,
+            show_stderr: console.is_terminal(),
+            env,
+        }
+    }
+}
+
 impl Vm {
+    /// The monitor session: typed commands in QEMU's words.
+    pub fn monitor(&mut self) -> &mut Monitor {
+        &mut self.monitor
+    }
+
+    /// QEMU's pid.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The QEMU binary (`/proc/PID/exe` for an attached VM).
+    pub fn binary(&self) -> &Path {
+        &self.binary
+    }
+
+    /// The command line without argv[0].
+    pub fn args(&self) -> &[String] {
+        &self.args
+    }
+
+    /// `QEMU_*` variables of its environment.
+    pub fn env(&self) -> &BTreeMap<String, String> {
+        &self.env
+    }
+
+    /// QEMU's version.
+    pub fn version(&self) -> QemuVersion {
+        self.version
+    }
+
+    /// The QEMU this process started, if it did.
+    pub fn launched(&mut self) -> Option<&mut Launched> {
+        self.child.as_mut()
+    }
+
     /// Attaches to a running QEMU by its monitor socket (HMP or QMP).
+    ///
+    /// # Errors
+    /// When the socket cannot be reached, is not a QEMU monitor, or the
+    /// process behind it cannot be read.
     pub fn attach(monitor: impl Into<MonitorAddr>, timeout: Duration) -> Result<Vm> {
         let options = Options {
             timeout,
             wait_socket: None,
         };
-        let monitor = qemu_monitor::connect(monitor, &options)?;
-        let mut control = Control::from_monitor(monitor)?;
-        let pid = control.peer_pid()?;
-        let (binary, args, env) = process_info(pid)?;
-        let version = control.version()?;
+        let mut monitor = qemu_monitor::connect(monitor, &options)?;
+        let pid = monitor.peer_pid()?;
+        let info = os::process_info(pid)?;
+        let version = monitor.version()?;
         Ok(Vm {
-            control,
+            monitor,
             pid,
-            binary,
-            args,
-            env,
+            binary: info.binary,
+            args: info.args,
+            env: info.env,
             version,
             child: None,
         })
     }
 
     /// Starts `binary args...` with a private QMP socket added, and connects to it.
+    ///
+    /// # Errors
+    /// When QEMU cannot be started, or exits before its monitor answers
+    /// (with what it said on stderr).
     pub fn launch(binary: &Path, args: &[String], options: &LaunchOptions) -> Result<Vm> {
         let dir = tempfile::Builder::new()
             .prefix("qemu-migrate-")
@@ -178,10 +249,9 @@ impl Vm {
         };
         let session = connect_while_alive(&qmp, &mut launched)?;
         let pid = launched.child.id();
-        let mut control = Control::from_monitor(qemu_monitor::Monitor::Qmp(session))?;
-        let version = control.version()?;
+        let version = session.version();
         Ok(Vm {
-            control,
+            monitor: Monitor::Qmp(session),
             pid,
             binary: binary.to_path_buf(),
             args: args.to_vec(),
@@ -193,15 +263,47 @@ impl Vm {
 
     /// Starts a QEMU that waits for a migration (`-incoming defer`) to take
     /// over a VM run with `args`, with migration events on.
+    ///
+    /// # Errors
+    /// As [`Vm::launch`].
     pub fn launch_incoming(binary: &Path, args: &[String], options: &LaunchOptions) -> Result<Vm> {
         let mut launch_args = crate::argv::restart_options(args);
         launch_args.extend(["-incoming".to_string(), "defer".to_string()]);
         let mut vm = Vm::launch(binary, &launch_args, options)?;
-        vm.control.set_capability("events", true)?;
+        vm.monitor.set_capability("events", true)?;
         Ok(vm)
     }
 
+    /// Waits for the incoming migration to be loaded (its `MIGRATION`
+    /// event says `completed`); `on_tick` runs between events, and may
+    /// stop the wait with an error.
+    ///
+    /// # Errors
+    /// [`Error::QemuExited`] with QEMU's words when it rejects the stream;
+    /// whatever `on_tick` returns.
+    pub fn wait_loaded(
+        &mut self,
+        tick: Duration,
+        mut on_tick: impl FnMut(&mut Vm) -> Result<()>,
+    ) -> Result<()> {
+        loop {
+            match self.monitor.next_event(tick) {
+                Ok(Some(e)) => match qemu_monitor::migration_event_status(&e) {
+                    Some(MigrationStatus::Completed) => return Ok(()),
+                    // QEMU prints why on stderr and exits.
+                    Some(MigrationStatus::Failed) => {
+                        return Err(self.exited("while loading the state"))
+                    }
+                    _ => {}
+                },
+                Ok(None) => on_tick(self)?,
+                Err(_) => return Err(self.exited("while loading the state")),
+            }
+        }
+    }
+
     /// Lets a launched QEMU run on after this `Vm` is gone; returns its pid.
+    #[must_use = "the pid is the only handle left on the QEMU"]
     pub fn detach(mut self) -> u32 {
         if let Some(l) = self.child.as_mut() {
             l.kill_on_drop = false;
@@ -212,33 +314,43 @@ impl Vm {
     /// Refuses a VM that cannot start a migration now (already migrated,
     /// still loading, broken, or migrating); returns whether its guest runs.
     /// `verb` says what was asked: `save`, `migrate`.
-    pub fn check_migratable(&mut self, verb: &str) -> Result<bool> {
-        let state = self.control.status()?;
-        match state.0.as_str() {
-            "postmigrate" => {
-                return Err(Error::NotReady(format!(
-                    "the VM (QEMU pid {}) is paused after a previous migration (postmigrate): its \
-                     state was already saved or moved; `cont` it first to {verb} it again, and \
-                     only if no other copy of it runs",
-                    self.pid
-                )))
-            }
-            "inmigrate" | "finish-migrate" | "prelaunch" | "shutdown" | "internal-error" => {
-                return Err(Error::NotReady(format!(
-                    "the VM (QEMU pid {}) cannot be {verb}d in its state {:?}",
-                    self.pid, state.0
-                )))
+    ///
+    /// # Errors
+    /// [`Error::NotMigratable`], [`Error::Busy`], or the monitor's error.
+    pub fn check_migratable(&mut self, verb: &'static str) -> Result<bool> {
+        let state = self.monitor.status()?;
+        match state {
+            RunState::Postmigrate
+            | RunState::Inmigrate
+            | RunState::FinishMigrate
+            | RunState::Prelaunch
+            | RunState::Shutdown
+            | RunState::InternalError => {
+                return Err(Error::NotMigratable {
+                    pid: self.pid,
+                    state,
+                    verb,
+                })
             }
             _ => {}
         }
-        let before = self.control.query_migrate()?;
-        if !before.status.is_final() && before.status != crate::MigrationStatus::None {
-            return Err(Error::Busy(format!(
-                "a migration of this VM (QEMU pid {}) is already running ({:?})",
-                self.pid, before.status
-            )));
+        let before = self.monitor.migration()?;
+        if !before.status.is_final() && before.status != MigrationStatus::None {
+            return Err(Error::Busy {
+                pid: self.pid,
+                migration: Some(before.status),
+            });
         }
         Ok(state.is_running())
+    }
+
+    /// Puts a guest that was running back to running, whatever paused it
+    /// (a completed or failed migration, our own `stop`). Best effort: used
+    /// on the way out of a failure, where the first error is the one to report.
+    pub fn resume_quietly(&mut self) {
+        if self.monitor.status().is_ok_and(|s| !s.is_running()) {
+            let _ = self.monitor.cont_after_migration();
+        }
     }
 
     /// QEMU's stderr so far, when it was launched here.
@@ -287,38 +399,30 @@ fn connect_while_alive(qmp: &Path, launched: &mut Launched) -> Result<qemu_monit
     }
 }
 
-/// The binary, arguments and `QEMU_*` environment of a process.
-fn process_info(pid: u32) -> Result<(PathBuf, Vec<String>, BTreeMap<String, String>)> {
-    let proc = PathBuf::from(format!("/proc/{pid}"));
-    let cmdline = std::fs::read(proc.join("cmdline")).map_err(Error::file(
-        proc.join("cmdline"),
-        "reading the QEMU command line",
-    ))?;
-    let mut args: Vec<String> = cmdline
-        .split(|&b| b == 0)
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
-    if args.last().is_some_and(String::is_empty) {
-        args.pop();
-    }
-    if args.is_empty() {
-        return Err(Error::NotReady(format!(
-            "process {pid} has no command line"
-        )));
-    }
-    let argv0 = args.remove(0);
-    let binary = std::fs::read_link(proc.join("exe")).unwrap_or_else(|_| PathBuf::from(argv0));
-    let env = std::fs::read(proc.join("environ"))
-        .map(|raw| {
-            raw.split(|&b| b == 0)
-                .filter_map(|kv| {
-                    let kv = String::from_utf8_lossy(kv);
-                    let (k, v) = kv.split_once('=')?;
-                    k.starts_with("QEMU_")
-                        .then(|| (k.to_string(), v.to_string()))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    Ok((binary, args, env))
+/// The version a QEMU binary reports (`QEMU emulator version 7.2.22 (...)`).
+///
+/// # Errors
+/// [`Error::Launch`] when it cannot be run or says no version.
+pub fn binary_version(binary: &Path, env: &BTreeMap<String, String>) -> Result<QemuVersion> {
+    let launch = |source| Error::Launch {
+        binary: binary.to_path_buf(),
+        source,
+    };
+    let out = Command::new(binary)
+        .arg("--version")
+        .envs(env)
+        .output()
+        .map_err(launch)?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    parse_version_banner(&text).ok_or_else(|| {
+        launch(std::io::Error::other(format!(
+            "--version said {:?}",
+            text.trim()
+        )))
+    })
+}
+
+/// `QEMU emulator version 7.2.22 (Debian ...)` → 7.2.22.
+pub fn parse_version_banner(text: &str) -> Option<QemuVersion> {
+    text.split_whitespace().nth(3).and_then(|v| v.parse().ok())
 }

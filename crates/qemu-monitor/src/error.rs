@@ -49,6 +49,13 @@ pub enum Error {
         class: Option<String>,
         message: String,
     },
+    /// QEMU answered a command with something this crate cannot read.
+    #[error("{addr}: unexpected answer to `{command}`: {}", shorten(.detail))]
+    Unexpected {
+        addr: MonitorAddr,
+        command: String,
+        detail: String,
+    },
     /// A command line was refused before anything was sent.
     #[error("refused before sending {:?}: {reason}", shorten(.command))]
     BadLine { command: String, reason: String },
@@ -83,6 +90,7 @@ impl Error {
             Error::Timeout { .. }
             | Error::Closed { .. }
             | Error::NotAMonitor { .. }
+            | Error::Unexpected { .. }
             | Error::Io { .. } => ErrorKind::Delivery,
         }
     }

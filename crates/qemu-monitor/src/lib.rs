@@ -19,17 +19,21 @@
 //! ```
 
 mod addr;
+mod commands;
 mod conn;
 mod error;
 pub mod hmp;
 pub mod qmp;
+mod state;
 
 use std::time::Duration;
 
 pub use addr::MonitorAddr;
+pub use commands::migration_event_status;
 pub use error::{Error, ErrorKind, Result};
 pub use hmp::{HmpReply, HmpSession};
 pub use qmp::{Event, Greeting, QemuVersion, QmpError, QmpSession, Reply};
+pub use state::{MigrationInfo, MigrationStatus, RunState};
 
 use conn::{Connection, Wait};
 
@@ -150,7 +154,7 @@ impl Monitor {
             Monitor::Hmp(s) => s.command(line),
             Monitor::Qmp(s) => {
                 s.negotiate()?;
-                s.hmp(line)
+                s.human_command(line)
             }
         }
     }

@@ -258,7 +258,7 @@ impl QmpSession {
     }
 
     /// Runs an HMP command line through `human-monitor-command`.
-    pub fn hmp(&mut self, line: &str) -> Result<String> {
+    pub fn human_command(&mut self, line: &str) -> Result<String> {
         let out = self.execute(
             "human-monitor-command",
             Some(json!({ "command-line": line })),

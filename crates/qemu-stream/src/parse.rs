@@ -787,13 +787,13 @@ fn plausible_next(b: &[u8]) -> bool {
                 return false;
             };
             let printable = n > 0 && name.iter().all(|c| c.is_ascii_graphic() || *c == b' ');
-            let small = |v: Option<u32>| v.map_or(true, |v| v < (1 << 16));
+            let small = |v: Option<u32>| v.is_none_or(|v| v < (1 << 16));
             id < (1 << 16) && printable && small(be32(6 + n)) && small(be32(10 + n))
         }
         Some(&QEMU_VM_SECTION_PART) | Some(&QEMU_VM_SECTION_END) => {
-            be32(1).map_or(true, |id| id < (1 << 16))
+            be32(1).is_none_or(|id| id < (1 << 16))
         }
-        Some(&QEMU_VM_COMMAND) => b.get(1..3).map_or(true, |c| c[0] == 0 && c[1] < 0x20),
+        Some(&QEMU_VM_COMMAND) => b.get(1..3).is_none_or(|c| c[0] == 0 && c[1] < 0x20),
         _ => false,
     }
 }

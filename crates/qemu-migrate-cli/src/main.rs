@@ -1,6 +1,8 @@
-//! `qemu-migrate`: the command line over the library; see `--help`.
+//! `qemu-migrate`: the command line over the `qemu-migrate` library; see
+//! `--help`. Flags, progress display, signals and exit statuses live here;
+//! what a save, restore or migration means lives in the library.
 
-mod cli_progress;
+mod progress;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -9,13 +11,14 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::{Parser, Subcommand};
 use qemu_migrate::live::{self, AfterLive, Destination, LiveOptions, ReceiveOptions, VmSpec};
 use qemu_migrate::progress::{Progress, Quiet};
 use qemu_migrate::restore::{self, RestoreOptions};
 use qemu_migrate::save::{self, SaveOptions, Then};
 use qemu_migrate::vm::Console;
-use qemu_migrate::{Error, Manifest, Vm};
+use qemu_migrate::{Error, ErrorKind, Manifest, Vm};
 
 const AFTER_HELP: &str = "\
 Examples:
@@ -49,17 +52,23 @@ struct Cli {
     quiet: bool,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum ThenArg {
-    Stop,
-    Quit,
-    Resume,
+/// The exit status for an error, as `--help` documents it.
+fn exit_code(e: &Error) -> u8 {
+    match e.kind() {
+        ErrorKind::Refused => 2,
+        ErrorKind::Failed => 3,
+        ErrorKind::Cancelled => 4,
+        _ => 1,
+    }
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LiveThenArg {
-    Quit,
-    Stop,
+/// Writes a line to stdout. A reader that went away (`| head`) does not
+/// stop the operation, which may be holding a VM: the output is dropped.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
 }
 
 #[derive(Debug, Subcommand)]
@@ -74,8 +83,10 @@ enum Cmd {
         #[arg(long)]
         live: bool,
         /// What becomes of the VM after the save.
-        #[arg(long, value_enum, default_value = "stop")]
-        then: ThenArg,
+        #[arg(long, default_value = "stop",
+              value_parser = PossibleValuesParser::new(["stop", "quit", "resume"])
+                  .map(|s| s.parse::<Then>().expect("a listed value")))]
+        then: Then,
         /// Bandwidth cap in MiB/s (default: none).
         #[arg(long)]
         bandwidth: Option<u64>,
@@ -124,8 +135,10 @@ enum Cmd {
         #[arg(long)]
         no_auto_converge: bool,
         /// What becomes of the source once the destination runs.
-        #[arg(long, value_enum, default_value = "quit")]
-        then: LiveThenArg,
+        #[arg(long, default_value = "quit",
+              value_parser = PossibleValuesParser::new(["quit", "stop"])
+                  .map(|s| s.parse::<AfterLive>().expect("a listed value")))]
+        then: AfterLive,
         /// Deadline for each monitor reply, in seconds.
         #[arg(long, default_value = "30")]
         timeout: u64,
@@ -166,12 +179,9 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    // Printing into a closed pipe (`| head`) ends the process quietly, as
-    // for any Unix tool, instead of panicking.
-    // SAFETY: resetting a signal disposition before any thread starts.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
+    // SIGPIPE stays ignored (Rust's default): a QEMU that closes the pipe
+    // it loads from, or a reader of our output that goes away, is an error
+    // to report in words, never a silent death with a VM half-handled.
     let cli = Cli::parse();
     let cancel = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -180,30 +190,31 @@ fn main() -> ExitCode {
     match run(&cli, cancel) {
         Ok(code) => code,
         Err(e) => {
+            let code = exit_code(&e);
             if cli.json {
-                println!(
+                say!(
                     "{}",
-                    serde_json::json!({ "error": e.to_string(), "exit": e.exit_code() })
+                    serde_json::json!({ "error": e.to_string(), "exit": code })
                 );
             }
             eprintln!("qemu-migrate: {e}");
-            ExitCode::from(e.exit_code())
+            ExitCode::from(code)
         }
     }
 }
 
 enum Shown {
-    Bar(cli_progress::Bar),
-    Json(cli_progress::JsonLines),
+    Bar(progress::Bar),
+    Json(progress::JsonLines),
     Quiet(Quiet),
 }
 
 impl Shown {
     fn new(cli: &Cli) -> Shown {
         if cli.json {
-            Shown::Json(cli_progress::JsonLines::new())
+            Shown::Json(progress::JsonLines::new())
         } else if !cli.quiet && std::io::stderr().is_terminal() {
-            Shown::Bar(cli_progress::Bar::new())
+            Shown::Bar(progress::Bar::new())
         } else {
             Shown::Quiet(Quiet)
         }
@@ -236,24 +247,19 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
             no_sync,
         } => {
             let mut vm = Vm::attach(monitor.as_str(), Duration::from_secs(*timeout))?;
-            let options = SaveOptions {
-                live: *live,
-                bandwidth: bandwidth.map(|m| m << 20),
-                then: match then {
-                    ThenArg::Stop => Then::Stop,
-                    ThenArg::Quit => Then::Quit,
-                    ThenArg::Resume => Then::Resume,
-                },
-                no_sync: *no_sync,
-                cancel,
-            };
+            let mut options = SaveOptions::default();
+            options.live = *live;
+            options.bandwidth = bandwidth.map(|m| m << 20);
+            options.then = *then;
+            options.no_sync = *no_sync;
+            options.cancel = cancel;
             let shown = Shown::new(cli);
             let report = save::save(&mut vm, statefile, &options, shown.progress());
             shown.done();
             let report = report?;
             let m = &report.manifest;
             if cli.json {
-                println!(
+                say!(
                     "{}",
                     serde_json::json!({ "saved": report.path, "seconds": report.elapsed.as_secs_f64(), "manifest": m })
                 );
@@ -278,24 +284,19 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
             pidfile,
             qemu_args,
         } => {
-            let options = RestoreOptions {
-                qemu: qemu.clone(),
-                paused: *paused,
-                args: (!qemu_args.is_empty()).then(|| qemu_args.clone()),
-                console: if *daemonize {
-                    Console::Null
-                } else {
-                    Console::Terminal
-                },
-                cancel,
-            };
+            let mut options = RestoreOptions::default();
+            options.qemu.clone_from(qemu);
+            options.paused = *paused;
+            options.args = (!qemu_args.is_empty()).then(|| qemu_args.clone());
+            options.console = console(*daemonize);
+            options.cancel = cancel;
             let shown = Shown::new(cli);
             let restored = restore::restore(statefile, &options, shown.progress());
             shown.done();
             let restored = restored?;
-            let pid = restored.vm.pid;
+            let pid = restored.vm.pid();
             if cli.json {
-                println!(
+                say!(
                     "{}",
                     serde_json::json!({ "restored": statefile, "pid": pid, "seconds": restored.elapsed.as_secs_f64() })
                 );
@@ -329,23 +330,18 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
             timeout,
         } => {
             let mut vm = Vm::attach(monitor.as_str(), Duration::from_secs(*timeout))?;
-            let options = LiveOptions {
-                downtime_limit: downtime_limit.map(Duration::from_millis),
-                bandwidth: bandwidth.map(|m| m << 20),
-                auto_converge: !*no_auto_converge,
-                then: match then {
-                    LiveThenArg::Quit => AfterLive::Quit,
-                    LiveThenArg::Stop => AfterLive::Stop,
-                },
-                cancel,
-                ..LiveOptions::default()
-            };
+            let mut options = LiveOptions::default();
+            options.downtime_limit = downtime_limit.map(Duration::from_millis);
+            options.bandwidth = bandwidth.map(|m| m << 20);
+            options.auto_converge = !*no_auto_converge;
+            options.then = *then;
+            options.cancel = cancel;
             let shown = Shown::new(cli);
             let report = live::live(&mut vm, to, &options, shown.progress());
             shown.done();
             let r = report?;
             if cli.json {
-                println!(
+                say!(
                     "{}",
                     serde_json::json!({
                         "migrated": r.destination.to_string(),
@@ -394,34 +390,30 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
                 Some(m) => VmSpec::Manifest(m.clone()),
                 None => VmSpec::Args(qemu_args.clone()),
             };
-            let options = ReceiveOptions {
-                qemu: qemu.clone(),
-                console: if *daemonize {
-                    Console::Null
-                } else {
-                    Console::Terminal
-                },
-                cancel,
-            };
+            let mut options = ReceiveOptions::default();
+            options.qemu.clone_from(qemu);
+            options.console = console(*daemonize);
+            options.cancel = cancel;
             let receiver = live::Receiver::start(listen, &spec, &options)?;
             if cli.json {
-                println!(
+                say!(
                     "{}",
-                    serde_json::json!({ "listening": receiver.listen, "pid": receiver.vm.pid })
+                    serde_json::json!({ "listening": receiver.listen, "pid": receiver.vm.pid() })
                 );
             } else if !cli.quiet {
                 eprintln!(
                     "waiting for a migration on {} (QEMU pid {})",
-                    receiver.listen, receiver.vm.pid
+                    receiver.listen,
+                    receiver.vm.pid()
                 );
             }
             let shown = Shown::new(cli);
             let received = receiver.finish(&options, shown.progress());
             shown.done();
             let received = received?;
-            let pid = received.vm.pid;
+            let pid = received.vm.pid();
             if cli.json {
-                println!(
+                say!(
                     "{}",
                     serde_json::json!({ "received": listen, "state": received.state, "pid": pid, "seconds": received.elapsed.as_secs_f64() })
                 );
@@ -437,6 +429,15 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
     }
 }
 
+/// Where a launched QEMU's console goes: this terminal, or nowhere in the background.
+fn console(daemonize: bool) -> Console {
+    if daemonize {
+        Console::Null
+    } else {
+        Console::Terminal
+    }
+}
+
 /// Leaves a VM launched here running: in the background (with its pid in
 /// `pidfile`), or in the foreground with this terminal until it ends.
 fn hand_over(
@@ -444,7 +445,7 @@ fn hand_over(
     daemonize: bool,
     pidfile: Option<&std::path::Path>,
 ) -> Result<ExitCode, Error> {
-    let pid = vm.pid;
+    let pid = vm.pid();
     if daemonize {
         if let Some(p) = pidfile {
             std::fs::write(p, format!("{pid}\n")).map_err(|e| Error::File {
@@ -453,20 +454,16 @@ fn hand_over(
                 source: e,
             })?;
         }
-        vm.detach();
+        let _ = vm.detach();
         return Ok(ExitCode::SUCCESS);
     }
     // A signal meant for this process is passed on to QEMU, which ends the
     // way it does for any signal.
     forward_signals(pid);
-    let launched = vm
-        .child
-        .as_mut()
-        .expect("a VM handed over was launched here");
-    let (status, _) = launched.wait().map_err(|e| Error::File {
-        path: PathBuf::from(format!("/proc/{pid}")),
+    let launched = vm.launched().expect("a VM handed over was launched here");
+    let (status, _) = launched.wait().map_err(|source| Error::Os {
         what: "waiting for QEMU",
-        source: e,
+        source,
     })?;
     Ok(ExitCode::from(
         status.code().unwrap_or(1).clamp(0, 255) as u8
@@ -505,7 +502,7 @@ fn inspect(
         })?,
     };
     if cli.json {
-        println!(
+        say!(
             "{}",
             serde_json::json!({
                 "file": statefile,
@@ -516,9 +513,9 @@ fn inspect(
             })
         );
     } else {
-        println!("{summary}");
+        say!("{summary}");
         if let Some(m) = &manifest {
-            println!(
+            say!(
                 "manifest: saved by QEMU {} ({}) from a {} guest\n  options: {}",
                 m.qemu_version,
                 m.qemu.display(),
@@ -531,7 +528,7 @@ fn inspect(
             );
         }
         match &verdict {
-            Ok(_) => println!(
+            Ok(_) => say!(
                 "complete: yes{}",
                 if manifest.is_some() {
                     ", checksum matches"
@@ -539,7 +536,7 @@ fn inspect(
                     ""
                 }
             ),
-            Err(e) => println!("complete: no: {e}"),
+            Err(e) => say!("complete: no: {e}"),
         }
     }
     let mut checked = verdict?;
@@ -547,7 +544,7 @@ fn inspect(
         checked.summary = Some(summary);
         qemu_migrate::preflight::check(&checked, &binary, qemu_args, &Default::default())?;
         if !cli.json {
-            println!("these options can restore it");
+            say!("these options can restore it");
         }
     }
     Ok(ExitCode::SUCCESS)

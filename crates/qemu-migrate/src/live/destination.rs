@@ -1,0 +1,89 @@
+//! Where a live migration goes: parsed from `local` or `tcp:HOST:PORT`, and
+//! the local destination QEMU started with the source's command line.
+
+use crate::error::{Error, Result};
+use crate::vm::{Console, LaunchOptions, Vm};
+
+/// Where the VM goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Destination {
+    /// A new QEMU on this host, same command line, over a private unix socket.
+    Local,
+    /// A `qemu-migrate receive --listen tcp:HOST:PORT` on another host.
+    Tcp {
+        /// The receiver's host name or address.
+        host: String,
+        /// Its port.
+        port: u16,
+    },
+}
+
+impl std::str::FromStr for Destination {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "local" | "unix" => Ok(Destination::Local),
+            _ => {
+                let (host, port) = parse_tcp(s)?;
+                Ok(Destination::Tcp { host, port })
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Destination::Local => f.write_str("local"),
+            Destination::Tcp { host, port } => write!(f, "{}", tcp_uri(host, *port)),
+        }
+    }
+}
+
+/// `tcp:HOST:PORT` (`tcp:[::1]:PORT` for IPv6) → host and port.
+///
+/// # Errors
+/// [`Error::BadAddress`] for anything else.
+pub fn parse_tcp(s: &str) -> Result<(String, u16)> {
+    let bad = || Error::BadAddress {
+        given: s.to_string(),
+        expected: "local, unix or tcp:HOST:PORT",
+    };
+    let rest = s.strip_prefix("tcp:").ok_or_else(bad)?;
+    let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if host.is_empty() || port == 0 {
+        return Err(bad());
+    }
+    Ok((host.to_string(), port))
+}
+
+pub(super) fn tcp_uri(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("tcp:[{host}]:{port}")
+    } else {
+        format!("tcp:{host}:{port}")
+    }
+}
+
+/// Starts the local destination, listening on a unix socket in a private directory.
+pub(super) fn start_local(vm: &Vm) -> Result<(Vm, tempfile::TempDir, String)> {
+    let dir = tempfile::Builder::new()
+        .prefix("qemu-migrate-live-")
+        .tempdir()
+        .map_err(Error::file(
+            std::env::temp_dir(),
+            "creating a private directory",
+        ))?;
+    let mut dest = Vm::launch_incoming(
+        vm.binary(),
+        vm.args(),
+        &LaunchOptions::new(Console::Null, vm.env().clone()),
+    )?;
+    let uri = format!("unix:{}", dir.path().join("migrate.sock").display());
+    dest.monitor.migrate_incoming(&uri)?;
+    Ok((dest, dir, uri))
+}

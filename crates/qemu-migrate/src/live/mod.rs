@@ -1,0 +1,433 @@
+//! Live migration: the guest keeps running while its RAM is copied to a new
+//! QEMU, and the source is stopped only once the destination says the guest
+//! runs there (libvirt's Confirm step). Anything that fails before that
+//! cancels the migration and leaves the source running.
+//!
+//! Two destinations:
+//!
+//! - `Local`: a new QEMU on this host with the same command line, loading
+//!   through a private unix socket. Its QMP socket tells when the guest runs.
+//! - `Tcp`: a QEMU on another host started by [`receive`]. The receiver owns
+//!   the TCP port: the first bytes of a connection tell QEMU's stream
+//!   (`QEVM`) from a confirm channel, so one port serves both. The source's
+//!   `qemu-migrate` opens the confirm channel before the migration (the
+//!   receiver answers with its QEMU version: Prepare) and reads the
+//!   destination's final state on it after QEMU reports `completed`
+//!   (Confirm). A plain `migrate tcp:...` from a QEMU monitor still works
+//!   against a receiver; it just gets no confirmation.
+//!
+//! Unix sockets the VM listens on (the user's `-monitor unix:/tmp/qemu-sock`)
+//! are a trap on one host: the destination unlinks the path and binds its
+//! own, and the source, when it quits, unlinks the path again (QEMU cleans up
+//! its listening sockets at exit), taking the destination's socket with it.
+//! Both QEMUs 7.2 and 10.0 do this. A local migration therefore keeps a hard
+//! link to each socket while the two coexist and puts the right one back in
+//! place afterwards: the destination's on success, the source's on failure.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use qemu_migrate::{live, progress::Quiet, Vm};
+//!
+//! let mut vm = Vm::attach("/tmp/qemu-sock", Duration::from_secs(30))?;
+//! let report = live::live(&mut vm, &live::Destination::Local, &live::LiveOptions::default(), &Quiet)?;
+//! println!("downtime {:?} ms", report.migration.downtime_ms);
+//! # Ok::<(), qemu_migrate::Error>(())
+//! ```
+
+mod confirm;
+mod destination;
+mod handover;
+mod receive;
+
+use std::io::BufReader;
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use qemu_monitor::{migration_event_status, MigrationInfo, MigrationStatus, Monitor, RunState};
+
+use crate::argv;
+use crate::error::{Error, Result};
+use crate::os::{self, VmLock};
+use crate::progress::Progress;
+use crate::vm::Vm;
+use crate::UNCAPPED;
+
+use confirm::{read_said, Said, State};
+pub use destination::{parse_tcp, Destination};
+use handover::SocketHandover;
+pub use receive::{receive, ReceiveOptions, Received, Receiver, VmSpec};
+
+/// How often progress is reported (and an HMP-only source is polled).
+const PROGRESS_TICK: Duration = Duration::from_millis(100);
+
+/// What becomes of the source once the destination runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum AfterLive {
+    /// End the source QEMU.
+    #[default]
+    Quit,
+    /// Leave it paused (postmigrate), a fallback that must not be resumed
+    /// while the destination runs.
+    Stop,
+}
+
+impl std::str::FromStr for AfterLive {
+    type Err = String;
+
+    /// `quit` or `stop`.
+    fn from_str(s: &str) -> std::result::Result<AfterLive, String> {
+        match s {
+            "quit" => Ok(AfterLive::Quit),
+            "stop" => Ok(AfterLive::Stop),
+            _ => Err(format!("{s:?}: expected quit or stop")),
+        }
+    }
+}
+
+/// How to migrate.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct LiveOptions {
+    /// The longest pause QEMU may take for the final copy; QEMU's default
+    /// (300 ms) when unset.
+    pub downtime_limit: Option<Duration>,
+    /// Bandwidth cap in bytes per second; uncapped by default.
+    pub bandwidth: Option<u64>,
+    /// Throttle a guest that dirties RAM faster than it can be sent.
+    pub auto_converge: bool,
+    /// What becomes of the source once the destination runs.
+    pub then: AfterLive,
+    /// How long the destination may take to confirm after QEMU reports
+    /// the migration completed.
+    pub confirm_timeout: Duration,
+    /// Set (e.g. by a signal handler) to cancel; honoured until the source
+    /// reports `completed`.
+    pub cancel: Arc<AtomicBool>,
+}
+
+impl Default for LiveOptions {
+    fn default() -> Self {
+        LiveOptions {
+            downtime_limit: None,
+            bandwidth: None,
+            auto_converge: true,
+            then: AfterLive::Quit,
+            confirm_timeout: Duration::from_secs(60),
+            cancel: Arc::default(),
+        }
+    }
+}
+
+/// What a finished live migration did.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct LiveReport {
+    /// Where the VM went.
+    pub destination: Destination,
+    /// From the start of the command to the destination's confirmation.
+    pub elapsed: Duration,
+    /// The source's `query-migrate` at completion: bytes, total time, downtime.
+    pub migration: MigrationInfo,
+    /// The destination QEMU's pid (on its host).
+    pub destination_pid: Option<u32>,
+    /// Running, or paused for a guest that was paused on the source.
+    pub destination_state: RunState,
+    /// With `--then stop` on one host: where the paused source's sockets now are.
+    pub source_sockets: Vec<PathBuf>,
+}
+
+/// Migrates `vm` while it runs; see the module docs for the steps.
+///
+/// # Errors
+/// Refusals before anything changes; a failed, cancelled or unconfirmed
+/// migration after, with the source running again (or, when QEMU sent the
+/// whole state but nobody confirmed it, left paused and said so).
+pub fn live(
+    vm: &mut Vm,
+    to: &Destination,
+    options: &LiveOptions,
+    progress: &dyn Progress,
+) -> Result<LiveReport> {
+    let started = Instant::now();
+    let _lock = VmLock::take(vm.pid())?;
+    let was_running = vm.check_migratable("migrate")?;
+    let ram_bytes = vm.monitor.ram_size()?;
+
+    // Prepare: the destination exists and listens before the source changes.
+    let mut local = None;
+    let mut confirm = None;
+    let mut sockets = SocketHandover::default();
+    let uri = match to {
+        Destination::Local => {
+            if argv::uses_stdio(vm.args()) {
+                return Err(Error::UsesTerminal);
+            }
+            sockets = SocketHandover::keep_source(vm.args(), vm.pid())?;
+            match destination::start_local(vm) {
+                Ok((dest, dir, uri)) => {
+                    local = Some((dest, dir));
+                    uri
+                }
+                Err(e) => {
+                    sockets.back_to_source();
+                    return Err(e);
+                }
+            }
+        }
+        Destination::Tcp { host, port } => {
+            let (stream, said) = confirm::open_confirm(host, *port)?;
+            if let Ok(theirs) = said.qemu.parse::<qemu_monitor::QemuVersion>() {
+                if theirs < vm.version() {
+                    return Err(Error::OlderDestination {
+                        destination: theirs,
+                        source_version: vm.version(),
+                    });
+                }
+            }
+            confirm = Some(stream);
+            to.to_string()
+        }
+    };
+
+    let old_bandwidth = vm.monitor.migration_parameter("max-bandwidth")?;
+    let old_auto_converge = vm.monitor.capability("auto-converge").ok().flatten();
+    let outcome = perform(
+        vm,
+        &uri,
+        local.as_mut().map(|(d, _)| d),
+        confirm.as_mut(),
+        was_running,
+        ram_bytes,
+        options,
+        progress,
+    );
+
+    let (migration, dest_pid, dest_state) = match outcome {
+        Ok(done) => done,
+        Err(e) => {
+            // The destination goes first: a QEMU that exits cleanly would
+            // unlink the socket paths that are about to be given back.
+            drop(local);
+            sockets.back_to_source();
+            restore_settings(&mut vm.monitor, old_bandwidth, old_auto_converge);
+            if was_running && !matches!(e, Error::QemuExited { .. }) {
+                vm.resume_quietly();
+            }
+            return Err(e);
+        }
+    };
+
+    let mut source_sockets = Vec::new();
+    match options.then {
+        AfterLive::Quit => {
+            sockets.before_source_quits();
+            vm.monitor.quit()?;
+            os::wait_gone(vm.pid(), options.confirm_timeout);
+            sockets.after_source_quit();
+            if let (Some(pidfile), Some(pid)) = (argv::last_value(vm.args(), "-pidfile"), dest_pid)
+            {
+                if matches!(to, Destination::Local) {
+                    let _ = std::fs::write(pidfile, format!("{pid}\n"));
+                }
+            }
+        }
+        AfterLive::Stop => {
+            restore_settings(&mut vm.monitor, old_bandwidth, old_auto_converge);
+            source_sockets = sockets.kept_for_source();
+        }
+    }
+    if let Some((dest, _dir)) = local {
+        let _ = dest.detach();
+    }
+    Ok(LiveReport {
+        destination: to.clone(),
+        elapsed: started.elapsed(),
+        migration,
+        destination_pid: dest_pid,
+        destination_state: dest_state,
+        source_sockets,
+    })
+}
+
+/// Puts back the settings a live migration changed on the source.
+fn restore_settings(monitor: &mut Monitor, bandwidth: u64, auto_converge: Option<bool>) {
+    let _ = monitor.set_migration_parameter("max-bandwidth", bandwidth);
+    if let Some(on) = auto_converge {
+        let _ = monitor.set_capability("auto-converge", on);
+    }
+}
+
+/// Runs the migration and the Confirm step; returns the source's final
+/// `query-migrate`, the destination's pid and run state.
+#[allow(clippy::too_many_arguments)]
+fn perform(
+    vm: &mut Vm,
+    uri: &str,
+    mut local: Option<&mut Vm>,
+    confirm: Option<&mut BufReader<TcpStream>>,
+    was_running: bool,
+    ram_bytes: u64,
+    options: &LiveOptions,
+    progress: &dyn Progress,
+) -> Result<(MigrationInfo, Option<u32>, RunState)> {
+    let src = &mut vm.monitor;
+    src.set_capability("events", true)?;
+    src.set_capability("auto-converge", options.auto_converge)?;
+    src.set_migration_parameter("max-bandwidth", options.bandwidth.unwrap_or(UNCAPPED))?;
+    if let Some(limit) = options.downtime_limit {
+        let ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
+        src.set_migration_parameter("downtime-limit", ms)?;
+    }
+    src.migrate(uri)?;
+
+    let mut dest_done = false;
+    let mut dest_gone = None;
+    let mut cancelled = false;
+    let info = loop {
+        // Wait for something to happen: an event from whichever side has
+        // QMP, else one progress tick.
+        match local.as_deref_mut() {
+            _ if src.has_events() => drop(src.next_event(PROGRESS_TICK)?),
+            Some(dest) if dest_gone.is_none() => match dest.monitor.next_event(PROGRESS_TICK) {
+                Ok(Some(e)) if migration_event_status(&e) == Some(MigrationStatus::Completed) => {
+                    dest_done = true
+                }
+                Ok(_) => {}
+                Err(_) => dest_gone = Some(dest.exited("")),
+            },
+            _ => std::thread::sleep(PROGRESS_TICK),
+        }
+        if let Some(dest) = local.as_deref_mut() {
+            if dest_gone.is_none() && dest.child.as_mut().is_some_and(|l| l.has_exited()) {
+                dest_gone = Some(dest.exited(""));
+            }
+        }
+        let info = src.migration()?;
+        progress.update(
+            "migrating",
+            info.transferred,
+            Some(ram_bytes.max(info.total)),
+        );
+        if info.status.is_final() {
+            break info;
+        }
+        if !cancelled && (dest_gone.is_some() || options.cancel.load(Ordering::Relaxed)) {
+            cancelled = true;
+            src.migrate_cancel()?;
+        }
+    };
+
+    let keeps = if was_running {
+        "the source keeps running"
+    } else {
+        "the source stays paused"
+    };
+    let interrupted = || Error::Cancelled(format!("the live migration was cancelled; {keeps}"));
+    if options.cancel.load(Ordering::Relaxed) && info.status != MigrationStatus::Completed {
+        return Err(interrupted());
+    }
+    if let Some(gone) = dest_gone {
+        return Err(destination_exited(gone, keeps));
+    }
+    if info.status != MigrationStatus::Completed {
+        let why = info
+            .error
+            .clone()
+            .unwrap_or_else(|| format!("QEMU reports status {:?}", info.status));
+        // The receiver may know more (QEMU's own words on the destination).
+        let theirs = confirm.and_then(|c| read_said(c, Duration::from_secs(2)).ok());
+        return Err(Error::MigrationFailed(match theirs {
+            Some(Said {
+                state: State::Failed,
+                error: Some(e),
+                ..
+            }) => format!("{why}; the destination said: {e}; {keeps}"),
+            _ => format!("{why}; {keeps}"),
+        }));
+    }
+    progress.update(
+        "migrating",
+        info.transferred,
+        Some(ram_bytes.max(info.total)),
+    );
+
+    // Confirm: the source stays paused (postmigrate) until the destination
+    // says the guest is where the source left it.
+    let (pid, state) = match (local, confirm) {
+        (Some(dest), _) => confirm_local(dest, dest_done, options.confirm_timeout)
+            .map_err(|e| destination_exited(e, keeps))?,
+        (None, Some(c)) => {
+            let said = read_said(c, options.confirm_timeout).map_err(|e| {
+                Error::MigrationFailed(format!(
+                    "QEMU sent the whole state, but the receiver did not confirm ({e}); the \
+                     source is left paused (postmigrate): check the destination, and `cont` \
+                     the source only if the destination does not run"
+                ))
+            })?;
+            match said.state {
+                State::Running => (said.pid, RunState::Running),
+                State::Paused => (said.pid, RunState::Paused),
+                _ => {
+                    return Err(Error::MigrationFailed(format!(
+                        "the destination could not start the guest: {}; {keeps}",
+                        said.error.unwrap_or_else(|| said.state.name().to_string())
+                    )))
+                }
+            }
+        }
+        (None, None) => unreachable!("a live migration always has a destination to confirm"),
+    };
+    if state.is_running() != was_running {
+        let expected = if was_running { "running" } else { "paused" };
+        return Err(Error::MigrationFailed(format!(
+            "the destination guest is {state}, but the source was {expected}; {keeps}"
+        )));
+    }
+    Ok((info, pid, state))
+}
+
+fn destination_exited(e: Error, keeps: &str) -> Error {
+    let said = match &e {
+        Error::QemuExited { stderr, .. } => crate::qemu_stderr_lines(stderr).join(" / "),
+        other => other.to_string(),
+    };
+    Error::MigrationFailed(if said.is_empty() {
+        format!("the destination QEMU exited during the migration; {keeps}")
+    } else {
+        format!("the destination QEMU exited during the migration; {keeps}; it said: {said}")
+    })
+}
+
+/// Waits for the local destination to finish loading; returns its pid and state.
+fn confirm_local(dest: &mut Vm, done: bool, timeout: Duration) -> Result<(Option<u32>, RunState)> {
+    let deadline = Instant::now() + timeout;
+    if !done {
+        dest.wait_loaded(PROGRESS_TICK, |_| {
+            if Instant::now() >= deadline {
+                return Err(Error::MigrationFailed(format!(
+                    "the destination did not finish loading within {timeout:?}"
+                )));
+            }
+            Ok(())
+        })
+        .map_err(|e| match e {
+            Error::QemuExited { stderr, .. } => Error::QemuExited {
+                during: String::new(),
+                stderr,
+            },
+            e => e,
+        })?;
+    }
+    // QEMU starts the guest before it marks the incoming migration completed.
+    let state = dest.monitor.status().map_err(|_| dest.exited(""))?;
+    let state = if state.is_running() {
+        RunState::Running
+    } else {
+        RunState::Paused
+    };
+    Ok((Some(dest.pid()), state))
+}
