@@ -28,6 +28,14 @@ fn canonical(arg: &str) -> &str {
 
 /// The VM's options without those that wire it to one run: the part that
 /// must be the same when it is restored.
+///
+/// ```
+/// let args: Vec<String> = "-m 32 -monitor unix:/tmp/s,server,nowait -kernel k -daemonize"
+///     .split(' ')
+///     .map(String::from)
+///     .collect();
+/// assert_eq!(qemu_migrate::argv::vm_options(&args), ["-m", "32", "-kernel", "k"]);
+/// ```
 pub fn vm_options(args: &[String]) -> Vec<String> {
     let mut out = Vec::with_capacity(args.len());
     let mut i = 0;

@@ -57,6 +57,14 @@ impl RunState {
     /// HMP's `info status`: `VM status: running`, `VM status: paused`,
     /// `VM status: paused (postmigrate)`. The word in parentheses is the run
     /// state whenever it is not plain `paused` (hmp_info_status in monitor/hmp-cmds.c).
+    ///
+    /// ```
+    /// use qemu_monitor::RunState;
+    ///
+    /// let state = RunState::from_info_status("VM status: paused (postmigrate)");
+    /// assert_eq!(state, Some(RunState::Postmigrate));
+    /// assert!(!RunState::Postmigrate.is_running());
+    /// ```
     pub fn from_info_status(text: &str) -> Option<RunState> {
         let rest = text.trim().strip_prefix("VM status: ")?;
         if rest.starts_with("running") {

@@ -19,31 +19,48 @@ pub enum StreamError {
     /// The file could not be opened or measured.
     #[error("cannot open {path}: {source}")]
     Open {
+        /// The file.
         path: PathBuf,
+        /// The operating system's error.
         #[source]
         source: io::Error,
     },
 
     /// The input ended inside an item; `offset` is where that item starts.
     #[error("truncated: the stream ends inside {expected} that starts at byte {offset}")]
-    Truncated { offset: u64, expected: String },
+    Truncated {
+        /// Where the cut item starts.
+        offset: u64,
+        /// What it was (`a section header`, `a RAM page`).
+        expected: String,
+    },
 
     /// A value that cannot be right for a stream QEMU wrote.
     #[error("corrupt at byte {offset}: expected {expected}, found {found}")]
     Corrupt {
+        /// Where the value is.
         offset: u64,
+        /// What QEMU would have written there.
         expected: String,
+        /// What is there.
         found: String,
     },
 
     /// Valid as far as can be told, but this reader cannot go past it.
     #[error("cannot decode past byte {offset}: {what}")]
-    Unsupported { offset: u64, what: String },
+    Unsupported {
+        /// Where it is.
+        offset: u64,
+        /// What this reader cannot decode.
+        what: String,
+    },
 
     /// The operating system failed a read or a seek.
     #[error("read error at byte {offset}: {source}")]
     Io {
+        /// How far reading had come.
         offset: u64,
+        /// The operating system's error.
         #[source]
         source: io::Error,
     },

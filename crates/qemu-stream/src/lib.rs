@@ -10,14 +10,23 @@
 //! description QEMU appends to the stream ([`inspect_file`] reads it from the end
 //! first); on a pipe, where that is not possible, sections are found by their footers.
 //!
-//! ```no_run
-//! let summary = qemu_stream::inspect_file("vm.state")?;
-//! println!("{summary}");
-//! if !summary.complete {
-//!     eprintln!("not restorable: {:?}", summary.stopped);
-//! }
-//! # Ok::<(), qemu_stream::StreamError>(())
 //! ```
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/streams/pc-7.2-exec.bin.gz");
+//! # let stream = flate2::read::GzDecoder::new(std::fs::File::open(fixture)?);
+//! // A state file saved by QEMU 7.2 from a `-m 16` VM (here read from a pipe).
+//! let summary = qemu_stream::inspect(stream)?;
+//! assert_eq!(summary.machine_type.as_deref(), Some("pc-i440fx-7.2"));
+//! assert!(summary.complete, "not restorable: {:?}", summary.stopped);
+//! println!("{summary}");
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! A file on disk: `qemu_stream::inspect_file("vm.state")`, which also
+//! steps over device state exactly using the description at the stream's end.
+
+#![warn(missing_docs)]
 
 mod error;
 mod format;

@@ -62,6 +62,7 @@ pub struct Summary {
 /// One RAM block as announced in the RAM section's setup.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct RamBlock {
+    /// QEMU's name for it (`pc.ram`, `/rom@etc/acpi/tables`).
     pub name: String,
     /// Used length in bytes (what `info ramblock` calls "Used").
     pub size: u64,
@@ -73,22 +74,29 @@ pub struct RamBlock {
     pub mapped_ram: Option<MappedRamBlock>,
     /// Page records for this block.
     pub normal_pages: u64,
+    /// Zero-page records for this block.
     pub zero_pages: u64,
 }
 
 /// Where a block's pages live in a mapped-ram file.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct MappedRamBlock {
+    /// The page size of the bitmap's bits.
     pub page_size: u64,
+    /// Stream offset of the block's dirty bitmap.
     pub bitmap_offset: u64,
+    /// Stream offset of the block's first page.
     pub pages_offset: u64,
     /// Pages whose bit is set in the block's bitmap (written to the file).
     pub pages_present: u64,
 }
 
+/// The guest's main RAM: the largest RAM block, which `-m` sizes.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct MainRam {
+    /// Its block's name (`pc.ram`, `microvm.ram`).
     pub block: String,
+    /// Its size in bytes.
     pub bytes: u64,
     /// `bytes` in MiB, rounded down; what `-m` was (`-m 16` gives 16).
     pub mib: u64,
@@ -97,14 +105,19 @@ pub struct MainRam {
 /// A section header: what QEMU calls idstr, instance id and version id.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct DeviceSection {
+    /// The device's id string (`0000:00:02.0/virtio-rng`, `cpu_common`).
     pub name: String,
+    /// Which of several devices of that name.
     pub instance_id: u32,
+    /// The version of the device's state format.
     pub version_id: u32,
+    /// The number the stream refers to the section by.
     pub section_id: u32,
     /// Stream offset of the section header.
     pub offset: u64,
 }
 
+/// How many RAM pages of each kind the stream carries.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct PageCounts {
     /// Full pages (`RAM_SAVE_FLAG_PAGE`, or set bits of a mapped-ram bitmap).
@@ -125,7 +138,9 @@ pub struct PageCounts {
 pub struct Stopped {
     /// `truncated`, `corrupt`, `unsupported` or `io`.
     pub kind: String,
+    /// The stream offset, where one is known.
     pub offset: Option<u64>,
+    /// The error, in words.
     pub message: String,
 }
 
