@@ -36,6 +36,7 @@ fn canonical(arg: &str) -> &str {
 ///     .collect();
 /// assert_eq!(qemu_migrate::argv::vm_options(&args), ["-m", "32", "-kernel", "k"]);
 /// ```
+#[must_use]
 pub fn vm_options(args: &[String]) -> Vec<String> {
     let mut out = Vec::with_capacity(args.len());
     let mut i = 0;
@@ -62,6 +63,7 @@ pub fn vm_options(args: &[String]) -> Vec<String> {
 /// without -incoming, -daemonize, -pidfile and -S, which the taker sets
 /// itself, and without listening sockets in directories that are gone (a VM
 /// restored by qemu-migrate carries the private QMP socket of that run).
+#[must_use]
 pub fn restart_options(args: &[String]) -> Vec<String> {
     let mut out = Vec::with_capacity(args.len());
     let mut i = 0;
@@ -91,6 +93,7 @@ pub fn restart_options(args: &[String]) -> Vec<String> {
 }
 
 /// The value of the last `-name VALUE` (QEMU lets later options win).
+#[must_use]
 pub fn last_value<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
     let mut found = None;
     let mut i = 0;
@@ -121,6 +124,7 @@ pub fn machine(args: &[String]) -> Option<String> {
 
 /// Whether the VM's serial port (or monitor) is on QEMU's stdio: then a
 /// restore hands it the terminal.
+#[must_use]
 pub fn uses_stdio(args: &[String]) -> bool {
     args.windows(2).any(|w| {
         matches!(

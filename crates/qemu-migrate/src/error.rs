@@ -153,6 +153,7 @@ pub enum ErrorKind {
 
 impl Error {
     /// What kind of failure this is.
+    #[must_use]
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::BadStateFile { .. }
@@ -200,6 +201,7 @@ fn os_message(e: &io::Error) -> String {
 
 /// QEMU's stderr without blank lines and the noise of modules it could not
 /// load (a distribution's optional display modules), which says nothing about the VM.
+#[must_use]
 pub fn qemu_stderr_lines(stderr: &str) -> Vec<&str> {
     stderr
         .lines()

@@ -46,6 +46,7 @@ pub struct Manifest {
 }
 
 /// Where the manifest of `statefile` lives.
+#[must_use]
 pub fn path_for(statefile: &Path) -> PathBuf {
     let mut name = statefile.file_name().unwrap_or_default().to_os_string();
     name.push(".manifest.json");

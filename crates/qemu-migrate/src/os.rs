@@ -17,6 +17,11 @@ use crate::error::{Error, Result};
 /// The pipe's buffer: large, so QEMU and the copying thread rarely wait on each other.
 pub(crate) const PIPE_BUFFER: usize = 1 << 20;
 
+/// A timeout as `poll(2)` takes it: milliseconds, saturated.
+fn poll_ms(timeout: Duration) -> libc::c_int {
+    libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX)
+}
+
 /// A pipe with a large buffer (close-on-exec, as std makes it).
 pub(crate) fn pipe() -> Result<(PipeReader, PipeWriter)> {
     let (r, w) = std::io::pipe().map_err(Error::os("creating a pipe"))?;
@@ -25,13 +30,14 @@ pub(crate) fn pipe() -> Result<(PipeReader, PipeWriter)> {
         libc::fcntl(
             w.as_fd().as_raw_fd(),
             libc::F_SETPIPE_SZ,
-            PIPE_BUFFER as libc::c_int,
+            libc::c_int::try_from(PIPE_BUFFER).unwrap_or(libc::c_int::MAX),
         );
     }
     Ok((r, w))
 }
 
 /// `FILE.partial`: where a state file is written until it is complete.
+#[must_use]
 pub fn partial_path(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(".partial");
@@ -60,8 +66,8 @@ pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) {
     unsafe {
         libc::sync_file_range(
             file.as_raw_fd(),
-            offset as libc::off64_t,
-            len as libc::off64_t,
+            libc::off64_t::try_from(offset).unwrap_or(libc::off64_t::MAX),
+            libc::off64_t::try_from(len).unwrap_or(libc::off64_t::MAX),
             libc::SYNC_FILE_RANGE_WRITE,
         );
     }
@@ -158,11 +164,20 @@ fn lock_dir() -> Result<PathBuf> {
 
 /// Waits (bounded) for a process that was told to quit to be gone.
 pub(crate) fn wait_gone(pid: u32, timeout: Duration) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd >= 0 {
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if let Ok(fd) = libc::c_int::try_from(raw) {
+        if fd < 0 {
+            if std::io::Error::last_os_error().raw_os_error() != Some(libc::ENOSYS) {
+                return; // ESRCH: already gone.
+            }
+            return wait_gone_by_proc(pid, timeout);
+        }
         // SAFETY: the descriptor was just opened and is owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let mut p = libc::pollfd {
             fd: fd.as_raw_fd(),
             events: libc::POLLIN,
@@ -170,13 +185,12 @@ pub(crate) fn wait_gone(pid: u32, timeout: Duration) {
         };
         // SAFETY: one valid pollfd for the duration of the call; it becomes
         // readable when the process has exited.
-        unsafe { libc::poll(&mut p, 1, timeout.as_millis() as libc::c_int) };
-        return;
+        unsafe { libc::poll(&mut p, 1, poll_ms(timeout)) };
     }
-    if std::io::Error::last_os_error().raw_os_error() != Some(libc::ENOSYS) {
-        return; // ESRCH: already gone.
-    }
-    // Kernels before 5.3 have no pidfd: watch /proc instead.
+}
+
+/// Kernels before 5.3 have no pidfd: watch /proc instead.
+fn wait_gone_by_proc(pid: libc::pid_t, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     let stat = PathBuf::from(format!("/proc/{pid}/stat"));
     while Instant::now() < deadline {
@@ -201,7 +215,7 @@ pub(crate) fn readable(fd: &impl AsRawFd, timeout: Duration) -> bool {
         revents: 0,
     };
     // SAFETY: one valid pollfd for the duration of the call.
-    unsafe { libc::poll(&mut p, 1, timeout.as_millis() as libc::c_int) > 0 }
+    unsafe { libc::poll(&mut p, 1, poll_ms(timeout)) > 0 }
 }
 
 /// A process's binary, its arguments (without argv[0]) and its `QEMU_*` environment.

@@ -74,6 +74,9 @@ fn verdict(checked: &Checked, differences: Vec<String>) -> Result<()> {
 /// What a VM started with `args` would send: asked of QEMU itself, by
 /// starting it paused and reading its own migration stream. It knows which
 /// devices and RAM blocks its options create far better than any guess.
+///
+/// # Errors
+/// [`Error::QemuExited`] with QEMU's words when it refuses the options.
 pub fn probe(
     binary: &Path,
     args: &[String],
@@ -110,6 +113,7 @@ pub fn probe(
 
 /// The differences that would make QEMU refuse the state, or load it into
 /// a VM other than the one that saved it, in words.
+#[must_use]
 pub fn compare(
     saved: &qemu_stream::Summary,
     given: &qemu_stream::Summary,
@@ -193,6 +197,7 @@ fn size(bytes: u64) -> String {
 }
 
 /// `-m 32`, `-m 32M`, `-m 1G`, `-m size=512M,slots=2` in MiB; QEMU's default if absent.
+#[must_use]
 pub fn ram_mib(args: &[String]) -> Option<u64> {
     let Some(v) = argv::last_value(args, "-m") else {
         return Some(DEFAULT_RAM_MIB);

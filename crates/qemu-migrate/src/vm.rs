@@ -44,6 +44,7 @@ pub struct Launched {
 
 impl Launched {
     /// What QEMU printed on stderr so far (it is also passed through when in the foreground).
+    #[must_use]
     pub fn stderr(&self) -> String {
         String::from_utf8_lossy(&self.stderr.lock().expect("stderr lock")).into_owned()
     }
@@ -97,6 +98,7 @@ pub enum Console {
 
 impl Console {
     /// Whether the console is this process's terminal.
+    #[must_use]
     pub fn is_terminal(self) -> bool {
         self == Console::Terminal
     }
@@ -117,6 +119,7 @@ pub struct LaunchOptions {
 impl LaunchOptions {
     /// A QEMU whose console goes to `console`, its stderr passed through
     /// when that is the terminal.
+    #[must_use]
     pub fn new(console: Console, env: BTreeMap<String, String>) -> LaunchOptions {
         LaunchOptions {
             console,
@@ -423,6 +426,7 @@ pub fn binary_version(binary: &Path, env: &BTreeMap<String, String>) -> Result<Q
 }
 
 /// `QEMU emulator version 7.2.22 (Debian ...)` → 7.2.22.
+#[must_use]
 pub fn parse_version_banner(text: &str) -> Option<QemuVersion> {
     text.split_whitespace().nth(3).and_then(|v| v.parse().ok())
 }

@@ -353,6 +353,7 @@ impl Monitor {
 }
 
 /// The status an event names, for `MIGRATION` events.
+#[must_use]
 pub fn migration_event_status(event: &Event) -> Option<MigrationStatus> {
     (event.name == "MIGRATION")
         .then(|| {

@@ -33,11 +33,13 @@ pub enum RunState {
 
 impl RunState {
     /// Whether the guest's CPUs run.
+    #[must_use]
     pub fn is_running(&self) -> bool {
         *self == RunState::Running
     }
 
     /// QEMU's name for the state (`running`, `paused`, `postmigrate`, ...).
+    #[must_use]
     pub fn name(&self) -> String {
         match self {
             RunState::Other(s) => s.clone(),
@@ -49,6 +51,7 @@ impl RunState {
     }
 
     /// Parses QEMU's name for a state; unknown names are kept as [`RunState::Other`].
+    #[must_use]
     pub fn from_name(name: &str) -> RunState {
         serde_json::from_value(serde_json::Value::String(name.to_string()))
             .unwrap_or_else(|_| RunState::Other(name.to_string()))
@@ -65,6 +68,7 @@ impl RunState {
     /// assert_eq!(state, Some(RunState::Postmigrate));
     /// assert!(!RunState::Postmigrate.is_running());
     /// ```
+    #[must_use]
     pub fn from_info_status(text: &str) -> Option<RunState> {
         let rest = text.trim().strip_prefix("VM status: ")?;
         if rest.starts_with("running") {
@@ -107,6 +111,7 @@ pub enum MigrationStatus {
 
 impl MigrationStatus {
     /// Completed, failed or cancelled: nothing more will happen.
+    #[must_use]
     pub fn is_final(self) -> bool {
         matches!(
             self,
@@ -115,6 +120,7 @@ impl MigrationStatus {
     }
 
     /// Parses QEMU's name for a status (`completed`, `postcopy-active`, ...).
+    #[must_use]
     pub fn from_name(name: &str) -> Option<MigrationStatus> {
         serde_json::from_value(serde_json::Value::String(name.to_string())).ok()
     }
@@ -140,6 +146,7 @@ pub struct MigrationInfo {
 
 impl MigrationInfo {
     /// A migration that has not started (`query-migrate` returns `{}`).
+    #[must_use]
     pub fn none() -> MigrationInfo {
         MigrationInfo {
             status: MigrationStatus::None,
@@ -171,6 +178,7 @@ impl MigrationInfo {
 
     /// From HMP's `info migrate`: `Migration status: failed (error text)`,
     /// `transferred ram: 517 kbytes`, `total time: 14 ms`, ...
+    #[must_use]
     pub fn from_info_migrate(text: &str) -> MigrationInfo {
         let status_line = field(text, "Migration status").unwrap_or("none");
         let (status, error) = match status_line.split_once(" (") {

@@ -68,6 +68,7 @@ pub enum StreamError {
 
 impl StreamError {
     /// The byte offset the error refers to, when it refers to one.
+    #[must_use]
     pub fn offset(&self) -> Option<u64> {
         match self {
             StreamError::Truncated { offset, .. }
@@ -79,6 +80,7 @@ impl StreamError {
     }
 
     /// A short machine-readable name of the error kind.
+    #[must_use]
     pub fn kind(&self) -> &'static str {
         match self {
             StreamError::NotAStream(_) => "not-a-stream",

@@ -50,6 +50,9 @@ use input::{Input, Plain, Seekable, Source};
 /// an unknown format version, or the first read fails); a stream that is cut short or
 /// damaged later gives an `Ok` summary with `complete == false` and
 /// [`Summary::stopped`] saying where and why.
+///
+/// # Errors
+/// [`StreamError::NotAStream`] or [`StreamError::UnsupportedVersion`] for input that is no stream this reader knows; [`StreamError::Io`] when the first read fails.
 pub fn inspect<R: Read>(r: R) -> Result<Summary, StreamError> {
     let mut src = Plain(r);
     run(&mut src, None)
@@ -58,6 +61,9 @@ pub fn inspect<R: Read>(r: R) -> Result<Summary, StreamError> {
 /// Like [`inspect`], for seekable input: reads the VM description from the end
 /// first, so device sections are stepped over exactly, and jumps over mapped-ram
 /// page regions instead of reading them.
+///
+/// # Errors
+/// As [`inspect`], and when seeking fails.
 pub fn inspect_seekable<R: Read + Seek>(mut r: R) -> Result<Summary, StreamError> {
     let io = |e| StreamError::Io {
         offset: 0,
@@ -79,6 +85,9 @@ pub fn inspect_seekable<R: Read + Seek>(mut r: R) -> Result<Summary, StreamError
 
 /// Opens `path` and inspects it with [`inspect_seekable`]; a pipe or a socket
 /// given as a path is read front to back with [`inspect`].
+///
+/// # Errors
+/// [`StreamError::Open`] when the file cannot be opened; as [`inspect`].
 pub fn inspect_file(path: impl AsRef<Path>) -> Result<Summary, StreamError> {
     let path = path.as_ref();
     let open_err = |e| StreamError::Open {

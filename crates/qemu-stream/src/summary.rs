@@ -156,12 +156,14 @@ impl Summary {
     }
 
     /// True when the stream stopped because the input ended early.
+    #[must_use]
     pub fn is_truncated(&self) -> bool {
         matches!(self.error, Some(StreamError::Truncated { .. }))
     }
 
     /// A human report: what VM this is, its RAM, its devices, its pages, and
     /// whether the stream is whole.
+    #[must_use]
     pub fn describe(&self) -> String {
         self.to_string()
     }
