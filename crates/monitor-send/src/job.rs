@@ -1,27 +1,40 @@
 //! What to send and how to report it, whichever argument form asked; and
 //! running it against the monitor.
 
-use std::io::{self, BufRead, Write};
+use std::io::{self, Read, Write};
 use std::time::Duration;
 
 use qemu_monitor::{Error, ErrorKind, Monitor, MonitorAddr, Options, Protocol};
 use serde_json::{json, Value};
+
+use crate::input::{self, Item};
+use crate::terminal::TerminalOptions;
 
 /// Exit statuses, as documented in `--help`.
 pub mod exit {
     /// Every command was received and ran.
     pub const OK: u8 = 0;
     /// Bad arguments, or the socket could not be reached: nothing was sent.
+    /// In the nc and socat forms (without `MONITOR_SEND_STRICT`), anything
+    /// that went wrong on the way, as those tools say it.
     pub const UNREACHABLE: u8 = 1;
     /// QEMU answered at least one command with an error.
     pub const COMMAND_ERROR: u8 = 2;
     /// A command was not confirmed: timeout, early close, or not a QEMU monitor.
     pub const DELIVERY: u8 = 3;
-    /// A line was refused before sending (too long, control bytes, no command at all).
+    /// A line was refused before sending (too long, control bytes, not JSON
+    /// where JSON began); the other lines were still sent.
     pub const REFUSED: u8 = 4;
 }
 
 pub const PROG: &str = "monitor-send";
+
+/// What a command line asks for: a job, or text to print (help, version).
+#[derive(Debug)]
+pub enum Action {
+    Run(Box<Job>),
+    Say(String),
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Commands {
@@ -63,6 +76,20 @@ pub struct Job {
     pub timeout: Duration,
     pub wait_socket: Option<Duration>,
     pub verbose: bool,
+    /// The nc and socat forms: QEMU's words on stdout, the tool's exit status.
+    pub borrowed: bool,
+    /// In the borrowed forms, the native form's exit statuses and messages
+    /// (`MONITOR_SEND_STRICT=1`).
+    pub strict: bool,
+    /// After the end of input, keep the session until QEMU ends it (socat's `ignoreeof`).
+    pub ignoreeof: bool,
+    /// End with a half-close and read to QEMU's end (socat's default
+    /// `shut-down`); without it (`shut-none`), close once every command is confirmed.
+    pub half_close: bool,
+    /// Terminal modes for an interactive session (socat's `raw`, `echo=0`, ...).
+    pub terminal: TerminalOptions,
+    /// A byte on standard input that ends the session (socat's `escape=`).
+    pub escape: Option<u8>,
 }
 
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -79,6 +106,12 @@ impl Job {
             timeout: DEFAULT_TIMEOUT,
             wait_socket: None,
             verbose: false,
+            borrowed: false,
+            strict: false,
+            ignoreeof: false,
+            half_close: true,
+            terminal: TerminalOptions::default(),
+            escape: None,
         }
     }
 }
@@ -111,16 +144,22 @@ struct Runner<'a> {
     out: io::StdoutLock<'static>,
     confirmed: usize,
     refused_by_qemu: usize,
+    refused_before_sending: usize,
 }
 
 pub fn run(job: &Job) -> u8 {
+    if job.borrowed {
+        return crate::session::run(job);
+    }
     let mut runner = Runner {
         job,
         out: io::stdout().lock(),
         confirmed: 0,
         refused_by_qemu: 0,
+        refused_before_sending: 0,
     };
     match runner.run() {
+        Ok(()) if runner.refused_before_sending > 0 => exit::REFUSED,
         Ok(()) if runner.refused_by_qemu > 0 => exit::COMMAND_ERROR,
         Ok(()) => exit::OK,
         Err(f) => {
@@ -158,56 +197,79 @@ impl Runner<'_> {
         }
         self.greeting(&monitor);
 
-        let mut lines_seen = 0usize;
         match &job.commands {
             Commands::None => {}
             Commands::Args(args) => {
-                for line in args {
-                    lines_seen += 1;
-                    self.one(&mut monitor, line)?;
+                for arg in args {
+                    for item in input::items(format!("{arg}\n").as_bytes()) {
+                        self.item(&mut monitor, item)?;
+                    }
                 }
             }
             Commands::Stdin => {
-                let stdin = io::stdin();
-                let mut stdin = stdin.lock();
-                let mut raw = Vec::new();
+                let mut stdin = io::stdin().lock();
+                let mut parser = input::Input::new();
+                let mut items = std::collections::VecDeque::new();
+                let mut chunk = vec![0u8; 64 * 1024];
                 loop {
-                    raw.clear();
-                    let n = stdin.read_until(b'\n', &mut raw).map_err(|e| Fatal {
-                        status: exit::REFUSED,
-                        message: format!("reading standard input: {e}"),
-                    })?;
+                    let n = match stdin.read(&mut chunk) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            return Err(Fatal {
+                                status: exit::REFUSED,
+                                message: format!("reading standard input: {e}"),
+                            })
+                        }
+                    };
+                    if n == 0 {
+                        parser.finish(&mut items);
+                    } else {
+                        parser.feed(&chunk[..n], &mut items);
+                    }
+                    while let Some(item) = items.pop_front() {
+                        self.item(&mut monitor, item)?;
+                    }
                     if n == 0 {
                         break;
                     }
-                    let line = std::str::from_utf8(&raw).map_err(|_| {
-                        fatal(
-                            &Error::BadLine {
-                                command: String::from_utf8_lossy(&raw).trim_end().to_string(),
-                                reason: "it is not valid UTF-8".into(),
-                            },
-                            self.confirmed,
-                        )
-                    })?;
-                    let line = line.strip_suffix('\n').unwrap_or(line);
-                    let line = line.strip_suffix('\r').unwrap_or(line);
-                    lines_seen += 1;
-                    self.one(&mut monitor, line)?;
                 }
             }
         }
+        // No command at all is fine: connecting was the test (a readiness probe).
         monitor.close().map_err(|e| fatal(&e, self.confirmed))?;
-        if job.commands != Commands::None && self.confirmed == 0 && self.refused_by_qemu == 0 {
-            return Err(Fatal {
-                status: exit::REFUSED,
-                message: if lines_seen == 0 {
-                    "no command to send: the input was empty".into()
-                } else {
-                    "no command to send: the input held only blank lines".into()
-                },
-            });
-        }
         Ok(())
+    }
+
+    /// One piece of input: a command, or a refusal that is reported while
+    /// the others are still sent.
+    fn item(&mut self, monitor: &mut Monitor, item: Item) -> Result<(), Fatal> {
+        match item {
+            Item::Line(line) => self.one(monitor, &line),
+            Item::Json { text, value } => match monitor {
+                Monitor::Qmp(s) => self.qmp_message(s, value),
+                Monitor::Hmp(_) => {
+                    self.refuse(Error::BadLine {
+                        command: text,
+                        reason: "it is a QMP (JSON) command and this socket is the human monitor"
+                            .into(),
+                    });
+                    Ok(())
+                }
+            },
+            Item::Bad { text, reason } => {
+                self.refuse(Error::BadLine {
+                    command: text,
+                    reason,
+                });
+                Ok(())
+            }
+        }
+    }
+
+    fn refuse(&mut self, e: Error) {
+        self.refused_before_sending += 1;
+        eprintln!("{PROG}: {e}");
     }
 
     fn greeting(&mut self, monitor: &Monitor) {
@@ -234,13 +296,11 @@ impl Runner<'_> {
         }
         let result = match monitor {
             Monitor::Hmp(s) => {
-                if line.trim_start().starts_with('{') {
-                    Err(Error::BadLine {
-                        command: line.to_string(),
-                        reason: "it is a QMP (JSON) command and this socket is the human monitor"
-                            .into(),
-                    })
-                } else if self.job.mode == Mode::Dispatch {
+                if let Err(e) = qemu_monitor::hmp::check_line(line) {
+                    self.refuse(e);
+                    return Ok(());
+                }
+                if self.job.mode == Mode::Dispatch {
                     s.dispatch(line).map(|echo| {
                         if self.job.output == Output::Raw {
                             let _ = self.out.write_all(&echo);
@@ -251,17 +311,13 @@ impl Runner<'_> {
                         .map(|r| self.print_hmp(line, &r.raw, &r.output))
                 }
             }
-            Monitor::Qmp(s) => {
-                if line.trim_start().starts_with('{') {
-                    return self.qmp_json(s, line);
-                }
-                s.negotiate()
-                    .and_then(|()| s.human_command(line))
-                    .map(|text| {
-                        self.print_events(s);
-                        self.print_hmp(line, text.as_bytes(), &text)
-                    })
-            }
+            Monitor::Qmp(s) => s
+                .negotiate()
+                .and_then(|()| s.human_command(line))
+                .map(|text| {
+                    self.print_events(s);
+                    self.print_hmp(line, text.as_bytes(), &text)
+                }),
         };
         self.settle(line, result)
     }
@@ -326,64 +382,29 @@ impl Runner<'_> {
         }
     }
 
-    /// One input line of JSON may hold several messages, as in
-    /// `{"execute":"qmp_capabilities"} {"execute":"query-status"}`.
-    fn qmp_json(&mut self, s: &mut qemu_monitor::QmpSession, line: &str) -> Result<(), Fatal> {
-        let mut messages = Vec::new();
-        for value in serde_json::Deserializer::from_str(line).into_iter::<Value>() {
-            match value {
-                Ok(v) if v.is_object() => messages.push(v),
-                Ok(_) => {
-                    return Err(refused(
-                        line,
-                        "a QMP message must be a JSON object",
-                        self.confirmed,
-                    ))
-                }
-                Err(e) => {
-                    return Err(refused(
-                        line,
-                        &format!("it is not valid JSON: {e}"),
-                        self.confirmed,
-                    ))
-                }
+    fn qmp_message(&mut self, s: &mut qemu_monitor::QmpSession, msg: Value) -> Result<(), Fatal> {
+        let command = msg
+            .get("execute")
+            .or_else(|| msg.get("exec-oob"))
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        if !s.is_negotiated() && command != "qmp_capabilities" {
+            if let Err(e) = s.negotiate() {
+                return Err(fatal(&e, self.confirmed));
             }
         }
-        for msg in messages {
-            let command = msg
-                .get("execute")
-                .or_else(|| msg.get("exec-oob"))
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string();
-            if !s.is_negotiated() && command != "qmp_capabilities" {
-                if let Err(e) = s.negotiate() {
-                    return Err(fatal(&e, self.confirmed));
-                }
-            }
-            let reply = s.send(&msg).map_err(|e| fatal(&e, self.confirmed))?;
-            self.print_events(s);
-            self.print_qmp_reply(&msg, &reply);
-            let result = reply.result.map(drop).map_err(|e| Error::Command {
-                addr: s.addr().clone(),
-                command: command.clone(),
-                class: Some(e.class),
-                message: e.desc,
-            });
-            self.settle(&msg.to_string(), result)?;
-        }
-        Ok(())
+        let reply = s.send(&msg).map_err(|e| fatal(&e, self.confirmed))?;
+        self.print_events(s);
+        self.print_qmp_reply(&msg, &reply);
+        let result = reply.result.map(drop).map_err(|e| Error::Command {
+            addr: s.addr().clone(),
+            command: command.clone(),
+            class: Some(e.class),
+            message: e.desc,
+        });
+        self.settle(&msg.to_string(), result)
     }
-}
-
-fn refused(line: &str, reason: &str, confirmed: usize) -> Fatal {
-    fatal(
-        &Error::BadLine {
-            command: line.to_string(),
-            reason: reason.to_string(),
-        },
-        confirmed,
-    )
 }
 
 fn name(p: Protocol) -> &'static str {

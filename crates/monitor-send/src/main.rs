@@ -7,14 +7,17 @@
 #![cfg_attr(not(test), no_main)]
 
 mod duration;
+mod input;
 mod job;
 mod native;
 mod nc;
+mod session;
 mod socat;
+mod terminal;
 
 use std::path::Path;
 
-use job::{exit, PROG};
+use job::{exit, Action, PROG};
 
 #[derive(Debug, PartialEq, Eq)]
 enum Form {
@@ -31,9 +34,15 @@ fn form(argv0: &str, args: &[String]) -> Form {
         .and_then(|n| n.to_str())
         .unwrap_or_default();
     match name {
-        "nc" | "netcat" | "nc.openbsd" => return Form::Nc,
+        "nc" | "netcat" | "nc.openbsd" | "ncat" => return Form::Nc,
         "socat" => return Form::Socat,
         _ => {}
+    }
+    if args
+        .iter()
+        .any(|a| matches!(a.as_str(), "--unixsock" | "--send-only" | "--recv-only"))
+    {
+        return Form::Nc;
     }
     if args.iter().any(|a| socat::looks_like_address(a)) {
         return Form::Socat;
@@ -57,10 +66,37 @@ extern "C" fn main(
     _argc: std::ffi::c_int,
     _argv: *const *const std::ffi::c_char,
 ) -> std::ffi::c_int {
+    standard_descriptors();
     let code = run();
     // Without the runtime's exit path, nothing flushes stdout for us.
     let _ = std::io::Write::flush(&mut std::io::stdout());
     i32::from(code)
+}
+
+/// Makes sure descriptors 0, 1 and 2 are open before any socket is: started
+/// with stdin closed (`<&-`), the monitor socket would become "stdin", and
+/// with stdout closed, the commands' output would be written to QEMU.
+/// A closed stdin reads as empty, a closed stdout or stderr discards.
+/// And a reader of stdout that goes away (`| head -1`) must not kill the
+/// process before every command is delivered: SIGPIPE is ignored, and a
+/// broken stdout only stops the printing.
+#[cfg_attr(test, allow(dead_code))]
+fn standard_descriptors() {
+    for fd in 0..3 {
+        // SAFETY: F_GETFD only inspects the descriptor.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+            // SAFETY: a constant C string; open returns the lowest free descriptor, `fd`.
+            unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) };
+        }
+    }
+    // SAFETY: setting a signal's disposition to ignore has no preconditions.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+}
+
+/// `MONITOR_SEND_STRICT=1`: the nc and socat forms exit with monitor-send's
+/// own statuses and messages instead of the tool's.
+fn strict() -> bool {
+    std::env::var_os("MONITOR_SEND_STRICT").is_some_and(|v| !v.is_empty() && v != "0")
 }
 
 // In a test build the harness has the `main`, and nothing calls this.
@@ -81,14 +117,24 @@ fn run() -> u8 {
                 };
             }
         },
-        Form::Nc => match nc::parse(&args) {
-            Ok(job) => job,
-            Err(message) => return usage(&message),
-        },
-        Form::Socat => match socat::parse(&args) {
-            Ok(job) => job,
-            Err(message) => return usage(&message),
-        },
+        Form::Nc | Form::Socat => {
+            let parsed = if form(&argv0, &args) == Form::Nc {
+                nc::parse(&args)
+            } else {
+                socat::parse(&args)
+            };
+            match parsed {
+                Ok(Action::Run(mut job)) => {
+                    job.strict = strict();
+                    *job
+                }
+                Ok(Action::Say(text)) => {
+                    print!("{text}");
+                    return exit::OK;
+                }
+                Err(message) => return usage(&message),
+            }
+        }
     };
     job::run(&job)
 }
@@ -125,5 +171,6 @@ mod tests {
             Form::Native
         );
         assert_eq!(form("monitor-send", &args("--qmp /tmp/s")), Form::Native);
+        assert_eq!(form("/usr/bin/ncat", &args("--unixsock /tmp/s")), Form::Nc);
     }
 }

@@ -3,12 +3,18 @@ use std::io;
 use std::os::unix::net::SocketAddr;
 use std::path::PathBuf;
 
-/// Where a monitor listens: a socket file, or a Linux abstract socket name.
+/// Where a monitor listens: a socket file, a Linux abstract socket name, or
+/// a TCP port (`-monitor tcp:HOST:PORT,server,nowait`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MonitorAddr {
     Path(PathBuf),
     /// An abstract socket, written `@name` as nc and ss do.
     Abstract(String),
+    /// A TCP monitor: a host name or address, and a port.
+    Tcp {
+        host: String,
+        port: u16,
+    },
 }
 
 impl MonitorAddr {
@@ -20,6 +26,19 @@ impl MonitorAddr {
         }
     }
 
+    /// A TCP monitor's address; `[::1]` may be written with brackets, as in a URL.
+    pub fn tcp(host: &str, port: u16) -> MonitorAddr {
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        MonitorAddr::Tcp {
+            host: host.to_string(),
+            port,
+        }
+    }
+
+    /// The unix socket address; a TCP address has none.
     pub(crate) fn socket_addr(&self) -> io::Result<SocketAddr> {
         match self {
             MonitorAddr::Path(p) => SocketAddr::from_pathname(p),
@@ -27,6 +46,10 @@ impl MonitorAddr {
                 use std::os::linux::net::SocketAddrExt;
                 SocketAddr::from_abstract_name(name.as_bytes())
             }
+            MonitorAddr::Tcp { .. } => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a TCP address is not a unix socket",
+            )),
         }
     }
 }
@@ -48,6 +71,8 @@ impl fmt::Display for MonitorAddr {
         match self {
             MonitorAddr::Path(p) => write!(f, "{}", p.display()),
             MonitorAddr::Abstract(name) => write!(f, "@{name}"),
+            MonitorAddr::Tcp { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
+            MonitorAddr::Tcp { host, port } => write!(f, "{host}:{port}"),
         }
     }
 }

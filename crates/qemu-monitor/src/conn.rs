@@ -1,5 +1,5 @@
-//! The byte transport under both protocols: a non-blocking unix socket where
-//! every wait has a deadline.
+//! The byte transport under both protocols: a non-blocking unix or TCP
+//! socket where every wait has a deadline.
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
@@ -42,10 +42,184 @@ impl<'a> Wait<'a> {
     }
 }
 
+/// The socket under a session: unix (a path or an abstract name) or TCP.
+#[derive(Debug)]
+enum Stream {
+    Unix(mio::net::UnixStream),
+    Tcp(mio::net::TcpStream),
+}
+
+impl Stream {
+    fn connect(addr: &MonitorAddr) -> io::Result<Stream> {
+        match addr {
+            MonitorAddr::Tcp { host, port } => {
+                use std::net::ToSocketAddrs;
+                let mut last = None;
+                for sa in (host.as_str(), *port).to_socket_addrs()? {
+                    match std::net::TcpStream::connect_timeout(&sa, TCP_CONNECT_TIMEOUT) {
+                        Ok(s) => {
+                            // One small command and its reply per round trip:
+                            // Nagle's algorithm would only add delay.
+                            s.set_nodelay(true)?;
+                            s.set_nonblocking(true)?;
+                            return Ok(Stream::Tcp(mio::net::TcpStream::from_std(s)));
+                        }
+                        Err(e) => last = Some(e),
+                    }
+                }
+                Err(last.unwrap_or_else(|| {
+                    io::Error::new(io::ErrorKind::NotFound, "the host name has no address")
+                }))
+            }
+            _ => {
+                let sockaddr = addr.socket_addr()?;
+                mio::net::UnixStream::connect_addr(&sockaddr).map(Stream::Unix)
+            }
+        }
+    }
+
+    fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.shutdown(how),
+            Stream::Tcp(s) => s.shutdown(how),
+        }
+    }
+
+    fn into_socket(self) -> Socket {
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        // SAFETY: each raw fd comes straight from the stream that owned it.
+        match self {
+            Stream::Unix(s) => Socket::Unix(unsafe {
+                std::os::unix::net::UnixStream::from_raw_fd(s.into_raw_fd())
+            }),
+            Stream::Tcp(s) => {
+                Socket::Tcp(unsafe { std::net::TcpStream::from_raw_fd(s.into_raw_fd()) })
+            }
+        }
+    }
+}
+
+impl std::os::fd::AsRawFd for Stream {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        match self {
+            Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Tcp(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(buf),
+            Stream::Tcp(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl mio::event::Source for Stream {
+    fn register(
+        &mut self,
+        registry: &mio::Registry,
+        token: Token,
+        interests: Interest,
+    ) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.register(registry, token, interests),
+            Stream::Tcp(s) => s.register(registry, token, interests),
+        }
+    }
+
+    fn reregister(
+        &mut self,
+        registry: &mio::Registry,
+        token: Token,
+        interests: Interest,
+    ) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.reregister(registry, token, interests),
+            Stream::Tcp(s) => s.reregister(registry, token, interests),
+        }
+    }
+
+    fn deregister(&mut self, registry: &mio::Registry) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.deregister(registry),
+            Stream::Tcp(s) => s.deregister(registry),
+        }
+    }
+}
+
+/// A monitor connection handed over as a plain non-blocking socket, for a
+/// caller that drives it itself (a terminal session relaying bytes both ways).
+#[derive(Debug)]
+pub enum Socket {
+    Unix(std::os::unix::net::UnixStream),
+    Tcp(std::net::TcpStream),
+}
+
+impl Socket {
+    /// Half-closes: QEMU reads what was sent, then sees the end of input.
+    pub fn shutdown_write(&self) -> io::Result<()> {
+        match self {
+            Socket::Unix(s) => s.shutdown(Shutdown::Write),
+            Socket::Tcp(s) => s.shutdown(Shutdown::Write),
+        }
+    }
+}
+
+impl std::os::fd::AsRawFd for Socket {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        match self {
+            Socket::Unix(s) => s.as_raw_fd(),
+            Socket::Tcp(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+impl Read for Socket {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Socket::Unix(s) => s.read(buf),
+            Socket::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Socket {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Socket::Unix(s) => s.write(buf),
+            Socket::Tcp(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// How long a TCP connect may take before it counts as failed (then retried
+/// within the caller's wait, if any).
+const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A connected monitor socket with an input buffer.
 #[derive(Debug)]
 pub(crate) struct Connection {
-    stream: mio::net::UnixStream,
+    stream: Stream,
     poll: Poll,
     events: Events,
     pub addr: MonitorAddr,
@@ -58,13 +232,9 @@ pub(crate) struct Connection {
 impl Connection {
     /// Connects, retrying a missing, refusing or busy socket until `wait` runs out.
     pub fn connect(addr: &MonitorAddr, wait: Option<Duration>) -> Result<Self> {
-        let sockaddr = addr.socket_addr().map_err(|source| Error::Connect {
-            addr: addr.clone(),
-            source,
-        })?;
         let start = Instant::now();
         let stream = loop {
-            match mio::net::UnixStream::connect_addr(&sockaddr) {
+            match Stream::connect(addr) {
                 Ok(s) => break s,
                 Err(e) => {
                     let retryable = matches!(
@@ -117,6 +287,12 @@ impl Connection {
             )
             .map_err(io_err)?;
         Ok(conn)
+    }
+
+    /// Gives up the socket, with the bytes read and not yet consumed.
+    pub fn into_socket(mut self) -> (Socket, Vec<u8>) {
+        let _ = self.poll.registry().deregister(&mut self.stream);
+        (self.stream.into_socket(), self.buf)
     }
 
     fn io_error(&self, source: io::Error) -> Error {

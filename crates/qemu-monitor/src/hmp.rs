@@ -233,8 +233,50 @@ impl HmpSession {
     }
 }
 
+impl HmpSession {
+    /// See [`crate::Monitor::into_socket`].
+    pub fn into_socket(self) -> (crate::Socket, Vec<u8>) {
+        self.conn.into_socket()
+    }
+}
+
 fn is_quit(line: &str) -> bool {
     matches!(line.split_whitespace().next(), Some("quit" | "q"))
+}
+
+/// Whether QEMU answers this command line by closing the connection (`quit`).
+pub fn ends_session(line: &str) -> bool {
+    is_quit(line)
+}
+
+/// The prompt QEMU's human monitor prints when it is ready for a command.
+pub const PROMPT_TEXT: &str = "(qemu) ";
+
+/// Text from the human monitor as a reader wants it: `\r\n` line ends
+/// turned into `\n`, and the line editor's terminal sequences (ESC `[` ...
+/// a letter, as it redraws the line) left out.
+pub fn clean_text(raw: &[u8]) -> String {
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        match raw[i] {
+            0x1b => {
+                i += 1;
+                if raw.get(i) == Some(&b'[') {
+                    i += 1;
+                    while i < raw.len() && !raw[i].is_ascii_alphabetic() {
+                        i += 1;
+                    }
+                }
+                i += 1;
+                continue;
+            }
+            b'\r' if raw.get(i + 1) == Some(&b'\n') => {}
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The command output with `\r\n` turned into `\n`.
@@ -274,6 +316,14 @@ mod tests {
         assert!(tab.contains("0x09 (Tab) at offset 4"), "{tab}");
         let ctrl_a = check_line("stop\x01").unwrap_err().to_string();
         assert!(ctrl_a.contains("Ctrl-A"), "{ctrl_a}");
+    }
+
+    #[test]
+    fn cleans_the_line_editors_sequences() {
+        assert_eq!(
+            clean_text(b"i\x1b[K\x1b[Din\x1b[K\r\nVM status: running\r\n"),
+            "iin\nVM status: running\n"
+        );
     }
 
     #[test]

@@ -23,6 +23,7 @@ mod commands;
 mod conn;
 mod error;
 pub mod hmp;
+pub mod json;
 pub mod qmp;
 mod state;
 
@@ -30,6 +31,7 @@ use std::time::Duration;
 
 pub use addr::MonitorAddr;
 pub use commands::migration_event_status;
+pub use conn::Socket;
 pub use error::{Error, ErrorKind, Result};
 pub use hmp::{HmpReply, HmpSession};
 pub use qmp::{Event, Greeting, QemuVersion, QmpError, QmpSession, Reply};
@@ -170,6 +172,17 @@ impl Monitor {
         match self {
             Monitor::Hmp(s) => s.close().map(drop),
             Monitor::Qmp(s) => s.close().map(drop),
+        }
+    }
+
+    /// Gives up the connection as a plain non-blocking socket, with what QEMU
+    /// sent after the greeting and was not consumed yet: for a caller that
+    /// relays a whole session itself. The greeting stays readable from the
+    /// session before this is called.
+    pub fn into_socket(self) -> (Socket, Vec<u8>) {
+        match self {
+            Monitor::Hmp(s) => s.into_socket(),
+            Monitor::Qmp(s) => s.into_socket(),
         }
     }
 }

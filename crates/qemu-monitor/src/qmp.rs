@@ -340,6 +340,11 @@ impl QmpSession {
         })
     }
 
+    /// See [`crate::Monitor::into_socket`].
+    pub fn into_socket(self) -> (crate::Socket, Vec<u8>) {
+        self.conn.into_socket()
+    }
+
     /// Ends the session: half-close, read to the end.
     pub fn close(self) -> Result<Vec<u8>> {
         let timeout = self.timeout;

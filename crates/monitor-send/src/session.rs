@@ -1,0 +1,796 @@
+//! The nc and socat forms: a session that relays standard input to the
+//! monitor and what QEMU says to standard output, as those tools do, with
+//! the guarantee they lack: each command is sent only once the previous one
+//! is confirmed (its prompt, its QMP reply), so none is lost to QEMU's
+//! hang-up handler. Standard input and the socket are watched together, so
+//! QMP events are printed as they arrive and the session ends as soon as
+//! QEMU closes, whether or not standard input has ended.
+//!
+//! On a terminal asked to be raw (socat's `raw`, `rawer`, `echo=0`,
+//! `icanon=0`), bytes go both ways untouched and QEMU's own line editor does
+//! the editing and echo, as with socat; socat's `escape=` character ends it.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+
+use qemu_monitor::hmp::{self, PROMPT_TEXT};
+use qemu_monitor::{Error, ErrorKind, Monitor, Options, Protocol, Socket};
+use serde_json::{json, Value};
+
+use crate::input::{Input, Item};
+use crate::job::{exit, Commands, Job, Mode, Output, PROG};
+
+const PROMPT: &[u8] = PROMPT_TEXT.as_bytes();
+/// The id of the messages monitor-send adds itself, so their replies are not printed.
+const OWN_ID: &str = "monitor-send";
+/// How long socat waits for the peer after a terminal session's escape character.
+const ESCAPE_GRACE: Duration = Duration::from_millis(500);
+
+/// What was sent and still awaits its confirmation.
+#[derive(Debug)]
+enum Flight {
+    /// An HMP line, until QEMU echoes its end (it has read it all).
+    HmpEcho { line: String },
+    /// An HMP line QEMU is running, until the next prompt.
+    HmpOutput { line: String, text: Vec<u8> },
+    /// A QMP message, until its reply.
+    Qmp { line: String, kind: QmpKind },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum QmpKind {
+    /// The user's message: its reply is printed as QEMU sent it.
+    Passthrough,
+    /// An HMP line sent as `human-monitor-command`: its text is printed.
+    Human,
+    /// Our own `qmp_capabilities`, ahead of the user's first command.
+    Negotiation,
+}
+
+/// How the session went, for the exit status.
+#[derive(Debug, Default)]
+struct Tally {
+    refused: usize,
+    qemu_errors: usize,
+    failure: Option<(u8, String)>,
+}
+
+/// Standard output that survives its reader going away: the commands still
+/// go to QEMU when nobody reads what it says (`nc ... | head -1`).
+#[derive(Debug, Default)]
+struct Out {
+    broken: bool,
+}
+
+impl Out {
+    fn write(&mut self, mut data: &[u8]) {
+        while !self.broken && !data.is_empty() {
+            // SAFETY: writes from a valid slice to the process's stdout.
+            let n = unsafe { libc::write(1, data.as_ptr().cast(), data.len()) };
+            if n > 0 {
+                data = &data[n as usize..];
+                continue;
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => {}
+                io::ErrorKind::WouldBlock => {
+                    poll(&mut [pollfd(1, libc::POLLOUT)], None);
+                }
+                _ => self.broken = true,
+            }
+        }
+    }
+
+    fn text(&mut self, s: &str) {
+        self.write(s.as_bytes());
+    }
+}
+
+pub fn run(job: &Job) -> u8 {
+    let mut tally = Tally::default();
+    session(job, &mut tally);
+    if let Some((status, message)) = &tally.failure {
+        eprintln!("{PROG}: {message}");
+        return if job.strict || *status == exit::UNREACHABLE {
+            *status
+        } else {
+            // nc and socat say 1 for anything that went wrong on the way.
+            exit::UNREACHABLE
+        };
+    }
+    if !job.strict {
+        exit::OK
+    } else if tally.refused > 0 {
+        exit::REFUSED
+    } else if tally.qemu_errors > 0 {
+        exit::COMMAND_ERROR
+    } else {
+        exit::OK
+    }
+}
+
+fn status_of(e: &Error) -> u8 {
+    match e.kind() {
+        ErrorKind::Unreachable => exit::UNREACHABLE,
+        ErrorKind::Command => exit::COMMAND_ERROR,
+        ErrorKind::Delivery => exit::DELIVERY,
+        ErrorKind::Refused => exit::REFUSED,
+    }
+}
+
+fn session(job: &Job, tally: &mut Tally) {
+    let options = Options {
+        timeout: job.timeout,
+        wait_socket: job.wait_socket,
+    };
+    let monitor = match qemu_monitor::connect(job.addr.clone(), &options) {
+        Ok(m) => m,
+        Err(e) => {
+            tally.failure = Some((status_of(&e), e.to_string()));
+            return;
+        }
+    };
+    if job.verbose {
+        eprintln!("{PROG}: connected to {}", job.addr);
+    }
+    let protocol = monitor.protocol();
+    let greeting = match &monitor {
+        Monitor::Hmp(s) => format!("{}\n", s.banner()),
+        Monitor::Qmp(s) => format!("{}\n", s.greeting().raw),
+    };
+    let (sock, pending) = monitor.into_socket();
+    let mut out = Out::default();
+    let terminal = is_terminal(0) && job.commands == Commands::Stdin;
+
+    if terminal && job.terminal.wants_raw() {
+        relay(job, sock, protocol, &greeting, &pending, &mut out, tally);
+        return;
+    }
+
+    let mut pump = Pump {
+        job,
+        protocol,
+        sock,
+        inbuf: pending,
+        queue: VecDeque::new(),
+        input: Input::new(),
+        stdin_eof: job.commands != Commands::Stdin,
+        flight: None,
+        negotiated: false,
+        out,
+        terminal,
+        tally,
+        last_activity: Instant::now(),
+    };
+    if let Commands::Args(args) = &job.commands {
+        for a in args {
+            pump.input.feed(a.as_bytes(), &mut pump.queue);
+            pump.input.feed(b"\n", &mut pump.queue);
+        }
+    }
+    if job.output != Output::Quiet {
+        pump.out.text(&greeting);
+        if terminal && protocol == Protocol::Hmp {
+            pump.out.write(PROMPT);
+        }
+    }
+    pump.run();
+}
+
+struct Pump<'a> {
+    job: &'a Job,
+    protocol: Protocol,
+    sock: Socket,
+    /// What QEMU sent and was not handled yet.
+    inbuf: Vec<u8>,
+    queue: VecDeque<Item>,
+    input: Input,
+    stdin_eof: bool,
+    flight: Option<Flight>,
+    negotiated: bool,
+    out: Out,
+    terminal: bool,
+    tally: &'a mut Tally,
+    last_activity: Instant,
+}
+
+enum Step {
+    Go,
+    Done,
+}
+
+impl Pump<'_> {
+    fn run(&mut self) {
+        loop {
+            if let Err(message) = self.send_next() {
+                self.fail(exit::DELIVERY, message);
+                return;
+            }
+            if self.flight.is_none() && self.queue.is_empty() && self.stdin_eof {
+                self.finish();
+                return;
+            }
+            if self.job.mode == Mode::Dispatch
+                && matches!(self.flight, Some(Flight::HmpOutput { .. }))
+                && self.queue.is_empty()
+                && self.stdin_eof
+            {
+                // `-w 0`, `-u`: QEMU has read the last command and runs it;
+                // a suspended monitor (migrate without -d) would keep us.
+                self.flush_output();
+                return;
+            }
+            match self.wait() {
+                Ok(Step::Go) => {}
+                Ok(Step::Done) => return,
+                Err(message) => {
+                    self.fail(exit::DELIVERY, message);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn fail(&mut self, status: u8, message: String) {
+        if self.tally.failure.is_none() {
+            self.tally.failure = Some((status, message));
+        }
+    }
+
+    /// Waits for standard input or the socket, and handles what came.
+    fn wait(&mut self) -> Result<Step, String> {
+        let sock_fd = self.sock.as_raw_fd();
+        let read_stdin = !self.stdin_eof && self.queue.is_empty() && self.flight.is_none()
+            || !self.stdin_eof && self.queue.is_empty() && self.terminal;
+        let mut fds = vec![pollfd(sock_fd, libc::POLLIN)];
+        if read_stdin {
+            fds.push(pollfd(0, libc::POLLIN));
+        }
+        let deadline = self
+            .flight
+            .as_ref()
+            .map(|_| self.last_activity + self.job.timeout);
+        if !poll(&mut fds, deadline) {
+            let what = match &self.flight {
+                Some(Flight::HmpEcho { line }) => format!("echo of `{line}`"),
+                Some(Flight::HmpOutput { line, .. }) | Some(Flight::Qmp { line, .. }) => {
+                    format!("reply to `{line}`")
+                }
+                None => "reply".into(),
+            };
+            return Err(format!(
+                "{}: no {what} from QEMU within {:?}",
+                self.job.addr, self.job.timeout
+            ));
+        }
+        if fds[0].revents != 0 && !self.read_socket()? {
+            self.socket_closed();
+            return Ok(Step::Done);
+        }
+        if read_stdin && fds[1].revents != 0 {
+            self.read_stdin();
+        }
+        Ok(Step::Go)
+    }
+
+    /// Reads what QEMU sent and handles it; false at the end of the stream.
+    fn read_socket(&mut self) -> Result<bool, String> {
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            match self.sock.read(&mut chunk) {
+                Ok(0) => return Ok(false),
+                Ok(n) => {
+                    self.inbuf.extend_from_slice(&chunk[..n]);
+                    self.last_activity = Instant::now();
+                    self.handle_socket_bytes();
+                    return Ok(true);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(false),
+                Err(e) => return Err(format!("{}: {e}", self.job.addr)),
+            }
+        }
+    }
+
+    fn read_stdin(&mut self) {
+        let mut chunk = [0u8; 64 * 1024];
+        // SAFETY: reads into a valid buffer from the process's stdin.
+        let n = unsafe { libc::read(0, chunk.as_mut_ptr().cast(), chunk.len()) };
+        if n > 0 {
+            self.input.feed(&chunk[..n as usize], &mut self.queue);
+            return;
+        }
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if matches!(
+                e.kind(),
+                io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
+            ) {
+                return;
+            }
+        }
+        // The end of input (or input that cannot be read: the same to a recipe).
+        self.stdin_eof = true;
+        self.input.finish(&mut self.queue);
+    }
+
+    /// Sends the next command if none is awaiting its confirmation.
+    fn send_next(&mut self) -> Result<(), String> {
+        while self.flight.is_none() {
+            let Some(item) = self.queue.pop_front() else {
+                return Ok(());
+            };
+            match (self.protocol, item) {
+                (_, Item::Bad { text, reason }) => self.refuse(text, reason),
+                (Protocol::Hmp, Item::Json { text, .. }) => self.refuse(
+                    text,
+                    "it is a QMP (JSON) command and this socket is the human monitor".into(),
+                ),
+                (Protocol::Hmp, Item::Line(line)) => {
+                    if let Err(e) = hmp::check_line(&line) {
+                        self.report_refusal(&e);
+                        continue;
+                    }
+                    self.write_socket(format!("{line}\n").as_bytes())?;
+                    self.flight = Some(Flight::HmpEcho { line });
+                }
+                (Protocol::Qmp, item) => {
+                    let is_caps = matches!(&item, Item::Json { value, .. }
+                        if value.get("execute").and_then(Value::as_str) == Some("qmp_capabilities"));
+                    if !self.negotiated && !is_caps {
+                        // QEMU takes nothing else first; say it for the user.
+                        self.queue.push_front(item);
+                        let msg = json!({"execute": "qmp_capabilities", "id": OWN_ID});
+                        self.write_socket(format!("{msg}\n").as_bytes())?;
+                        self.flight = Some(Flight::Qmp {
+                            line: "qmp_capabilities".into(),
+                            kind: QmpKind::Negotiation,
+                        });
+                        continue;
+                    }
+                    let (bytes, line, kind) = match item {
+                        Item::Json { text, value } => {
+                            let name = value
+                                .get("execute")
+                                .or_else(|| value.get("exec-oob"))
+                                .and_then(Value::as_str)
+                                .unwrap_or("?")
+                                .to_string();
+                            (format!("{text}\n"), name, QmpKind::Passthrough)
+                        }
+                        Item::Line(line) => {
+                            let msg = json!({
+                                "execute": "human-monitor-command",
+                                "arguments": {"command-line": line},
+                                "id": OWN_ID,
+                            });
+                            (format!("{msg}\n"), line, QmpKind::Human)
+                        }
+                        Item::Bad { .. } => unreachable!("handled above"),
+                    };
+                    self.write_socket(bytes.as_bytes())?;
+                    self.flight = Some(Flight::Qmp { line, kind });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn refuse(&mut self, text: String, reason: String) {
+        self.report_refusal(&Error::BadLine {
+            command: text,
+            reason,
+        });
+    }
+
+    fn report_refusal(&mut self, e: &Error) {
+        self.tally.refused += 1;
+        eprintln!("{PROG}: {e}");
+    }
+
+    /// Writes a whole command, reading (not handling) what QEMU sends meanwhile.
+    fn write_socket(&mut self, mut data: &[u8]) -> Result<(), String> {
+        let deadline = Instant::now() + self.job.timeout;
+        while !data.is_empty() {
+            match self.sock.write(data) {
+                Ok(n) => data = &data[n..],
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let fd = self.sock.as_raw_fd();
+                    let mut fds = [pollfd(fd, libc::POLLOUT | libc::POLLIN)];
+                    if !poll(&mut fds, Some(deadline)) {
+                        return Err(format!(
+                            "{}: QEMU read nothing more within {:?}",
+                            self.job.addr, self.job.timeout
+                        ));
+                    }
+                    let mut chunk = [0u8; 16 * 1024];
+                    if let Ok(n) = self.sock.read(&mut chunk) {
+                        self.inbuf.extend_from_slice(&chunk[..n]);
+                    }
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "{}: the connection broke while sending ({e})",
+                        self.job.addr
+                    ))
+                }
+            }
+        }
+        self.last_activity = Instant::now();
+        Ok(())
+    }
+
+    fn quiet(&self) -> bool {
+        self.job.output == Output::Quiet
+    }
+
+    fn handle_socket_bytes(&mut self) {
+        match self.protocol {
+            Protocol::Hmp => self.handle_hmp(),
+            Protocol::Qmp => self.handle_qmp(),
+        }
+    }
+
+    fn handle_hmp(&mut self) {
+        loop {
+            match &mut self.flight {
+                Some(Flight::HmpEcho { line }) => {
+                    let Some(end) = find(&self.inbuf, b"\r\n") else {
+                        return;
+                    };
+                    // The echo (with the editor's redraws) is not output.
+                    self.inbuf.drain(..end + 2);
+                    let line = std::mem::take(line);
+                    self.flight = Some(Flight::HmpOutput {
+                        line,
+                        text: Vec::new(),
+                    });
+                }
+                Some(Flight::HmpOutput { line, text }) => {
+                    if let Some(at) = find(&self.inbuf, PROMPT) {
+                        let rest: Vec<u8> = self.inbuf.drain(..at + PROMPT.len()).collect();
+                        let body = &rest[..at];
+                        text.extend_from_slice(body);
+                        let (line, text) = (std::mem::take(line), std::mem::take(text));
+                        self.flight = None;
+                        if !self.quiet() {
+                            self.out.text(&hmp::clean_text(body));
+                            if self.terminal {
+                                self.out.write(PROMPT);
+                            }
+                        }
+                        self.hmp_done(&line, &text);
+                        continue;
+                    }
+                    // Long output is passed on line by line as it comes.
+                    if let Some(nl) = self.inbuf.iter().rposition(|&b| b == b'\n') {
+                        let body: Vec<u8> = self.inbuf.drain(..=nl).collect();
+                        text.extend_from_slice(&body);
+                        if !self.quiet() {
+                            self.out.text(&hmp::clean_text(&body));
+                        }
+                    }
+                    return;
+                }
+                _ => {
+                    // Output between commands (a migration's end, say).
+                    let Some(nl) = self.inbuf.iter().rposition(|&b| b == b'\n') else {
+                        if self.inbuf.ends_with(PROMPT) {
+                            self.inbuf.clear();
+                        }
+                        return;
+                    };
+                    let body: Vec<u8> = self.inbuf.drain(..=nl).collect();
+                    if !self.quiet() {
+                        let text = hmp::clean_text(&body).replace(PROMPT_TEXT, "");
+                        self.out.text(&text);
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn hmp_done(&mut self, line: &str, text: &[u8]) {
+        if let Some(message) = hmp::error_message(&hmp::clean_text(text)) {
+            self.qemu_error(line, &message);
+        }
+    }
+
+    fn qemu_error(&mut self, line: &str, message: &str) {
+        self.tally.qemu_errors += 1;
+        if self.job.strict {
+            eprintln!(
+                "{PROG}: {}: QEMU refused `{line}`: {message}",
+                self.job.addr
+            );
+        }
+    }
+
+    fn handle_qmp(&mut self) {
+        while let Some(nl) = self.inbuf.iter().position(|&b| b == b'\n') {
+            let raw: Vec<u8> = self.inbuf.drain(..=nl).collect();
+            let raw = String::from_utf8_lossy(&raw).trim_end().to_string();
+            if raw.is_empty() {
+                continue;
+            }
+            let value: Value = serde_json::from_str(&raw).unwrap_or(Value::Null);
+            let is_reply = value.get("return").is_some() || value.get("error").is_some();
+            let flight = if is_reply { self.flight.take() } else { None };
+            let Some(Flight::Qmp { line, kind }) = flight else {
+                // Events, and anything unexpected, as QEMU sent them.
+                if !self.quiet() {
+                    self.out.text(&format!("{raw}\n"));
+                }
+                continue;
+            };
+            let error = value
+                .get("error")
+                .map(|e| e["desc"].as_str().unwrap_or_default().to_string());
+            match kind {
+                QmpKind::Negotiation => {
+                    self.negotiated = error.is_none();
+                    if let Some(desc) = error {
+                        self.out.text(&format!("{raw}\n"));
+                        self.qemu_error(&line, &desc);
+                        // Without it nothing else will run: say so once, and stop.
+                        self.queue.clear();
+                    }
+                }
+                QmpKind::Passthrough => {
+                    if !self.quiet() {
+                        self.out.text(&format!("{raw}\n"));
+                    }
+                    if line == "qmp_capabilities" && error.is_none() {
+                        self.negotiated = true;
+                    }
+                    if let Some(desc) = error {
+                        self.qemu_error(&line, &desc);
+                    }
+                }
+                QmpKind::Human => {
+                    let text = match (&error, value.get("return")) {
+                        (Some(desc), _) => format!("{desc}\n"),
+                        (None, Some(Value::String(s))) => s.replace("\r\n", "\n"),
+                        _ => String::new(),
+                    };
+                    if !self.quiet() {
+                        self.out.text(&text);
+                    }
+                    let message = error.or_else(|| hmp::error_message(&text));
+                    if let Some(message) = message {
+                        self.qemu_error(&line, &message);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Prints what is left of QEMU's output (its last words).
+    fn flush_output(&mut self) {
+        if self.quiet() || self.inbuf.is_empty() {
+            self.inbuf.clear();
+            return;
+        }
+        let rest = std::mem::take(&mut self.inbuf);
+        match self.protocol {
+            Protocol::Hmp => {
+                let text = hmp::clean_text(&rest).replace(PROMPT_TEXT, "");
+                self.out.text(&text);
+            }
+            Protocol::Qmp => self.out.write(&rest),
+        }
+    }
+
+    /// QEMU closed the connection.
+    fn socket_closed(&mut self) {
+        let flight = self.flight.take();
+        if let Some(Flight::HmpOutput { text, .. }) = &flight {
+            // What a command said before QEMU went (quit's last words).
+            let mut all = text.clone();
+            all.extend_from_slice(&self.inbuf);
+            self.inbuf = all;
+        }
+        self.handle_socket_bytes();
+        self.flush_output();
+        let unconfirmed = match flight {
+            Some(Flight::HmpOutput { line, .. }) if hmp::ends_session(&line) => None,
+            Some(Flight::HmpEcho { line })
+            | Some(Flight::HmpOutput { line, .. })
+            | Some(Flight::Qmp { line, .. }) => Some(line),
+            None => None,
+        };
+        let unsent = self
+            .queue
+            .iter()
+            .filter(|i| !matches!(i, Item::Bad { .. }))
+            .count();
+        if unconfirmed.is_some() || unsent > 0 {
+            let mut message = format!("{}: QEMU closed the connection", self.job.addr);
+            if let Some(line) = unconfirmed {
+                message.push_str(&format!(" before confirming `{line}`"));
+            }
+            if unsent > 0 {
+                message.push_str(&format!(
+                    "; {unsent} command{} not sent",
+                    if unsent == 1 { "" } else { "s" }
+                ));
+            }
+            self.fail(exit::DELIVERY, message);
+        }
+    }
+
+    /// Every command is confirmed and the input has ended.
+    fn finish(&mut self) {
+        if self.job.ignoreeof {
+            // socat's `ignoreeof` on standard input: the session lasts until QEMU ends it.
+            self.drain(None);
+            return;
+        }
+        if !self.job.half_close {
+            // `shut-none`: every command is confirmed, so closing loses nothing.
+            self.flush_output();
+            return;
+        }
+        // The half-close: QEMU sees the end once it has read everything, and
+        // what it still had to say (events, a migration's end) comes first.
+        if self.sock.shutdown_write().is_err() {
+            self.flush_output();
+            return;
+        }
+        self.drain(Some(self.job.timeout));
+    }
+
+    /// Prints what QEMU says until it closes.
+    fn drain(&mut self, idle: Option<Duration>) {
+        loop {
+            let mut fds = [pollfd(self.sock.as_raw_fd(), libc::POLLIN)];
+            let deadline = idle.map(|d| self.last_activity + d);
+            if !poll(&mut fds, deadline) {
+                self.flush_output();
+                return;
+            }
+            match self.read_socket() {
+                Ok(true) => {}
+                Ok(false) | Err(_) => {
+                    self.flush_output();
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A terminal session in raw mode: bytes both ways as they are.
+fn relay(
+    job: &Job,
+    mut sock: Socket,
+    protocol: Protocol,
+    greeting: &str,
+    pending: &[u8],
+    out: &mut Out,
+    tally: &mut Tally,
+) {
+    let saved = crate::terminal::apply(0, &job.terminal);
+    match protocol {
+        Protocol::Hmp => {
+            out.text(&greeting.replace('\n', "\r\n"));
+            out.write(PROMPT);
+        }
+        Protocol::Qmp => out.text(&greeting.replace('\n', "\r\n")),
+    }
+    out.write(pending);
+    let sock_fd = sock.as_raw_fd();
+    let mut stdin_open = true;
+    let mut grace: Option<Instant> = None;
+    loop {
+        let mut fds = vec![pollfd(sock_fd, libc::POLLIN)];
+        if stdin_open {
+            fds.push(pollfd(0, libc::POLLIN));
+        }
+        if !poll(&mut fds, grace) {
+            break;
+        }
+        let mut chunk = [0u8; 16 * 1024];
+        if fds[0].revents != 0 {
+            match sock.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => out.write(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        if stdin_open && fds[1].revents != 0 {
+            // SAFETY: reads into a valid buffer from the process's stdin.
+            let n = unsafe { libc::read(0, chunk.as_mut_ptr().cast(), chunk.len()) };
+            let mut data: &[u8] = if n > 0 { &chunk[..n as usize] } else { &[] };
+            let mut end = n == 0;
+            if let Some(at) = job.escape.and_then(|e| data.iter().position(|&b| b == e)) {
+                data = &data[..at];
+                end = true;
+            }
+            if write_fully(&mut sock, data).is_err() {
+                tally.failure = Some((
+                    exit::DELIVERY,
+                    format!("{}: the connection broke while sending", job.addr),
+                ));
+                break;
+            }
+            if end {
+                stdin_open = false;
+                let _ = sock.shutdown_write();
+                grace = Some(Instant::now() + ESCAPE_GRACE);
+            }
+        }
+    }
+    crate::terminal::restore(0, saved);
+}
+
+fn write_fully(sock: &mut Socket, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        match sock.write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                poll(&mut [pollfd(sock.as_raw_fd(), libc::POLLOUT)], None);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+fn pollfd(fd: RawFd, events: libc::c_short) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    }
+}
+
+/// Waits for any of `fds`; false once `deadline` has passed with none ready.
+fn poll(fds: &mut [libc::pollfd], deadline: Option<Instant>) -> bool {
+    loop {
+        let timeout = match deadline {
+            None => -1,
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    0
+                } else {
+                    // Rounded up, so a wait never ends just before its deadline.
+                    left.as_millis().saturating_add(1).min(i32::MAX as u128) as i32
+                }
+            }
+        };
+        // SAFETY: fds is a valid, initialised array of its length.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        if n > 0 {
+            return true;
+        }
+        if n == 0 {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return false;
+            }
+            continue;
+        }
+        if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return false;
+        }
+    }
+}
+
+pub fn is_terminal(fd: RawFd) -> bool {
+    // SAFETY: isatty only inspects the descriptor.
+    unsafe { libc::isatty(fd) == 1 }
+}
