@@ -353,7 +353,9 @@ impl Connection {
     /// Reads whatever is available into the buffer; waits for data if none is.
     /// Returns false at end of stream.
     fn fill(&mut self, wait: &Wait) -> Result<bool> {
-        let mut chunk = [0u8; 16 * 1024];
+        // Monitor traffic comes in small messages; a small buffer also keeps
+        // the stack a short-lived client touches (each page a fault) small.
+        let mut chunk = [0u8; 4096];
         loop {
             match self.stream.read(&mut chunk) {
                 Ok(0) => {
