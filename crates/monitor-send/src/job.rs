@@ -210,7 +210,7 @@ impl Runner<'_> {
                 let mut stdin = io::stdin().lock();
                 let mut parser = input::Input::new();
                 let mut items = std::collections::VecDeque::new();
-                let mut chunk = vec![0u8; 64 * 1024];
+                let mut chunk = vec![0u8; 4096];
                 loop {
                     let n = match stdin.read(&mut chunk) {
                         Ok(n) => n,

@@ -44,7 +44,9 @@ fn form(argv0: &str, args: &[String]) -> Form {
     {
         return Form::Nc;
     }
-    if args.iter().any(|a| socat::looks_like_address(a)) {
+    // socat's form has two addresses; the native form may start with one
+    // (`tcp:HOST:PORT`) and go on with commands.
+    if args.iter().filter(|a| socat::looks_like_address(a)).count() >= 2 {
         return Form::Socat;
     }
     let nc_cluster = |a: &String| {
@@ -171,6 +173,10 @@ mod tests {
             Form::Native
         );
         assert_eq!(form("monitor-send", &args("--qmp /tmp/s")), Form::Native);
+        assert_eq!(
+            form("monitor-send", &args("tcp:localhost:4444 stop")),
+            Form::Native
+        );
         assert_eq!(form("/usr/bin/ncat", &args("--unixsock /tmp/s")), Form::Nc);
     }
 }

@@ -13,20 +13,26 @@ Argument forms:
   monitor-send [OPTIONS] SOCKET [COMMAND]...       this form
   monitor-send [-N] [-d] [-q S] [-w S] -U PATH      OpenBSD nc's form (-w 0: dispatch and go)
   monitor-send [-u] [-t S] [-T S] ADDR ADDR         socat's form (-u: dispatch and go, quiet)
-  Linked or copied as `nc`, `netcat` or `socat`, it takes that tool's form, so
-  `echo stop | nc -w 0 -U /tmp/qemu-sock` in a recipe runs unchanged.
+  Linked or copied as `nc`, `netcat`, `ncat` or `socat`, it takes that tool's
+  form, so `echo stop | nc -w 0 -U /tmp/qemu-sock` in a recipe runs unchanged;
+  `nc -h` and `socat -h` list what those forms accept (TCP monitors too:
+  `nc HOST PORT`, `socat - TCP:HOST:PORT`).
 
 Every command is confirmed received before the next is sent and before the
 connection closes: by its reply, or in dispatch mode by QEMU's echo of the
-line's end (HMP) or its reply (QMP).
+line's end (HMP) or its reply (QMP). QMP input is read as QEMU reads it: an
+object may span lines, several may share one, strings may be single-quoted.
 
-Exit status:
-  0  every command was received and ran
+Exit status (this form; the nc and socat forms exit as those tools do, 0 when
+the monitor was reached and every command confirmed, unless
+MONITOR_SEND_STRICT=1 is set):
+  0  every command was received and ran (no command at all: the socket answered)
   1  bad arguments, or the socket could not be reached (nothing was sent)
   2  QEMU answered a command with an error (the other commands still ran)
   3  a command was not confirmed: timeout, early close, or not a QEMU monitor
-  4  a line was refused before sending: longer than 4095 bytes, control
-     bytes, JSON to the human monitor, or no command at all
+  4  a line was refused before sending (longer than 4095 bytes, control bytes,
+     JSON to the human monitor, not JSON where JSON began); the other lines
+     were still sent
 
 Examples:
   monitor-send /tmp/qemu-sock 'info status'
@@ -38,8 +44,9 @@ Examples:
 #[derive(Debug, Parser)]
 #[command(name = "monitor-send", version, after_help = AFTER_HELP)]
 struct Cli {
-    /// The monitor's unix socket; `@name` for an abstract socket.
-    socket: String,
+    /// The monitor's unix socket; `@name` for an abstract socket; `tcp:HOST:PORT` for a TCP monitor.
+    #[arg(value_parser = parse_socket)]
+    socket: MonitorAddr,
     /// Commands to send, one per argument; read from stdin, one per line, if none.
     commands: Vec<String>,
     /// Expect the machine monitor (QMP); HMP command lines go through human-monitor-command.
@@ -68,11 +75,25 @@ struct Cli {
     verbose: bool,
 }
 
+/// `tcp:HOST:PORT` as QEMU's `-monitor` writes it; anything else is a unix socket.
+fn parse_socket(s: &str) -> Result<MonitorAddr, String> {
+    let Some(rest) = s.strip_prefix("tcp:") else {
+        return Ok(MonitorAddr::parse(s));
+    };
+    let (host, port) = rest
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s}: use tcp:HOST:PORT"))?;
+    let port = port
+        .parse()
+        .map_err(|_| format!("{s}: port {port:?} is not a number"))?;
+    Ok(MonitorAddr::tcp(host, port))
+}
+
 pub fn parse(args: &[String]) -> Result<Job, clap::Error> {
     let cli = Cli::try_parse_from(
         std::iter::once("monitor-send".to_string()).chain(args.iter().cloned()),
     )?;
-    let mut job = Job::new(MonitorAddr::parse(&cli.socket));
+    let mut job = Job::new(cli.socket);
     job.commands = if cli.commands.is_empty() {
         Commands::Stdin
     } else {

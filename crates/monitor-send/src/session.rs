@@ -25,6 +25,9 @@ use crate::job::{exit, Commands, Job, Mode, Output, PROG};
 const PROMPT: &[u8] = PROMPT_TEXT.as_bytes();
 /// The id of the messages monitor-send adds itself, so their replies are not printed.
 const OWN_ID: &str = "monitor-send";
+/// Read buffers: commands and replies are small, and every 4 KiB of stack
+/// touched is a page fault at each of the many starts a recipe makes.
+const CHUNK: usize = 4096;
 /// How long socat waits for the peer after a terminal session's escape character.
 const ESCAPE_GRACE: Duration = Duration::from_millis(500);
 
@@ -278,7 +281,7 @@ impl Pump<'_> {
 
     /// Reads what QEMU sent and handles it; false at the end of the stream.
     fn read_socket(&mut self) -> Result<bool, String> {
-        let mut chunk = [0u8; 16 * 1024];
+        let mut chunk = [0u8; CHUNK];
         loop {
             match self.sock.read(&mut chunk) {
                 Ok(0) => return Ok(false),
@@ -297,7 +300,7 @@ impl Pump<'_> {
     }
 
     fn read_stdin(&mut self) {
-        let mut chunk = [0u8; 64 * 1024];
+        let mut chunk = [0u8; CHUNK];
         // SAFETY: reads into a valid buffer from the process's stdin.
         let n = unsafe { libc::read(0, chunk.as_mut_ptr().cast(), chunk.len()) };
         if n > 0 {
@@ -408,7 +411,7 @@ impl Pump<'_> {
                             self.job.addr, self.job.timeout
                         ));
                     }
-                    let mut chunk = [0u8; 16 * 1024];
+                    let mut chunk = [0u8; CHUNK];
                     if let Ok(n) = self.sock.read(&mut chunk) {
                         self.inbuf.extend_from_slice(&chunk[..n]);
                     }
@@ -696,7 +699,7 @@ fn relay(
         if !poll(&mut fds, grace) {
             break;
         }
-        let mut chunk = [0u8; 16 * 1024];
+        let mut chunk = [0u8; CHUNK];
         if fds[0].revents != 0 {
             match sock.read(&mut chunk) {
                 Ok(0) => break,

@@ -112,9 +112,31 @@ impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             Stream::Unix(s) => s.read(buf),
-            Stream::Tcp(s) => s.read(buf),
+            Stream::Tcp(s) => {
+                let n = s.read(buf)?;
+                quick_ack(std::os::fd::AsRawFd::as_raw_fd(s));
+                Ok(n)
+            }
         }
     }
+}
+
+/// Acknowledges what was read at once. QEMU's monitor writes its echo a byte
+/// or a few at a time without TCP_NODELAY: each small write waits for the
+/// ACK of the previous one, and a delayed ACK (up to 40 ms) would stall every
+/// command. Linux turns quick ACKs off again by itself, hence after each read.
+fn quick_ack(fd: std::os::fd::RawFd) {
+    let on: libc::c_int = 1;
+    // SAFETY: fd is an open TCP socket and the option value a valid c_int.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_QUICKACK,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
 }
 
 impl Write for Stream {
@@ -194,7 +216,11 @@ impl Read for Socket {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             Socket::Unix(s) => s.read(buf),
-            Socket::Tcp(s) => s.read(buf),
+            Socket::Tcp(s) => {
+                let n = s.read(buf)?;
+                quick_ack(std::os::fd::AsRawFd::as_raw_fd(s));
+                Ok(n)
+            }
         }
     }
 }
@@ -327,7 +353,9 @@ impl Connection {
     /// Reads whatever is available into the buffer; waits for data if none is.
     /// Returns false at end of stream.
     fn fill(&mut self, wait: &Wait) -> Result<bool> {
-        let mut chunk = [0u8; 16 * 1024];
+        // Monitor traffic comes in small messages; a small buffer also keeps
+        // the stack a short-lived client touches (each page a fault) small.
+        let mut chunk = [0u8; 4096];
         loop {
             match self.stream.read(&mut chunk) {
                 Ok(0) => {

@@ -7,6 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use qemu_monitor::Options;
 use testkit::{Serial, Vm};
 
 use super::{ms, percentile, Args};
@@ -42,6 +43,20 @@ pub(super) fn run_once(peer: &Peer, input: &[u8]) -> anyhow::Result<Duration> {
     Ok(took)
 }
 
+/// The median time of `info status` on one HMP connection held open.
+fn open_connection_round_trip(hmp: &Path, runs: usize) -> anyhow::Result<Duration> {
+    let mut session = qemu_monitor::connect_hmp(hmp, &Options::default())?;
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let start = Instant::now();
+        session.command("info status")?;
+        times.push(start.elapsed());
+    }
+    session.close()?;
+    times.sort();
+    Ok(percentile(&times, 0.5))
+}
+
 pub(super) fn monitor_round_trips(q: &Qemu, send: &Path, args: &Args) -> anyhow::Result<String> {
     let mut vm = Vm::try_start(
         q.binary.as_path(),
@@ -73,28 +88,50 @@ pub(super) fn monitor_round_trips(q: &Qemu, send: &Path, args: &Args) -> anyhow:
             args: vec!["-N".into(), "-U".into(), sock.clone()],
         },
         Peer {
+            name: "`monitor-send - unix-connect:SOCK` (socat form)",
+            program: send.to_path_buf(),
+            args: vec!["-".into(), format!("unix-connect:{sock}")],
+        },
+        Peer {
             name: "`socat - unix-connect:SOCK`",
             program: "socat".into(),
             args: vec!["-".into(), format!("unix-connect:{sock}")],
         },
+        Peer {
+            name: "`true` (starting a minimal binary)",
+            program: "true".into(),
+            args: vec![],
+        },
     ];
-    let mut medians = Vec::new();
-    for peer in &peers {
-        let input: &[u8] = if peer.args.len() == 2 && peer.args[1] == "info status" {
+    const NC: usize = 2;
+    const TRUE: usize = 5;
+    let input = |peer: &Peer| -> &'static [u8] {
+        if peer.args.len() == 2 && peer.args[1] == "info status" {
             b""
         } else {
             b"info status\n"
-        };
-        // One unmeasured run so every peer starts with a warm page cache.
-        run_once(peer, input)?;
-        let mut times = Vec::with_capacity(args.runs);
-        for _ in 0..args.runs {
-            times.push(run_once(peer, input)?);
         }
-        times.sort();
-        medians.push((percentile(&times, 0.5), percentile(&times, 0.95)));
+    };
+    // One unmeasured run so every peer starts with a warm page cache; then
+    // the peers in turn, run after run, so a drift of the machine's speed
+    // weighs on all of them alike.
+    for peer in &peers {
+        run_once(peer, input(peer))?;
     }
-    let nc_median = medians[2].0.as_secs_f64();
+    let mut times = vec![Vec::with_capacity(args.runs); peers.len()];
+    for _ in 0..args.runs {
+        for (peer, t) in peers.iter().zip(&mut times) {
+            t.push(run_once(peer, input(peer))?);
+        }
+    }
+    let medians: Vec<(Duration, Duration)> = times
+        .iter_mut()
+        .map(|t| {
+            t.sort();
+            (percentile(t, 0.5), percentile(t, 0.95))
+        })
+        .collect();
+    let nc_median = medians[NC].0.as_secs_f64();
     for (peer, (median, p95)) in peers.iter().zip(&medians) {
         out.push_str(&format!(
             "| {} | {} | {} | {:.2}× |\n",
@@ -104,6 +141,16 @@ pub(super) fn monitor_round_trips(q: &Qemu, send: &Path, args: &Args) -> anyhow:
             median.as_secs_f64() / nc_median
         ));
     }
+    // The floor: no client can do better than starting a process and
+    // waiting for QEMU's own work, measured here on a connection held open.
+    let qemu_work = open_connection_round_trip(&vm.hmp, args.runs)?;
+    out.push_str(&format!(
+        "| QEMU's round trip on an open connection | {} | | |\n\
+         | floor: `true` + that round trip | {} | | {:.2}× |\n",
+        ms(qemu_work),
+        ms(medians[TRUE].0 + qemu_work),
+        (medians[TRUE].0 + qemu_work).as_secs_f64() / nc_median
+    ));
 
     out.push_str(&format!(
         "\n### Delivery: `echo stop | CLIENT`, checked over QMP (QEMU {}, {} runs each)\n\n\
