@@ -96,6 +96,10 @@ enum Cmd {
         /// Do not fsync the state file (faster; not durable across a power cut).
         #[arg(long)]
         no_sync: bool,
+        /// Replace an existing STATEFILE (crash-safely: the old save stays
+        /// restorable until the new one is complete).
+        #[arg(long)]
+        force: bool,
     },
     /// Start a VM from a state file with the options it was saved with.
     Restore {
@@ -245,6 +249,7 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
             bandwidth,
             timeout,
             no_sync,
+            force,
         } => {
             let mut vm = Vm::attach(monitor.as_str(), Duration::from_secs(*timeout))?;
             let mut options = SaveOptions::default();
@@ -252,6 +257,7 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
             options.bandwidth = bandwidth.map(|m| m << 20);
             options.then = *then;
             options.no_sync = *no_sync;
+            options.force = *force;
             options.cancel = cancel;
             let shown = Shown::new(cli);
             let report = save::save(&mut vm, statefile, &options, shown.progress());
@@ -294,6 +300,9 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
             let restored = restore::restore(statefile, &options, shown.progress());
             shown.done();
             let restored = restored?;
+            if restored.previous_save {
+                eprintln!("{}", previous_save_note(statefile));
+            }
             let pid = restored.vm.pid();
             if cli.json {
                 say!(
@@ -429,6 +438,14 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
     }
 }
 
+fn previous_save_note(statefile: &std::path::Path) -> String {
+    format!(
+        "note: {} holds the previous save: a newer save of it was interrupted before it \
+         replaced this one",
+        statefile.display()
+    )
+}
+
 /// Where a launched QEMU's console goes: this terminal, or nowhere in the background.
 fn console(daemonize: bool) -> Console {
     if daemonize {
@@ -491,9 +508,17 @@ fn inspect(
     check_with: Option<PathBuf>,
     qemu_args: &[String],
 ) -> Result<ExitCode, Error> {
-    let manifest = Manifest::load(statefile)?;
     // The check reads a bare stream through already; its summary is reused.
     let mut verdict = restore::check(statefile);
+    // The manifest that describes the stream (the previous save's, after an
+    // interrupted replacement), else the one beside it.
+    let manifest = match &verdict {
+        Ok(c) => c.manifest.clone(),
+        Err(_) => Manifest::load(statefile)?.map(|mut m| {
+            m.previous = None;
+            m
+        }),
+    };
     let summary = match verdict.as_mut().ok().and_then(|c| c.summary.take()) {
         Some(s) => s,
         None => qemu_stream::inspect_file(statefile).map_err(|e| Error::BadStateFile {
@@ -509,11 +534,15 @@ fn inspect(
                 "stream": summary,
                 "manifest": manifest,
                 "restorable": verdict.is_ok(),
+                "previous_save": verdict.as_ref().is_ok_and(|c| c.previous_save),
                 "problem": verdict.as_ref().err().map(|e| e.to_string()),
             })
         );
     } else {
         say!("{summary}");
+        if verdict.as_ref().is_ok_and(|c| c.previous_save) {
+            say!("{}", previous_save_note(statefile));
+        }
         if let Some(m) = &manifest {
             say!(
                 "manifest: saved by QEMU {} ({}) from a {} guest\n  options: {}",

@@ -123,6 +123,18 @@ pub enum Error {
         /// Each difference, in words.
         differences: Vec<String>,
     },
+    /// The target of a save exists and replacing it was not asked for.
+    #[error(
+        "{} exists{}; give --force to replace it",
+        .path.display(),
+        if *.is_save { " (an earlier save)" } else { " and is not a save of qemu-migrate" }
+    )]
+    Exists {
+        /// The target.
+        path: PathBuf,
+        /// Whether it is a save (it has a manifest).
+        is_save: bool,
+    },
     /// QEMU could not be started.
     #[error("starting {}: {}", .binary.display(), os_message(.source))]
     Launch {
@@ -160,6 +172,7 @@ impl Error {
             | Error::NotMigratable { .. }
             | Error::Busy { .. }
             | Error::UsesTerminal
+            | Error::Exists { .. }
             | Error::OlderDestination { .. } => ErrorKind::Refused,
             Error::MigrationFailed(_)
             | Error::File { .. }
