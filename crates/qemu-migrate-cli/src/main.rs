@@ -34,7 +34,8 @@ Exit status:
   0  done
   1  bad arguments, or the monitor socket or QEMU could not be reached or started
   2  refused before anything changed: incomplete or damaged state file, options
-     that cannot restore it, a VM already saved (postmigrate) or busy
+     that cannot restore it, disks or boot files changed since the save, a save
+     target that exists (without --force), a VM already saved (postmigrate) or busy
   3  the migration failed or QEMU exited; nothing half-written is left
   4  cancelled (Ctrl-C): the migration was cancelled and the guest resumed";
 
@@ -116,6 +117,9 @@ enum Cmd {
         /// With --daemonize: write QEMU's pid here.
         #[arg(long, requires = "daemonize")]
         pidfile: Option<PathBuf>,
+        /// Restore even though the VM's disks or boot files changed since the save.
+        #[arg(long)]
+        force: bool,
         /// QEMU options to use instead of the manifest's (required for a file with no manifest).
         #[arg(last = true)]
         qemu_args: Vec<String>,
@@ -288,9 +292,11 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
             paused,
             daemonize,
             pidfile,
+            force,
             qemu_args,
         } => {
             let mut options = RestoreOptions::default();
+            options.force = *force;
             options.qemu.clone_from(qemu);
             options.paused = *paused;
             options.args = (!qemu_args.is_empty()).then(|| qemu_args.clone());

@@ -123,6 +123,18 @@ pub enum Error {
         /// Each difference, in words.
         differences: Vec<String>,
     },
+    /// Files the saved guest depends on (disks, boot files) changed since the save.
+    #[error(
+        "{} was saved from a VM whose files have changed since; its memory describes them as \
+         they were, and resuming it over other disks corrupts them:\n{}\n(--force restores it anyway)",
+        .path.display(), bullet(.changes)
+    )]
+    FilesChanged {
+        /// The state file.
+        path: PathBuf,
+        /// Each change, in words.
+        changes: Vec<String>,
+    },
     /// The target of a save exists and replacing it was not asked for.
     #[error(
         "{} exists{}; give --force to replace it",
@@ -173,6 +185,7 @@ impl Error {
             | Error::Busy { .. }
             | Error::UsesTerminal
             | Error::Exists { .. }
+            | Error::FilesChanged { .. }
             | Error::OlderDestination { .. } => ErrorKind::Refused,
             Error::MigrationFailed(_)
             | Error::File { .. }

@@ -32,6 +32,7 @@
 
 pub mod argv;
 mod error;
+pub mod guard;
 pub mod live;
 pub mod manifest;
 pub mod os;

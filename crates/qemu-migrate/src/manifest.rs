@@ -43,6 +43,10 @@ pub struct Manifest {
     pub saved_at: u64,
     /// How QEMU sent the stream (`fd`).
     pub transport: String,
+    /// The disk images the VM had open for writing and its boot files, as
+    /// they were when it was saved: a restore refuses them changed.
+    #[serde(default)]
+    pub files: Vec<crate::guard::GuardedFile>,
     /// The manifest of the save this one replaced, while the replacement is
     /// being committed: the new manifest is put in place first, and the
     /// state file beside it may still be the previous save's for a moment.

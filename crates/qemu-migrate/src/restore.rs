@@ -32,6 +32,8 @@ pub struct RestoreOptions {
     pub args: Option<Vec<String>>,
     /// Where the VM's console (its `-serial stdio`) goes.
     pub console: Console,
+    /// Restore even though disks or boot files changed since the save.
+    pub force: bool,
     /// Set (e.g. by a signal handler) to cancel the restore.
     pub cancel: Arc<AtomicBool>,
 }
@@ -217,6 +219,15 @@ pub fn restore(path: &Path, options: &RestoreOptions, progress: &dyn Progress) -
             })
         }
     };
+    if let Some(m) = &checked.manifest {
+        let changes = crate::guard::changes(&m.files);
+        if !changes.is_empty() && !options.force {
+            return Err(Error::FilesChanged {
+                path: path.to_path_buf(),
+                changes,
+            });
+        }
+    }
     preflight::check(&checked, &binary, &args, &env)?;
 
     let mut vm = Vm::launch_incoming(&binary, &args, &LaunchOptions::new(options.console, env))?;

@@ -29,6 +29,7 @@ use qemu_monitor::{MigrationInfo, MigrationStatus};
 
 use crate::argv;
 use crate::error::{Error, Result};
+use crate::guard;
 use crate::manifest::{self, Manifest};
 use crate::os::{self, SaveFiles, VmLock};
 use crate::progress::Progress;
@@ -167,6 +168,18 @@ pub fn save(
         }
     };
 
+    // Disks are flushed and let go by QEMU at completion: what they are now
+    // is what the saved memory describes.
+    let guarded = match guard::record(vm) {
+        Ok(f) => f,
+        Err(e) => {
+            files.remove();
+            if was_running && !options.live {
+                let _ = vm.monitor.cont_after_migration();
+            }
+            return Err(e);
+        }
+    };
     let machine = qemu_stream::inspect(&copied.head[..])
         .ok()
         .and_then(|s| s.machine_type);
@@ -186,6 +199,7 @@ pub fn save(
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         transport: "fd".into(),
+        files: guarded,
         previous: None,
     };
     let sync = !options.no_sync;

@@ -29,7 +29,7 @@ mod state;
 use std::time::Duration;
 
 pub use addr::MonitorAddr;
-pub use commands::migration_event_status;
+pub use commands::{migration_event_status, BlockDevice};
 pub use error::{Error, ErrorKind, Result};
 pub use hmp::{HmpReply, HmpSession};
 pub use qmp::{Event, Greeting, QemuVersion, QmpError, QmpSession, Reply};
