@@ -241,8 +241,8 @@ fn a_disk_written_replaced_or_deleted_since_the_save_is_refused_before_qemu_star
             );
         };
         // Written to (by another VM, by qemu-io, by a mount of the image).
-        let mut f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
-        std::os::unix::fs::FileExt::write_at(&mut f, b"x", 300 * 1024).unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        std::os::unix::fs::FileExt::write_at(&f, b"x", 300 * 1024).unwrap();
         drop(f);
         refused("it was written to");
         // Replaced by a copy (of itself, even).
