@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Parser, Subcommand};
+use qemu_migrate::argv::redact;
 use qemu_migrate::live::{self, AfterLive, Destination, LiveOptions, ReceiveOptions, VmSpec};
 use qemu_migrate::progress::{Progress, Quiet};
 use qemu_migrate::restore::{self, RestoreOptions};
@@ -120,6 +121,9 @@ enum Cmd {
         /// Restore even though the VM's disks or boot files changed since the save.
         #[arg(long)]
         force: bool,
+        /// As root, restore a VM that another user's QEMU ran (it will run as root).
+        #[arg(long)]
+        as_root: bool,
         /// QEMU options to use instead of the manifest's (required for a file with no manifest).
         #[arg(last = true)]
         qemu_args: Vec<String>,
@@ -199,13 +203,12 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             let code = exit_code(&e);
+            // QEMU's errors quote the option they reject, secrets and all.
+            let text = redact(&e.to_string());
             if cli.json {
-                say!(
-                    "{}",
-                    serde_json::json!({ "error": e.to_string(), "exit": code })
-                );
+                say!("{}", serde_json::json!({ "error": text, "exit": code }));
             }
-            eprintln!("qemu-migrate: {e}");
+            eprintln!("qemu-migrate: {text}");
             ExitCode::from(code)
         }
     }
@@ -267,7 +270,7 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
             let report = save::save(&mut vm, statefile, &options, shown.progress());
             shown.done();
             let report = report?;
-            let m = &report.manifest;
+            let m = &report.manifest.redacted();
             if cli.json {
                 say!(
                     "{}",
@@ -293,10 +296,12 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
             daemonize,
             pidfile,
             force,
+            as_root,
             qemu_args,
         } => {
             let mut options = RestoreOptions::default();
             options.force = *force;
+            options.as_root = *as_root;
             options.qemu.clone_from(qemu);
             options.paused = *paused;
             options.args = (!qemu_args.is_empty()).then(|| qemu_args.clone());
@@ -519,10 +524,10 @@ fn inspect(
     // The manifest that describes the stream (the previous save's, after an
     // interrupted replacement), else the one beside it.
     let manifest = match &verdict {
-        Ok(c) => c.manifest.clone(),
+        Ok(c) => c.manifest.as_ref().map(Manifest::redacted),
         Err(_) => Manifest::load(statefile)?.map(|mut m| {
             m.previous = None;
-            m
+            m.redacted()
         }),
     };
     let summary = match verdict.as_mut().ok().and_then(|c| c.summary.take()) {
@@ -541,7 +546,7 @@ fn inspect(
                 "manifest": manifest,
                 "restorable": verdict.is_ok(),
                 "previous_save": verdict.as_ref().is_ok_and(|c| c.previous_save),
-                "problem": verdict.as_ref().err().map(|e| e.to_string()),
+                "problem": verdict.as_ref().err().map(|e| redact(&e.to_string())),
             })
         );
     } else {
@@ -571,7 +576,7 @@ fn inspect(
                     ""
                 }
             ),
-            Err(e) => say!("complete: no: {e}"),
+            Err(e) => say!("complete: no: {}", redact(&e.to_string())),
         }
     }
     let mut checked = verdict?;

@@ -149,9 +149,60 @@ pub(crate) fn unix_server_path(option: &str, value: &str) -> Option<PathBuf> {
     (server && !path.is_empty()).then(|| PathBuf::from(path))
 }
 
+/// Keys whose values are secrets in QEMU options: `-object secret,data=…`,
+/// spice's `password=…`.
+const SECRET_KEYS: &[&str] = &["data", "password", "passwd"];
+
+/// `text` (an option, a command line, an error that quotes one) with every
+/// inline secret replaced by `***`, for display. Flags such as vnc's
+/// `password=on` stay as they are.
+pub fn redact(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    'outer: while !rest.is_empty() {
+        for key in SECRET_KEYS {
+            let at_boundary =
+                out.is_empty() || out.ends_with([',', ' ', '\t', '\n', '"', '\'', '{']);
+            if at_boundary && rest.starts_with(key) && rest[key.len()..].starts_with('=') {
+                let value_start = key.len() + 1;
+                let value_len = rest[value_start..]
+                    .find([',', ' ', '\t', '\n', '"', '\''])
+                    .unwrap_or(rest.len() - value_start);
+                let value = &rest[value_start..value_start + value_len];
+                out.push_str(&rest[..value_start]);
+                if matches!(value, "on" | "off" | "yes" | "no" | "true" | "false") {
+                    out.push_str(value);
+                } else {
+                    out.push_str("***");
+                }
+                rest = &rest[value_start + value_len..];
+                continue 'outer;
+            }
+        }
+        let c = rest.chars().next().expect("not empty");
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_are_redacted_for_display() {
+        assert_eq!(
+            redact("-object secret,id=s0,data=hunter2,format=raw -spice port=5,password=pw -vnc :1,password=on"),
+            "-object secret,id=s0,data=***,format=raw -spice port=5,password=*** -vnc :1,password=on"
+        );
+        assert_eq!(
+            redact("qemu: -object secret,id=s,data=x y: Parameter 'format' expects"),
+            "qemu: -object secret,id=s,data=*** y: Parameter 'format' expects"
+        );
+        assert_eq!(redact("metadata=1,userdata=2"), "metadata=1,userdata=2");
+        assert_eq!(redact("data=abc"), "data=***");
+    }
 
     fn v(s: &str) -> Vec<String> {
         s.split_whitespace().map(String::from).collect()

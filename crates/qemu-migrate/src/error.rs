@@ -135,6 +135,14 @@ pub enum Error {
         /// Each change, in words.
         changes: Vec<String>,
     },
+    /// A file or binary a restore would trust is not trustworthy.
+    #[error("{}: {reason}", .path.display())]
+    Untrusted {
+        /// The file, binary or state file.
+        path: PathBuf,
+        /// Why it is not trusted.
+        reason: String,
+    },
     /// The target of a save exists and replacing it was not asked for.
     #[error(
         "{} exists{}; give --force to replace it",
@@ -186,6 +194,7 @@ impl Error {
             | Error::UsesTerminal
             | Error::Exists { .. }
             | Error::FilesChanged { .. }
+            | Error::Untrusted { .. }
             | Error::OlderDestination { .. } => ErrorKind::Refused,
             Error::MigrationFailed(_)
             | Error::File { .. }

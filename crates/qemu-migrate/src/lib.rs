@@ -40,6 +40,7 @@ pub mod preflight;
 pub mod progress;
 pub mod restore;
 pub mod save;
+pub mod trust;
 pub mod vm;
 
 pub use error::{qemu_stderr_lines, Error, ErrorKind, Result};

@@ -43,6 +43,10 @@ pub struct Manifest {
     pub saved_at: u64,
     /// How QEMU sent the stream (`fd`).
     pub transport: String,
+    /// The user the saved QEMU ran as: root restores another user's VM
+    /// only when told to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu_uid: Option<u32>,
     /// The disk images the VM had open for writing and its boot files, as
     /// they were when it was saved: a restore refuses them changed.
     #[serde(default)]
@@ -109,6 +113,20 @@ impl Manifest {
             let _ = std::fs::remove_file(tmp);
             Error::file(tmp, "writing the manifest")(e)
         })
+    }
+
+    /// The manifest for display: inline secrets in the command line
+    /// (`-object secret,data=…`, `password=…`) replaced by `***`.
+    pub fn redacted(&self) -> Manifest {
+        let mut m = self.clone();
+        m.args = m.args.iter().map(|a| crate::argv::redact(a)).collect();
+        m.vm_options = m
+            .vm_options
+            .iter()
+            .map(|a| crate::argv::redact(a))
+            .collect();
+        m.previous = m.previous.map(|p| Box::new(p.redacted()));
+        m
     }
 
     /// Whether a stream of `bytes` with CRC-32 `crc` is the one this

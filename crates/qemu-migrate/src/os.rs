@@ -345,6 +345,34 @@ fn check_private_dir(dir: &Path, uid: u32) -> Result<()> {
     Ok(())
 }
 
+/// This process's real user id.
+pub(crate) fn uid() -> u32 {
+    // SAFETY: getuid cannot fail.
+    unsafe { libc::getuid() }
+}
+
+/// The user a process runs as (the owner of `/proc/PID`: its effective uid).
+pub(crate) fn process_uid(pid: u32) -> Option<u32> {
+    std::fs::metadata(format!("/proc/{pid}"))
+        .ok()
+        .map(|m| m.uid())
+}
+
+/// `name (uid N)` from `/etc/passwd`, or `uid N`.
+pub(crate) fn user_name(uid: u32) -> String {
+    let name = std::fs::read_to_string("/etc/passwd").ok().and_then(|t| {
+        t.lines().find_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?;
+            (f.nth(1)?.parse::<u32>().ok()? == uid).then(|| name.to_string())
+        })
+    });
+    match name {
+        Some(n) => format!("{n} (uid {uid})"),
+        None => format!("uid {uid}"),
+    }
+}
+
 /// Waits (bounded) for a process that was told to quit to be gone.
 pub(crate) fn wait_gone(pid: u32, timeout: Duration) {
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.

@@ -14,6 +14,7 @@ use crate::manifest::Manifest;
 use crate::os;
 use crate::preflight;
 use crate::progress::Progress;
+use crate::trust;
 use crate::vm::{Console, LaunchOptions, Vm};
 
 const PROGRESS_TICK: Duration = Duration::from_millis(100);
@@ -34,6 +35,8 @@ pub struct RestoreOptions {
     pub console: Console,
     /// Restore even though disks or boot files changed since the save.
     pub force: bool,
+    /// As root, restore a VM that another user's QEMU ran (it then runs as root).
+    pub as_root: bool,
     /// Set (e.g. by a signal handler) to cancel the restore.
     pub cancel: Arc<AtomicBool>,
 }
@@ -83,6 +86,11 @@ pub fn check(path: &Path) -> Result<Checked> {
         }
         Err(e) => return Err(Error::file(path, "opening the state file")(e)),
     };
+    crate::trust::check_file(path, "state file")?;
+    let manifest_path = crate::manifest::path_for(path);
+    if manifest_path.exists() {
+        crate::trust::check_file(&manifest_path, "manifest")?;
+    }
     let manifest = Manifest::load(path)?;
     match manifest {
         Some(mut m) => {
@@ -197,7 +205,7 @@ pub fn restore(path: &Path, options: &RestoreOptions, progress: &dyn Progress) -
             checked
                 .manifest
                 .as_ref()
-                .map(|m| m.env.clone())
+                .map(|m| trust::qemu_env(&m.env))
                 .unwrap_or_default(),
             checked
                 .manifest
@@ -207,7 +215,7 @@ pub fn restore(path: &Path, options: &RestoreOptions, progress: &dyn Progress) -
         (Some(m), None) => (
             options.qemu.clone().unwrap_or_else(|| m.qemu.clone()),
             m.args.clone(),
-            m.env.clone(),
+            trust::qemu_env(&m.env),
             m.guest_was_running,
         ),
         (None, None) => {
@@ -219,6 +227,13 @@ pub fn restore(path: &Path, options: &RestoreOptions, progress: &dyn Progress) -
             })
         }
     };
+    if let Some(m) = &checked.manifest {
+        trust::check_runs_as(path, m.qemu_uid, options.as_root)?;
+        if options.qemu.is_none() {
+            // The manifest chose the binary: run it only if it is trusted.
+            trust::check_binary(&binary)?;
+        }
+    }
     if let Some(m) = &checked.manifest {
         let changes = crate::guard::changes(&m.files);
         if !changes.is_empty() && !options.force {

@@ -199,6 +199,7 @@ pub fn save(
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         transport: "fd".into(),
+        qemu_uid: os::process_uid(vm.pid()),
         files: guarded,
         previous: None,
     };
