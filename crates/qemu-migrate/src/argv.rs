@@ -76,8 +76,99 @@ pub fn restart_options(args: &[String]) -> Vec<String> {
                 continue;
             }
         }
+        if let Some(value) = args.get(i + 1) {
+            if let Some(rewritten) = appending(a, value, i) {
+                out.extend(rewritten);
+                i += 2;
+                continue;
+            }
+        }
         out.push(args[i].clone());
         i += 1;
+    }
+    out
+}
+
+/// Options whose value is a character device in the short form
+/// (`file:PATH`, `unix:...`, `stdio`, `null`).
+const CHARDEV_SHORTHANDS: &[&str] = &["-serial", "-parallel", "-debugcon"];
+
+/// A file chardev that appends instead of truncating: the second QEMU of a
+/// VM (restore, live destination) must not wipe the log the first one
+/// wrote. `-serial file:X` has no room for options in its short form, so
+/// it becomes `-chardev file,id=…,path=X,append=on -serial chardev:…`
+/// (QEMU's chardev/char-file.c: `append` opens with O_APPEND, else O_TRUNC).
+fn appending(option: &str, value: &str, index: usize) -> Option<Vec<String>> {
+    if option == "-chardev" {
+        let mut parts = value.split(',');
+        if parts.next()? != "file" || value.split(',').any(|p| p.starts_with("append=")) {
+            return None;
+        }
+        return Some(vec![option.to_string(), format!("{value},append=on")]);
+    }
+    if CHARDEV_SHORTHANDS.contains(&option) {
+        let path = value.strip_prefix("file:")?;
+        let id = format!("qemu-migrate-{}{index}", &option[1..]);
+        return Some(vec![
+            "-chardev".to_string(),
+            format!("file,id={id},path={},append=on", path.replace(',', ",,")),
+            option.to_string(),
+            format!("chardev:{id}"),
+        ]);
+    }
+    None
+}
+
+/// The options of a QEMU that only shows what a VM's migration stream
+/// would hold (the restore pre-flight probe): the VM's devices and RAM,
+/// but none of its files opened for writing and none of its sockets. Every
+/// chardev becomes a `null` one (its id kept), short-form ones `null`;
+/// drives are opened read-only, unlocked, with writes going to a throwaway
+/// overlay (`snapshot=on`), since a device needs its drive to exist.
+pub fn probe_options(args: &[String]) -> Vec<String> {
+    let args = vm_options(args);
+    let mut out = Vec::with_capacity(args.len());
+    let mut i = 0;
+    while i < args.len() {
+        let a = canonical(&args[i]);
+        let Some(value) = args.get(i + 1) else {
+            out.push(args[i].clone());
+            break;
+        };
+        let replaced = match a {
+            "-chardev" => {
+                let id = value.split(',').find_map(|p| p.strip_prefix("id="));
+                id.map(|id| format!("null,id={id}"))
+            }
+            _ if CHARDEV_SHORTHANDS.contains(&a) => (!matches!(value.as_str(), "none" | "null")
+                && !value.starts_with("chardev:"))
+            .then(|| "null".to_string()),
+            "-drive" if value.split(',').any(|p| p.starts_with("file=")) => {
+                Some(format!("{value},snapshot=on,file.locking=off"))
+            }
+            "-hda" | "-hdb" | "-hdc" | "-hdd" => {
+                let index = a.as_bytes()[3] - b'a';
+                out.push("-drive".to_string());
+                out.push(format!(
+                    "file={},index={index},media=disk,snapshot=on,file.locking=off",
+                    value.replace(',', ",,")
+                ));
+                i += 2;
+                continue;
+            }
+            _ => None,
+        };
+        match replaced {
+            Some(v) => {
+                out.push(args[i].clone());
+                out.push(v);
+                i += 2;
+            }
+            None => {
+                out.push(args[i].clone());
+                i += 1;
+            }
+        }
     }
     out
 }
@@ -189,6 +280,22 @@ pub fn redact(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn file_chardevs_append_when_a_vm_is_taken_over() {
+        assert_eq!(
+            restart_options(&v("-m 32 -serial file:/l/s,x.log -chardev file,id=c,path=/l/c.log -chardev file,id=d,path=/l/d,append=off")),
+            v("-m 32 -chardev file,id=qemu-migrate-serial2,path=/l/s,,x.log,append=on -serial chardev:qemu-migrate-serial2 -chardev file,id=c,path=/l/c.log,append=on -chardev file,id=d,path=/l/d,append=off")
+        );
+    }
+
+    #[test]
+    fn the_probe_opens_no_file_for_writing_and_no_socket() {
+        assert_eq!(
+            probe_options(&v("-m 32 -serial file:/l/s.log -chardev socket,id=c,path=/s,server=on -debugcon stdio -serial chardev:c -drive file=/d.qcow2,format=qcow2,if=virtio -hda /h.img -monitor unix:/m,server")),
+            v("-m 32 -serial null -chardev null,id=c -debugcon null -serial chardev:c -drive file=/d.qcow2,format=qcow2,if=virtio,snapshot=on,file.locking=off -drive file=/h.img,index=0,media=disk,snapshot=on,file.locking=off")
+        );
+    }
 
     #[test]
     fn secrets_are_redacted_for_display() {

@@ -85,7 +85,7 @@ pub fn probe(
     env: &BTreeMap<String, String>,
 ) -> Result<qemu_stream::Summary> {
     const FD_NAME: &str = "qemu-migrate-probe";
-    let mut probe_args = argv::vm_options(args);
+    let mut probe_args = argv::probe_options(args);
     probe_args.extend(["-S".to_string(), "-display".to_string(), "none".to_string()]);
     let mut vm = Vm::launch(
         binary,
