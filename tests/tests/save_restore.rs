@@ -272,7 +272,7 @@ fn a_full_disk_fails_the_save_cleanly_and_resumes_the_guest() {
         assert!(
             err.contains(&format!(
                 "{}: writing the state file: No space left on device",
-                mnt.path().join("state.partial").display()
+                mnt.path().join("state").display()
             )),
             "{err}"
         );

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Parser, Subcommand};
+use qemu_migrate::argv::redact;
 use qemu_migrate::live::{self, AfterLive, Destination, LiveOptions, ReceiveOptions, VmSpec};
 use qemu_migrate::progress::{Progress, Quiet};
 use qemu_migrate::restore::{self, RestoreOptions};
@@ -34,7 +35,8 @@ Exit status:
   0  done
   1  bad arguments, or the monitor socket or QEMU could not be reached or started
   2  refused before anything changed: incomplete or damaged state file, options
-     that cannot restore it, a VM already saved (postmigrate) or busy
+     that cannot restore it, disks or boot files changed since the save, a save
+     target that exists (without --force), a VM already saved (postmigrate) or busy
   3  the migration failed or QEMU exited; nothing half-written is left
   4  cancelled (Ctrl-C): the migration was cancelled and the guest resumed";
 
@@ -96,6 +98,10 @@ enum Cmd {
         /// Do not fsync the state file (faster; not durable across a power cut).
         #[arg(long)]
         no_sync: bool,
+        /// Replace an existing STATEFILE (crash-safely: the old save stays
+        /// restorable until the new one is complete).
+        #[arg(long)]
+        force: bool,
     },
     /// Start a VM from a state file with the options it was saved with.
     Restore {
@@ -112,6 +118,12 @@ enum Cmd {
         /// With --daemonize: write QEMU's pid here.
         #[arg(long, requires = "daemonize")]
         pidfile: Option<PathBuf>,
+        /// Restore even though the VM's disks or boot files changed since the save.
+        #[arg(long)]
+        force: bool,
+        /// As root, restore a VM that another user's QEMU ran (it will run as root).
+        #[arg(long)]
+        as_root: bool,
         /// QEMU options to use instead of the manifest's (required for a file with no manifest).
         #[arg(last = true)]
         qemu_args: Vec<String>,
@@ -191,13 +203,12 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             let code = exit_code(&e);
+            // QEMU's errors quote the option they reject, secrets and all.
+            let text = redact(&e.to_string());
             if cli.json {
-                say!(
-                    "{}",
-                    serde_json::json!({ "error": e.to_string(), "exit": code })
-                );
+                say!("{}", serde_json::json!({ "error": text, "exit": code }));
             }
-            eprintln!("qemu-migrate: {e}");
+            eprintln!("qemu-migrate: {text}");
             ExitCode::from(code)
         }
     }
@@ -245,6 +256,7 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
             bandwidth,
             timeout,
             no_sync,
+            force,
         } => {
             let mut vm = Vm::attach(monitor.as_str(), Duration::from_secs(*timeout))?;
             let mut options = SaveOptions::default();
@@ -252,12 +264,13 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
             options.bandwidth = bandwidth.map(|m| m << 20);
             options.then = *then;
             options.no_sync = *no_sync;
+            options.force = *force;
             options.cancel = cancel;
             let shown = Shown::new(cli);
             let report = save::save(&mut vm, statefile, &options, shown.progress());
             shown.done();
             let report = report?;
-            let m = &report.manifest;
+            let m = &report.manifest.redacted();
             if cli.json {
                 say!(
                     "{}",
@@ -282,9 +295,13 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
             paused,
             daemonize,
             pidfile,
+            force,
+            as_root,
             qemu_args,
         } => {
             let mut options = RestoreOptions::default();
+            options.force = *force;
+            options.as_root = *as_root;
             options.qemu.clone_from(qemu);
             options.paused = *paused;
             options.args = (!qemu_args.is_empty()).then(|| qemu_args.clone());
@@ -294,6 +311,9 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
             let restored = restore::restore(statefile, &options, shown.progress());
             shown.done();
             let restored = restored?;
+            if restored.previous_save {
+                eprintln!("{}", previous_save_note(statefile));
+            }
             let pid = restored.vm.pid();
             if cli.json {
                 say!(
@@ -429,6 +449,14 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
     }
 }
 
+fn previous_save_note(statefile: &std::path::Path) -> String {
+    format!(
+        "note: {} holds the previous save: a newer save of it was interrupted before it \
+         replaced this one",
+        statefile.display()
+    )
+}
+
 /// Where a launched QEMU's console goes: this terminal, or nowhere in the background.
 fn console(daemonize: bool) -> Console {
     if daemonize {
@@ -491,9 +519,17 @@ fn inspect(
     check_with: Option<PathBuf>,
     qemu_args: &[String],
 ) -> Result<ExitCode, Error> {
-    let manifest = Manifest::load(statefile)?;
     // The check reads a bare stream through already; its summary is reused.
     let mut verdict = restore::check(statefile);
+    // The manifest that describes the stream (the previous save's, after an
+    // interrupted replacement), else the one beside it.
+    let manifest = match &verdict {
+        Ok(c) => c.manifest.as_ref().map(Manifest::redacted),
+        Err(_) => Manifest::load(statefile)?.map(|mut m| {
+            m.previous = None;
+            m.redacted()
+        }),
+    };
     let summary = match verdict.as_mut().ok().and_then(|c| c.summary.take()) {
         Some(s) => s,
         None => qemu_stream::inspect_file(statefile).map_err(|e| Error::BadStateFile {
@@ -509,11 +545,15 @@ fn inspect(
                 "stream": summary,
                 "manifest": manifest,
                 "restorable": verdict.is_ok(),
-                "problem": verdict.as_ref().err().map(|e| e.to_string()),
+                "previous_save": verdict.as_ref().is_ok_and(|c| c.previous_save),
+                "problem": verdict.as_ref().err().map(|e| redact(&e.to_string())),
             })
         );
     } else {
         say!("{summary}");
+        if verdict.as_ref().is_ok_and(|c| c.previous_save) {
+            say!("{}", previous_save_note(statefile));
+        }
         if let Some(m) = &manifest {
             say!(
                 "manifest: saved by QEMU {} ({}) from a {} guest\n  options: {}",
@@ -536,7 +576,7 @@ fn inspect(
                     ""
                 }
             ),
-            Err(e) => say!("complete: no: {e}"),
+            Err(e) => say!("complete: no: {}", redact(&e.to_string())),
         }
     }
     let mut checked = verdict?;

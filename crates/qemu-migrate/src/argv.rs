@@ -86,8 +86,99 @@ pub fn restart_options(args: &[String]) -> Vec<String> {
                 continue;
             }
         }
+        if let Some(value) = args.get(i + 1) {
+            if let Some(rewritten) = appending(a, value, i) {
+                out.extend(rewritten);
+                i += 2;
+                continue;
+            }
+        }
         out.push(args[i].clone());
         i += 1;
+    }
+    out
+}
+
+/// Options whose value is a character device in the short form
+/// (`file:PATH`, `unix:...`, `stdio`, `null`).
+const CHARDEV_SHORTHANDS: &[&str] = &["-serial", "-parallel", "-debugcon"];
+
+/// A file chardev that appends instead of truncating: the second QEMU of a
+/// VM (restore, live destination) must not wipe the log the first one
+/// wrote. `-serial file:X` has no room for options in its short form, so
+/// it becomes `-chardev file,id=…,path=X,append=on -serial chardev:…`
+/// (QEMU's chardev/char-file.c: `append` opens with O_APPEND, else O_TRUNC).
+fn appending(option: &str, value: &str, index: usize) -> Option<Vec<String>> {
+    if option == "-chardev" {
+        let mut parts = value.split(',');
+        if parts.next()? != "file" || value.split(',').any(|p| p.starts_with("append=")) {
+            return None;
+        }
+        return Some(vec![option.to_string(), format!("{value},append=on")]);
+    }
+    if CHARDEV_SHORTHANDS.contains(&option) {
+        let path = value.strip_prefix("file:")?;
+        let id = format!("qemu-migrate-{}{index}", &option[1..]);
+        return Some(vec![
+            "-chardev".to_string(),
+            format!("file,id={id},path={},append=on", path.replace(',', ",,")),
+            option.to_string(),
+            format!("chardev:{id}"),
+        ]);
+    }
+    None
+}
+
+/// The options of a QEMU that only shows what a VM's migration stream
+/// would hold (the restore pre-flight probe): the VM's devices and RAM,
+/// but none of its files opened for writing and none of its sockets. Every
+/// chardev becomes a `null` one (its id kept), short-form ones `null`;
+/// drives are opened read-only, unlocked, with writes going to a throwaway
+/// overlay (`snapshot=on`), since a device needs its drive to exist.
+pub fn probe_options(args: &[String]) -> Vec<String> {
+    let args = vm_options(args);
+    let mut out = Vec::with_capacity(args.len());
+    let mut i = 0;
+    while i < args.len() {
+        let a = canonical(&args[i]);
+        let Some(value) = args.get(i + 1) else {
+            out.push(args[i].clone());
+            break;
+        };
+        let replaced = match a {
+            "-chardev" => {
+                let id = value.split(',').find_map(|p| p.strip_prefix("id="));
+                id.map(|id| format!("null,id={id}"))
+            }
+            _ if CHARDEV_SHORTHANDS.contains(&a) => (!matches!(value.as_str(), "none" | "null")
+                && !value.starts_with("chardev:"))
+            .then(|| "null".to_string()),
+            "-drive" if value.split(',').any(|p| p.starts_with("file=")) => {
+                Some(format!("{value},snapshot=on,file.locking=off"))
+            }
+            "-hda" | "-hdb" | "-hdc" | "-hdd" => {
+                let index = a.as_bytes()[3] - b'a';
+                out.push("-drive".to_string());
+                out.push(format!(
+                    "file={},index={index},media=disk,snapshot=on,file.locking=off",
+                    value.replace(',', ",,")
+                ));
+                i += 2;
+                continue;
+            }
+            _ => None,
+        };
+        match replaced {
+            Some(v) => {
+                out.push(args[i].clone());
+                out.push(v);
+                i += 2;
+            }
+            None => {
+                out.push(args[i].clone());
+                i += 1;
+            }
+        }
     }
     out
 }
@@ -161,9 +252,76 @@ pub(crate) fn unix_server_path(option: &str, value: &str) -> Option<PathBuf> {
     (server && !path.is_empty()).then(|| PathBuf::from(path))
 }
 
+/// Keys whose values are secrets in QEMU options: `-object secret,data=…`,
+/// spice's `password=…`.
+const SECRET_KEYS: &[&str] = &["data", "password", "passwd"];
+
+/// `text` (an option, a command line, an error that quotes one) with every
+/// inline secret replaced by `***`, for display. Flags such as vnc's
+/// `password=on` stay as they are.
+pub fn redact(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    'outer: while !rest.is_empty() {
+        for key in SECRET_KEYS {
+            let at_boundary =
+                out.is_empty() || out.ends_with([',', ' ', '\t', '\n', '"', '\'', '{']);
+            if at_boundary && rest.starts_with(key) && rest[key.len()..].starts_with('=') {
+                let value_start = key.len() + 1;
+                let value_len = rest[value_start..]
+                    .find([',', ' ', '\t', '\n', '"', '\''])
+                    .unwrap_or(rest.len() - value_start);
+                let value = &rest[value_start..value_start + value_len];
+                out.push_str(&rest[..value_start]);
+                if matches!(value, "on" | "off" | "yes" | "no" | "true" | "false") {
+                    out.push_str(value);
+                } else {
+                    out.push_str("***");
+                }
+                rest = &rest[value_start + value_len..];
+                continue 'outer;
+            }
+        }
+        let c = rest.chars().next().expect("not empty");
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn file_chardevs_append_when_a_vm_is_taken_over() {
+        assert_eq!(
+            restart_options(&v("-m 32 -serial file:/l/s,x.log -chardev file,id=c,path=/l/c.log -chardev file,id=d,path=/l/d,append=off")),
+            v("-m 32 -chardev file,id=qemu-migrate-serial2,path=/l/s,,x.log,append=on -serial chardev:qemu-migrate-serial2 -chardev file,id=c,path=/l/c.log,append=on -chardev file,id=d,path=/l/d,append=off")
+        );
+    }
+
+    #[test]
+    fn the_probe_opens_no_file_for_writing_and_no_socket() {
+        assert_eq!(
+            probe_options(&v("-m 32 -serial file:/l/s.log -chardev socket,id=c,path=/s,server=on -debugcon stdio -serial chardev:c -drive file=/d.qcow2,format=qcow2,if=virtio -hda /h.img -monitor unix:/m,server")),
+            v("-m 32 -serial null -chardev null,id=c -debugcon null -serial chardev:c -drive file=/d.qcow2,format=qcow2,if=virtio,snapshot=on,file.locking=off -drive file=/h.img,index=0,media=disk,snapshot=on,file.locking=off")
+        );
+    }
+
+    #[test]
+    fn secrets_are_redacted_for_display() {
+        assert_eq!(
+            redact("-object secret,id=s0,data=hunter2,format=raw -spice port=5,password=pw -vnc :1,password=on"),
+            "-object secret,id=s0,data=***,format=raw -spice port=5,password=*** -vnc :1,password=on"
+        );
+        assert_eq!(
+            redact("qemu: -object secret,id=s,data=x y: Parameter 'format' expects"),
+            "qemu: -object secret,id=s,data=*** y: Parameter 'format' expects"
+        );
+        assert_eq!(redact("metadata=1,userdata=2"), "metadata=1,userdata=2");
+        assert_eq!(redact("data=abc"), "data=***");
+    }
 
     fn v(s: &str) -> Vec<String> {
         s.split_whitespace().map(String::from).collect()

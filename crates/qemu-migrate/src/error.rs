@@ -123,6 +123,38 @@ pub enum Error {
         /// Each difference, in words.
         differences: Vec<String>,
     },
+    /// Files the saved guest depends on (disks, boot files) changed since the save.
+    #[error(
+        "{} was saved from a VM whose files have changed since; its memory describes them as \
+         they were, and resuming it over other disks corrupts them:\n{}\n(--force restores it anyway)",
+        .path.display(), bullet(.changes)
+    )]
+    FilesChanged {
+        /// The state file.
+        path: PathBuf,
+        /// Each change, in words.
+        changes: Vec<String>,
+    },
+    /// A file or binary a restore would trust is not trustworthy.
+    #[error("{}: {reason}", .path.display())]
+    Untrusted {
+        /// The file, binary or state file.
+        path: PathBuf,
+        /// Why it is not trusted.
+        reason: String,
+    },
+    /// The target of a save exists and replacing it was not asked for.
+    #[error(
+        "{} exists{}; give --force to replace it",
+        .path.display(),
+        if *.is_save { " (an earlier save)" } else { " and is not a save of qemu-migrate" }
+    )]
+    Exists {
+        /// The target.
+        path: PathBuf,
+        /// Whether it is a save (it has a manifest).
+        is_save: bool,
+    },
     /// QEMU could not be started.
     #[error("starting {}: {}", .binary.display(), os_message(.source))]
     Launch {
@@ -161,6 +193,9 @@ impl Error {
             | Error::NotMigratable { .. }
             | Error::Busy { .. }
             | Error::UsesTerminal
+            | Error::Exists { .. }
+            | Error::FilesChanged { .. }
+            | Error::Untrusted { .. }
             | Error::OlderDestination { .. } => ErrorKind::Refused,
             Error::MigrationFailed(_)
             | Error::File { .. }

@@ -3,10 +3,11 @@
 //! A VM started by hand with `-monitor unix:...` is attached to by its
 //! monitor socket; its command line is read from the process on the other
 //! end, so a restore needs no option repeated. A save pauses the guest, lifts
-//! QEMU's bandwidth cap, streams through a pipe into `FILE.partial`, and
-//! syncs and renames it only when QEMU says the migration completed; a
-//! manifest beside it records the options, QEMU version, sizes and a
-//! checksum. The stream stays QEMU's own format: `-incoming "exec: cat FILE"`
+//! QEMU's bandwidth cap, streams through a pipe into a private (`0600`)
+//! temporary file with an unpredictable name beside the target, and syncs
+//! and renames it only when QEMU says the migration completed; a manifest
+//! beside it records the options, QEMU version, sizes and a checksum. An
+//! existing save is replaced only when asked, and crash-safely. The stream stays QEMU's own format: `-incoming "exec: cat FILE"`
 //! still restores it by hand.
 //!
 //! Where each concern lives: [`vm`] attaches to or launches a QEMU (the
@@ -31,6 +32,7 @@
 
 pub mod argv;
 mod error;
+pub mod guard;
 pub mod live;
 pub mod manifest;
 pub mod os;
@@ -38,6 +40,7 @@ pub mod preflight;
 pub mod progress;
 pub mod restore;
 pub mod save;
+pub mod trust;
 pub mod vm;
 
 pub use error::{qemu_stderr_lines, Error, ErrorKind, Result};

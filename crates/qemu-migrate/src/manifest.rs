@@ -43,6 +43,21 @@ pub struct Manifest {
     pub saved_at: u64,
     /// How QEMU sent the stream (`fd`).
     pub transport: String,
+    /// The user the saved QEMU ran as: root restores another user's VM
+    /// only when told to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu_uid: Option<u32>,
+    /// The disk images the VM had open for writing and its boot files, as
+    /// they were when it was saved: a restore refuses them changed.
+    #[serde(default)]
+    pub files: Vec<crate::guard::GuardedFile>,
+    /// The manifest of the save this one replaced, while the replacement is
+    /// being committed: the new manifest is put in place first, and the
+    /// state file beside it may still be the previous save's for a moment.
+    /// A restore that finds the previous save's stream restores it with
+    /// this (see [`crate::save`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<Box<Manifest>>,
 }
 
 /// Where the manifest of `statefile` lives.
@@ -78,27 +93,46 @@ impl Manifest {
         Ok(Some(m))
     }
 
-    /// Writes the manifest atomically: a temporary file, renamed; synced
-    /// first when `sync` (an fsync here can cost as much as the state file's).
+    /// Writes the manifest to `tmp`, a new private file (`0600`, never
+    /// through a symlink), synced when `sync`; the caller renames it into
+    /// place, and keeps the returned file (which holds its lock) open until then.
     ///
     /// # Errors
     /// [`Error::File`] when it cannot be written.
-    pub fn store(&self, statefile: &Path, sync: bool) -> Result<()> {
-        let path = path_for(statefile);
-        let tmp = path.with_extension("json.partial");
+    pub fn write_new(&self, tmp: &Path, sync: bool) -> Result<std::fs::File> {
         let text = serde_json::to_string_pretty(self).expect("a manifest always serialises");
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
+        let write = || -> std::io::Result<std::fs::File> {
+            let mut f = crate::os::create_locked(tmp)?;
             f.write_all(text.as_bytes())?;
             f.write_all(b"\n")?;
             if sync {
                 f.sync_all()?;
             }
-            std::fs::rename(&tmp, &path)
+            Ok(f)
         };
         write().map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            Error::file(&path, "writing the manifest")(e)
+            let _ = std::fs::remove_file(tmp);
+            Error::file(tmp, "writing the manifest")(e)
         })
+    }
+
+    /// The manifest for display: inline secrets in the command line
+    /// (`-object secret,data=…`, `password=…`) replaced by `***`.
+    pub fn redacted(&self) -> Manifest {
+        let mut m = self.clone();
+        m.args = m.args.iter().map(|a| crate::argv::redact(a)).collect();
+        m.vm_options = m
+            .vm_options
+            .iter()
+            .map(|a| crate::argv::redact(a))
+            .collect();
+        m.previous = m.previous.map(|p| Box::new(p.redacted()));
+        m
+    }
+
+    /// Whether a stream of `bytes` with CRC-32 `crc` is the one this
+    /// manifest describes.
+    pub fn describes(&self, bytes: u64, crc: u32) -> bool {
+        self.stream_bytes == bytes && self.crc32 == format!("{crc:08x}")
     }
 }

@@ -36,12 +36,192 @@ pub(crate) fn pipe() -> Result<(PipeReader, PipeWriter)> {
     Ok((r, w))
 }
 
-/// `FILE.partial`: where a state file is written until it is complete.
+/// `FILE.partial`: the name older versions wrote an unfinished state file
+/// under; a restore still recognises it.
 #[must_use]
 pub fn partial_path(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(".partial");
     path.with_file_name(name)
+}
+
+/// Letters of the random part of a temporary name.
+const TAG_LEN: usize = 10;
+const TAG_CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+
+/// An unpredictable tag for a temporary name, from the kernel's random source.
+fn random_tag() -> String {
+    let mut bytes = [0u8; TAG_LEN];
+    // SAFETY: getrandom writes at most `len` bytes into the buffer we own.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        // No getrandom (kernels before 3.17): the clock and pid still make
+        // the name hard to guess, and O_EXCL makes a guessed one harmless.
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+            ^ u128::from(std::process::id()) << 64;
+        for (i, b) in bytes.iter_mut().enumerate() {
+            *b = (seed >> (i * 12)) as u8;
+        }
+    }
+    bytes
+        .iter()
+        .map(|b| TAG_CHARS[*b as usize % TAG_CHARS.len()] as char)
+        .collect()
+}
+
+/// Creates `path` for writing, readable and writable by this user only
+/// (`0600` whatever the umask), never through a symlink and never over an
+/// existing file (`O_EXCL|O_NOFOLLOW`).
+///
+/// # Errors
+/// The operating system's error: `AlreadyExists` when anything is at `path`.
+pub(crate) fn create_private(path: &Path) -> std::io::Result<File> {
+    let file = File::options()
+        .write(true)
+        .read(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    // The umask may have taken more away than 0600 does; say exactly 0600.
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    Ok(file)
+}
+
+/// [`create_private`], locked (`flock`) until the file is closed: a save's
+/// unfinished files are locked while it lives, so that another save can
+/// tell a dead one's leftovers (unlocked) from them.
+pub(crate) fn create_locked(path: &Path) -> std::io::Result<File> {
+    let file = create_private(path)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(e) => {
+            let _ = std::fs::remove_file(path);
+            Err(std::io::Error::other(e.to_string()))
+        }
+    }
+}
+
+/// The unfinished files of one save of `target`, beside it under a name
+/// nobody can guess: `TARGET.TAG.partial` (the stream) and
+/// `TARGET.TAG.manifest.partial`. The stream file is locked while the save
+/// runs, so a later save can tell a dead save's leftovers from a live one.
+#[derive(Debug)]
+pub struct SaveFiles {
+    /// The stream, until it is renamed to the target.
+    pub state: PathBuf,
+    /// The manifest, until it is renamed beside the target.
+    pub manifest: PathBuf,
+}
+
+impl SaveFiles {
+    /// Creates the stream's temporary file (`0600`, `O_EXCL|O_NOFOLLOW`),
+    /// locked; the manifest's name is reserved beside it.
+    ///
+    /// # Errors
+    /// [`Error::File`] when the directory cannot take the file.
+    pub fn create(target: &Path) -> Result<(SaveFiles, File)> {
+        let name = target.file_name().unwrap_or_default().to_os_string();
+        loop {
+            let tag = random_tag();
+            let with = |suffix: &str| {
+                let mut n = name.clone();
+                n.push(format!(".{tag}.{suffix}"));
+                target.with_file_name(n)
+            };
+            let files = SaveFiles {
+                state: with("partial"),
+                manifest: with("manifest.partial"),
+            };
+            match create_locked(&files.state) {
+                Ok(file) => return Ok((files, file)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => {
+                    return Err(Error::file(&files.state, "creating the state file")(e));
+                }
+            }
+        }
+    }
+
+    /// Removes both files, where they still exist.
+    pub fn remove(&self) {
+        let _ = std::fs::remove_file(&self.state);
+        let _ = std::fs::remove_file(&self.manifest);
+    }
+}
+
+/// Whether `file_name` is an unfinished file of a save of `target_name`:
+/// `TARGET.TAG.partial` (a stream) or `TARGET.TAG.manifest.partial`.
+fn is_partial_of(file_name: &str, target_name: &str, manifests_too: bool) -> bool {
+    let Some(rest) = file_name
+        .strip_prefix(target_name)
+        .and_then(|r| r.strip_prefix('.'))
+    else {
+        return false;
+    };
+    let tag = match rest.strip_suffix(".manifest.partial") {
+        Some(tag) if manifests_too => tag,
+        Some(_) => return false,
+        None => match rest.strip_suffix(".partial") {
+            Some(tag) => tag,
+            None => return false,
+        },
+    };
+    tag.len() == TAG_LEN && tag.bytes().all(|b| TAG_CHARS.contains(&b))
+}
+
+fn partials(target: &Path, manifests_too: bool) -> Vec<PathBuf> {
+    let Some(name) = target.file_name().and_then(|n| n.to_str()) else {
+        return Vec::new();
+    };
+    let dir = match target.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|f| is_partial_of(f, name, manifests_too))
+        })
+        .map(|e| target.with_file_name(e.file_name()))
+        .collect()
+}
+
+/// The unfinished streams of saves of `target` beside it, whether their
+/// save still runs or died (and the old `TARGET.partial`).
+pub fn partials_of(target: &Path) -> Vec<PathBuf> {
+    let mut found = partials(target, false);
+    if partial_path(target).exists() {
+        found.push(partial_path(target));
+    }
+    found
+}
+
+/// Removes what saves of `target` that died (killed, crashed machine) left
+/// beside it: unfinished streams and manifests nobody holds the lock of.
+/// Only this user's files; a save still running keeps its own, locked.
+pub fn remove_stale_partials(target: &Path) {
+    // SAFETY: getuid cannot fail.
+    let uid = unsafe { libc::getuid() };
+    for partial in partials(target, true) {
+        let Ok(file) = File::options()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&partial)
+        else {
+            continue;
+        };
+        let mine = file.metadata().is_ok_and(|m| m.is_file() && m.uid() == uid);
+        if mine && file.try_lock().is_ok() {
+            let _ = std::fs::remove_file(&partial);
+        }
+    }
 }
 
 /// Makes a rename durable: the directory entry itself is synced.
@@ -89,7 +269,10 @@ impl VmLock {
     /// [`Error::Busy`] when another process holds it; [`Error::File`] when
     /// the lock directory is not private.
     pub fn take(pid: u32) -> Result<VmLock> {
-        let dir = lock_dir()?;
+        VmLock::take_in(&lock_dir()?, pid)
+    }
+
+    fn take_in(dir: &Path, pid: u32) -> Result<VmLock> {
         let path = dir.join(format!("vm-{pid}.lock"));
         loop {
             let file = File::options()
@@ -149,17 +332,51 @@ fn lock_dir() -> Result<PathBuf> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(Error::file(&dir, "creating the lock directory")(e)),
     }
-    let meta = std::fs::symlink_metadata(&dir)
-        .map_err(Error::file(&dir, "checking the lock directory"))?;
+    check_private_dir(&dir, uid)?;
+    Ok(dir)
+}
+
+/// Refuses a directory that is a symlink, another user's, or writable by others.
+fn check_private_dir(dir: &Path, uid: u32) -> Result<()> {
+    let meta =
+        std::fs::symlink_metadata(dir).map_err(Error::file(dir, "checking the lock directory"))?;
     let private = meta.is_dir() && meta.uid() == uid && meta.permissions().mode() & 0o022 == 0;
     if !private {
-        return Err(Error::file(&dir, "checking the lock directory")(
+        return Err(Error::file(dir, "checking the lock directory")(
             std::io::Error::other(
                 "not a private directory of this user (a symlink, another user's, or writable by others)",
             ),
         ));
     }
-    Ok(dir)
+    Ok(())
+}
+
+/// This process's real user id.
+pub(crate) fn uid() -> u32 {
+    // SAFETY: getuid cannot fail.
+    unsafe { libc::getuid() }
+}
+
+/// The user a process runs as (the owner of `/proc/PID`: its effective uid).
+pub(crate) fn process_uid(pid: u32) -> Option<u32> {
+    std::fs::metadata(format!("/proc/{pid}"))
+        .ok()
+        .map(|m| m.uid())
+}
+
+/// `name (uid N)` from `/etc/passwd`, or `uid N`.
+pub(crate) fn user_name(uid: u32) -> String {
+    let name = std::fs::read_to_string("/etc/passwd").ok().and_then(|t| {
+        t.lines().find_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?;
+            (f.nth(1)?.parse::<u32>().ok()? == uid).then(|| name.to_string())
+        })
+    });
+    match name {
+        Some(n) => format!("{n} (uid {uid})"),
+        None => format!("uid {uid}"),
+    }
 }
 
 /// Waits (bounded) for a process that was told to quit to be gone.
@@ -262,4 +479,109 @@ pub(crate) fn process_info(pid: u32) -> Result<ProcessInfo> {
         })
         .unwrap_or_default();
     Ok(ProcessInfo { binary, args, env })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn uid() -> u32 {
+        // SAFETY: getuid cannot fail.
+        unsafe { libc::getuid() }
+    }
+
+    #[test]
+    fn a_vm_lock_is_exclusive_and_removed_when_let_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = VmLock::take_in(dir.path(), 7).unwrap();
+        let path = dir.path().join("vm-7.lock");
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(matches!(
+            VmLock::take_in(dir.path(), 7),
+            Err(Error::Busy {
+                pid: 7,
+                migration: None
+            })
+        ));
+        // Another VM's lock is another lock.
+        drop(VmLock::take_in(dir.path(), 8).unwrap());
+        drop(first);
+        assert!(!path.exists(), "removed when let go");
+        drop(VmLock::take_in(dir.path(), 7).unwrap());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_symlink_planted_at_a_lock_path_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        std::os::unix::fs::symlink(&victim, dir.path().join("vm-9.lock")).unwrap();
+        let err = VmLock::take_in(dir.path(), 9).unwrap_err();
+        assert!(matches!(err, Error::File { .. }), "{err}");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    }
+
+    #[test]
+    fn a_lock_directory_that_is_not_private_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = dir.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(check_private_dir(&shared, uid()).is_err());
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(check_private_dir(&shared, uid()).is_ok());
+        assert!(
+            check_private_dir(&shared, uid() + 1).is_err(),
+            "another user's"
+        );
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&shared, &link).unwrap();
+        assert!(check_private_dir(&link, uid()).is_err());
+    }
+
+    #[test]
+    fn private_files_are_0600_and_never_replace_or_follow() {
+        let dir = tempfile::tempdir().unwrap();
+        // SAFETY: umask only changes this process's file creation mask.
+        let old = unsafe { libc::umask(0) };
+        let made = create_private(&dir.path().join("a"));
+        // SAFETY: as above.
+        unsafe { libc::umask(old) };
+        made.unwrap();
+        assert_eq!(
+            std::fs::metadata(dir.path().join("a"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+        let err = create_private(&dir.path().join("a")).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
+        std::os::unix::fs::symlink("/nonexistent-target", dir.path().join("b")).unwrap();
+        assert!(create_private(&dir.path().join("b")).is_err());
+        assert!(!Path::new("/nonexistent-target").exists());
+    }
+
+    #[test]
+    fn only_a_dead_saves_files_are_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("state");
+        let (live, _file) = SaveFiles::create(&target).unwrap();
+        let dead = dir.path().join("state.abcdefghij.partial");
+        let dead_manifest = dir.path().join("state.abcdefghij.manifest.partial");
+        let other = dir.path().join("state.x.abcdefghij.partial");
+        for p in [&dead, &dead_manifest, &other] {
+            std::fs::write(p, b"").unwrap();
+        }
+        assert_eq!(partials_of(&target).len(), 2);
+        remove_stale_partials(&target);
+        assert!(live.state.exists(), "a running save keeps its file");
+        assert!(!dead.exists() && !dead_manifest.exists());
+        assert!(other.exists(), "another target's file");
+    }
 }

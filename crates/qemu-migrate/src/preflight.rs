@@ -39,8 +39,13 @@ pub fn check(
                 ));
             }
         }
-        // The very QEMU and options it was saved with: nothing else can differ.
-        if m.qemu == binary && m.vm_options == argv::vm_options(args) {
+        // The very QEMU (same path, same version) and options it was saved
+        // with: nothing else can differ (its boot files and disks are
+        // guarded apart).
+        if m.qemu == binary
+            && m.qemu_version == dest_version.to_string()
+            && m.vm_options == argv::vm_options(args)
+        {
             return verdict(checked, differences);
         }
     }
@@ -83,7 +88,7 @@ pub fn probe(
     env: &BTreeMap<String, String>,
 ) -> Result<qemu_stream::Summary> {
     const FD_NAME: &str = "qemu-migrate-probe";
-    let mut probe_args = argv::vm_options(args);
+    let mut probe_args = argv::probe_options(args);
     probe_args.extend(["-S".to_string(), "-display".to_string(), "none".to_string()]);
     let mut vm = Vm::launch(
         binary,

@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
-use crate::os::{self, partial_path};
+use crate::os;
 use crate::preflight;
 use crate::progress::Progress;
+use crate::trust;
 use crate::vm::{Console, LaunchOptions, Vm};
 
 const PROGRESS_TICK: Duration = Duration::from_millis(100);
@@ -32,6 +33,10 @@ pub struct RestoreOptions {
     pub args: Option<Vec<String>>,
     /// Where the VM's console (its `-serial stdio`) goes.
     pub console: Console,
+    /// Restore even though disks or boot files changed since the save.
+    pub force: bool,
+    /// As root, restore a VM that another user's QEMU ran (it then runs as root).
+    pub as_root: bool,
     /// Set (e.g. by a signal handler) to cancel the restore.
     pub cancel: Arc<AtomicBool>,
 }
@@ -48,6 +53,9 @@ pub struct Checked {
     pub summary: Option<qemu_stream::Summary>,
     /// Its size.
     pub stream_bytes: u64,
+    /// A newer save of this file was killed while it replaced this one:
+    /// `manifest` is the previous save's, which the stream still is.
+    pub previous_save: bool,
 }
 
 /// Checks a state file before anything starts: complete, untampered.
@@ -61,18 +69,37 @@ pub fn check(path: &Path) -> Result<Checked> {
     };
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && partial_path(path).exists() => {
-            return Err(bad(format!(
-                "the save did not finish: only {} exists",
-                partial_path(path).display()
-            )))
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let partials = os::partials_of(path);
+            if let Some(p) = partials.first() {
+                return Err(bad(format!(
+                    "the save did not finish: only {} exists",
+                    p.display()
+                )));
+            }
+            if crate::manifest::path_for(path).exists() {
+                return Err(bad(
+                    "the save did not finish: its manifest exists, the state file does not".into(),
+                ));
+            }
+            return Err(Error::file(path, "opening the state file")(e));
         }
         Err(e) => return Err(Error::file(path, "opening the state file")(e)),
     };
+    crate::trust::check_file(path, "state file")?;
+    let manifest_path = crate::manifest::path_for(path);
+    if manifest_path.exists() {
+        crate::trust::check_file(&manifest_path, "manifest")?;
+    }
     let manifest = Manifest::load(path)?;
     match manifest {
-        Some(m) => {
-            if meta.len() != m.stream_bytes {
+        Some(mut m) => {
+            let previous = m.previous.take();
+            let size_known = meta.len() == m.stream_bytes
+                || previous
+                    .as_ref()
+                    .is_some_and(|p| p.stream_bytes == meta.len());
+            if !size_known {
                 return Err(bad(format!(
                     "incomplete or altered: {} bytes, but the save wrote {} (manifest)",
                     meta.len(),
@@ -80,17 +107,32 @@ pub fn check(path: &Path) -> Result<Checked> {
                 )));
             }
             let crc = crc_file(path)?;
-            if format!("{crc:08x}") != m.crc32 {
-                return Err(bad(format!(
-                    "damaged: its CRC-32 is {crc:08x}, the save recorded {} (manifest)",
-                    m.crc32
-                )));
-            }
+            let (manifest, previous_save) = if m.describes(meta.len(), crc) {
+                (m, false)
+            } else {
+                match previous {
+                    Some(p) if p.describes(meta.len(), crc) => (*p, true),
+                    _ if meta.len() != m.stream_bytes => {
+                        return Err(bad(format!(
+                            "incomplete or altered: {} bytes, but the save wrote {} (manifest)",
+                            meta.len(),
+                            m.stream_bytes
+                        )))
+                    }
+                    _ => {
+                        return Err(bad(format!(
+                            "damaged: its CRC-32 is {crc:08x}, the save recorded {} (manifest)",
+                            m.crc32
+                        )))
+                    }
+                }
+            };
             Ok(Checked {
                 path: path.to_path_buf(),
                 stream_bytes: meta.len(),
-                manifest: Some(m),
+                manifest: Some(manifest),
                 summary: None,
+                previous_save,
             })
         }
         None => {
@@ -108,12 +150,13 @@ pub fn check(path: &Path) -> Result<Checked> {
                 stream_bytes: meta.len(),
                 manifest: None,
                 summary: Some(summary),
+                previous_save: false,
             })
         }
     }
 }
 
-fn crc_file(path: &Path) -> Result<u32> {
+pub(crate) fn crc_file(path: &Path) -> Result<u32> {
     let mut f = File::open(path).map_err(Error::file(path, "reading the state file"))?;
     let mut hasher = crc32fast::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -136,6 +179,9 @@ pub struct Restored {
     pub vm: Vm,
     /// The manifest it was restored from.
     pub manifest: Option<Manifest>,
+    /// It was the previous save of the file: a newer save was killed while
+    /// it replaced it.
+    pub previous_save: bool,
     /// From the start of the call to the guest running.
     pub elapsed: Duration,
 }
@@ -159,7 +205,7 @@ pub fn restore(path: &Path, options: &RestoreOptions, progress: &dyn Progress) -
             checked
                 .manifest
                 .as_ref()
-                .map(|m| m.env.clone())
+                .map(|m| trust::qemu_env(&m.env))
                 .unwrap_or_default(),
             checked
                 .manifest
@@ -169,7 +215,7 @@ pub fn restore(path: &Path, options: &RestoreOptions, progress: &dyn Progress) -
         (Some(m), None) => (
             options.qemu.clone().unwrap_or_else(|| m.qemu.clone()),
             m.args.clone(),
-            m.env.clone(),
+            trust::qemu_env(&m.env),
             m.guest_was_running,
         ),
         (None, None) => {
@@ -181,6 +227,22 @@ pub fn restore(path: &Path, options: &RestoreOptions, progress: &dyn Progress) -
             })
         }
     };
+    if let Some(m) = &checked.manifest {
+        trust::check_runs_as(path, m.qemu_uid, options.as_root)?;
+        if options.qemu.is_none() {
+            // The manifest chose the binary: run it only if it is trusted.
+            trust::check_binary(&binary)?;
+        }
+    }
+    if let Some(m) = &checked.manifest {
+        let changes = crate::guard::changes(&m.files);
+        if !changes.is_empty() && !options.force {
+            return Err(Error::FilesChanged {
+                path: path.to_path_buf(),
+                changes,
+            });
+        }
+    }
     preflight::check(&checked, &binary, &args, &env)?;
 
     let mut vm = Vm::launch_incoming(&binary, &args, &LaunchOptions::new(options.console, env))?;
@@ -195,6 +257,7 @@ pub fn restore(path: &Path, options: &RestoreOptions, progress: &dyn Progress) -
     Ok(Restored {
         vm,
         manifest: checked.manifest,
+        previous_save: checked.previous_save,
         elapsed: started.elapsed(),
     })
 }

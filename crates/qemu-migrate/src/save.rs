@@ -1,6 +1,20 @@
 //! Saving a VM to a state file: paused, uncapped, through a pipe into our
-//! own writer, into `FILE.partial`, synced and renamed only when QEMU says
-//! the migration completed.
+//! own writer, into a private temporary file beside the target, synced and
+//! renamed only when QEMU says the migration completed.
+//!
+//! Replacing an earlier save is crash-safe: at every instant the target
+//! and its manifest form a restorable save, the old one or the new one.
+//! The commit is three renames, each synced before the next:
+//!
+//! 1. the new manifest, carrying the old one as [`Manifest::previous`],
+//!    replaces the old manifest: beside the old stream it still verifies
+//!    (through `previous`), and a restore says it restores the previous save;
+//! 2. the new stream replaces the old one: the pair is the new save;
+//! 3. the new manifest without `previous` replaces the one from step 1.
+//!
+//! A save killed before step 1 leaves the old pair untouched and its
+//! temporary files, which the next save of the same target removes (a
+//! running save holds a lock on its own, so only dead ones are removed).
 
 use std::fs::File;
 use std::io::{PipeReader, Read, Write};
@@ -15,8 +29,9 @@ use qemu_monitor::{MigrationInfo, MigrationStatus};
 
 use crate::argv;
 use crate::error::{Error, Result};
+use crate::guard;
 use crate::manifest::{self, Manifest};
-use crate::os::{self, partial_path, VmLock};
+use crate::os::{self, SaveFiles, VmLock};
 use crate::progress::Progress;
 use crate::vm::Vm;
 use crate::UNCAPPED;
@@ -68,6 +83,8 @@ pub struct SaveOptions {
     /// Skip the fsync: faster, but a crash of this machine soon after could
     /// lose a file that looked complete. The rename stays atomic.
     pub no_sync: bool,
+    /// Replace an existing target (crash-safely); refused otherwise.
+    pub force: bool,
     /// Set (e.g. by a signal handler) to cancel the save.
     pub cancel: Arc<AtomicBool>,
 }
@@ -112,16 +129,29 @@ pub fn save(
     let _lock = VmLock::take(vm.pid())?;
 
     let was_running = vm.check_migratable("save")?;
+    let previous = replaced_save(path, options.force)?;
+    os::remove_stale_partials(path);
     let ram_bytes = vm.monitor.ram_size()?;
 
-    let partial = partial_path(path);
-    let file = File::create(&partial).map_err(Error::file(&partial, "creating the state file"))?;
+    let (files, file) = SaveFiles::create(path)?;
 
     if was_running && !options.live {
-        vm.monitor.stop()?;
+        if let Err(e) = vm.monitor.stop() {
+            files.remove();
+            return Err(e.into());
+        }
     }
-    let old_bandwidth = vm.monitor.migration_parameter("max-bandwidth")?;
-    let result = run_migration(vm, file, &partial, ram_bytes, options, progress);
+    let old_bandwidth = match vm.monitor.migration_parameter("max-bandwidth") {
+        Ok(b) => b,
+        Err(e) => {
+            files.remove();
+            if was_running && !options.live {
+                let _ = vm.monitor.cont();
+            }
+            return Err(e.into());
+        }
+    };
+    let result = run_migration(vm, file, path, ram_bytes, options, progress);
     // Put QEMU's own setting back whatever happened.
     let _ = vm
         .monitor
@@ -130,7 +160,7 @@ pub fn save(
     let (copied, info) = match result {
         Ok(r) => r,
         Err(e) => {
-            let _ = std::fs::remove_file(&partial);
+            files.remove();
             if was_running && !options.live && !matches!(e, Error::QemuExited { .. }) {
                 let _ = vm.monitor.cont();
             }
@@ -138,6 +168,18 @@ pub fn save(
         }
     };
 
+    // Disks are flushed and let go by QEMU at completion: what they are now
+    // is what the saved memory describes.
+    let guarded = match guard::record(vm) {
+        Ok(f) => f,
+        Err(e) => {
+            files.remove();
+            if was_running && !options.live {
+                let _ = vm.monitor.cont_after_migration();
+            }
+            return Err(e);
+        }
+    };
     let machine = qemu_stream::inspect(&copied.head[..])
         .ok()
         .and_then(|s| s.machine_type);
@@ -157,26 +199,13 @@ pub fn save(
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         transport: "fd".into(),
+        qemu_uid: os::process_uid(vm.pid()),
+        files: guarded,
+        previous: None,
     };
     let sync = !options.no_sync;
-    let commit = || -> Result<()> {
-        if sync {
-            copied
-                .file
-                .sync_all()
-                .map_err(Error::file(&partial, "syncing the state file"))?;
-        }
-        manifest.store(path, sync)?;
-        std::fs::rename(&partial, path)
-            .map_err(Error::file(path, "renaming the finished state file"))?;
-        if sync {
-            os::sync_dir(path);
-        }
-        Ok(())
-    };
-    if let Err(e) = commit() {
-        let _ = std::fs::remove_file(&partial);
-        let _ = std::fs::remove_file(manifest::path_for(path));
+    if let Err(e) = commit(&files, &copied.file, path, &manifest, previous, sync) {
+        files.remove();
         if was_running && !options.live {
             let _ = vm.monitor.cont_after_migration();
         }
@@ -196,12 +225,99 @@ pub fn save(
     })
 }
 
+/// The save at `target` that this one replaces, as its manifest describes
+/// the stream there now (`None` when there is none, or it is not a save).
+///
+/// # Errors
+/// [`Error::Exists`] when something is at `target` and `force` is not set.
+fn replaced_save(target: &Path, force: bool) -> Result<Option<Box<Manifest>>> {
+    let state = std::fs::symlink_metadata(target).ok();
+    let manifest_there = std::fs::symlink_metadata(manifest::path_for(target)).is_ok();
+    if state.is_none() && !manifest_there {
+        return Ok(None);
+    }
+    if !force {
+        return Err(Error::Exists {
+            path: target.to_path_buf(),
+            is_save: manifest_there,
+        });
+    }
+    let (Some(state), Ok(Some(mut current))) = (state, Manifest::load(target)) else {
+        return Ok(None);
+    };
+    // A save killed in the middle of its commit leaves a manifest whose
+    // `previous` describes the stream: keep whichever one does.
+    let older = current.previous.take();
+    let mut candidates: Vec<Box<Manifest>> = [Some(Box::new(current)), older]
+        .into_iter()
+        .flatten()
+        .filter(|m| m.stream_bytes == state.len())
+        .collect();
+    if candidates.len() > 1 {
+        let crc = crate::restore::crc_file(target)?;
+        candidates.retain(|m| m.describes(state.len(), crc));
+    }
+    Ok(candidates.into_iter().next())
+}
+
+/// Puts the finished save in place: the three synced renames of the module
+/// docs. At every instant, what is at `target` restores (old or new).
+fn commit(
+    files: &SaveFiles,
+    stream: &File,
+    target: &Path,
+    manifest: &Manifest,
+    previous: Option<Box<Manifest>>,
+    sync: bool,
+) -> Result<()> {
+    let manifest_path = manifest::path_for(target);
+    let rename = |from: &Path, to: &Path, what: &'static str| -> Result<()> {
+        std::fs::rename(from, to).map_err(Error::file(to, what))?;
+        if sync {
+            os::sync_dir(to);
+        }
+        Ok(())
+    };
+    if sync {
+        stream
+            .sync_all()
+            .map_err(Error::file(target, "syncing the state file"))?;
+    }
+    let had_previous = previous.is_some();
+    if had_previous {
+        let mut bridge = manifest.clone();
+        bridge.previous = previous;
+        let _locked = bridge.write_new(&files.manifest, sync)?;
+        rename(&files.manifest, &manifest_path, "replacing the manifest")?;
+    } else {
+        let _locked = manifest.write_new(&files.manifest, sync)?;
+        rename(&files.manifest, &manifest_path, "writing the manifest")?;
+    }
+    if let Err(e) = rename(
+        &files.state,
+        target,
+        "renaming the finished state file into place",
+    ) {
+        if !had_previous {
+            let _ = std::fs::remove_file(&manifest_path);
+        }
+        return Err(e);
+    }
+    if had_previous {
+        // The old save is gone; its description goes too. Failing here
+        // leaves a manifest that still describes the new stream.
+        let _locked = manifest.write_new(&files.manifest, sync)?;
+        rename(&files.manifest, &manifest_path, "writing the manifest")?;
+    }
+    Ok(())
+}
+
 /// Sends the VM's state through a pipe into `file`; returns what was copied
 /// once QEMU reports the migration completed.
 fn run_migration(
     vm: &mut Vm,
     file: File,
-    partial: &Path,
+    target: &Path,
     ram_bytes: u64,
     options: &SaveOptions,
     progress: &dyn Progress,
@@ -266,7 +382,7 @@ fn run_migration(
     };
     if let Some(e) = copied.error {
         return Err(Error::File {
-            path: partial.to_path_buf(),
+            path: target.to_path_buf(),
             what: "writing the state file",
             source: e,
         });

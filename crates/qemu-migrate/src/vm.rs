@@ -397,7 +397,19 @@ fn connect_while_alive(qmp: &Path, launched: &mut Launched) -> Result<qemu_monit
                 }
                 std::thread::sleep(START_RETRY);
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                // A QEMU that fails after opening its monitor (a missing
+                // disk) closes it as it exits: its own words are the error.
+                os::wait_gone(launched.child.id(), Duration::from_secs(2));
+                if let Ok(Some(status)) = launched.child.try_wait() {
+                    let (_, stderr) = launched.wait().unwrap_or((status, String::new()));
+                    return Err(Error::QemuExited {
+                        during: format!("while starting ({status})"),
+                        stderr,
+                    });
+                }
+                return Err(e.into());
+            }
         }
     }
 }

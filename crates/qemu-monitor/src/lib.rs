@@ -30,7 +30,7 @@ mod state;
 use std::time::Duration;
 
 pub use addr::MonitorAddr;
-pub use commands::migration_event_status;
+pub use commands::{migration_event_status, BlockDevice};
 pub use conn::Socket;
 pub use error::{Error, ErrorKind, Result};
 pub use hmp::{HmpReply, HmpSession};

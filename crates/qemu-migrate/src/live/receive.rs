@@ -97,13 +97,19 @@ impl Receiver {
         })?;
         let (binary, args, env) = match spec {
             VmSpec::Manifest(path) => {
+                crate::trust::check_file(path, "manifest")?;
                 let text = std::fs::read_to_string(path)
                     .map_err(Error::file(path, "reading the manifest"))?;
                 let m: Manifest = serde_json::from_str(&text).map_err(|e| Error::BadStateFile {
                     path: path.clone(),
                     reason: format!("not a qemu-migrate manifest: {e}"),
                 })?;
-                (options.qemu.clone().unwrap_or(m.qemu), m.args, m.env)
+                crate::trust::check_runs_as(path, m.qemu_uid, false)?;
+                if options.qemu.is_none() {
+                    crate::trust::check_binary(&m.qemu)?;
+                }
+                let env = crate::trust::qemu_env(&m.env);
+                (options.qemu.clone().unwrap_or(m.qemu), m.args, env)
             }
             VmSpec::Args(args) => (
                 options

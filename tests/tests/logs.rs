@@ -1,0 +1,186 @@
+//! The VM's own files when a second QEMU takes it over: a restore (and a
+//! local live migration's destination) appends to the serial log the first
+//! QEMU wrote instead of truncating it, and the restore pre-flight probe
+//! opens none of the VM's files for writing and none of its sockets.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use recipe_tests::{bin, guest, qemus, tick, Vm};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn migrate() -> Command {
+    Command::new(bin("qemu-migrate"))
+}
+
+/// The recipe guest with its serial console in `log` instead of stdio.
+fn logged_options(dir: &Path, log: &Path, extra: &[String]) -> Vec<String> {
+    let payload = dir.join("hello.bin");
+    std::fs::write(&payload, b"hello from the payload\n").unwrap();
+    let mut o: Vec<String> = [
+        "-accel",
+        "tcg",
+        "-m",
+        "32",
+        "-nodefaults",
+        "-serial",
+        &format!("file:{}", log.display()),
+        "-kernel",
+        &guest().display().to_string(),
+        "-initrd",
+        &payload.display().to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    o.extend(extra.iter().cloned());
+    o
+}
+
+fn ticks(log: &Path) -> Vec<u64> {
+    String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default())
+        .lines()
+        .filter_map(tick)
+        .collect()
+}
+
+/// Waits, up to `WAIT`, for the log to show what `pred` looks for.
+fn wait_log(log: &Path, what: &str, pred: impl Fn(&[u64]) -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !pred(&ticks(log)) {
+        assert!(Instant::now() < deadline, "{what}: {:?}", ticks(log));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_restored_vm_appends_to_the_serial_log_it_had() {
+    for qemu in qemus() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("serial.log");
+        let mut source = Vm::start(&qemu, &logged_options(dir.path(), &log, &[]));
+        wait_log(&log, "tick 3 before the save", |t| t.contains(&3));
+        let statefile = dir.path().join("state");
+        let out = migrate()
+            .args(["save", "--then", "quit", "--monitor"])
+            .arg(&source.hmp)
+            .arg(&statefile)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        source.wait_exit();
+        let before = std::fs::read(&log).unwrap();
+        let last = *ticks(&log).last().unwrap();
+
+        let pidfile = dir.path().join("pid");
+        let out = migrate()
+            .args(["restore", "--daemonize", "--pidfile"])
+            .arg(&pidfile)
+            .arg(&statefile)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        wait_log(&log, "ticks of the restored guest", |t| {
+            t.last().is_some_and(|&n| n > last + 1)
+        });
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // SAFETY: a signal to the QEMU this test restored.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let after = std::fs::read(&log).unwrap();
+        assert!(
+            after.starts_with(&before),
+            "the log before the save is kept, untouched"
+        );
+        assert!(!after.contains(&0), "no NULs (a truncation under a writer)");
+        let t = ticks(&log);
+        assert!(
+            t.windows(2).all(|w| w[1] == w[0] + 1),
+            "one continuous count across the restore: {t:?}"
+        );
+    }
+}
+
+#[test]
+fn the_preflight_probe_opens_none_of_the_vms_files() {
+    for qemu in qemus() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("serial.log");
+        let disk = dir.path().join("disk.qcow2");
+        let made = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&disk)
+            .arg("16M")
+            .status()
+            .expect("qemu-img (package qemu-utils)");
+        assert!(made.success());
+        let sock = dir.path().join("extra.sock");
+        let options = logged_options(
+            dir.path(),
+            &log,
+            &[
+                "-drive".into(),
+                format!("file={},format=qcow2,if=virtio", disk.display()),
+                "-chardev".into(),
+                format!("socket,id=extra,path={},server=on,wait=off", sock.display()),
+            ],
+        );
+        let vm = Vm::start(&qemu, &options);
+        wait_log(&log, "tick 2", |t| t.contains(&2));
+        let statefile = dir.path().join("state");
+        let out = migrate()
+            .args(["save", "--then", "resume", "--monitor"])
+            .arg(&vm.hmp)
+            .arg(&statefile)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let sock_inode = std::fs::metadata(&sock).unwrap().ino();
+        let disk_mtime = std::fs::metadata(&disk).unwrap().mtime_nsec();
+        let log_before = std::fs::read(&log).unwrap();
+
+        // The VM still runs, holding its disk, log and socket; the probe
+        // starts a QEMU with the same options beside it.
+        let out = migrate()
+            .args(["inspect", "--check", "--qemu"])
+            .arg(&qemu)
+            .arg(&statefile)
+            .arg("--")
+            .args(&options)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{said}");
+        assert!(said.contains("these options can restore it"), "{said}");
+        assert_eq!(
+            std::fs::metadata(&sock).unwrap().ino(),
+            sock_inode,
+            "the VM's socket is its own"
+        );
+        assert_eq!(std::fs::metadata(&disk).unwrap().mtime_nsec(), disk_mtime);
+        let log_after = std::fs::read(&log).unwrap();
+        assert!(
+            log_after.starts_with(&log_before),
+            "the log was not truncated"
+        );
+        assert!(!log_after.contains(&0));
+    }
+}
