@@ -31,6 +31,7 @@
 
 pub mod argv;
 mod error;
+pub mod instant;
 pub mod live;
 pub mod manifest;
 pub mod os;

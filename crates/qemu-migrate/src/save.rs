@@ -70,6 +70,9 @@ pub struct SaveOptions {
     pub no_sync: bool,
     /// Set (e.g. by a signal handler) to cancel the save.
     pub cancel: Arc<AtomicBool>,
+    /// Write the instant layout: guest RAM as an image beside the stream,
+    /// which a restore maps instead of loading ([`crate::instant`]).
+    pub instant: bool,
 }
 
 /// What a finished save wrote.
@@ -84,6 +87,8 @@ pub struct SaveReport {
     pub elapsed: Duration,
     /// QEMU's own account of the migration at completion.
     pub migration: MigrationInfo,
+    /// Why an instant save was written as a plain stream, when it was.
+    pub fallback: Option<String>,
 }
 
 /// What the copy thread wrote.
@@ -108,6 +113,9 @@ pub fn save(
     options: &SaveOptions,
     progress: &dyn Progress,
 ) -> Result<SaveReport> {
+    if options.instant {
+        return crate::instant::save(vm, path, options, progress);
+    }
     let started = Instant::now();
     let _lock = VmLock::take(vm.pid())?;
 
@@ -157,6 +165,7 @@ pub fn save(
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         transport: "fd".into(),
+        instant: None,
     };
     let sync = !options.no_sync;
     let commit = || -> Result<()> {
@@ -193,6 +202,7 @@ pub fn save(
         path: path.to_path_buf(),
         elapsed: started.elapsed(),
         migration: info,
+        fallback: None,
     })
 }
 
