@@ -34,6 +34,15 @@ pub enum Transport {
     File,
     /// `qemu-migrate save` and `restore` (the library), not the recipe's line.
     QemuMigrate,
+    /// The same with `save --instant`: RAM as an image the restore maps.
+    QemuMigrateInstant,
+}
+
+impl Transport {
+    /// Saved and restored by the library rather than by the recipe's line.
+    fn by_library(self) -> bool {
+        matches!(self, Transport::QemuMigrate | Transport::QemuMigrateInstant)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -529,7 +538,7 @@ fn run_in(kit: &Kit, sc: &Scenario, dir: &Path) -> Result<Report, Failure> {
     let (uri, mut live_dest) = match sc.transport {
         Transport::Exec => (format!("exec:cat > {}", state.display()), None),
         Transport::File => (format!("file:{}", state.display()), None),
-        Transport::QemuMigrate => (String::new(), None),
+        Transport::QemuMigrate | Transport::QemuMigrateInstant => (String::new(), None),
         Transport::Unix | Transport::Tcp => {
             let incoming = if sc.transport == Transport::Unix {
                 format!("unix:{}", dir.join("migration.sock").display())
@@ -546,14 +555,22 @@ fn run_in(kit: &Kit, sc: &Scenario, dir: &Path) -> Result<Report, Failure> {
         }
     };
 
-    let save = if sc.transport == Transport::QemuMigrate {
+    let save = if sc.transport.by_library() {
         // The orchestrator, through the user's own monitor socket.
         let started = Instant::now();
         let mut vm = qemu_migrate::Vm::attach(sock.clone(), WAIT).map_err(monitor_err("save"))?;
         let mut options = qemu_migrate::save::SaveOptions::default();
         options.then = qemu_migrate::save::Then::Quit;
-        qemu_migrate::save::save(&mut vm, &state, &options, &qemu_migrate::progress::Quiet)
-            .map_err(monitor_err("save"))?;
+        options.instant = sc.transport == Transport::QemuMigrateInstant;
+        let report =
+            qemu_migrate::save::save(&mut vm, &state, &options, &qemu_migrate::progress::Quiet)
+                .map_err(monitor_err("save"))?;
+        if options.instant && report.manifest.instant.is_none() {
+            return fail(
+                "save",
+                format!("not saved in the instant layout: {:?}", report.fallback),
+            );
+        }
         started.elapsed()
     } else {
         // The recipe's line, through monitor-send in the recipe's own nc form.
@@ -655,7 +672,7 @@ fn run_in(kit: &Kit, sc: &Scenario, dir: &Path) -> Result<Report, Failure> {
 
     // The destination.
     let restore_started = Instant::now();
-    let dest_harness = if sc.transport == Transport::QemuMigrate {
+    let dest_harness = if sc.transport.by_library() {
         // The restore starts QEMU with the source's very options.
         harness_src.clone()
     } else {
@@ -663,7 +680,7 @@ fn run_in(kit: &Kit, sc: &Scenario, dir: &Path) -> Result<Report, Failure> {
     };
     let mut dest = match live_dest.take() {
         Some(d) => d,
-        None if sc.transport == Transport::QemuMigrate && sc.sabotage != Some(Sabotage::Reboot) => {
+        None if sc.transport.by_library() && sc.sabotage != Some(Sabotage::Reboot) => {
             let mut options = qemu_migrate::restore::RestoreOptions::default();
             options.console = qemu_migrate::vm::Console::Pipe;
             if sc.sabotage == Some(Sabotage::WrongMemory) {
@@ -700,14 +717,12 @@ fn run_in(kit: &Kit, sc: &Scenario, dir: &Path) -> Result<Report, Failure> {
             start_qemu(&sc.qemu, &args, dir, "destination")?
         }
     };
-    let restore_from = if matches!(
-        sc.transport,
-        Transport::Unix | Transport::Tcp | Transport::QemuMigrate
-    ) {
-        restore_started
-    } else {
-        dest.started
-    };
+    let restore_from =
+        if matches!(sc.transport, Transport::Unix | Transport::Tcp) || sc.transport.by_library() {
+            restore_started
+        } else {
+            dest.started
+        };
     if !ticking {
         return untick_checks(
             sc,
@@ -982,9 +997,19 @@ pub fn all_scenarios(qemu: &Qemu, accel: Accel, with_linux: bool) -> Vec<Scenari
         add(Transport::File, MonitorKind::Hmp, GuestKind::Test);
     }
     add(Transport::QemuMigrate, MonitorKind::Hmp, GuestKind::Test);
+    add(
+        Transport::QemuMigrateInstant,
+        MonitorKind::Hmp,
+        GuestKind::Test,
+    );
     if with_linux {
         add(Transport::Exec, MonitorKind::Hmp, GuestKind::Linux);
         add(Transport::QemuMigrate, MonitorKind::Hmp, GuestKind::Linux);
+        add(
+            Transport::QemuMigrateInstant,
+            MonitorKind::Hmp,
+            GuestKind::Linux,
+        );
     }
     list
 }

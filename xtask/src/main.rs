@@ -29,6 +29,8 @@ enum TransportArg {
     File,
     /// `qemu-migrate save` and `restore` instead of the recipe's line.
     QemuMigrate,
+    /// `qemu-migrate save --instant` and `restore`: RAM as an image the restore maps.
+    QemuMigrateInstant,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -167,6 +169,7 @@ fn main() -> ExitCode {
                     TransportArg::Tcp => e2e::Transport::Tcp,
                     TransportArg::File => e2e::Transport::File,
                     TransportArg::QemuMigrate => e2e::Transport::QemuMigrate,
+                    TransportArg::QemuMigrateInstant => e2e::Transport::QemuMigrateInstant,
                 },
                 monitor: match monitor {
                     MonitorArg::Hmp => e2e::MonitorKind::Hmp,
