@@ -363,12 +363,7 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
             check,
             qemu,
             qemu_args,
-        } => inspect(
-            cli,
-            statefile,
-            check.then(|| qemu.clone().unwrap_or_else(|| "qemu-system-x86_64".into())),
-            qemu_args,
-        ),
+        } => inspect(cli, statefile, check.then(|| qemu.clone()), qemu_args),
         Cmd::Live {
             monitor,
             to,
@@ -537,7 +532,7 @@ fn forward_signals(pid: u32) {
 fn inspect(
     cli: &Cli,
     statefile: &std::path::Path,
-    check_with: Option<PathBuf>,
+    check_with: Option<Option<PathBuf>>,
     qemu_args: &[String],
 ) -> Result<ExitCode, Error> {
     let manifest = Manifest::load(statefile)?;
@@ -594,7 +589,9 @@ fn inspect(
         }
         if let Some(l) = &layout {
             say!(
-                "layout: instant: RAM block {} ({} MiB) in {}: {} pages of data, {} zero (holes),                  {} left in the stream; restore it with qemu-migrate, or by hand with                  -incoming \"exec: qemu-migrate export {}\"",
+                "layout: instant: RAM block {} ({} MiB) in {}: {} pages of data, {} zero (holes), \
+                 {} left in the stream; restore it with qemu-migrate, or by hand with \
+                 -incoming \"exec: qemu-migrate export {}\"",
                 l.block,
                 l.block_bytes >> 20,
                 l.image,
@@ -622,7 +619,20 @@ fn inspect(
     let mut checked = verdict?;
     if let Some(binary) = check_with {
         checked.summary = Some(summary);
-        qemu_migrate::preflight::check(&checked, &binary, qemu_args, &Default::default())?;
+        // Without options, the check is of the QEMU and options recorded.
+        let (binary, args, env) = match (&manifest, qemu_args.is_empty()) {
+            (Some(m), true) => (
+                binary.unwrap_or_else(|| m.qemu.clone()),
+                m.args.clone(),
+                m.env.clone(),
+            ),
+            _ => (
+                binary.unwrap_or_else(|| "qemu-system-x86_64".into()),
+                qemu_args.to_vec(),
+                Default::default(),
+            ),
+        };
+        qemu_migrate::preflight::check(&checked, &binary, &args, &env)?;
         if !cli.json {
             say!("these options can restore it");
         }
