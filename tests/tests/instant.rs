@@ -286,3 +286,55 @@ fn a_clone_that_would_share_a_writable_disk_is_refused_in_words() {
         );
     }
 }
+
+#[test]
+fn a_live_instant_save_keeps_the_last_copy_of_every_page() {
+    // Saved while the guest sweeps its RAM: pages are sent again as they
+    // change, and the image must hold the last copy of each.
+    for qemu in qemus() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = recipe_options(dir.path());
+        let (mut source, serial) = Vm::start_ticking(&qemu, &options);
+        let banner = serial.snapshot()
+            [serial.wait_for(0, WAIT, "the banner", |l| l.starts_with("BOOT "))]
+        .clone();
+        let (start, end) = test_guest::Banner::parse(&banner).unwrap().sweep.unwrap();
+        let statefile = dir.path().join("state");
+        ok(migrate()
+            .args(["save", "--instant", "--live", "--then", "quit", "--monitor"])
+            .arg(&source.hmp)
+            .arg(&statefile)
+            .output()
+            .unwrap());
+        assert!(source.wait_exit().success());
+        let last = serial
+            .snapshot()
+            .iter()
+            .filter_map(|l| tick(l))
+            .max()
+            .unwrap();
+
+        let (mut restored, lines) = spawn_lines(migrate().arg("restore").arg(&statefile));
+        carries_on(&qemu, &lines, last);
+        let dump = dir.path().join("sweep.bin");
+        for cmd in [
+            "stop".to_string(),
+            format!("pmemsave {start} {} \"{}\"", end - start, dump.display()),
+        ] {
+            let out = Command::new(bin("monitor-send"))
+                .arg(&source.hmp)
+                .arg(&cmd)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{cmd}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        test_guest::check_sweep(&std::fs::read(&dump).unwrap())
+            .unwrap_or_else(|e| panic!("{}: {e}", qemu.display()));
+        quit(&source.hmp);
+        assert!(restored.wait().unwrap().success());
+    }
+}

@@ -14,12 +14,16 @@ use qemu_monitor::{Options, QmpSession};
 use crate::qemu::{self, Qemu};
 use crate::test::cargo;
 
+mod instant;
+
 pub struct Args {
     pub runs: usize,
     pub delivery_runs: usize,
     /// Guest RAM and how much of it the guest writes, for the save rows.
     pub ram_mib: u32,
     pub fill_mib: u32,
+    /// Only the instant-restore rows.
+    pub instant_only: bool,
 }
 
 pub fn run(root: &Path, args: &Args) -> anyhow::Result<()> {
@@ -32,7 +36,7 @@ pub fn run(root: &Path, args: &Args) -> anyhow::Result<()> {
             "-p",
             "monitor-send",
             "-p",
-            "qemu-migrate",
+            "qemu-migrate-cli",
         ],
         &[],
     )?;
@@ -44,16 +48,24 @@ pub fn run(root: &Path, args: &Args) -> anyhow::Result<()> {
         bail!(qemu::INSTALL_HINT);
     }
     let mut report = String::new();
-    for q in &qemus {
+    for q in qemus.iter().filter(|_| args.instant_only) {
+        let section = instant::instant_speed(q, &migrate, &guest)?;
+        print!("{section}");
+        report.push_str(&section);
+    }
+    for q in qemus.iter().filter(|_| !args.instant_only) {
         let section = monitor_round_trips(q, &send, args)?;
         print!("{section}");
         report.push_str(&section);
     }
-    for q in &qemus {
+    for q in qemus.iter().filter(|_| !args.instant_only) {
         let section = save_speed(q, &send, &migrate, &guest, args)?;
         print!("{section}");
         report.push_str(&section);
         let section = live_speed(q, &migrate, &guest, args)?;
+        print!("{section}");
+        report.push_str(&section);
+        let section = instant::instant_speed(q, &migrate, &guest)?;
         print!("{section}");
         report.push_str(&section);
     }

@@ -111,6 +111,9 @@ enum Task {
         /// How much of it the guest writes (MiB).
         #[arg(long, default_value = "600")]
         fill: u32,
+        /// Only the instant-restore rows (1, 4 and 8 GiB guests, clones).
+        #[arg(long)]
+        instant_only: bool,
     },
     /// Build the test guest (fixtures/guest) into target/guest.
     BuildGuest,
@@ -131,6 +134,7 @@ fn main() -> ExitCode {
             delivery_runs,
             ram,
             fill,
+            instant_only,
         } => bench::run(
             &root,
             &bench::Args {
@@ -138,6 +142,7 @@ fn main() -> ExitCode {
                 delivery_runs,
                 ram_mib: ram,
                 fill_mib: fill,
+                instant_only,
             },
         ),
         Task::Fuzz { seconds } => fuzz::run(&root, seconds),
