@@ -29,6 +29,8 @@ enum TransportArg {
     File,
     /// `qemu-migrate save` and `restore` instead of the recipe's line.
     QemuMigrate,
+    /// `qemu-migrate save --instant` and `restore`: RAM as an image the restore maps.
+    QemuMigrateInstant,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -109,6 +111,9 @@ enum Task {
         /// How much of it the guest writes (MiB).
         #[arg(long, default_value = "600")]
         fill: u32,
+        /// Only the instant-restore rows (1, 4 and 8 GiB guests, clones).
+        #[arg(long)]
+        instant_only: bool,
     },
     /// Build the test guest (fixtures/guest) into target/guest.
     BuildGuest,
@@ -129,6 +134,7 @@ fn main() -> ExitCode {
             delivery_runs,
             ram,
             fill,
+            instant_only,
         } => bench::run(
             &root,
             &bench::Args {
@@ -136,6 +142,7 @@ fn main() -> ExitCode {
                 delivery_runs,
                 ram_mib: ram,
                 fill_mib: fill,
+                instant_only,
             },
         ),
         Task::Fuzz { seconds } => fuzz::run(&root, seconds),
@@ -167,6 +174,7 @@ fn main() -> ExitCode {
                     TransportArg::Tcp => e2e::Transport::Tcp,
                     TransportArg::File => e2e::Transport::File,
                     TransportArg::QemuMigrate => e2e::Transport::QemuMigrate,
+                    TransportArg::QemuMigrateInstant => e2e::Transport::QemuMigrateInstant,
                 },
                 monitor: match monitor {
                     MonitorArg::Hmp => e2e::MonitorKind::Hmp,

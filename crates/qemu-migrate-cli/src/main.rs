@@ -27,6 +27,9 @@ Examples:
   qemu-migrate restore /tmp/statefile
   qemu-migrate restore /tmp/recipe-state -- -m 32 -nodefaults -kernel k ...   (a file with no manifest)
   qemu-migrate inspect /tmp/statefile --json
+  qemu-migrate save --instant --monitor /tmp/qemu-sock /tmp/statefile   (RAM in statefile.ram)
+  qemu-migrate restore --clone /tmp/statefile     (another VM from it, its own sockets)
+  qemu-migrate export /tmp/statefile > plain-stream   (an instant save as one stream)
   qemu-migrate live --monitor /tmp/qemu-sock --to local
   qemu-migrate receive --listen tcp:0.0.0.0:4444 -- -m 256 ...   (on the other host, then:)
   qemu-migrate live --monitor /tmp/qemu-sock --to tcp:otherhost:4444
@@ -102,6 +105,12 @@ enum Cmd {
         /// restorable until the new one is complete).
         #[arg(long)]
         force: bool,
+        /// Keep guest RAM as an image beside the state file (STATEFILE.ram), which a
+        /// restore maps instead of loading: restores take the same time at any RAM size.
+        /// Where the VM's memory layout cannot be kept so, a plain stream is saved (and
+        /// the reason said).
+        #[arg(long)]
+        instant: bool,
     },
     /// Start a VM from a state file with the options it was saved with.
     Restore {
@@ -124,10 +133,22 @@ enum Cmd {
         /// As root, restore a VM that another user's QEMU ran (it will run as root).
         #[arg(long)]
         as_root: bool,
+        /// For an instant save: read the whole RAM image and check its checksum first
+        /// (by default its size and identity are checked, and it is read whole only
+        /// when it is not the very file the save wrote).
+        #[arg(long)]
+        verify: bool,
+        /// Start another VM from this state while the first runs: its own monitor and
+        /// serial sockets and logs (PATH.cloneN); refused if both would write one disk.
+        #[arg(long)]
+        clone: bool,
         /// QEMU options to use instead of the manifest's (required for a file with no manifest).
         #[arg(last = true)]
         qemu_args: Vec<String>,
     },
+    /// Write an instant save as one plain QEMU stream on stdout, e.g. for
+    /// `-incoming "exec: qemu-migrate export STATEFILE"`.
+    Export { statefile: PathBuf },
     /// Move a running VM to a new QEMU while the guest runs; the source ends
     /// only after the destination confirms the guest runs there.
     Live {
@@ -257,9 +278,11 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
             timeout,
             no_sync,
             force,
+            instant,
         } => {
             let mut vm = Vm::attach(monitor.as_str(), Duration::from_secs(*timeout))?;
             let mut options = SaveOptions::default();
+            options.instant = *instant;
             options.live = *live;
             options.bandwidth = bandwidth.map(|m| m << 20);
             options.then = *then;
@@ -271,6 +294,9 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
             shown.done();
             let report = report?;
             let m = &report.manifest.redacted();
+            if let Some(why) = &report.fallback {
+                eprintln!("qemu-migrate: not an instant save: {why}");
+            }
             if cli.json {
                 say!(
                     "{}",
@@ -286,6 +312,15 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
                     m.machine.as_deref().unwrap_or("machine unknown"),
                     m.ram_bytes >> 20
                 );
+                if let Some(l) = &m.instant {
+                    eprintln!(
+                        "  RAM image {}: {} MiB, {:.1} MB of data ({} pages), the rest holes",
+                        l.image,
+                        l.block_bytes >> 20,
+                        (l.data_pages * l.page_size) as f64 / 1e6,
+                        l.data_pages
+                    );
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -297,11 +332,15 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
             pidfile,
             force,
             as_root,
+            verify,
+            clone,
             qemu_args,
         } => {
             let mut options = RestoreOptions::default();
             options.force = *force;
             options.as_root = *as_root;
+            options.verify = *verify;
+            options.clone = *clone;
             options.qemu.clone_from(qemu);
             options.paused = *paused;
             options.args = (!qemu_args.is_empty()).then(|| qemu_args.clone());
@@ -318,7 +357,7 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
             if cli.json {
                 say!(
                     "{}",
-                    serde_json::json!({ "restored": statefile, "pid": pid, "seconds": restored.elapsed.as_secs_f64() })
+                    serde_json::json!({ "restored": statefile, "pid": pid, "seconds": restored.elapsed.as_secs_f64(), "renamed": restored.renamed })
                 );
             } else if *daemonize || !cli.quiet {
                 eprintln!(
@@ -327,19 +366,24 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
                     restored.elapsed.as_secs_f64()
                 );
             }
+            if !cli.json {
+                for (from, to) in &restored.renamed {
+                    eprintln!("  the clone's {} is {}", from.display(), to.display());
+                }
+            }
             hand_over(restored.vm, *daemonize, pidfile.as_deref())
+        }
+        Cmd::Export { statefile } => {
+            let stdout = std::io::stdout().lock();
+            qemu_migrate::instant::export(statefile, stdout)?;
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Inspect {
             statefile,
             check,
             qemu,
             qemu_args,
-        } => inspect(
-            cli,
-            statefile,
-            check.then(|| qemu.clone().unwrap_or_else(|| "qemu-system-x86_64".into())),
-            qemu_args,
-        ),
+        } => inspect(cli, statefile, check.then(|| qemu.clone()), qemu_args),
         Cmd::Live {
             monitor,
             to,
@@ -516,7 +560,7 @@ fn forward_signals(pid: u32) {
 fn inspect(
     cli: &Cli,
     statefile: &std::path::Path,
-    check_with: Option<PathBuf>,
+    check_with: Option<Option<PathBuf>>,
     qemu_args: &[String],
 ) -> Result<ExitCode, Error> {
     // The check reads a bare stream through already; its summary is reused.
@@ -537,6 +581,21 @@ fn inspect(
             reason: e.to_string(),
         })?,
     };
+    // An instant save's RAM image: its identity, or read whole with --check.
+    let layout = manifest.as_ref().and_then(|m| m.instant.clone());
+    let mut image_check = None;
+    if let (Ok(_), Some(l)) = (&verdict, &layout) {
+        match qemu_migrate::instant::check_image(statefile, l, check_with.is_some(), &Quiet) {
+            Ok(c) => image_check = Some(c),
+            Err(e) => verdict = Err(e),
+        }
+    }
+    let image_words = image_check.map(|c| match c {
+        qemu_migrate::instant::ImageCheck::Identity => {
+            "the very file the save wrote, unchanged (size and identity; --check reads it whole)"
+        }
+        _ => "read in full, its checksum matches",
+    });
     if cli.json {
         say!(
             "{}",
@@ -544,6 +603,7 @@ fn inspect(
                 "file": statefile,
                 "stream": summary,
                 "manifest": manifest,
+                "ram_image": image_words,
                 "restorable": verdict.is_ok(),
                 "previous_save": verdict.as_ref().is_ok_and(|c| c.previous_save),
                 "problem": verdict.as_ref().err().map(|e| redact(&e.to_string())),
@@ -567,6 +627,23 @@ fn inspect(
                 m.vm_options.join(" ")
             );
         }
+        if let Some(l) = &layout {
+            say!(
+                "layout: instant: RAM block {} ({} MiB) in {}: {} pages of data, {} zero (holes), \
+                 {} left in the stream; restore it with qemu-migrate, or by hand with \
+                 -incoming \"exec: qemu-migrate export {}\"",
+                l.block,
+                l.block_bytes >> 20,
+                l.image,
+                l.data_pages,
+                l.zero_pages,
+                l.pages_in_stream,
+                statefile.display()
+            );
+            if let Some(w) = image_words {
+                say!("RAM image: {w}");
+            }
+        }
         match &verdict {
             Ok(_) => say!(
                 "complete: yes{}",
@@ -582,7 +659,20 @@ fn inspect(
     let mut checked = verdict?;
     if let Some(binary) = check_with {
         checked.summary = Some(summary);
-        qemu_migrate::preflight::check(&checked, &binary, qemu_args, &Default::default())?;
+        // Without options, the check is of the QEMU and options recorded.
+        let (binary, args, env) = match (&manifest, qemu_args.is_empty()) {
+            (Some(m), true) => (
+                binary.unwrap_or_else(|| m.qemu.clone()),
+                m.args.clone(),
+                m.env.clone(),
+            ),
+            _ => (
+                binary.unwrap_or_else(|| "qemu-system-x86_64".into()),
+                qemu_args.to_vec(),
+                Default::default(),
+            ),
+        };
+        qemu_migrate::preflight::check(&checked, &binary, &args, &env)?;
         if !cli.json {
             say!("these options can restore it");
         }

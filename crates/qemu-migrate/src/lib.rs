@@ -33,6 +33,7 @@
 pub mod argv;
 mod error;
 pub mod guard;
+pub mod instant;
 pub mod live;
 pub mod manifest;
 pub mod os;

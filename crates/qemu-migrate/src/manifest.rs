@@ -11,6 +11,9 @@ use crate::error::{Error, Result};
 
 /// The manifest format this version writes and reads.
 pub const FORMAT: &str = "qemu-migrate/1";
+/// The format of an instant save's manifest: a reader that knows only
+/// [`FORMAT`] must refuse it rather than restore the stream without its RAM.
+pub const FORMAT_INSTANT: &str = "qemu-migrate/1+instant";
 
 /// What a save records beside its state file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,6 +61,9 @@ pub struct Manifest {
     /// this (see [`crate::save`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous: Option<Box<Manifest>>,
+    /// For an instant save: where guest RAM is ([`crate::instant`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instant: Option<crate::instant::Layout>,
 }
 
 /// Where the manifest of `statefile` lives.
@@ -84,7 +90,7 @@ impl Manifest {
             path: path.clone(),
             reason: format!("the manifest is damaged: {e}"),
         })?;
-        if m.format != FORMAT {
+        if m.format != FORMAT && !(m.format == FORMAT_INSTANT && m.instant.is_some()) {
             return Err(Error::BadStateFile {
                 path,
                 reason: format!("unknown manifest format {:?} (expected {FORMAT})", m.format),

@@ -39,6 +39,12 @@ pub struct RestoreOptions {
     pub as_root: bool,
     /// Set (e.g. by a signal handler) to cancel the restore.
     pub cancel: Arc<AtomicBool>,
+    /// Read an instant save's RAM image in full and compare its checksum
+    /// before starting (otherwise only when it is not the very file saved).
+    pub verify: bool,
+    /// Start another VM from the state while the first runs: sockets and
+    /// logs of its own; refused when the two would share a writable disk.
+    pub clone: bool,
 }
 
 /// A state file that passed its checks.
@@ -184,6 +190,8 @@ pub struct Restored {
     pub previous_save: bool,
     /// From the start of the call to the guest running.
     pub elapsed: Duration,
+    /// Paths given their own name for a clone: (the VM's, the clone's).
+    pub renamed: Vec<(PathBuf, PathBuf)>,
 }
 
 /// Checks `path`, starts QEMU with the recorded (or given) options and loads it.
@@ -244,6 +252,8 @@ pub fn restore(path: &Path, options: &RestoreOptions, progress: &dyn Progress) -
         }
     }
     preflight::check(&checked, &binary, &args, &env)?;
+    // An instant save's RAM image is mapped, not loaded; a clone gets paths of its own.
+    let (args, renamed) = crate::instant::launch_args(&checked, args, options, progress)?;
 
     let mut vm = Vm::launch_incoming(&binary, &args, &LaunchOptions::new(options.console, env))?;
     load(&mut vm, &checked, options, progress)?;
@@ -259,6 +269,7 @@ pub fn restore(path: &Path, options: &RestoreOptions, progress: &dyn Progress) -
         manifest: checked.manifest,
         previous_save: checked.previous_save,
         elapsed: started.elapsed(),
+        renamed,
     })
 }
 

@@ -87,6 +87,9 @@ pub struct SaveOptions {
     pub force: bool,
     /// Set (e.g. by a signal handler) to cancel the save.
     pub cancel: Arc<AtomicBool>,
+    /// Write the instant layout: guest RAM as an image beside the stream,
+    /// which a restore maps instead of loading ([`crate::instant`]).
+    pub instant: bool,
 }
 
 /// What a finished save wrote.
@@ -101,6 +104,8 @@ pub struct SaveReport {
     pub elapsed: Duration,
     /// QEMU's own account of the migration at completion.
     pub migration: MigrationInfo,
+    /// Why an instant save was written as a plain stream, when it was.
+    pub fallback: Option<String>,
 }
 
 /// What the copy thread wrote.
@@ -125,6 +130,9 @@ pub fn save(
     options: &SaveOptions,
     progress: &dyn Progress,
 ) -> Result<SaveReport> {
+    if options.instant {
+        return crate::instant::save(vm, path, options, progress);
+    }
     let started = Instant::now();
     let _lock = VmLock::take(vm.pid())?;
 
@@ -202,6 +210,7 @@ pub fn save(
         qemu_uid: os::process_uid(vm.pid()),
         files: guarded,
         previous: None,
+        instant: None,
     };
     let sync = !options.no_sync;
     if let Err(e) = commit(&files, &copied.file, path, &manifest, previous, sync) {
@@ -222,6 +231,7 @@ pub fn save(
         path: path.to_path_buf(),
         elapsed: started.elapsed(),
         migration: info,
+        fallback: None,
     })
 }
 
@@ -230,7 +240,7 @@ pub fn save(
 ///
 /// # Errors
 /// [`Error::Exists`] when something is at `target` and `force` is not set.
-fn replaced_save(target: &Path, force: bool) -> Result<Option<Box<Manifest>>> {
+pub(crate) fn replaced_save(target: &Path, force: bool) -> Result<Option<Box<Manifest>>> {
     let state = std::fs::symlink_metadata(target).ok();
     let manifest_there = std::fs::symlink_metadata(manifest::path_for(target)).is_ok();
     if state.is_none() && !manifest_there {
@@ -262,7 +272,7 @@ fn replaced_save(target: &Path, force: bool) -> Result<Option<Box<Manifest>>> {
 
 /// Puts the finished save in place: the three synced renames of the module
 /// docs. At every instant, what is at `target` restores (old or new).
-fn commit(
+pub(crate) fn commit(
     files: &SaveFiles,
     stream: &File,
     target: &Path,

@@ -32,6 +32,7 @@ mod error;
 mod format;
 mod input;
 mod parse;
+pub mod split;
 mod summary;
 mod vmdesc;
 

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+mod instant;
 mod live;
 mod monitor;
 mod save;
@@ -21,6 +22,8 @@ pub struct Args {
     /// Guest RAM and how much of it the guest writes, for the save rows.
     pub ram_mib: u32,
     pub fill_mib: u32,
+    /// Only the instant-restore rows.
+    pub instant_only: bool,
 }
 
 pub fn run(root: &Path, args: &Args) -> anyhow::Result<()> {
@@ -33,7 +36,7 @@ pub fn run(root: &Path, args: &Args) -> anyhow::Result<()> {
             "-p",
             "monitor-send",
             "-p",
-            "qemu-migrate",
+            "qemu-migrate-cli",
         ],
         &[],
     )?;
@@ -45,16 +48,24 @@ pub fn run(root: &Path, args: &Args) -> anyhow::Result<()> {
         bail!(qemu::INSTALL_HINT);
     }
     let mut report = String::new();
-    for q in &qemus {
+    for q in qemus.iter().filter(|_| args.instant_only) {
+        let section = instant::instant_speed(q, &migrate, &guest)?;
+        print!("{section}");
+        report.push_str(&section);
+    }
+    for q in qemus.iter().filter(|_| !args.instant_only) {
         let section = monitor::monitor_round_trips(q, &send, args)?;
         print!("{section}");
         report.push_str(&section);
     }
-    for q in &qemus {
+    for q in qemus.iter().filter(|_| !args.instant_only) {
         let section = save::save_speed(q, &send, &migrate, &guest, args)?;
         print!("{section}");
         report.push_str(&section);
         let section = live::live_speed(q, &migrate, &guest, args)?;
+        print!("{section}");
+        report.push_str(&section);
+        let section = instant::instant_speed(q, &migrate, &guest)?;
         print!("{section}");
         report.push_str(&section);
     }

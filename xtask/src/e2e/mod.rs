@@ -37,6 +37,15 @@ pub enum Transport {
     File,
     /// `qemu-migrate save` and `restore` (the library), not the recipe's line.
     QemuMigrate,
+    /// The same with `save --instant`: RAM as an image the restore maps.
+    QemuMigrateInstant,
+}
+
+impl Transport {
+    /// Saved and restored by the library rather than by the recipe's line.
+    fn by_library(self) -> bool {
+        matches!(self, Transport::QemuMigrate | Transport::QemuMigrateInstant)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -268,9 +277,19 @@ pub fn all_scenarios(qemu: &Qemu, accel: Accel, with_linux: bool) -> Vec<Scenari
         add(Transport::File, MonitorKind::Hmp, GuestKind::Test);
     }
     add(Transport::QemuMigrate, MonitorKind::Hmp, GuestKind::Test);
+    add(
+        Transport::QemuMigrateInstant,
+        MonitorKind::Hmp,
+        GuestKind::Test,
+    );
     if with_linux {
         add(Transport::Exec, MonitorKind::Hmp, GuestKind::Linux);
         add(Transport::QemuMigrate, MonitorKind::Hmp, GuestKind::Linux);
+        add(
+            Transport::QemuMigrateInstant,
+            MonitorKind::Hmp,
+            GuestKind::Linux,
+        );
     }
     list
 }

@@ -267,7 +267,7 @@ pub(super) fn listen_first(setup: &Setup) -> Result<(String, Option<Running>), F
     Ok(match sc.transport {
         Transport::Exec => (format!("exec:cat > {state}"), None),
         Transport::File => (format!("file:{state}"), None),
-        Transport::QemuMigrate => (String::new(), None),
+        Transport::QemuMigrate | Transport::QemuMigrateInstant => (String::new(), None),
         Transport::Unix | Transport::Tcp => {
             let incoming = if sc.transport == Transport::Unix {
                 format!("unix:{}", setup.dir.join("migration.sock").display())
@@ -294,20 +294,27 @@ pub(super) fn save(
     uri: &str,
     watch: &mut Monitor,
 ) -> Result<Duration, Failure> {
-    if setup.sc.transport == Transport::QemuMigrate {
+    if setup.sc.transport.by_library() {
         // The orchestrator, through the user's own monitor socket.
         let started = Instant::now();
         let mut vm =
             qemu_migrate::Vm::attach(setup.sock.clone(), WAIT).map_err(Failure::of("save"))?;
         let mut options = qemu_migrate::save::SaveOptions::default();
         options.then = qemu_migrate::save::Then::Quit;
-        qemu_migrate::save::save(
+        options.instant = setup.sc.transport == Transport::QemuMigrateInstant;
+        let report = qemu_migrate::save::save(
             &mut vm,
             &setup.state,
             &options,
             &qemu_migrate::progress::Quiet,
         )
         .map_err(Failure::of("save"))?;
+        if options.instant && report.manifest.instant.is_none() {
+            return fail(
+                "save",
+                format!("not saved in the instant layout: {:?}", report.fallback),
+            );
+        }
         return Ok(started.elapsed());
     }
     // The recipe's line, through monitor-send in the recipe's own nc form.
@@ -399,7 +406,7 @@ pub(super) fn start_destination(
             restore_from: started,
         });
     }
-    if sc.transport == Transport::QemuMigrate && sc.sabotage != Some(Sabotage::Reboot) {
+    if sc.transport.by_library() && sc.sabotage != Some(Sabotage::Reboot) {
         // The restore starts QEMU with the source's very options.
         let mut options = qemu_migrate::restore::RestoreOptions::default();
         options.console = qemu_migrate::vm::Console::Pipe;

@@ -1,0 +1,169 @@
+//! A second VM from the same saved state while the first runs: the same
+//! options, but sockets and logs of its own (QEMU removes a listening
+//! socket's path before it binds, so a clone with the first VM's options
+//! would take its monitor away), and no writable disk that both would write.
+
+use std::path::PathBuf;
+
+use crate::argv;
+
+/// Options that attach a disk image, writable unless marked otherwise.
+const DISK_OPTIONS: &[&str] = &[
+    "-hda",
+    "-hdb",
+    "-hdc",
+    "-hdd",
+    "-sd",
+    "-mtdblock",
+    "-pflash",
+];
+
+fn canonical(a: &str) -> &str {
+    if a.starts_with("--") && a.len() > 2 {
+        &a[1..]
+    } else {
+        a
+    }
+}
+
+/// The first writable disk `args` attach, in words.
+fn writable_disk(args: &[String]) -> Option<String> {
+    if args.iter().any(|a| canonical(a) == "-snapshot") {
+        // Every write goes to a temporary overlay.
+        return None;
+    }
+    let opts = |v: &str| -> Vec<String> { v.split(',').map(str::to_string).collect() };
+    let on = |v: &[String], key: &str| {
+        v.iter().any(|o| {
+            matches!(
+                o.as_str()
+                    .strip_prefix(key)
+                    .and_then(|r| r.strip_prefix('=')),
+                Some("on" | "true" | "yes")
+            )
+        })
+    };
+    for w in args.windows(2) {
+        let (opt, value) = (canonical(&w[0]), w[1].as_str());
+        if DISK_OPTIONS.contains(&opt) {
+            return Some(format!("{opt} {value}"));
+        }
+        if opt == "-drive" {
+            let o = opts(value);
+            let has_file = o.iter().any(|o| o.starts_with("file="));
+            let read_only = on(&o, "readonly")
+                || on(&o, "read-only")
+                || on(&o, "snapshot")
+                || o.iter().any(|o| o == "media=cdrom");
+            if has_file && !read_only {
+                return Some(format!("-drive {value}"));
+            }
+        }
+        if opt == "-blockdev" {
+            let json_ro = value.replace(' ', "").contains("\"read-only\":true");
+            let o = opts(value);
+            let has_file = value.contains("filename");
+            if has_file && !json_ro && !on(&o, "read-only") {
+                return Some(format!("-blockdev {value}"));
+            }
+        }
+    }
+    None
+}
+
+/// The files a VM run with `args` creates or writes by path, other than
+/// disks: listening sockets, serial and chardev log files, QEMU's own log.
+fn own_paths(args: &[String]) -> Vec<(usize, PathBuf)> {
+    let mut out = Vec::new();
+    for (i, w) in args.windows(2).enumerate() {
+        let (opt, value) = (canonical(&w[0]), w[1].as_str());
+        if let Some(p) = argv::unix_server_path(opt, value) {
+            out.push((i + 1, p));
+            continue;
+        }
+        match opt {
+            "-serial" | "-parallel" | "-monitor" => {
+                if let Some(p) = value.strip_prefix("file:") {
+                    out.push((i + 1, PathBuf::from(p)));
+                }
+            }
+            "-chardev" => {
+                for o in value.split(',') {
+                    let path = o.strip_prefix("logfile=").or_else(|| {
+                        value
+                            .starts_with("file,")
+                            .then(|| o.strip_prefix("path="))
+                            .flatten()
+                    });
+                    if let Some(p) = path {
+                        out.push((i + 1, PathBuf::from(p)));
+                    }
+                }
+            }
+            "-D" => out.push((i + 1, PathBuf::from(value))),
+            _ => {}
+        }
+    }
+    out
+}
+
+fn with_suffix(p: &std::path::Path, n: u32) -> PathBuf {
+    let mut name = p.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".clone{n}"));
+    p.with_file_name(name)
+}
+
+/// `args` for a clone: its own paths (`PATH.cloneN`, the first N whose paths
+/// are all free) and the renames made; or why it cannot be cloned.
+pub(super) fn clone_args(args: &[String]) -> Result<(Vec<String>, super::Renamed), String> {
+    if let Some(disk) = writable_disk(args) {
+        return Err(format!(
+            "a clone would share the writable disk of `{disk}` with the VM that runs from the \
+             same state; give the clone a copy (or add -snapshot, or make the disk read-only)"
+        ));
+    }
+    let paths = own_paths(args);
+    let n = (1..)
+        .find(|&n| paths.iter().all(|(_, p)| !with_suffix(p, n).exists()))
+        .unwrap_or(1);
+    let mut out = args.to_vec();
+    let mut renamed = Vec::new();
+    for (i, p) in paths {
+        let new = with_suffix(&p, n);
+        out[i] = out[i].replace(&p.display().to_string(), &new.display().to_string());
+        renamed.push((p, new));
+    }
+    Ok((out, renamed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn a_clone_gets_its_own_sockets_and_logs() {
+        let (args, renamed) = clone_args(&v(
+            "-m 32 -monitor unix:/nonexistent-x/qemu-sock,server,nowait -serial file:/nonexistent-x/serial.log -chardev socket,id=c,path=/nonexistent-x/c.sock,server=on,wait=off",
+        ))
+        .expect("no disks");
+        assert_eq!(
+            args,
+            v("-m 32 -monitor unix:/nonexistent-x/qemu-sock.clone1,server,nowait -serial file:/nonexistent-x/serial.log.clone1 -chardev socket,id=c,path=/nonexistent-x/c.sock.clone1,server=on,wait=off")
+        );
+        assert_eq!(renamed.len(), 3);
+    }
+
+    #[test]
+    fn a_writable_disk_refuses_a_clone_and_a_read_only_one_does_not() {
+        assert!(clone_args(&v("-m 32 -drive file=disk.qcow2,if=virtio")).is_err());
+        assert!(clone_args(&v("-m 32 -hda disk.img")).is_err());
+        assert!(clone_args(&v("-m 32 -blockdev driver=file,filename=d.img,node-name=f")).is_err());
+        assert!(clone_args(&v("-m 32 -drive file=disk.qcow2,if=virtio,readonly=on")).is_ok());
+        assert!(clone_args(&v("-m 32 -cdrom x.iso -drive file=a.iso,media=cdrom")).is_ok());
+        assert!(clone_args(&v("-m 32 -hda disk.img -snapshot")).is_ok());
+    }
+}

@@ -1,0 +1,275 @@
+//! The RAM image: the main RAM block's pages at their offsets in a sparse
+//! file, zero pages left as holes; written while QEMU streams, read back
+//! for a full check or an export.
+//!
+//! Its checksum is one a writer can compute while pages arrive in any order
+//! and more than once: a CRC-32 of every page, kept in a table (4 bytes per
+//! page: 1 MiB per 1 GiB of RAM, the last write of a page replacing its
+//! entry), and the image's checksum is the CRC-32 of that table. A reader
+//! recomputes it front to back.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::Path;
+
+use qemu_stream::split::{PageFn, PageSink, PageSource};
+use serde::{Deserialize, Serialize};
+
+use crate::os;
+
+/// Pages written in one go when they come in address order.
+const RUN_MAX: usize = 1 << 20;
+/// How much is written between nudges to the kernel to start writeback.
+const WRITEBACK_STEP: u64 = 32 << 20;
+
+/// What identifies the very image file a save wrote, unchanged since:
+/// any write, truncation, hole punch, rename or copy changes one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// Device number.
+    pub dev: u64,
+    /// Inode number.
+    pub ino: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Last modification, seconds and nanoseconds.
+    pub mtime: [i64; 2],
+    /// Last status change (set by the kernel, not by `touch`), seconds and nanoseconds.
+    pub ctime: [i64; 2],
+}
+
+impl Identity {
+    /// The identity of the file at `path`.
+    ///
+    /// # Errors
+    /// When it cannot be read.
+    pub fn of(path: &Path) -> io::Result<Identity> {
+        let m = std::fs::metadata(path)?;
+        Ok(Identity {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.len(),
+            mtime: [m.mtime(), m.mtime_nsec()],
+            ctime: [m.ctime(), m.ctime_nsec()],
+        })
+    }
+}
+
+/// CRC-32 of a page of zeros of `page_size` bytes.
+fn zero_crc(page_size: u64) -> u32 {
+    crc32fast::hash(&vec![0u8; page_size as usize])
+}
+
+/// The image's checksum from its page table.
+fn table_crc(crcs: &[u32]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    for c in crcs {
+        h.update(&c.to_le_bytes());
+    }
+    h.finalize()
+}
+
+/// Writes pages into the image as the split moves them out of the stream.
+#[derive(Debug)]
+pub(crate) struct ImageWriter {
+    file: File,
+    sync: bool,
+    page_size: u64,
+    size: u64,
+    zero_crc: u32,
+    crcs: Vec<u32>,
+    /// Pages holding data in the file (a zero page sent later must clear them).
+    written: Vec<u64>,
+    run_start: u64,
+    run: Vec<u8>,
+    since_writeback: u64,
+}
+
+/// What the image holds once written.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Written {
+    pub crc: u32,
+    pub data_pages: u64,
+    pub zero_pages: u64,
+}
+
+impl ImageWriter {
+    pub(crate) fn new(file: File, sync: bool) -> ImageWriter {
+        ImageWriter {
+            file,
+            sync,
+            page_size: 4096,
+            size: 0,
+            zero_crc: 0,
+            crcs: Vec::new(),
+            written: Vec::new(),
+            run_start: 0,
+            run: Vec::with_capacity(RUN_MAX),
+            since_writeback: 0,
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if self.run.is_empty() {
+            return Ok(());
+        }
+        self.file.write_all_at(&self.run, self.run_start)?;
+        self.since_writeback += self.run.len() as u64;
+        self.run.clear();
+        if self.sync && self.since_writeback >= WRITEBACK_STEP {
+            // Start writing out what is there while QEMU still streams, so
+            // the final fsync has less to wait for.
+            os::start_writeback(&self.file, 0, 0);
+            self.since_writeback = 0;
+        }
+        Ok(())
+    }
+
+    fn index(&self, offset: u64) -> io::Result<usize> {
+        if offset >= self.size || !offset.is_multiple_of(self.page_size) {
+            return Err(io::Error::other(format!(
+                "page offset 0x{offset:x} outside the block or unaligned"
+            )));
+        }
+        Ok((offset / self.page_size) as usize)
+    }
+
+    /// Flushes what is pending; returns the file and what it holds.
+    pub(crate) fn finish(mut self) -> io::Result<(File, Written)> {
+        self.flush()?;
+        let zero = self.crcs.iter().filter(|&&c| c == self.zero_crc).count() as u64;
+        let written = Written {
+            crc: table_crc(&self.crcs),
+            data_pages: self.crcs.len() as u64 - zero,
+            zero_pages: zero,
+        };
+        Ok((self.file, written))
+    }
+}
+
+impl PageSink for ImageWriter {
+    fn block(&mut self, _name: &str, bytes: u64, page_size: u64) -> io::Result<()> {
+        self.page_size = page_size;
+        self.size = bytes;
+        self.zero_crc = zero_crc(page_size);
+        let pages = bytes.div_ceil(page_size) as usize;
+        self.crcs = vec![self.zero_crc; pages];
+        self.written = vec![0; pages.div_ceil(64)];
+        // A sparse file of the block's size: every page not written reads as zero.
+        self.file.set_len(bytes)
+    }
+
+    fn page(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let i = self.index(offset)?;
+        self.crcs[i] = crc32fast::hash(data);
+        self.written[i / 64] |= 1 << (i % 64);
+        let run_end = self.run_start + self.run.len() as u64;
+        if offset >= self.run_start && offset < run_end {
+            // Sent again while still pending: replace it in place.
+            let at = (offset - self.run_start) as usize;
+            self.run[at..at + data.len()].copy_from_slice(data);
+            return Ok(());
+        }
+        if offset != run_end || self.run.len() + data.len() > RUN_MAX {
+            self.flush()?;
+            self.run_start = offset;
+        }
+        self.run.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn zero(&mut self, offset: u64) -> io::Result<()> {
+        let i = self.index(offset)?;
+        self.crcs[i] = self.zero_crc;
+        if self.written[i / 64] & (1 << (i % 64)) == 0 {
+            // A hole already reads as zero: nothing to write.
+            return Ok(());
+        }
+        // Data from an earlier pass of a live save: overwrite it.
+        self.page(offset, &vec![0u8; self.page_size as usize])?;
+        self.crcs[i] = self.zero_crc;
+        Ok(())
+    }
+
+    fn current(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.flush()?;
+        self.file.read_exact_at(buf, offset)
+    }
+}
+
+/// Reads an image front to back, page by page.
+#[derive(Debug)]
+pub(crate) struct ImageReader {
+    file: File,
+}
+
+impl ImageReader {
+    pub(crate) fn open(path: &Path) -> io::Result<ImageReader> {
+        Ok(ImageReader {
+            file: File::open(path)?,
+        })
+    }
+
+    /// The image's checksum (see the module docs) and its data and zero pages.
+    pub(crate) fn checksum(&mut self, page_size: u64) -> io::Result<Written> {
+        let zero_crc = zero_crc(page_size);
+        let mut table = crc32fast::Hasher::new();
+        let (mut data, mut zero) = (0u64, 0u64);
+        self.pages(page_size, &mut |_, page| {
+            let c = match page {
+                Some(p) => {
+                    let c = crc32fast::hash(p);
+                    if c == zero_crc {
+                        zero += 1;
+                    } else {
+                        data += 1;
+                    }
+                    c
+                }
+                None => {
+                    zero += 1;
+                    zero_crc
+                }
+            };
+            table.update(&c.to_le_bytes());
+            Ok(())
+        })?;
+        Ok(Written {
+            crc: table.finalize(),
+            data_pages: data,
+            zero_pages: zero,
+        })
+    }
+}
+
+impl PageSource for ImageReader {
+    fn pages(&mut self, page_size: u64, f: &mut PageFn<'_>) -> io::Result<()> {
+        let ps = page_size as usize;
+        let zero = vec![0u8; ps];
+        let mut buf = vec![0u8; RUN_MAX];
+        let mut offset = 0u64;
+        loop {
+            // Whole pages only: the image's size is a multiple of the page size.
+            let mut have = 0;
+            while have < buf.len() {
+                match self.file.read(&mut buf[have..]) {
+                    Ok(0) => break,
+                    Ok(n) => have += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if have == 0 {
+                return Ok(());
+            }
+            if !have.is_multiple_of(ps) {
+                return Err(io::Error::other("the image ends inside a page"));
+            }
+            for page in buf[..have].chunks_exact(ps) {
+                f(offset, (page != zero.as_slice()).then_some(page))?;
+                offset += page_size;
+            }
+        }
+    }
+}

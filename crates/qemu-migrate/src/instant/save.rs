@@ -1,0 +1,420 @@
+//! `save --instant`: the same save as [`crate::save`] (paused, uncapped,
+//! through a pipe, into private temporary files renamed only once QEMU says
+//! the migration completed, an existing save replaced by the same commit),
+//! with the copy thread splitting the stream as it flows: `pc.ram`'s pages
+//! into the image, everything else into the stream. The image is renamed
+//! into place before the stream's commit, so a crash between them leaves
+//! the previous stream beside a new image, which the image's identity in
+//! the manifest lets a restore refuse in words.
+
+use std::fs::File;
+use std::io::{BufWriter, PipeReader, Write};
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use qemu_monitor::{MigrationInfo, MigrationStatus};
+use qemu_stream::split::{self, SplitReport};
+
+use super::image::{Identity, ImageWriter, Written};
+use super::{image_path, manifest_with, unsuitable, Layout, BLOCK};
+use crate::argv;
+use crate::error::{Error, Result};
+use crate::manifest::{self, Manifest};
+use crate::os::{self, SaveFiles, VmLock};
+use crate::progress::Progress;
+use crate::save::{SaveOptions, SaveReport, Then};
+use crate::vm::Vm;
+use crate::UNCAPPED;
+
+const PROGRESS_TICK: Duration = Duration::from_millis(100);
+const FD_NAME: &str = "qemu-migrate-save";
+
+/// What the copy thread wrote.
+struct Split {
+    outcome: std::result::Result<SplitReport, split::SplitError>,
+    stream: Option<File>,
+    stream_crc: u32,
+    stream_bytes: u64,
+    head: Vec<u8>,
+    image: Option<(File, Written)>,
+}
+
+/// Saves `vm` to `path` and `path.ram` in the instant layout, or to `path`
+/// alone as a plain stream where the layout cannot serve (the report says why).
+pub(crate) fn save(
+    vm: &mut Vm,
+    path: &Path,
+    options: &SaveOptions,
+    progress: &dyn Progress,
+) -> Result<SaveReport> {
+    if let Some(why) = unsuitable(vm.args()) {
+        let mut plain = options.clone();
+        plain.instant = false;
+        let mut report = crate::save::save(vm, path, &plain, progress)?;
+        report.fallback = Some(format!("{why}: saved as a plain stream"));
+        return Ok(report);
+    }
+    let started = Instant::now();
+    let _lock = VmLock::take(vm.pid())?;
+    let was_running = vm.check_migratable("save")?;
+    let previous = crate::save::replaced_save(path, options.force)?;
+    os::remove_stale_partials(path);
+    let image = image_path(path);
+    os::remove_stale_partials(&image);
+    let ram_bytes = vm.monitor.ram_size()?;
+
+    // Guest memory, both files: private, never through a planted link.
+    let (files, stream_file) = SaveFiles::create(path)?;
+    let (image_files, image_file) = match SaveFiles::create(&image) {
+        Ok(f) => f,
+        Err(e) => {
+            files.remove();
+            return Err(e);
+        }
+    };
+    let partial = files.state.clone();
+    let image_partial = image_files.state.clone();
+    let cleanup = || {
+        files.remove();
+        image_files.remove();
+    };
+
+    if was_running && !options.live {
+        if let Err(e) = vm.monitor.stop() {
+            cleanup();
+            return Err(e.into());
+        }
+    }
+    let old_bandwidth = match vm.monitor.migration_parameter("max-bandwidth") {
+        Ok(b) => b,
+        Err(e) => {
+            cleanup();
+            if was_running && !options.live {
+                let _ = vm.monitor.cont();
+            }
+            return Err(e.into());
+        }
+    };
+    let result = run_migration(
+        vm,
+        (stream_file, image_file),
+        &partial,
+        ram_bytes,
+        options,
+        progress,
+    );
+    let _ = vm
+        .monitor
+        .set_migration_parameter("max-bandwidth", old_bandwidth);
+    let (written, info) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            cleanup();
+            if was_running && !options.live && !matches!(e, Error::QemuExited { .. }) {
+                let _ = vm.monitor.cont();
+            }
+            return Err(e);
+        }
+    };
+    let Split {
+        outcome,
+        stream: Some(stream_file),
+        stream_crc,
+        stream_bytes,
+        head,
+        image: Some((image_file, image_sum)),
+    } = written
+    else {
+        unreachable!("run_migration returns only whole copies");
+    };
+    let report = outcome.expect("run_migration returns only successful splits");
+    // Disks are flushed and let go by QEMU at completion: what they are now
+    // is what the saved memory describes.
+    let guarded = match crate::guard::record(vm) {
+        Ok(f) => f,
+        Err(e) => {
+            cleanup();
+            if was_running && !options.live {
+                let _ = vm.monitor.cont_after_migration();
+            }
+            return Err(e);
+        }
+    };
+
+    let machine = qemu_stream::inspect(&head[..])
+        .ok()
+        .and_then(|s| s.machine_type);
+    let plain = Manifest {
+        format: manifest::FORMAT.to_string(),
+        qemu: vm.binary().to_path_buf(),
+        qemu_version: vm.version().to_string(),
+        args: vm.args().to_vec(),
+        vm_options: argv::vm_options(vm.args()),
+        env: vm.env().clone(),
+        machine,
+        ram_bytes,
+        stream_bytes,
+        crc32: format!("{stream_crc:08x}"),
+        guest_was_running: was_running,
+        saved_at: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        transport: "fd".into(),
+        qemu_uid: os::process_uid(vm.pid()),
+        files: guarded,
+        previous: None,
+        instant: None,
+    };
+    // No pc.ram in the stream (another machine), or nothing moved: the
+    // stream is whole by itself, and is kept as a plain save.
+    let fallback = match &report.block {
+        None => Some(format!(
+            "the VM has no RAM block named {BLOCK} (only x86 pc and q35 machines are laid out \
+             this way): saved as a plain stream"
+        )),
+        Some(_) if report.pages + report.zero_pages == 0 => Some(format!(
+            "the stream could not be split ({}): saved as a plain stream",
+            report
+                .passed_through
+                .as_ref()
+                .map_or("no page was moved".to_string(), |(_, why)| why.clone())
+        )),
+        Some(_) => None,
+    };
+
+    let sync = !options.no_sync;
+    let image_name = image
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
+    let commit = || -> Result<Manifest> {
+        let manifest = if fallback.is_some() {
+            image_files.remove();
+            plain.clone()
+        } else {
+            if sync {
+                image_file
+                    .sync_all()
+                    .map_err(Error::file(&image_partial, "syncing the RAM image"))?;
+            }
+            std::fs::rename(&image_partial, &image)
+                .map_err(Error::file(&image, "renaming the finished RAM image"))?;
+            // After the rename, which changes the file's status time.
+            let identity =
+                Identity::of(&image).map_err(Error::file(&image, "reading the RAM image"))?;
+            manifest_with(
+                plain.clone(),
+                Layout {
+                    image: image_name.clone(),
+                    block: BLOCK.to_string(),
+                    block_bytes: report.block_bytes,
+                    page_size: report.page_size,
+                    data_pages: image_sum.data_pages,
+                    zero_pages: image_sum.zero_pages,
+                    pages_in_stream: report.pages_kept,
+                    image_crc32: format!("{:08x}", image_sum.crc),
+                    identity,
+                },
+            )
+        };
+        crate::save::commit(
+            &files,
+            &stream_file,
+            path,
+            &manifest,
+            previous.clone(),
+            sync,
+        )?;
+        Ok(manifest)
+    };
+    let manifest = match commit() {
+        Ok(m) => m,
+        Err(e) => {
+            cleanup();
+            if was_running && !options.live {
+                let _ = vm.monitor.cont_after_migration();
+            }
+            return Err(e);
+        }
+    };
+    if fallback.is_some() {
+        // A plain save replaces an instant one: its old image goes too.
+        let _ = std::fs::remove_file(&image);
+    }
+
+    match options.then {
+        Then::Stop => {}
+        Then::Resume => vm.monitor.cont_after_migration()?,
+        Then::Quit => vm.monitor.quit()?,
+    }
+    Ok(SaveReport {
+        manifest,
+        path: path.to_path_buf(),
+        elapsed: started.elapsed(),
+        migration: info,
+        fallback,
+    })
+}
+
+/// Streams the VM's state through a pipe into the splitting copy thread;
+/// returns what it wrote once QEMU reports the migration completed.
+fn run_migration(
+    vm: &mut Vm,
+    files: (File, File),
+    partial: &Path,
+    ram_bytes: u64,
+    options: &SaveOptions,
+    progress: &dyn Progress,
+) -> Result<(Split, MigrationInfo)> {
+    vm.monitor
+        .set_migration_parameter("max-bandwidth", options.bandwidth.unwrap_or(UNCAPPED))?;
+    let (read_end, write_end) = os::pipe()?;
+    vm.monitor.migrate_to_fd(FD_NAME, write_end.as_fd())?;
+    // QEMU holds its own copy now; ours must go, or the copy never sees EOF.
+    drop(write_end);
+
+    let read = Arc::new(AtomicU64::new(0));
+    let (tx, rx) = mpsc::channel();
+    let sync = !options.no_sync;
+    {
+        let read = Arc::clone(&read);
+        std::thread::Builder::new()
+            .name("save-split".into())
+            .spawn(move || {
+                let _ = tx.send(copy(read_end, files, &read, sync));
+            })
+            .map_err(Error::os("starting the thread that writes the state file"))?;
+    }
+    let mut cancelled = false;
+    let written = loop {
+        match rx.recv_timeout(PROGRESS_TICK) {
+            Ok(c) => break c,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                progress.update("saving", read.load(Ordering::Relaxed), Some(ram_bytes));
+                if options.cancel.load(Ordering::Relaxed) && !cancelled {
+                    cancelled = true;
+                    vm.monitor.migrate_cancel()?;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let _ = vm.monitor.migrate_cancel();
+                return Err(Error::Os {
+                    what: "writing the state file",
+                    source: std::io::Error::other("the thread that writes it panicked"),
+                });
+            }
+        }
+    };
+    progress.update("saving", read.load(Ordering::Relaxed), Some(ram_bytes));
+    let failed = written.outcome.is_err() || written.stream.is_none() || written.image.is_none();
+    if failed {
+        let _ = vm.monitor.migrate_cancel();
+    }
+    let settle = Instant::now() + Duration::from_secs(30);
+    let info = match vm
+        .monitor
+        .wait_migration(settle, |_| {})
+        .map_err(Error::from)
+    {
+        Ok(i) => i,
+        Err(Error::Monitor(e)) if e.kind() == qemu_monitor::ErrorKind::Delivery => {
+            return Err(vm.exited("during the save; nothing was kept"))
+        }
+        Err(e) => return Err(e),
+    };
+    match &written.outcome {
+        Err(split::SplitError::Write(e)) => {
+            return Err(Error::File {
+                path: partial.to_path_buf(),
+                what: "writing the state file",
+                source: std::io::Error::new(e.kind(), e.to_string()),
+            })
+        }
+        Err(e) => {
+            return Err(Error::MigrationFailed(format!(
+                "the instant layout could not be written ({e}); nothing was kept; save without \
+                 --instant"
+            )))
+        }
+        Ok(_) if failed => {
+            return Err(Error::Os {
+                what: "writing the state file",
+                source: std::io::Error::other("a file could not be finished"),
+            })
+        }
+        Ok(_) => {}
+    }
+    if cancelled || options.cancel.load(Ordering::Relaxed) {
+        return Err(Error::Cancelled(
+            "the save was cancelled; nothing was kept".into(),
+        ));
+    }
+    match info.status {
+        MigrationStatus::Completed => Ok((written, info)),
+        _ => Err(Error::MigrationFailed(info.error.clone().unwrap_or_else(
+            || format!("QEMU reports status {:?}", info.status),
+        ))),
+    }
+}
+
+/// The stream's writer: counts, checksums and keeps the head of what it writes.
+struct StreamOut {
+    inner: BufWriter<File>,
+    crc: crc32fast::Hasher,
+    bytes: u64,
+    head: Vec<u8>,
+}
+
+impl Write for StreamOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.crc.update(&buf[..n]);
+        self.bytes += n as u64;
+        if self.head.len() < 64 * 1024 {
+            let k = n.min(64 * 1024 - self.head.len());
+            self.head.extend_from_slice(&buf[..k]);
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn copy(pipe: PipeReader, (stream, image): (File, File), read: &AtomicU64, sync: bool) -> Split {
+    let mut out = StreamOut {
+        inner: BufWriter::with_capacity(1 << 20, stream),
+        crc: crc32fast::Hasher::new(),
+        bytes: 0,
+        head: Vec::new(),
+    };
+    let mut sink = ImageWriter::new(image, sync);
+    // The pipe is dropped when `split` returns: a failed split makes
+    // QEMU's next write fail, so the migration fails rather than blocks.
+    let outcome = split::split(pipe, BLOCK, &mut out, &mut sink, &mut |n| {
+        read.store(n, Ordering::Relaxed)
+    });
+    let outcome = outcome.and_then(|r| {
+        out.flush().map_err(split::SplitError::Write)?;
+        Ok(r)
+    });
+    let image = sink.finish();
+    let stream = out.inner.into_inner().ok();
+    let (outcome, image) = match (outcome, image) {
+        (Ok(r), Ok(i)) => (Ok(r), Some(i)),
+        (Err(e), _) => (Err(e), None),
+        (Ok(_), Err(e)) => (Err(split::SplitError::Pages(e)), None),
+    };
+    Split {
+        outcome,
+        stream,
+        stream_crc: out.crc.finalize(),
+        stream_bytes: out.bytes,
+        head: out.head,
+        image,
+    }
+}

@@ -1,0 +1,193 @@
+//! Restore to a running guest: the stream loaded (`save`, `restore`) beside
+//! the RAM image mapped (`save --instant`, `restore`), at 1, 4 and 8 GiB,
+//! with the memory the restored QEMU holds a second later, and N clones of
+//! one instant save running side by side.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use super::save::FilledVm;
+use super::timed_child;
+use crate::qemu::Qemu;
+
+/// Guest sizes and how much each writes: 60 % of RAM, as the 1 GiB rows elsewhere.
+const SIZES: [(u32, u32); 3] = [(1024, 600), (4096, 2400), (8192, 4800)];
+/// Clones of the 1 GiB guest.
+const CLONES: usize = 8;
+/// Alternated runs of each restore; the median is shown.
+const RUNS: usize = 3;
+
+/// Resident memory of a process (KiB): proportional share (`Pss`, which sums
+/// to the memory really used when pages are shared) and private anonymous.
+fn memory(pid: u32) -> (u64, u64) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("Pss:"), field("Anonymous:"))
+}
+
+/// Ends a QEMU the restore left running and waits until it is gone.
+fn end(pid: u32) {
+    // SAFETY: a signal to a QEMU this bench started through qemu-migrate.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stat = format!("/proc/{pid}/stat");
+    while Instant::now() < deadline {
+        let gone = std::fs::read_to_string(&stat)
+            .map(|s| {
+                s.rsplit_once(')')
+                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true);
+        if gone {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// `qemu-migrate restore --daemonize STATE [extra]`: its time and QEMU's pid.
+fn restore(migrate: &Path, state: &Path, extra: &[&str]) -> anyhow::Result<(Duration, u32)> {
+    let pidfile = state.with_file_name("restored.pid");
+    let (took, _) = timed_child(
+        Command::new(migrate)
+            .args(["restore", "--quiet", "--daemonize", "--pidfile"])
+            .arg(&pidfile)
+            .args(extra)
+            .arg(state),
+    )?;
+    let pid = std::fs::read_to_string(&pidfile)?
+        .trim()
+        .parse()
+        .context("the restore's pidfile")?;
+    Ok((took, pid))
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+pub(super) fn instant_speed(q: &Qemu, migrate: &Path, guest: &Path) -> anyhow::Result<String> {
+    let mut out = format!(
+        "\n### Restore to a running guest: stream loaded vs RAM image mapped (QEMU {})\n\n\
+         | guest | save | save `--instant` | restore (stream) | restore (`--instant`) | \
+         faster | memory 1 s after: stream | `--instant` |\n\
+         |---|---|---|---|---|---|---|---|\n",
+        q.version
+    );
+    let mut clones = String::new();
+    for (ram, fill) in SIZES {
+        let available = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find(|l| l.starts_with("MemAvailable:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            })
+            .unwrap_or(0);
+        // The source, a restored copy, and both files in the page cache.
+        if available < (u64::from(fill) * 3 + 1024) * 1024 {
+            out.push_str(&format!(
+                "| {ram} MiB, {fill} MiB written | not measured: {} MiB of memory available |\n",
+                available / 1024
+            ));
+            continue;
+        }
+        let vm = FilledVm::start(q, guest, ram, fill)?;
+        let work = tempfile::tempdir()?;
+        let plain = work.path().join("plain");
+        let instant = work.path().join("instant");
+        let save = |state: &Path, extra: &[&str], then: &str| {
+            timed_child(
+                Command::new(migrate)
+                    .args(["save", "--quiet", "--no-sync", "--then", then, "--monitor"])
+                    .arg(&vm.hmp)
+                    .args(extra)
+                    .arg(state),
+            )
+            .map(|(t, _)| t)
+        };
+        let save_plain = save(&plain, &[], "resume")?;
+        let save_instant = save(&instant, &["--instant"], "quit")?;
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(work.path().join("instant.manifest.json"))?)?;
+        if manifest["instant"].is_null() {
+            bail!("the instant save fell back to a plain stream");
+        }
+        // Alternated, so both see the same machine.
+        let (mut t_plain, mut t_instant) = (Vec::new(), Vec::new());
+        let (mut m_plain, mut m_instant) = ((0, 0), (0, 0));
+        for run in 0..RUNS {
+            for (state, times, mem) in [
+                (&plain, &mut t_plain, &mut m_plain),
+                (&instant, &mut t_instant, &mut m_instant),
+            ] {
+                let (took, pid) = restore(migrate, state, &[])?;
+                times.push(took);
+                if run == 0 {
+                    // What the guest has pulled in after running a second.
+                    std::thread::sleep(Duration::from_secs(1));
+                    *mem = memory(pid);
+                }
+                end(pid);
+            }
+        }
+        let (tp, ti) = (median(t_plain), median(t_instant));
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        out.push_str(&format!(
+            "| {ram} MiB, {fill} MiB written | {:.2} s | {:.2} s | {:.2} s | {:.3} s | {:.1}× | \
+             {:.0} MiB | {:.0} MiB ({:.0} MiB private) |\n",
+            save_plain.as_secs_f64(),
+            save_instant.as_secs_f64(),
+            tp.as_secs_f64(),
+            ti.as_secs_f64(),
+            tp.as_secs_f64() / ti.as_secs_f64(),
+            mib(m_plain.0),
+            mib(m_instant.0),
+            mib(m_instant.1),
+        ));
+
+        if ram == 1024 {
+            // N clones of the one instant save, side by side.
+            let start = Instant::now();
+            let (first, first_pid) = restore(migrate, &instant, &[])?;
+            let mut pids = vec![first_pid];
+            let mut each = vec![first];
+            for _ in 1..CLONES {
+                let (took, pid) = restore(migrate, &instant, &["--clone"])?;
+                each.push(took);
+                pids.push(pid);
+            }
+            let all = start.elapsed();
+            std::thread::sleep(Duration::from_secs(1));
+            let pss: u64 = pids.iter().map(|&p| memory(p).0).sum();
+            let anon: u64 = pids.iter().map(|&p| memory(p).1).sum();
+            clones = format!(
+                "\n#### {CLONES} VMs from one instant save of the {ram} MiB guest (QEMU {})\n\n\
+                 | all running | each restore (median) | their memory 1 s later (sum of Pss) | \
+                 of it private |\n|---|---|---|---|\n\
+                 | {:.2} s | {:.3} s | {:.0} MiB | {:.0} MiB |\n",
+                q.version,
+                all.as_secs_f64(),
+                median(each).as_secs_f64(),
+                mib(pss),
+                mib(anon)
+            );
+            for p in pids {
+                end(p);
+            }
+        }
+        drop(vm);
+    }
+    out.push_str(&clones);
+    Ok(out)
+}
