@@ -81,6 +81,8 @@ pub struct Scenario {
     pub monitor: MonitorKind,
     pub guest: GuestKind,
     pub sabotage: Option<Sabotage>,
+    /// Restore on this (newer) QEMU instead of `qemu` (`--upgrade`; see upgrade.rs).
+    pub restore_qemu: Option<Qemu>,
 }
 
 impl Scenario {
@@ -92,7 +94,7 @@ impl Scenario {
         };
         let mut name = format!(
             "qemu-{}-{}-{}-{guest}",
-            self.qemu.version,
+            crate::upgrade::versions(self),
             format!("{:?}", self.transport).to_lowercase(),
             format!("{:?}", self.monitor).to_lowercase()
         );
@@ -538,9 +540,13 @@ fn run_in(kit: &Kit, sc: &Scenario, dir: &Path) -> Result<Report, Failure> {
             };
             let mut args = vm_args(ram_mib, &dest_sock, &harness_dest);
             args.extend(["-incoming".into(), incoming.clone()]);
-            let dest = start_qemu(&sc.qemu, &args, dir, "destination")?;
-            // The monitor answers once QEMU has set up its incoming side.
-            let c = control(&harness_dest, WAIT)?;
+            crate::upgrade::pin_by_hand(sc, &mut args);
+            let dest = start_qemu(crate::upgrade::dest_qemu(sc), &args, dir, "destination")?;
+            // A command is answered from QEMU's main loop, which runs only
+            // once its incoming side is set up (the greeting may come earlier,
+            // from the monitor's own thread).
+            let mut c = control(&harness_dest, WAIT)?;
+            c.status().map_err(monitor_err("monitor"))?;
             c.close().map_err(monitor_err("monitor"))?;
             (incoming, Some(dest))
         }
@@ -666,6 +672,7 @@ fn run_in(kit: &Kit, sc: &Scenario, dir: &Path) -> Result<Report, Failure> {
         None if sc.transport == Transport::QemuMigrate && sc.sabotage != Some(Sabotage::Reboot) => {
             let mut options = qemu_migrate::restore::RestoreOptions::default();
             options.console = qemu_migrate::vm::Console::Pipe;
+            options.qemu = sc.restore_qemu.as_ref().map(|q| q.binary.clone());
             if sc.sabotage == Some(Sabotage::WrongMemory) {
                 options.args = Some(vm_args(ram_mib * 2, &sock, &harness_src));
             }
@@ -697,7 +704,8 @@ fn run_in(kit: &Kit, sc: &Scenario, dir: &Path) -> Result<Report, Failure> {
                 };
                 args.extend(["-incoming".into(), incoming]);
             }
-            start_qemu(&sc.qemu, &args, dir, "destination")?
+            crate::upgrade::pin_by_hand(sc, &mut args);
+            start_qemu(crate::upgrade::dest_qemu(sc), &args, dir, "destination")?
         }
     };
     let restore_from = if matches!(
@@ -972,6 +980,7 @@ pub fn all_scenarios(qemu: &Qemu, accel: Accel, with_linux: bool) -> Vec<Scenari
             monitor,
             guest,
             sabotage: None,
+            restore_qemu: None,
         })
     };
     add(Transport::Exec, MonitorKind::Hmp, GuestKind::Test);
@@ -1075,6 +1084,7 @@ mod tests {
                 monitor: MonitorKind::Hmp,
                 guest: GuestKind::Test,
                 sabotage,
+                restore_qemu: None,
             };
             let r = run_one(&kit, &sc);
             if let Err(f) = &r {
