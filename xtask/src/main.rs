@@ -83,9 +83,14 @@ enum Task {
         initrd: Option<PathBuf>,
         #[arg(long, requires = "kernel", default_value = "")]
         append: String,
-        /// Every variant against every QEMU installed (7.2 and 10.0 side by side).
+        /// Every variant against every QEMU installed (7.2 and 10.0 side by side),
+        /// and --upgrade.
         #[arg(long)]
         all: bool,
+        /// Save on the oldest QEMU installed, restore on the newest (test and
+        /// Linux guests, every transport both support).
+        #[arg(long)]
+        upgrade: bool,
         /// Break the restore on purpose, to see the checks catch it.
         #[arg(long, value_enum)]
         sabotage: Option<SabotageArg>,
@@ -159,6 +164,7 @@ fn main() -> ExitCode {
             initrd,
             append,
             all,
+            upgrade,
             sabotage,
             install_deps,
         } => {
@@ -190,6 +196,7 @@ fn main() -> ExitCode {
                     (None, GuestArg::Linux) => e2e::GuestKind::Linux,
                 },
                 all,
+                upgrade,
                 sabotage: sabotage.map(|s| match s {
                     SabotageArg::WrongMemory => e2e::Sabotage::WrongMemory,
                     SabotageArg::Truncate => e2e::Sabotage::Truncate,
@@ -225,6 +232,7 @@ mod e2e_cli {
         pub monitor: e2e::MonitorKind,
         pub guest: e2e::GuestKind,
         pub all: bool,
+        pub upgrade: bool,
         pub sabotage: Option<e2e::Sabotage>,
         pub install_deps: bool,
     }
@@ -235,8 +243,8 @@ mod e2e_cli {
         }
         let guest = test_guest::build(&root.join("target/guest"))?;
         cargo(root, &["build", "-q", "-p", "monitor-send"], &[])?;
-        let qemus = e2e::qemus(o.qemu.as_deref(), o.all)?;
-        let linux = if o.all || o.guest == e2e::GuestKind::Linux {
+        let qemus = e2e::qemus(o.qemu.as_deref(), o.all || o.upgrade)?;
+        let linux = if o.all || o.upgrade || o.guest == e2e::GuestKind::Linux {
             let l = crate::linux_guest::prepare(&root.join("target/linux-guest"))?;
             Some(e2e::GuestFiles {
                 kernel: l.kernel,
@@ -265,6 +273,9 @@ mod e2e_cli {
                     (e2e::Accel::Tcg, false) => "TCG (KVM does not run a guest here)",
                 }
             );
+            if o.upgrade && !o.all {
+                continue;
+            }
             if o.all {
                 scenarios.extend(e2e::all_scenarios(q, accel, true));
             } else {
@@ -275,9 +286,15 @@ mod e2e_cli {
                     monitor: o.monitor,
                     guest: o.guest.clone(),
                     sabotage: o.sabotage,
+                    restore_qemu: None,
                 });
             }
         }
+        // -- across a QEMU upgrade (upgrade.rs)
+        if o.all || o.upgrade {
+            scenarios.extend(crate::e2e::upgrade::scenarios(&qemus, o.accel, &guest)?);
+        }
+        // --
         let mut failed = 0;
         for sc in &scenarios {
             match e2e::run_one(&kit, sc) {

@@ -175,6 +175,10 @@ enum Cmd {
         /// Deadline for each monitor reply, in seconds.
         #[arg(long, default_value = "30")]
         timeout: u64,
+        /// With --to local: the destination's QEMU binary (default: the
+        /// source's); a newer one gets the source's machine type pinned.
+        #[arg(long)]
+        qemu: Option<PathBuf>,
     },
     /// Start a QEMU that waits for a live migration on a TCP port, then run it.
     Receive {
@@ -357,9 +361,12 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
             if cli.json {
                 say!(
                     "{}",
-                    serde_json::json!({ "restored": statefile, "pid": pid, "seconds": restored.elapsed.as_secs_f64(), "renamed": restored.renamed })
+                    serde_json::json!({ "restored": statefile, "pid": pid, "seconds": restored.elapsed.as_secs_f64(), "renamed": restored.renamed, "pinned_machine": restored.pinned })
                 );
-            } else if *daemonize || !cli.quiet {
+            } else if let Some(p) = &restored.pinned {
+                eprintln!("qemu-migrate: {p}");
+            }
+            if !cli.json && (*daemonize || !cli.quiet) {
                 eprintln!(
                     "restored {} in {:.2} s (QEMU pid {pid})",
                     statefile.display(),
@@ -392,9 +399,11 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
             no_auto_converge,
             then,
             timeout,
+            qemu,
         } => {
             let mut vm = Vm::attach(monitor.as_str(), Duration::from_secs(*timeout))?;
             let mut options = LiveOptions::default();
+            options.destination_qemu.clone_from(qemu);
             options.downtime_limit = downtime_limit.map(Duration::from_millis);
             options.bandwidth = bandwidth.map(|m| m << 20);
             options.auto_converge = !*no_auto_converge;
@@ -416,9 +425,13 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
                         "pid": r.destination_pid,
                         "state": r.destination_state,
                         "source_sockets": r.source_sockets,
+                        "pinned_machine": r.pinned,
                     })
                 );
             } else {
+                if let Some(p) = &r.pinned {
+                    eprintln!("qemu-migrate: {p}");
+                }
                 eprintln!(
                     "migrated to {} in {:.2} s: downtime {} ms, {:.1} MB sent; the guest is {} \
                      there{}",
@@ -462,9 +475,12 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
             if cli.json {
                 say!(
                     "{}",
-                    serde_json::json!({ "listening": receiver.listen, "pid": receiver.vm.pid() })
+                    serde_json::json!({ "listening": receiver.listen, "pid": receiver.vm.pid(), "pinned_machine": receiver.pinned })
                 );
             } else if !cli.quiet {
+                if let Some(p) = &receiver.pinned {
+                    eprintln!("qemu-migrate: {p}");
+                }
                 eprintln!(
                     "waiting for a migration on {} (QEMU pid {})",
                     receiver.listen,

@@ -68,6 +68,17 @@ pub enum Error {
         /// The source's QEMU.
         source_version: QemuVersion,
     },
+    /// The receiver runs another machine type than the source.
+    #[error(
+        "the receiver's QEMU runs machine type {destination}, this VM runs {source_machine}: \
+         start the receiver with -M {source_machine} (or from the save's manifest)"
+    )]
+    DestinationMachine {
+        /// The receiver's machine type.
+        destination: String,
+        /// The source's.
+        source_machine: String,
+    },
     /// A TCP address that is not `tcp:HOST:PORT`.
     #[error("{given:?}: expected {expected}")]
     BadAddress {
@@ -196,7 +207,8 @@ impl Error {
             | Error::Exists { .. }
             | Error::FilesChanged { .. }
             | Error::Untrusted { .. }
-            | Error::OlderDestination { .. } => ErrorKind::Refused,
+            | Error::OlderDestination { .. }
+            | Error::DestinationMachine { .. } => ErrorKind::Refused,
             Error::MigrationFailed(_)
             | Error::File { .. }
             | Error::Os { .. }

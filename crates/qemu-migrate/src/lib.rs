@@ -12,7 +12,8 @@
 //!
 //! Where each concern lives: [`vm`] attaches to or launches a QEMU (the
 //! monitor's typed commands come from `qemu_monitor::Monitor`); [`save`],
-//! [`restore`] and [`live`] are the three operations; [`preflight`] asks a
+//! [`restore`] and [`live`] are the three operations; [`machine`] pins the
+//! saved machine type for a newer QEMU; [`preflight`] asks a
 //! QEMU whether given options can restore a state; [`manifest`] is the file
 //! beside the state; [`argv`] reads QEMU command lines; [`os`] is every call
 //! to the operating system beyond plain files. The `qemu-migrate` command
@@ -35,6 +36,7 @@ mod error;
 pub mod guard;
 pub mod instant;
 pub mod live;
+pub mod machine;
 pub mod manifest;
 pub mod os;
 pub mod preflight;

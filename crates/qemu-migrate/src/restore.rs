@@ -192,6 +192,9 @@ pub struct Restored {
     pub elapsed: Duration,
     /// Paths given their own name for a clone: (the VM's, the clone's).
     pub renamed: Vec<(PathBuf, PathBuf)>,
+    /// The machine type given to the options, when they named only an
+    /// alias and this QEMU would have resolved it to another version.
+    pub pinned: Option<crate::machine::Pinned>,
 }
 
 /// Checks `path`, starts QEMU with the recorded (or given) options and loads it.
@@ -251,6 +254,9 @@ pub fn restore(path: &Path, options: &RestoreOptions, progress: &dyn Progress) -
             });
         }
     }
+    // -- cross-version restore: the state's machine type, pinned (see machine.rs)
+    let (args, pinned) = pin_machine(&checked, &binary, args, &env)?;
+    // --
     preflight::check(&checked, &binary, &args, &env)?;
     // An instant save's RAM image is mapped, not loaded; a clone gets paths of its own.
     let (args, renamed) = crate::instant::launch_args(&checked, args, options, progress)?;
@@ -270,7 +276,40 @@ pub fn restore(path: &Path, options: &RestoreOptions, progress: &dyn Progress) -
         previous_save: checked.previous_save,
         elapsed: started.elapsed(),
         renamed,
+        pinned,
     })
+}
+
+/// Pins the state's machine type into `args` when `binary` would resolve
+/// their alias (or its default) to another version of it.
+fn pin_machine(
+    checked: &Checked,
+    binary: &Path,
+    args: Vec<String>,
+    env: &std::collections::BTreeMap<String, String>,
+) -> Result<(Vec<String>, Option<crate::machine::Pinned>)> {
+    let saved = match (&checked.manifest, &checked.summary) {
+        // The very QEMU and options that saved it resolve as they did.
+        (Some(m), _) if m.qemu == binary && m.args == args => return Ok((args, None)),
+        (Some(m), _) => m.machine.clone(),
+        (None, Some(s)) => s.machine_type.clone(),
+        (None, None) => None,
+    };
+    let Some(saved) = saved else {
+        return Ok((args, None));
+    };
+    let Some((pinned_args, pinned)) = crate::machine::pin(&args, &saved) else {
+        return Ok((args, None));
+    };
+    // Only a newer QEMU is given the older type; an older one is refused by the preflight.
+    let here = crate::machine::resolve(binary, env, &args)?;
+    if !here
+        .as_deref()
+        .is_some_and(|h| crate::machine::is_newer(h, &saved))
+    {
+        return Ok((args, None));
+    }
+    Ok((pinned_args, Some(pinned)))
 }
 
 /// Feeds the stream to the waiting QEMU and waits for it to say it loaded.

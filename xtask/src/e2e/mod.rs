@@ -16,6 +16,7 @@ mod running;
 mod sabotage;
 #[cfg(test)]
 mod tests;
+pub mod upgrade;
 
 use std::fmt;
 use std::fs;
@@ -93,6 +94,8 @@ pub struct Scenario {
     pub monitor: MonitorKind,
     pub guest: GuestKind,
     pub sabotage: Option<Sabotage>,
+    /// Restore on this (newer) QEMU instead of `qemu` (`--upgrade`; see upgrade.rs).
+    pub restore_qemu: Option<Qemu>,
 }
 
 impl Scenario {
@@ -104,7 +107,7 @@ impl Scenario {
         };
         let mut name = format!(
             "qemu-{}-{}-{}-{guest}",
-            self.qemu.version,
+            upgrade::versions(self),
             format!("{:?}", self.transport).to_lowercase(),
             format!("{:?}", self.monitor).to_lowercase()
         );
@@ -267,6 +270,7 @@ pub fn all_scenarios(qemu: &Qemu, accel: Accel, with_linux: bool) -> Vec<Scenari
             monitor,
             guest,
             sabotage: None,
+            restore_qemu: None,
         })
     };
     add(Transport::Exec, MonitorKind::Hmp, GuestKind::Test);

@@ -12,6 +12,7 @@ use qemu_monitor::Monitor;
 use test_guest::{tick, Banner};
 
 use super::running::{accel_args, free_port, harness, Running};
+use super::upgrade;
 use super::{fail, Failure, GuestKind, Kit, MonitorKind, Sabotage, Scenario, Transport, WAIT};
 
 /// Ticks the source prints before the save.
@@ -276,11 +277,14 @@ pub(super) fn listen_first(setup: &Setup) -> Result<(String, Option<Running>), F
             };
             let mut args = setup.args(setup.ram_mib, &setup.dest_sock, &setup.harness_dest);
             args.extend(["-incoming".into(), incoming.clone()]);
-            let dest = Running::start(&sc.qemu, &args, &setup.dir, "destination")?;
-            // The monitor answers once QEMU has set up its incoming side.
-            harness(&setup.harness_dest, WAIT)?
-                .close()
-                .map_err(Failure::of("monitor"))?;
+            upgrade::pin_by_hand(sc, &mut args);
+            let dest = Running::start(upgrade::dest_qemu(sc), &args, &setup.dir, "destination")?;
+            // A command is answered from QEMU's main loop, which runs only
+            // once its incoming side is set up (the greeting may come earlier,
+            // from the monitor's own thread).
+            let mut c = harness(&setup.harness_dest, WAIT)?;
+            c.status().map_err(Failure::of("monitor"))?;
+            c.close().map_err(Failure::of("monitor"))?;
             (incoming, Some(dest))
         }
     })
@@ -410,6 +414,7 @@ pub(super) fn start_destination(
         // The restore starts QEMU with the source's very options.
         let mut options = qemu_migrate::restore::RestoreOptions::default();
         options.console = qemu_migrate::vm::Console::Pipe;
+        options.qemu = sc.restore_qemu.as_ref().map(|q| q.binary.clone());
         if sc.sabotage == Some(Sabotage::WrongMemory) {
             options.args = Some(setup.args(setup.dest_ram(), &setup.sock, &setup.harness_src));
         }
@@ -430,7 +435,8 @@ pub(super) fn start_destination(
         };
         args.extend(["-incoming".into(), incoming]);
     }
-    let running = Running::start(&sc.qemu, &args, &setup.dir, "destination")?;
+    upgrade::pin_by_hand(sc, &mut args);
+    let running = Running::start(upgrade::dest_qemu(sc), &args, &setup.dir, "destination")?;
     Ok(Destination {
         restore_from: running.started,
         running,

@@ -37,6 +37,7 @@ fn each_qemu(sabotage: Option<Sabotage>, expect: impl Fn(&Result<Report, Failure
             monitor: MonitorKind::Hmp,
             guest: GuestKind::Test,
             sabotage,
+            restore_qemu: None,
         };
         let r = run_one(&kit, &sc);
         if let Err(f) = &r {

@@ -62,6 +62,9 @@ pub(super) struct Said {
     pub(super) pid: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) error: Option<String>,
+    /// The versioned machine type the receiver's QEMU runs (`pc-i440fx-7.2`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) machine: Option<String>,
 }
 
 /// Prepare: connects to the receiver, which answers with its state and QEMU version.

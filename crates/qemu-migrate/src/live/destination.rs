@@ -69,8 +69,13 @@ pub(super) fn tcp_uri(host: &str, port: u16) -> String {
     }
 }
 
-/// Starts the local destination, listening on a unix socket in a private directory.
-pub(super) fn start_local(vm: &Vm) -> Result<(Vm, tempfile::TempDir, String)> {
+/// Starts the local destination (`binary args`), listening on a unix socket
+/// in a private directory.
+pub(super) fn start_local(
+    vm: &Vm,
+    binary: &std::path::Path,
+    args: &[String],
+) -> Result<(Vm, tempfile::TempDir, String)> {
     let dir = tempfile::Builder::new()
         .prefix("qemu-migrate-live-")
         .tempdir()
@@ -79,11 +84,43 @@ pub(super) fn start_local(vm: &Vm) -> Result<(Vm, tempfile::TempDir, String)> {
             "creating a private directory",
         ))?;
     let mut dest = Vm::launch_incoming(
-        vm.binary(),
-        vm.args(),
+        binary,
+        args,
         &LaunchOptions::new(Console::Null, vm.env().clone()),
     )?;
     let uri = format!("unix:{}", dir.path().join("migrate.sock").display());
     dest.monitor.migrate_incoming(&uri)?;
     Ok((dest, dir, uri))
+}
+
+/// The local destination's QEMU and options: the source's, or another
+/// (newer) QEMU given the source's versioned machine type, so that it
+/// resolves no alias to its own newer version. An older QEMU is refused.
+pub(super) fn local_qemu(
+    vm: &Vm,
+    qemu: Option<&std::path::Path>,
+) -> Result<(
+    std::path::PathBuf,
+    Vec<String>,
+    Option<crate::machine::Pinned>,
+)> {
+    let source = vm.binary().to_path_buf();
+    let binary = qemu.map_or_else(|| source.clone(), std::path::Path::to_path_buf);
+    if binary == source {
+        return Ok((binary, vm.args().to_vec(), None));
+    }
+    let theirs = crate::vm::binary_version(&binary, vm.env())?;
+    if theirs < vm.version() {
+        return Err(Error::OlderDestination {
+            destination: theirs,
+            source_version: vm.version(),
+        });
+    }
+    let Some(running) = crate::machine::resolve(&source, vm.env(), vm.args())? else {
+        return Ok((binary, vm.args().to_vec(), None));
+    };
+    match crate::machine::pin(vm.args(), &running) {
+        Some((args, pinned)) => Ok((binary, args, Some(pinned))),
+        None => Ok((binary, vm.args().to_vec(), None)),
+    }
 }

@@ -107,6 +107,9 @@ pub struct LiveOptions {
     /// Set (e.g. by a signal handler) to cancel; honoured until the source
     /// reports `completed`.
     pub cancel: Arc<AtomicBool>,
+    /// The local destination's QEMU, when not the source's (a newer one:
+    /// the source's machine type is pinned for it).
+    pub destination_qemu: Option<PathBuf>,
 }
 
 impl Default for LiveOptions {
@@ -118,6 +121,7 @@ impl Default for LiveOptions {
             then: AfterLive::Quit,
             confirm_timeout: Duration::from_secs(60),
             cancel: Arc::default(),
+            destination_qemu: None,
         }
     }
 }
@@ -138,6 +142,8 @@ pub struct LiveReport {
     pub destination_state: RunState,
     /// With `--then stop` on one host: where the paused source's sockets now are.
     pub source_sockets: Vec<PathBuf>,
+    /// The machine type pinned for a local destination on another QEMU.
+    pub pinned: Option<crate::machine::Pinned>,
 }
 
 /// Migrates `vm` while it runs; see the module docs for the steps.
@@ -160,14 +166,20 @@ pub fn live(
     // Prepare: the destination exists and listens before the source changes.
     let mut local = None;
     let mut confirm = None;
+    let mut pinned = None;
     let mut sockets = SocketHandover::default();
     let uri = match to {
         Destination::Local => {
             if argv::uses_stdio(vm.args()) {
                 return Err(Error::UsesTerminal);
             }
+            // -- cross-version: another QEMU for the destination, machine type pinned
+            let (dest_qemu, dest_args, p) =
+                destination::local_qemu(vm, options.destination_qemu.as_deref())?;
+            pinned = p;
+            // --
             sockets = SocketHandover::keep_source(vm.args(), vm.pid())?;
-            match destination::start_local(vm) {
+            match destination::start_local(vm, &dest_qemu, &dest_args) {
                 Ok((dest, dir, uri)) => {
                     local = Some((dest, dir));
                     uri
@@ -188,6 +200,19 @@ pub fn live(
                     });
                 }
             }
+            // -- cross-version: the receiver must run the very machine type
+            if let (Some(theirs), Some(ours)) = (
+                said.machine.as_deref(),
+                crate::machine::resolve(vm.binary(), vm.env(), vm.args())?,
+            ) {
+                if theirs != ours {
+                    return Err(Error::DestinationMachine {
+                        destination: theirs.to_string(),
+                        source_machine: ours,
+                    });
+                }
+            }
+            // --
             confirm = Some(stream);
             to.to_string()
         }
@@ -250,6 +275,7 @@ pub fn live(
         destination_pid: dest_pid,
         destination_state: dest_state,
         source_sockets,
+        pinned,
     })
 }
 

@@ -15,6 +15,7 @@ use super::confirm::{classify, Incoming, Said, State};
 use super::destination::{parse_tcp, tcp_uri};
 use super::PROGRESS_TICK;
 use crate::error::{Error, Result};
+use crate::machine;
 use crate::manifest::Manifest;
 use crate::os;
 use crate::progress::Progress;
@@ -52,6 +53,8 @@ pub struct Receiver {
     pub vm: Vm,
     /// Where it listens, `tcp:ADDR:PORT`.
     pub listen: String,
+    /// The machine type pinned for a QEMU other than the manifest's.
+    pub pinned: Option<machine::Pinned>,
     started: Instant,
     incoming: mpsc::Receiver<Incoming>,
     stop: Arc<AtomicBool>,
@@ -95,6 +98,7 @@ impl Receiver {
             given: listen.to_string(),
             expected: "tcp:ADDR:PORT",
         })?;
+        let mut pinned = None;
         let (binary, args, env) = match spec {
             VmSpec::Manifest(path) => {
                 crate::trust::check_file(path, "manifest")?;
@@ -109,7 +113,18 @@ impl Receiver {
                     crate::trust::check_binary(&m.qemu)?;
                 }
                 let env = crate::trust::qemu_env(&m.env);
-                (options.qemu.clone().unwrap_or(m.qemu), m.args, env)
+                let binary = options.qemu.clone().unwrap_or(m.qemu.clone());
+                // -- cross-version: another QEMU gets the saved machine type pinned
+                let mut args = m.args;
+                if binary != m.qemu {
+                    if let Some((a, p)) = m.machine.as_deref().and_then(|s| machine::pin(&args, s))
+                    {
+                        args = a;
+                        pinned = Some(p);
+                    }
+                }
+                // --
+                (binary, args, env)
             }
             VmSpec::Args(args) => (
                 options
@@ -126,6 +141,7 @@ impl Receiver {
                 addr: listen.to_string(),
                 source,
             })?;
+        let running = machine::resolve(&binary, &env, &args)?;
         let vm = Vm::launch_incoming(&binary, &args, &LaunchOptions::new(options.console, env))?;
         let (tx, incoming) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
@@ -134,12 +150,13 @@ impl Receiver {
             let stop = Arc::clone(&stop);
             std::thread::Builder::new()
                 .name("receive-accept".into())
-                .spawn(move || accept_loop(listener, tx, &stop, &version))
+                .spawn(move || accept_loop(listener, tx, &stop, &version, running))
                 .map_err(Error::os("starting the thread that accepts connections"))?
         };
         Ok(Receiver {
             vm,
             listen: tcp_uri(&host, port),
+            pinned,
             started,
             incoming,
             stop,
@@ -166,12 +183,14 @@ impl Receiver {
                 qemu: self.vm.version().to_string(),
                 pid: Some(self.vm.pid()),
                 error: None,
+                machine: None,
             },
             Err(e) => Said {
                 state: State::Failed,
                 qemu: self.vm.version().to_string(),
                 pid: None,
                 error: Some(e.to_string()),
+                machine: None,
             },
         };
         self.stop.store(true, Ordering::Relaxed);
@@ -253,12 +272,19 @@ impl Receiver {
 }
 
 /// Accepts connections until told to stop, sorting QEMU's stream from confirm clients.
-fn accept_loop(listener: TcpListener, tx: mpsc::Sender<Incoming>, stop: &AtomicBool, qemu: &str) {
+fn accept_loop(
+    listener: TcpListener,
+    tx: mpsc::Sender<Incoming>,
+    stop: &AtomicBool,
+    qemu: &str,
+    machine: Option<String>,
+) {
     let listening = Said {
         state: State::Listening,
         qemu: qemu.to_string(),
         pid: None,
         error: None,
+        machine,
     };
     let listening = format!(
         "{}\n",
