@@ -180,6 +180,9 @@ fn a_terminal_session_shows_the_prompt_and_runs_each_typed_line() {
         assert_eq!(vm.status(), "paused");
         t.type_keys(b"info status\n");
         let at = t.out.wait_for("VM status: paused", at);
+        let at = t.out.wait_for("(qemu) ", at);
+        // Enter on an empty line prompts again, as QEMU's monitor does.
+        t.type_keys(b"\n");
         t.out.wait_for("(qemu) ", at);
         // Ctrl-D: the end of input.
         t.type_keys(&[4]);
