@@ -66,6 +66,21 @@ fn every_form_delivers_every_command() {
                 links.path().join("socat"),
                 vec!["-u".into(), "-".into(), format!("unix-connect:{sock}")],
             ),
+            (
+                "socat link, shut-none".into(),
+                links.path().join("socat"),
+                vec!["-".into(), format!("UNIX:{sock},shut-none")],
+            ),
+            (
+                "nc link, -q 0".into(),
+                links.path().join("nc"),
+                vec!["-q".into(), "0".into(), "-U".into(), sock.clone()],
+            ),
+            (
+                "ncat form, --send-only".into(),
+                send.clone(),
+                vec!["--send-only".into(), "--unixsock".into(), sock.clone()],
+            ),
         ];
         for (name, program, args) in forms {
             let n = stops_executed(&mut vm, &program, &args);

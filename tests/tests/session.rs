@@ -180,6 +180,9 @@ fn a_terminal_session_shows_the_prompt_and_runs_each_typed_line() {
         assert_eq!(vm.status(), "paused");
         t.type_keys(b"info status\n");
         let at = t.out.wait_for("VM status: paused", at);
+        let at = t.out.wait_for("(qemu) ", at);
+        // Enter on an empty line prompts again, as QEMU's monitor does.
+        t.type_keys(b"\n");
         t.out.wait_for("(qemu) ", at);
         // Ctrl-D: the end of input.
         t.type_keys(&[4]);
@@ -233,37 +236,43 @@ fn a_terminal_session_ends_when_qemu_exits_with_its_last_words() {
     }
 }
 
+/// The terminal forms of recipes: a VM control tool's `monitor` command
+/// (`-,raw,echo=0`), a launcher's hint (`-,rawer`), OpenRC's qemush
+/// (`-,echo=0,icanon=0`), each with socat's escape key.
 #[test]
 fn a_raw_terminal_relays_keys_to_qemus_editor_and_the_escape_key_ends_it() {
     let links = tempfile::tempdir().unwrap();
     let socat = link(links.path(), "socat");
     for qemu in qemus() {
-        let mut vm = Vm::none(&qemu);
-        let mut t = on_terminal(
-            &socat,
-            &[
-                "-,raw,echo=0,escape=0x0f".into(),
-                format!("UNIX-CONNECT:{}", vm.hmp.display()),
-            ],
-        );
-        let at = t.out.wait_for("(qemu) ", 0);
-        assert_eq!(
-            lflag(&t.slave) & (libc::ECHO | libc::ICANON),
-            0,
-            "raw, no echo"
-        );
-        // QEMU's editor: type `stpo`, Backspace twice, `op`, Enter (a raw
-        // terminal sends \r). QEMU echoes and redraws; the command is `stop`.
-        t.type_keys(b"stpo\x7f\x7fop\r");
-        t.out.wait_for("(qemu) ", at);
-        assert_eq!(vm.status(), "paused");
-        t.type_keys(&[0x0f]);
-        assert!(exit_of(t.child).success());
-        assert_ne!(
-            lflag(&t.slave) & libc::ICANON,
-            0,
-            "the terminal's modes are restored"
-        );
+        for stdio in [
+            "-,raw,echo=0,escape=0x0f",
+            "-,rawer,escape=0x0f",
+            "-,echo=0,icanon=0,escape=0x0f",
+        ] {
+            let mut vm = Vm::none(&qemu);
+            let mut t = on_terminal(
+                &socat,
+                &[stdio.into(), format!("UNIX-CONNECT:{}", vm.hmp.display())],
+            );
+            let at = t.out.wait_for("(qemu) ", 0);
+            assert_eq!(
+                lflag(&t.slave) & (libc::ECHO | libc::ICANON),
+                0,
+                "{stdio}: keys go as typed, without the terminal's echo"
+            );
+            // QEMU's editor: type `stpo`, Backspace twice, `op`, Enter (a raw
+            // terminal sends \r). QEMU echoes and redraws; the command is `stop`.
+            t.type_keys(b"stpo\x7f\x7fop\r");
+            t.out.wait_for("(qemu) ", at);
+            assert_eq!(vm.status(), "paused", "{stdio}");
+            t.type_keys(&[0x0f]);
+            assert!(exit_of(t.child).success(), "{stdio}");
+            assert_ne!(
+                lflag(&t.slave) & libc::ICANON,
+                0,
+                "{stdio}: the terminal's modes are restored"
+            );
+        }
     }
 }
 

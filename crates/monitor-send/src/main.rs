@@ -1,6 +1,8 @@
-//! `monitor-send`: sends commands to a QEMU monitor socket and never loses
-//! one. It speaks its own argument form and, as a drop-in, those of OpenBSD
-//! nc (`-U PATH`) and socat (`- UNIX-CONNECT:PATH`); see `--help`.
+//! `monitor-send`: sends commands to a QEMU monitor (a unix socket or TCP)
+//! and never loses one. It speaks its own argument form (`job.rs` runs it)
+//! and, as a drop-in, those of OpenBSD nc and ncat (`nc.rs`) and socat
+//! (`socat.rs`), which run as a session relaying standard input and QEMU's
+//! output as those tools do (`session.rs`); see `--help`, `nc -h`, `socat -h`.
 
 // Started thousands of times from shell recipes, it skips the Rust runtime's
 // start-up (stack-guard probing reads /proc/self/maps): a C `main` calls ours.

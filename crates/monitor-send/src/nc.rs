@@ -36,7 +36,8 @@ QEMU's proof that it read it, so that no command is lost.
 
 Standard output carries what QEMU said (the banner, replies, errors, events),
 cleaned of the line editor's escape codes; the exit status is nc's: 0 when the
-monitor was reached and every command confirmed, 1 otherwise. Set
+monitor was reached and every command confirmed (QEMU's error replies
+included: they are its words on stdout), 1 otherwise (a line refused too). Set
 MONITOR_SEND_STRICT=1 for monitor-send's own exit statuses (see monitor-send --help).
 ";
 

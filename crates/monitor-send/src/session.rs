@@ -104,10 +104,17 @@ pub fn run(job: &Job) -> u8 {
             exit::UNREACHABLE
         };
     }
-    if !job.strict {
+    if tally.refused > 0 {
+        // The other lines were sent, but not every one: say so, as nc says
+        // anything that did not go through.
+        if job.strict {
+            exit::REFUSED
+        } else {
+            exit::UNREACHABLE
+        }
+    } else if !job.strict {
+        // QEMU's refusals are its words on stdout, as with nc.
         exit::OK
-    } else if tally.refused > 0 {
-        exit::REFUSED
     } else if tally.qemu_errors > 0 {
         exit::COMMAND_ERROR
     } else {
@@ -304,7 +311,16 @@ impl Pump<'_> {
         // SAFETY: reads into a valid buffer from the process's stdin.
         let n = unsafe { libc::read(0, chunk.as_mut_ptr().cast(), chunk.len()) };
         if n > 0 {
-            self.input.feed(&chunk[..n as usize], &mut self.queue);
+            let bytes = &chunk[..n as usize];
+            self.input.feed(bytes, &mut self.queue);
+            if self.terminal
+                && self.protocol == Protocol::Hmp
+                && self.flight.is_none()
+                && bytes.iter().all(u8::is_ascii_whitespace)
+            {
+                // Enter on an empty line: QEMU would prompt again.
+                self.out.write(PROMPT);
+            }
             return;
         }
         if n < 0 {

@@ -43,7 +43,8 @@ Options: -u (left to right only: send, print nothing), -U (right to left),
 
 Standard output carries what QEMU said (the banner, replies, errors, events),
 cleaned of the line editor's escape codes; the exit status is socat's: 0 when
-the monitor was reached and every command confirmed, 1 otherwise. Set
+the monitor was reached and every command confirmed (QEMU's error replies
+included: they are its words on stdout), 1 otherwise (a line refused too). Set
 MONITOR_SEND_STRICT=1 for monitor-send's own exit statuses (see monitor-send --help).
 ";
 

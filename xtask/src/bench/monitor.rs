@@ -98,7 +98,7 @@ pub(super) fn monitor_round_trips(q: &Qemu, send: &Path, args: &Args) -> anyhow:
             args: vec!["-".into(), format!("unix-connect:{sock}")],
         },
         Peer {
-            name: "`true` (starting a minimal binary)",
+            name: "`true` (starting a minimal binary, dynamically linked as nc is)",
             program: "true".into(),
             args: vec![],
         },
@@ -146,7 +146,7 @@ pub(super) fn monitor_round_trips(q: &Qemu, send: &Path, args: &Args) -> anyhow:
     let qemu_work = open_connection_round_trip(&vm.hmp, args.runs)?;
     out.push_str(&format!(
         "| QEMU's round trip on an open connection | {} | | |\n\
-         | floor: `true` + that round trip | {} | | {:.2}× |\n",
+         | floor for a dynamically linked client: `true` + that round trip | {} | | {:.2}× |\n",
         ms(qemu_work),
         ms(medians[TRUE].0 + qemu_work),
         (medians[TRUE].0 + qemu_work).as_secs_f64() / nc_median
