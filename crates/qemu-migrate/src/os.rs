@@ -266,8 +266,36 @@ impl VmLock {
         VmLock::take_in(&lock_dir()?, pid)
     }
 
+    /// The lock of restoring the state file `statefile` (keyed by its
+    /// device and inode): two restores of one save cannot both start it.
+    ///
+    /// # Errors
+    /// [`Error::RestoreBusy`] when another restore holds it; as [`VmLock::take`].
+    pub fn take_restore(statefile: &Path) -> Result<VmLock> {
+        let meta = std::fs::metadata(statefile)
+            .map_err(Error::file(statefile, "opening the state file"))?;
+        let name = format!("restore-{}-{}.lock", meta.dev(), meta.ino());
+        VmLock::take_file(&lock_dir()?.join(name)).map_err(|e| match e {
+            Error::Busy { .. } => Error::RestoreBusy {
+                path: statefile.to_path_buf(),
+            },
+            e => e,
+        })
+    }
+
     fn take_in(dir: &Path, pid: u32) -> Result<VmLock> {
-        let path = dir.join(format!("vm-{pid}.lock"));
+        VmLock::take_file(&dir.join(format!("vm-{pid}.lock"))).map_err(|e| match e {
+            Error::Busy { .. } => Error::Busy {
+                pid,
+                migration: None,
+            },
+            e => e,
+        })
+    }
+
+    fn take_file(path: &Path) -> Result<VmLock> {
+        let path = path.to_path_buf();
+        let pid = 0;
         loop {
             let file = File::options()
                 .create(true)
@@ -475,6 +503,71 @@ fn close_all_but(keep: libc::c_int) {
         // directory listing's own is already closed and fails harmlessly.
         unsafe { libc::close(fd) };
     }
+}
+
+/// The process listening on the unix socket at `path`, if one does: a
+/// connection is made and let go at once (`SO_PEERCRED` names the
+/// listener). `None` when nothing listens (no file, or a stale one).
+pub fn socket_listener(path: &Path) -> Option<u32> {
+    let stream = std::os::unix::net::UnixStream::connect(path).ok()?;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: cred and len are valid for writes of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && cred.pid > 0).then_some(cred.pid as u32)
+}
+
+/// The processes that have the file at `path` open (any descriptor of
+/// theirs on the same inode), as far as `/proc` lets this user see.
+pub fn file_holders(path: &Path) -> Vec<u32> {
+    let Ok(target) = std::fs::metadata(path) else {
+        return Vec::new();
+    };
+    let me = std::process::id();
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let holds = std::fs::read_dir(entry.path().join("fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|fd| {
+                std::fs::metadata(fd.path())
+                    .is_ok_and(|m| m.dev() == target.dev() && m.ino() == target.ino())
+            });
+        if holds {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// A process's name (`/proc/PID/comm`), for messages.
+pub fn process_name(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "?".into())
 }
 
 /// Writes `text` to stderr with one system call and no lock (safe in a
