@@ -104,10 +104,24 @@ pub struct LiveOptions {
     /// How long the destination may take to confirm after QEMU reports
     /// the migration completed.
     pub confirm_timeout: Duration,
+    /// How long the migration may run before it is made to end: cancelled
+    /// with the source running on, or, with `timeout_suspend`, finished
+    /// with the guest paused (as `virsh migrate --timeout`). A guest that
+    /// dirties RAM faster than it can be sent never converges by itself.
+    pub timeout: Duration,
+    /// At the timeout, pause the guest so the migration finishes (the
+    /// destination is resumed once it has the guest) instead of cancelling.
+    /// Local destinations only.
+    pub timeout_suspend: bool,
     /// Set (e.g. by a signal handler) to cancel; honoured until the source
     /// reports `completed`.
     pub cancel: Arc<AtomicBool>,
 }
+
+/// [`LiveOptions::timeout`] by default: long enough for any guest that
+/// converges at all over a local link, short enough that a throttled guest
+/// does not crawl for long.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 
 impl Default for LiveOptions {
     fn default() -> Self {
@@ -117,6 +131,8 @@ impl Default for LiveOptions {
             auto_converge: true,
             then: AfterLive::Quit,
             confirm_timeout: Duration::from_secs(60),
+            timeout: DEFAULT_TIMEOUT,
+            timeout_suspend: false,
             cancel: Arc::default(),
         }
     }
@@ -155,6 +171,12 @@ pub fn live(
     let started = Instant::now();
     let _lock = VmLock::take(vm.pid())?;
     let was_running = vm.check_migratable("migrate")?;
+    if options.timeout_suspend && !matches!(to, Destination::Local) {
+        return Err(Error::BadAddress {
+            given: to.to_string(),
+            expected: "local with --timeout-suspend (a receiver on another host cannot be told to resume the guest)",
+        });
+    }
     let ram_bytes = vm.monitor.ram_size()?;
 
     // Prepare: the destination exists and listens before the source changes.
@@ -283,10 +305,14 @@ fn perform(
         src.set_migration_parameter("downtime-limit", ms)?;
     }
     src.migrate(uri)?;
+    let deadline = Instant::now() + options.timeout;
 
     let mut dest_done = false;
     let mut dest_gone = None;
     let mut cancelled = false;
+    let mut timed_out = None;
+    let mut suspended = false;
+    let mut receiver_gone = false;
     let info = loop {
         // Wait for something to happen: an event from whichever side has
         // QMP, else one progress tick.
@@ -315,7 +341,26 @@ fn perform(
         if info.status.is_final() {
             break info;
         }
-        if !cancelled && (dest_gone.is_some() || options.cancel.load(Ordering::Relaxed)) {
+        if !cancelled && !suspended && Instant::now() >= deadline {
+            if options.timeout_suspend {
+                // Nothing dirties RAM any more: the rest is sent and QEMU
+                // completes; the destination comes up paused and is resumed.
+                src.stop()?;
+                suspended = true;
+            } else {
+                timed_out = Some(info.clone());
+                cancelled = true;
+                src.migrate_cancel()?;
+            }
+        }
+        if !receiver_gone && confirm.as_ref().is_some_and(|c| peer_closed(c.get_ref())) {
+            // The receiving qemu-migrate is gone: nobody would confirm or
+            // run the guest there.
+            receiver_gone = true;
+        }
+        if !cancelled
+            && (dest_gone.is_some() || receiver_gone || options.cancel.load(Ordering::Relaxed))
+        {
             cancelled = true;
             src.migrate_cancel()?;
         }
@@ -330,6 +375,22 @@ fn perform(
     if options.cancel.load(Ordering::Relaxed) && info.status != MigrationStatus::Completed {
         return Err(interrupted());
     }
+    if receiver_gone && info.status != MigrationStatus::Completed {
+        return Err(Error::MigrationFailed(format!(
+            "the receiving qemu-migrate went away during the migration, so it was cancelled; {keeps}"
+        )));
+    }
+    if let Some(at) = timed_out.filter(|_| info.status != MigrationStatus::Completed) {
+        return Err(Error::MigrationFailed(format!(
+            "it did not converge within {:?} ({} MiB sent, {} MiB still to send), so it was \
+             cancelled; {keeps}; give a longer --timeout, a higher --bandwidth, or \
+             --timeout-suspend to pause the guest so that it finishes",
+            options.timeout,
+            at.transferred >> 20,
+            at.remaining >> 20
+        )));
+    }
+    // A destination that exits after our cancel only says the stream was cut.
     if let Some(gone) = dest_gone {
         return Err(destination_exited(gone, keeps));
     }
@@ -358,8 +419,17 @@ fn perform(
     // Confirm: the source stays paused (postmigrate) until the destination
     // says the guest is where the source left it.
     let (pid, state) = match (local, confirm) {
-        (Some(dest), _) => confirm_local(dest, dest_done, options.confirm_timeout)
-            .map_err(|e| destination_exited(e, keeps))?,
+        (Some(dest), _) => {
+            let (pid, state) = confirm_local(dest, dest_done, options.confirm_timeout)
+                .map_err(|e| destination_exited(e, keeps))?;
+            if suspended && was_running && !state.is_running() {
+                // Paused at the timeout to finish: it runs on where it now is.
+                dest.monitor.cont()?;
+                (pid, RunState::Running)
+            } else {
+                (pid, state)
+            }
+        }
         (None, Some(c)) => {
             let said = read_said(c, options.confirm_timeout).map_err(|e| {
                 Error::MigrationFailed(format!(
@@ -388,6 +458,21 @@ fn perform(
         )));
     }
     Ok((info, pid, state))
+}
+
+/// Whether the other end of `stream` has closed it (a receiver that died):
+/// readable, and a peek finds the end rather than data.
+fn peer_closed(stream: &TcpStream) -> bool {
+    if !os::readable(stream, Duration::ZERO) {
+        return false;
+    }
+    let _ = stream.set_nonblocking(true);
+    let closed = match stream.peek(&mut [0u8; 1]) {
+        Ok(n) => n == 0,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    };
+    let _ = stream.set_nonblocking(false);
+    closed
 }
 
 fn destination_exited(e: Error, keeps: &str) -> Error {
