@@ -217,6 +217,28 @@ pub fn live(
 
     let old_bandwidth = vm.monitor.migration_parameter("max-bandwidth")?;
     let old_auto_converge = vm.monitor.capability("auto-converge").ok().flatten();
+    // From here on, if this process dies, the watchdog puts the VM back.
+    let mut watchdog = {
+        let undo = Undo {
+            source: vm.monitor.addr().clone(),
+            source_pid: vm.pid(),
+            sockets: sockets.clone(),
+            destination_pid: local.as_ref().map(|(d, _)| d.pid()),
+            was_running,
+            bandwidth: old_bandwidth,
+            auto_converge: old_auto_converge,
+            then: options.then,
+            wait: options.confirm_timeout,
+        };
+        match os::Watchdog::spawn(move |last| undo.run(last == Some(CONFIRMED))) {
+            Ok(w) => w,
+            Err(e) => {
+                drop(local);
+                sockets.back_to_source();
+                return Err(e);
+            }
+        }
+    };
     let outcome = perform(
         vm,
         &uri,
@@ -243,6 +265,7 @@ pub fn live(
         }
     };
 
+    watchdog.step(CONFIRMED);
     let mut source_sockets = Vec::new();
     match options.then {
         AfterLive::Quit => {
@@ -265,6 +288,7 @@ pub fn live(
     if let Some((dest, _dir)) = local {
         let _ = dest.detach();
     }
+    watchdog.dismiss();
     Ok(LiveReport {
         destination: to.clone(),
         elapsed: started.elapsed(),
@@ -273,6 +297,87 @@ pub fn live(
         destination_state: dest_state,
         source_sockets,
     })
+}
+
+/// The watchdog's step once the destination confirmed it has the guest.
+const CONFIRMED: u8 = b'C';
+
+/// What the watchdog of a live migration needs to put things right if the
+/// migrating process dies (kill -9 included).
+struct Undo {
+    source: qemu_monitor::MonitorAddr,
+    source_pid: u32,
+    sockets: SocketHandover,
+    destination_pid: Option<u32>,
+    was_running: bool,
+    bandwidth: u64,
+    auto_converge: Option<bool>,
+    then: AfterLive,
+    wait: Duration,
+}
+
+impl Undo {
+    /// Before the destination confirmed: the local destination is killed,
+    /// the source gets its sockets back, the migration is cancelled, its
+    /// settings put back and the guest resumed. After: the source is ended
+    /// (or left paused) and the sockets go to the destination, as `then` asked.
+    fn run(mut self, confirmed: bool) {
+        let options = qemu_monitor::Options {
+            timeout: Duration::from_secs(10),
+            wait_socket: Some(Duration::from_secs(5)),
+        };
+        let source_addr = |sockets: &SocketHandover, addr: &qemu_monitor::MonitorAddr| match addr {
+            qemu_monitor::MonitorAddr::Path(p) => {
+                qemu_monitor::MonitorAddr::Path(sockets.source_path(p))
+            }
+            other => other.clone(),
+        };
+        if !confirmed {
+            if let Some(pid) = self.destination_pid {
+                // SAFETY: a signal to the destination QEMU this migration started.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                os::wait_gone(pid, Duration::from_secs(5));
+            }
+            self.sockets.back_to_source();
+            let Ok(mut src) = qemu_monitor::connect(self.source.clone(), &options) else {
+                os::write_stderr("qemu-migrate: the migrating process died; the source's monitor could not be reached\n");
+                return;
+            };
+            if src
+                .migration()
+                .is_ok_and(|m| !m.status.is_final() && m.status != MigrationStatus::None)
+            {
+                let _ = src.migrate_cancel();
+                let _ = src.wait_migration(Instant::now() + Duration::from_secs(10), |_| {});
+            }
+            restore_settings(&mut src, self.bandwidth, self.auto_converge);
+            if self.was_running && src.status().is_ok_and(|s| !s.is_running()) {
+                let _ = src.cont_after_migration();
+            }
+            os::write_stderr(
+                "qemu-migrate: the migrating process died before the destination confirmed: the \
+                 migration was cancelled, the source has its sockets back and runs as before\n",
+            );
+            return;
+        }
+        let addr = source_addr(&self.sockets, &self.source);
+        let Ok(mut src) = qemu_monitor::connect(addr, &options) else {
+            return;
+        };
+        match self.then {
+            AfterLive::Quit => {
+                self.sockets.before_source_quits();
+                let _ = src.quit();
+                os::wait_gone(self.source_pid, self.wait);
+                self.sockets.after_source_quit();
+            }
+            AfterLive::Stop => restore_settings(&mut src, self.bandwidth, self.auto_converge),
+        }
+        os::write_stderr(
+            "qemu-migrate: the migrating process died after the destination confirmed: the \
+             guest runs there, and the source was handled as --then asked\n",
+        );
+    }
 }
 
 /// Puts back the settings a live migration changed on the source.
