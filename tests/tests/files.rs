@@ -134,12 +134,23 @@ fn an_existing_target_is_refused_unless_forced_and_a_planted_symlink_is_never_fo
     }
 }
 
-/// Resumes a guest a killed save left paused (the save's own watchdog may
-/// already have).
-fn resume(vm: &mut Vm) {
-    if vm.status() != "running" {
-        let _ = vm.qmp().execute("cont", None);
-    }
+/// `qemu-migrate save --then resume --force` of `vm` to `statefile` under
+/// strace, which injects `inject` (e.g. `rename:signal=KILL:when=2`).
+/// Returns once the save and its watchdog have both ended.
+fn save_under_strace(vm: &Vm, statefile: &Path, inject: &str) -> Output {
+    Command::new("strace")
+        .args(["-f", "-o", "/dev/null", "-e"])
+        .arg(format!("inject={inject}"))
+        .arg(bin("qemu-migrate"))
+        .args(["save", "--then", "resume", "--force", "--monitor"])
+        .arg(&vm.hmp)
+        .arg(statefile)
+        .output()
+        .expect("strace (.ci/install-deps installs it)")
+}
+
+fn killed(out: &Output) -> bool {
+    out.status.signal() == Some(libc::SIGKILL) || out.status.code() == Some(128 + libc::SIGKILL)
 }
 
 #[test]
@@ -150,43 +161,43 @@ fn a_save_killed_at_each_step_of_replacing_another_leaves_a_restorable_one() {
         let statefile = dir.path().join("state");
         ok(&save(&vm, &statefile, &[]));
 
-        // The commit renames three times (manifest bridging both saves,
-        // stream, final manifest); killed at each, then once it passed them all.
-        // The one that leaves the previous save comes last, to be restored.
-        for n in [1, 3, 4, 2] {
+        // The commit syncs the stream, then renames three times (manifest
+        // bridging both saves, stream, final manifest). Killed at each,
+        // then once it passed them all; interrupted (Ctrl-C) at the sync.
+        // The kill that leaves the previous save comes last, to be restored.
+        let cases = [
+            ("fsync:signal=KILL:when=1", "old"),
+            ("rename:signal=KILL:when=1", "old"),
+            ("rename:signal=KILL:when=3", "new"),
+            ("fsync:signal=INT:when=1", "cancelled"),
+            ("rename:signal=KILL:when=4", "done"),
+            ("rename:signal=KILL:when=2", "previous"),
+        ];
+        for (inject, expect) in cases {
             let crc_before = inspect(&statefile)["manifest"]["crc32"].clone();
-            let out = Command::new("strace")
-                .args(["-f", "-o", "/dev/null", "-e"])
-                .arg(format!("inject=rename:signal=KILL:when={n}"))
-                .arg(bin("qemu-migrate"))
-                .args(["save", "--then", "resume", "--force", "--monitor"])
-                .arg(&vm.hmp)
-                .arg(&statefile)
-                .output()
-                .unwrap();
-            let killed = out.status.signal() == Some(libc::SIGKILL)
-                || out.status.code() == Some(128 + libc::SIGKILL);
-            assert_eq!(
-                killed,
-                n < 4,
-                "kill at rename {n}: {:?} {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            );
-            resume(&mut vm);
+            let out = save_under_strace(&vm, &statefile, inject);
+            let err = String::from_utf8_lossy(&out.stderr);
+            match expect {
+                "done" => assert!(out.status.success(), "{inject}: {err}"),
+                "cancelled" => assert_eq!(out.status.code(), Some(4), "{inject}: {err}"),
+                _ => assert!(killed(&out), "{inject}: {:?} {err}", out.status),
+            }
+            // Whatever happened, the guest runs again: the save's watchdog
+            // resumed it if the save itself could not.
+            assert_eq!(vm.status(), "running", "{inject}: {err}");
             let seen = inspect(&statefile);
-            assert_eq!(seen["restorable"], true, "kill at rename {n}: {seen}");
+            assert_eq!(seen["restorable"], true, "{inject}: {seen}");
             let previous = seen["previous_save"] == true;
             let same = seen["manifest"]["crc32"] == crc_before;
-            match n {
-                1 => assert!(same && !previous, "{seen}"),
-                2 => assert!(same && previous, "{seen}"),
-                _ => assert!(!same && !previous, "{seen}"),
+            match expect {
+                "old" | "cancelled" => assert!(same && !previous, "{inject}: {seen}"),
+                "previous" => assert!(same && previous, "{inject}: {seen}"),
+                _ => assert!(!same && !previous, "{inject}: {seen}"),
             }
-            if n == 1 {
+            if inject == "rename:signal=KILL:when=1" {
                 assert!(!partials(&statefile).is_empty(), "the dead save's files");
             }
-            if n == 4 {
+            if expect == "done" {
                 // The dead saves' leftovers were cleared by the one that finished.
                 assert!(
                     partials(&statefile).is_empty(),

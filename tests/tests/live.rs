@@ -161,8 +161,17 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// The children of a process (the destination QEMU a `live` started).
+/// The QEMUs a process started (the destination of a `live`), leaving
+/// out its own forks (the watchdog that puts the VM back if it dies).
 fn children(pid: u32) -> Vec<u32> {
+    let own = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+    all_children(pid)
+        .into_iter()
+        .filter(|c| std::fs::read_link(format!("/proc/{c}/exe")).ok() != own)
+        .collect()
+}
+
+fn all_children(pid: u32) -> Vec<u32> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {

@@ -47,9 +47,14 @@ fn restore(args: &[&std::ffi::OsStr]) -> Output {
         .env_remove("XDG_RUNTIME_DIR")
         .output()
         .unwrap();
+    // The user's lock directory stays (empty: each lock is removed when let go).
+    // SAFETY: getuid cannot fail.
+    let uid = unsafe { libc::getuid() };
+    let locks = tmp.path().join(format!("qemu-migrate-{uid}"));
     let left: Vec<_> = std::fs::read_dir(tmp.path())
         .unwrap()
         .map(|e| e.unwrap().path())
+        .filter(|p| *p != locks || std::fs::read_dir(p).unwrap().next().is_some())
         .collect();
     if !out.status.success() {
         assert!(left.is_empty(), "left behind: {left:?}; {}", stderr(&out));
@@ -259,5 +264,110 @@ fn a_disk_written_replaced_or_deleted_since_the_save_is_refused_before_qemu_star
             "--daemonize".as_ref(),
         ]);
         assert_refused(&out, 3, &["QEMU exited", "Could not open"]);
+    }
+}
+
+fn info_status(hmp: &Path) -> String {
+    let out = Command::new(bin("monitor-send"))
+        .arg(hmp)
+        .arg("info status")
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_restore_is_refused_while_the_saved_vm_holds_its_sockets_and_of_two_at_once_one_wins() {
+    for qemu in qemus() {
+        let dir = tempfile::tempdir().unwrap();
+        let qcow = dir.path().join("disk.qcow2");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            &qcow.display().to_string(),
+            "16M",
+        ]);
+        let mut options = recipe_options(dir.path());
+        options.extend([
+            "-drive".to_string(),
+            format!("file={},format=qcow2,if=virtio", qcow.display()),
+        ]);
+        let (mut source, _) = Vm::start_ticking(&qemu, &options);
+        let statefile = dir.path().join("state");
+        // The default: the source stays paused, holding its sockets and disk.
+        let out = migrate()
+            .args(["save", "--monitor"])
+            .arg(&source.hmp)
+            .arg(&statefile)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        let out = restore(&[statefile.as_os_str(), "--daemonize".as_ref()]);
+        assert_refused(
+            &out,
+            2,
+            &[
+                &format!("is still held by process {}", source.pid()),
+                "the saved VM, or another restore of it, still runs",
+            ],
+        );
+        assert!(
+            info_status(&source.hmp).contains("paused"),
+            "the source's socket still works"
+        );
+
+        // Once it has ended, two restores at once: exactly one wins, and the
+        // user's socket reaches the VM it started.
+        let hmp = source.hmp.clone();
+        let _ = source.qmp().execute("quit", None);
+        source.wait_exit();
+        let pidfiles = [dir.path().join("a.pid"), dir.path().join("b.pid")];
+        let racers: Vec<_> = pidfiles
+            .iter()
+            .map(|p| {
+                migrate()
+                    .args(["restore", "--daemonize", "--pidfile"])
+                    .arg(p)
+                    .arg(&statefile)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let outs: Vec<Output> = racers
+            .into_iter()
+            .map(|c| c.wait_with_output().unwrap())
+            .collect();
+        let winners: Vec<usize> = (0..2).filter(|&i| outs[i].status.success()).collect();
+        if winners.len() != 1 {
+            pidfiles
+                .iter()
+                .filter(|p| p.exists())
+                .for_each(|p| kill_pidfile(p));
+        }
+        assert_eq!(
+            winners.len(),
+            1,
+            "{:?}",
+            outs.iter().map(stderr).collect::<Vec<_>>()
+        );
+        let loser = &outs[1 - winners[0]];
+        assert_eq!(loser.status.code(), Some(2), "{}", stderr(loser));
+        let said = info_status(&hmp);
+        let winner_pid: u32 = std::fs::read_to_string(&pidfiles[winners[0]])
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        kill_pidfile(&pidfiles[winners[0]]);
+        assert!(
+            said.contains("running"),
+            "the winner answers on {}: {said}",
+            hmp.display()
+        );
+        assert!(winner_pid > 0);
     }
 }

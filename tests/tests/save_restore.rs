@@ -527,3 +527,64 @@ fn a_qemu_older_than_the_saving_one_is_refused_before_it_starts() {
         );
     }
 }
+
+#[test]
+fn a_save_killed_mid_stream_resumes_the_guest_and_puts_qemus_settings_back() {
+    for qemu in qemus() {
+        let mut vm = big_guest(&qemu, 1024, 600);
+        let bandwidth = |vm: &mut Vm| {
+            vm.qmp().execute("query-migrate-parameters", None).unwrap()["max-bandwidth"].clone()
+        };
+        let before = bandwidth(&mut vm);
+        let dir = tempfile::tempdir().unwrap();
+        let statefile = dir.path().join("state");
+        let (save, _out) = slow_save(&vm, &statefile, &["--bandwidth", "100"]);
+        // SAFETY: a signal to a process we started.
+        unsafe { libc::kill(save.id() as i32, libc::SIGKILL) };
+        // Its stderr ends when the watchdog, which shares it, is done too.
+        let out = save.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("the saving process died: the save did not finish; the guest was resumed"),
+            "{err}"
+        );
+        assert_eq!(vm.status(), "running");
+        assert_eq!(
+            bandwidth(&mut vm),
+            before,
+            "the bandwidth cap is QEMU's again"
+        );
+        let migration = vm.qmp().execute("query-migrate", None).unwrap();
+        assert!(
+            matches!(migration["status"].as_str(), Some("cancelled" | "failed")),
+            "{migration}"
+        );
+        let left = |dir: &Path| {
+            std::fs::read_dir(dir)
+                .unwrap()
+                .filter(|e| {
+                    e.as_ref()
+                        .unwrap()
+                        .file_name()
+                        .to_string_lossy()
+                        .ends_with(".partial")
+                })
+                .count()
+        };
+        assert_eq!(left(dir.path()), 1, "the dead save's stream");
+        assert!(!statefile.exists());
+        // The next save of the same file recognises it as dead and removes it.
+        let out = migrate()
+            .args(["save", "--then", "resume", "--monitor"])
+            .arg(&vm.hmp)
+            .arg(&statefile)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(left(dir.path()), 0);
+    }
+}

@@ -172,13 +172,21 @@ enum Cmd {
               value_parser = PossibleValuesParser::new(["quit", "stop"])
                   .map(|s| s.parse::<AfterLive>().expect("a listed value")))]
         then: AfterLive,
-        /// Deadline for each monitor reply, in seconds.
-        #[arg(long, default_value = "30")]
+        /// The longest the migration may run, in seconds; then it is cancelled
+        /// and the source runs on (or see --timeout-suspend).
+        #[arg(long, value_name = "SECS", default_value_t = live::DEFAULT_TIMEOUT.as_secs())]
         timeout: u64,
         /// With --to local: the destination's QEMU binary (default: the
         /// source's); a newer one gets the source's machine type pinned.
         #[arg(long)]
         qemu: Option<PathBuf>,
+        /// At the timeout, pause the guest so that the migration finishes
+        /// (it is resumed on the destination) instead of cancelling it. Local only.
+        #[arg(long)]
+        timeout_suspend: bool,
+        /// Deadline for each monitor reply, in seconds.
+        #[arg(long, value_name = "SECS", default_value = "30")]
+        reply_timeout: u64,
     },
     /// Start a QEMU that waits for a live migration on a TCP port, then run it.
     Receive {
@@ -400,10 +408,14 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
             then,
             timeout,
             qemu,
+            timeout_suspend,
+            reply_timeout,
         } => {
-            let mut vm = Vm::attach(monitor.as_str(), Duration::from_secs(*timeout))?;
+            let mut vm = Vm::attach(monitor.as_str(), Duration::from_secs(*reply_timeout))?;
             let mut options = LiveOptions::default();
             options.destination_qemu.clone_from(qemu);
+            options.timeout = Duration::from_secs(*timeout);
+            options.timeout_suspend = *timeout_suspend;
             options.downtime_limit = downtime_limit.map(Duration::from_millis);
             options.bandwidth = bandwidth.map(|m| m << 20);
             options.auto_converge = !*no_auto_converge;

@@ -154,6 +154,27 @@ pub enum Error {
         /// Why it is not trusted.
         reason: String,
     },
+    /// Another restore of the same state file is running.
+    #[error("another qemu-migrate is restoring {} right now", .path.display())]
+    RestoreBusy {
+        /// The state file.
+        path: PathBuf,
+    },
+    /// A socket or disk of the VM is still held by a running process: the
+    /// saved VM itself, or another restore of it.
+    #[error(
+        "{what} is still held by process {pid} ({name}): the saved VM, or another restore of \
+         it, still runs; end it first (`quit` on its monitor), since two QEMUs of one VM take \
+         each other's sockets and disks"
+    )]
+    StillHeld {
+        /// The socket or disk, in words.
+        what: String,
+        /// The process holding it.
+        pid: u32,
+        /// Its name.
+        name: String,
+    },
     /// The target of a save exists and replacing it was not asked for.
     #[error(
         "{} exists{}; give --force to replace it",
@@ -207,6 +228,8 @@ impl Error {
             | Error::Exists { .. }
             | Error::FilesChanged { .. }
             | Error::Untrusted { .. }
+            | Error::RestoreBusy { .. }
+            | Error::StillHeld { .. }
             | Error::OlderDestination { .. }
             | Error::DestinationMachine { .. } => ErrorKind::Refused,
             Error::MigrationFailed(_)

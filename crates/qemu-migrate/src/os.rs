@@ -272,8 +272,36 @@ impl VmLock {
         VmLock::take_in(&lock_dir()?, pid)
     }
 
+    /// The lock of restoring the state file `statefile` (keyed by its
+    /// device and inode): two restores of one save cannot both start it.
+    ///
+    /// # Errors
+    /// [`Error::RestoreBusy`] when another restore holds it; as [`VmLock::take`].
+    pub fn take_restore(statefile: &Path) -> Result<VmLock> {
+        let meta = std::fs::metadata(statefile)
+            .map_err(Error::file(statefile, "opening the state file"))?;
+        let name = format!("restore-{}-{}.lock", meta.dev(), meta.ino());
+        VmLock::take_file(&lock_dir()?.join(name)).map_err(|e| match e {
+            Error::Busy { .. } => Error::RestoreBusy {
+                path: statefile.to_path_buf(),
+            },
+            e => e,
+        })
+    }
+
     fn take_in(dir: &Path, pid: u32) -> Result<VmLock> {
-        let path = dir.join(format!("vm-{pid}.lock"));
+        VmLock::take_file(&dir.join(format!("vm-{pid}.lock"))).map_err(|e| match e {
+            Error::Busy { .. } => Error::Busy {
+                pid,
+                migration: None,
+            },
+            e => e,
+        })
+    }
+
+    fn take_file(path: &Path) -> Result<VmLock> {
+        let path = path.to_path_buf();
+        let pid = 0;
         loop {
             let file = File::options()
                 .create(true)
@@ -349,6 +377,210 @@ fn check_private_dir(dir: &Path, uid: u32) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// A process that outlives this one to put a VM back as it was if this
+/// one dies (kill -9 included) in the middle of changing it. It is forked
+/// before anything changes and holds one end of a pipe: this process tells
+/// it how far it got (one byte per step), and says "done" when it has put
+/// things back itself. If the pipe reaches its end without "done", this
+/// process is gone, and the watchdog runs its task with the last step it
+/// heard, then exits.
+///
+/// The task runs in a forked child of a process that may have threads: it
+/// may use the allocator (glibc's is safe after fork) and sockets, but no
+/// lock another thread could have held (stdout, the environment).
+#[derive(Debug)]
+pub struct Watchdog {
+    pid: libc::pid_t,
+    to_child: Option<File>,
+}
+
+/// The byte that tells the watchdog its parent put everything back itself.
+const WATCHDOG_DONE: u8 = b'.';
+
+impl Watchdog {
+    /// Forks the watchdog; `task(last_step)` runs in it if this process
+    /// dies without [`Watchdog::dismiss`]. It ignores SIGINT, SIGTERM and
+    /// SIGHUP (a Ctrl-C is this process's to handle) and keeps only
+    /// stdin, stdout and stderr of this process's descriptors, so that no
+    /// lock, monitor connection or file of this process outlives it.
+    ///
+    /// # Errors
+    /// [`Error::Os`] when the pipe or the fork fails.
+    pub fn spawn(task: impl FnOnce(Option<u8>)) -> Result<Watchdog> {
+        let (rx, tx) = std::io::pipe().map_err(Error::os("creating the watchdog's pipe"))?;
+        // SAFETY: fork has no preconditions; the child only runs the code
+        // below and exits without returning into the caller.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(Error::os("starting the watchdog process")(
+                std::io::Error::last_os_error(),
+            ));
+        }
+        if pid > 0 {
+            drop(rx);
+            return Ok(Watchdog {
+                pid,
+                to_child: Some(File::from(OwnedFd::from(tx))),
+            });
+        }
+        // The child.
+        drop(tx);
+        let keep = rx.as_fd().as_raw_fd();
+        // SAFETY: plain calls on this process's own signals and descriptors.
+        unsafe {
+            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGPIPE] {
+                libc::signal(sig, libc::SIG_IGN);
+            }
+        }
+        close_all_but(keep);
+        let mut rx = rx;
+        let mut last = None;
+        let mut byte = [0u8; 1];
+        loop {
+            match std::io::Read::read(&mut rx, &mut byte) {
+                Ok(1) if byte[0] == WATCHDOG_DONE => {
+                    // SAFETY: leaves the child without running the parent's destructors.
+                    unsafe { libc::_exit(0) }
+                }
+                Ok(1) => last = Some(byte[0]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                _ => break,
+            }
+        }
+        task(last);
+        // SAFETY: as above.
+        unsafe { libc::_exit(0) }
+    }
+
+    /// Tells the watchdog how far this process got.
+    pub fn step(&mut self, step: u8) {
+        debug_assert_ne!(step, WATCHDOG_DONE);
+        if let Some(f) = self.to_child.as_mut() {
+            let _ = std::io::Write::write_all(f, &[step]);
+        }
+    }
+
+    /// Tells the watchdog all is well, and waits for it to exit.
+    pub fn dismiss(mut self) {
+        self.step_done();
+    }
+
+    fn step_done(&mut self) {
+        if let Some(mut f) = self.to_child.take() {
+            let _ = std::io::Write::write_all(&mut f, &[WATCHDOG_DONE]);
+            drop(f);
+            let mut status = 0;
+            // SAFETY: waits for our own child, which exits on reading "done".
+            unsafe { libc::waitpid(self.pid, &mut status, 0) };
+        }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        // Dropped on a path that returned normally (an error included):
+        // this process put things back itself.
+        self.step_done();
+    }
+}
+
+/// Closes every descriptor above stderr but `keep`: `close_range` (Linux
+/// 5.9), else each one `/proc/self/fd` lists.
+fn close_all_but(keep: libc::c_int) {
+    let ranges = [(3, keep - 1), (keep + 1, libc::c_int::MAX)];
+    // SAFETY: close_range only closes this process's descriptors in the range.
+    let ok = ranges.iter().all(|&(lo, hi)| {
+        lo > hi || unsafe { libc::syscall(libc::SYS_close_range, lo as u32, hi as u32, 0) } == 0
+    });
+    if ok {
+        return;
+    }
+    let open: Vec<libc::c_int> = std::fs::read_dir("/proc/self/fd")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2 && fd != keep)
+        .collect();
+    for fd in open {
+        // SAFETY: closes a descriptor of this process; one that was the
+        // directory listing's own is already closed and fails harmlessly.
+        unsafe { libc::close(fd) };
+    }
+}
+
+/// The process listening on the unix socket at `path`, if one does: a
+/// connection is made and let go at once (`SO_PEERCRED` names the
+/// listener). `None` when nothing listens (no file, or a stale one).
+pub fn socket_listener(path: &Path) -> Option<u32> {
+    let stream = std::os::unix::net::UnixStream::connect(path).ok()?;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: cred and len are valid for writes of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && cred.pid > 0).then_some(cred.pid as u32)
+}
+
+/// The processes that have the file at `path` open (any descriptor of
+/// theirs on the same inode), as far as `/proc` lets this user see.
+pub fn file_holders(path: &Path) -> Vec<u32> {
+    let Ok(target) = std::fs::metadata(path) else {
+        return Vec::new();
+    };
+    let me = std::process::id();
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let holds = std::fs::read_dir(entry.path().join("fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|fd| {
+                std::fs::metadata(fd.path())
+                    .is_ok_and(|m| m.dev() == target.dev() && m.ino() == target.ino())
+            });
+        if holds {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// A process's name (`/proc/PID/comm`), for messages.
+pub fn process_name(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// Writes `text` to stderr with one system call and no lock (safe in a
+/// forked child, where another thread may have held std's stderr lock).
+pub(crate) fn write_stderr(text: &str) {
+    // SAFETY: writes from a buffer we own, of its length.
+    unsafe { libc::write(2, text.as_ptr().cast(), text.len()) };
 }
 
 /// This process's real user id.

@@ -245,6 +245,8 @@ pub fn restore(path: &Path, options: &RestoreOptions, progress: &dyn Progress) -
             trust::check_binary(&binary)?;
         }
     }
+    let _restoring = os::VmLock::take_restore(path)?;
+    refuse_if_still_held(&args, checked.manifest.as_ref())?;
     if let Some(m) = &checked.manifest {
         let changes = crate::guard::changes(&m.files);
         if !changes.is_empty() && !options.force {
@@ -310,6 +312,39 @@ fn pin_machine(
         return Ok((args, None));
     }
     Ok((pinned_args, Some(pinned)))
+}
+
+/// Refuses a restore while a process still listens on one of the VM's unix
+/// sockets or has one of its disks open: the saved QEMU (paused after its
+/// save) or another restore. Started beside it, the new QEMU would take
+/// over the socket paths, which the old one unlinks when it ends.
+fn refuse_if_still_held(args: &[String], manifest: Option<&Manifest>) -> Result<()> {
+    let args = crate::argv::restart_options(args);
+    for w in args.windows(2) {
+        if let Some(sock) = crate::argv::unix_server_path(&w[0], &w[1]) {
+            if let Some(pid) = os::socket_listener(&sock) {
+                return Err(Error::StillHeld {
+                    what: format!("its socket {}", sock.display()),
+                    pid,
+                    name: os::process_name(pid),
+                });
+            }
+        }
+    }
+    let disks = manifest
+        .into_iter()
+        .flat_map(|m| &m.files)
+        .filter(|f| f.role == crate::guard::Role::Disk);
+    for disk in disks {
+        if let Some(&pid) = os::file_holders(&disk.path).first() {
+            return Err(Error::StillHeld {
+                what: format!("its disk {}", disk.path.display()),
+                pid,
+                name: os::process_name(pid),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Feeds the stream to the waiting QEMU and waits for it to say it loaded.

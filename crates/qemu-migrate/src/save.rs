@@ -141,6 +141,18 @@ pub fn save(
     os::remove_stale_partials(path);
     let ram_bytes = vm.monitor.ram_size()?;
 
+    let old_bandwidth = vm.monitor.migration_parameter("max-bandwidth")?;
+
+    // From here on this process changes the VM; if it dies, the watchdog
+    // puts it back (see `put_back`).
+    let mut watchdog = {
+        let addr = vm.monitor.addr().clone();
+        let resume = was_running && !options.live;
+        let then = options.then;
+        os::Watchdog::spawn(move |last| {
+            put_back(&addr, resume, old_bandwidth, then, last == Some(COMMITTED))
+        })?
+    };
     let (files, file) = SaveFiles::create(path)?;
 
     if was_running && !options.live {
@@ -149,16 +161,6 @@ pub fn save(
             return Err(e.into());
         }
     }
-    let old_bandwidth = match vm.monitor.migration_parameter("max-bandwidth") {
-        Ok(b) => b,
-        Err(e) => {
-            files.remove();
-            if was_running && !options.live {
-                let _ = vm.monitor.cont();
-            }
-            return Err(e.into());
-        }
-    };
     let result = run_migration(vm, file, path, ram_bytes, options, progress);
     // Put QEMU's own setting back whatever happened.
     let _ = vm
@@ -213,19 +215,29 @@ pub fn save(
         instant: None,
     };
     let sync = !options.no_sync;
-    if let Err(e) = commit(&files, &copied.file, path, &manifest, previous, sync) {
+    if let Err(e) = commit(
+        &files,
+        &copied.file,
+        path,
+        &manifest,
+        previous,
+        sync,
+        &options.cancel,
+    ) {
         files.remove();
         if was_running && !options.live {
             let _ = vm.monitor.cont_after_migration();
         }
         return Err(e);
     }
+    watchdog.step(COMMITTED);
 
     match options.then {
         Then::Stop => {}
         Then::Resume => vm.monitor.cont_after_migration()?,
         Then::Quit => vm.monitor.quit()?,
     }
+    watchdog.dismiss();
     Ok(SaveReport {
         manifest,
         path: path.to_path_buf(),
@@ -270,6 +282,63 @@ pub(crate) fn replaced_save(target: &Path, force: bool) -> Result<Option<Box<Man
     Ok(candidates.into_iter().next())
 }
 
+/// The watchdog's step after the save is committed: from then on, a death
+/// of this process leaves the save and does what `--then` asked.
+pub(crate) const COMMITTED: u8 = b'C';
+
+/// Run by the watchdog when the saving process died: a migration still
+/// running is cancelled, QEMU's bandwidth cap put back, and the guest
+/// resumed if it ran and the save was not committed; once committed, what
+/// `--then` asked is done. Best effort, each step on its own; one line on
+/// stderr says what was done.
+pub(crate) fn put_back(
+    addr: &qemu_monitor::MonitorAddr,
+    resume: bool,
+    bandwidth: u64,
+    then: Then,
+    committed: bool,
+) {
+    let options = qemu_monitor::Options {
+        timeout: Duration::from_secs(10),
+        wait_socket: Some(Duration::from_secs(5)),
+    };
+    let Ok(mut monitor) = qemu_monitor::connect(addr.clone(), &options) else {
+        os::write_stderr(
+            "qemu-migrate: the save died; its monitor could not be reached to put the VM back\n",
+        );
+        return;
+    };
+    if monitor
+        .migration()
+        .is_ok_and(|m| !m.status.is_final() && m.status != MigrationStatus::None)
+    {
+        let _ = monitor.migrate_cancel();
+        let _ = monitor.wait_migration(Instant::now() + Duration::from_secs(10), |_| {});
+    }
+    let _ = monitor.set_migration_parameter("max-bandwidth", bandwidth);
+    let done = if committed {
+        match then {
+            Then::Stop => "the save was complete; the VM stays paused as asked",
+            Then::Resume => {
+                let _ = monitor.cont_after_migration();
+                "the save was complete; the guest was resumed as asked"
+            }
+            Then::Quit => {
+                let _ = monitor.quit();
+                "the save was complete; QEMU was ended as asked"
+            }
+        }
+    } else if resume && monitor.status().is_ok_and(|s| !s.is_running()) {
+        let _ = monitor.cont_after_migration();
+        "the save did not finish; the guest was resumed"
+    } else {
+        "the save did not finish; the VM is as it was"
+    };
+    os::write_stderr(&format!(
+        "qemu-migrate: the saving process died: {done}, and QEMU's bandwidth cap put back\n"
+    ));
+}
+
 /// Puts the finished save in place: the three synced renames of the module
 /// docs. At every instant, what is at `target` restores (old or new).
 pub(crate) fn commit(
@@ -279,6 +348,7 @@ pub(crate) fn commit(
     manifest: &Manifest,
     previous: Option<Box<Manifest>>,
     sync: bool,
+    cancel: &AtomicBool,
 ) -> Result<()> {
     let manifest_path = manifest::path_for(target);
     let rename = |from: &Path, to: &Path, what: &'static str| -> Result<()> {
@@ -292,6 +362,12 @@ pub(crate) fn commit(
         stream
             .sync_all()
             .map_err(Error::file(target, "syncing the state file"))?;
+    }
+    // The last moment a Ctrl-C still cancels: after this, the save is kept.
+    if cancel.load(Ordering::Relaxed) {
+        return Err(Error::Cancelled(
+            "the save was cancelled; nothing was kept".into(),
+        ));
     }
     let had_previous = previous.is_some();
     if had_previous {

@@ -65,6 +65,24 @@ pub(crate) fn save(
     let image = image_path(path);
     os::remove_stale_partials(&image);
     let ram_bytes = vm.monitor.ram_size()?;
+    let old_bandwidth = vm.monitor.migration_parameter("max-bandwidth")?;
+
+    // From here on this process changes the VM; if it dies, the watchdog
+    // puts it back, as for a plain save.
+    let mut watchdog = {
+        let addr = vm.monitor.addr().clone();
+        let resume = was_running && !options.live;
+        let then = options.then;
+        os::Watchdog::spawn(move |last| {
+            crate::save::put_back(
+                &addr,
+                resume,
+                old_bandwidth,
+                then,
+                last == Some(crate::save::COMMITTED),
+            )
+        })?
+    };
 
     // Guest memory, both files: private, never through a planted link.
     let (files, stream_file) = SaveFiles::create(path)?;
@@ -88,16 +106,6 @@ pub(crate) fn save(
             return Err(e.into());
         }
     }
-    let old_bandwidth = match vm.monitor.migration_parameter("max-bandwidth") {
-        Ok(b) => b,
-        Err(e) => {
-            cleanup();
-            if was_running && !options.live {
-                let _ = vm.monitor.cont();
-            }
-            return Err(e.into());
-        }
-    };
     let result = run_migration(
         vm,
         (stream_file, image_file),
@@ -228,6 +236,7 @@ pub(crate) fn save(
             &manifest,
             previous.clone(),
             sync,
+            &options.cancel,
         )?;
         Ok(manifest)
     };
@@ -245,12 +254,14 @@ pub(crate) fn save(
         // A plain save replaces an instant one: its old image goes too.
         let _ = std::fs::remove_file(&image);
     }
+    watchdog.step(crate::save::COMMITTED);
 
     match options.then {
         Then::Stop => {}
         Then::Resume => vm.monitor.cont_after_migration()?,
         Then::Quit => vm.monitor.quit()?,
     }
+    watchdog.dismiss();
     Ok(SaveReport {
         manifest,
         path: path.to_path_buf(),

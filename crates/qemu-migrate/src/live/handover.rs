@@ -7,7 +7,7 @@ use crate::argv;
 use crate::error::{Error, Result};
 
 /// The user's listening unix sockets, kept reachable across a local migration.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(super) struct SocketHandover {
     /// (the user's path, the source's socket linked aside, a name for the destination's)
     links: Vec<(PathBuf, PathBuf, PathBuf)>,
@@ -65,6 +65,15 @@ impl SocketHandover {
             let _ = std::fs::remove_file(&dest);
             let _ = std::fs::remove_file(&source);
         }
+    }
+
+    /// Where the source's socket for the user's `path` is kept while the
+    /// destination has the path (the path itself when it is not handed over).
+    pub(super) fn source_path(&self, path: &Path) -> PathBuf {
+        self.links
+            .iter()
+            .find(|(p, _, _)| p == path)
+            .map_or_else(|| path.to_path_buf(), |(_, source, _)| source.clone())
     }
 
     pub(super) fn kept_for_source(&mut self) -> Vec<PathBuf> {

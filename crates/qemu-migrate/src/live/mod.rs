@@ -104,6 +104,15 @@ pub struct LiveOptions {
     /// How long the destination may take to confirm after QEMU reports
     /// the migration completed.
     pub confirm_timeout: Duration,
+    /// How long the migration may run before it is made to end: cancelled
+    /// with the source running on, or, with `timeout_suspend`, finished
+    /// with the guest paused (as `virsh migrate --timeout`). A guest that
+    /// dirties RAM faster than it can be sent never converges by itself.
+    pub timeout: Duration,
+    /// At the timeout, pause the guest so the migration finishes (the
+    /// destination is resumed once it has the guest) instead of cancelling.
+    /// Local destinations only.
+    pub timeout_suspend: bool,
     /// Set (e.g. by a signal handler) to cancel; honoured until the source
     /// reports `completed`.
     pub cancel: Arc<AtomicBool>,
@@ -111,6 +120,11 @@ pub struct LiveOptions {
     /// the source's machine type is pinned for it).
     pub destination_qemu: Option<PathBuf>,
 }
+
+/// [`LiveOptions::timeout`] by default: long enough for any guest that
+/// converges at all over a local link, short enough that a throttled guest
+/// does not crawl for long.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 
 impl Default for LiveOptions {
     fn default() -> Self {
@@ -120,6 +134,8 @@ impl Default for LiveOptions {
             auto_converge: true,
             then: AfterLive::Quit,
             confirm_timeout: Duration::from_secs(60),
+            timeout: DEFAULT_TIMEOUT,
+            timeout_suspend: false,
             cancel: Arc::default(),
             destination_qemu: None,
         }
@@ -161,6 +177,12 @@ pub fn live(
     let started = Instant::now();
     let _lock = VmLock::take(vm.pid())?;
     let was_running = vm.check_migratable("migrate")?;
+    if options.timeout_suspend && !matches!(to, Destination::Local) {
+        return Err(Error::BadAddress {
+            given: to.to_string(),
+            expected: "local with --timeout-suspend (a receiver on another host cannot be told to resume the guest)",
+        });
+    }
     let ram_bytes = vm.monitor.ram_size()?;
 
     // Prepare: the destination exists and listens before the source changes.
@@ -220,6 +242,28 @@ pub fn live(
 
     let old_bandwidth = vm.monitor.migration_parameter("max-bandwidth")?;
     let old_auto_converge = vm.monitor.capability("auto-converge").ok().flatten();
+    // From here on, if this process dies, the watchdog puts the VM back.
+    let mut watchdog = {
+        let undo = Undo {
+            source: vm.monitor.addr().clone(),
+            source_pid: vm.pid(),
+            sockets: sockets.clone(),
+            destination_pid: local.as_ref().map(|(d, _)| d.pid()),
+            was_running,
+            bandwidth: old_bandwidth,
+            auto_converge: old_auto_converge,
+            then: options.then,
+            wait: options.confirm_timeout,
+        };
+        match os::Watchdog::spawn(move |last| undo.run(last == Some(CONFIRMED))) {
+            Ok(w) => w,
+            Err(e) => {
+                drop(local);
+                sockets.back_to_source();
+                return Err(e);
+            }
+        }
+    };
     let outcome = perform(
         vm,
         &uri,
@@ -246,6 +290,7 @@ pub fn live(
         }
     };
 
+    watchdog.step(CONFIRMED);
     let mut source_sockets = Vec::new();
     match options.then {
         AfterLive::Quit => {
@@ -268,6 +313,7 @@ pub fn live(
     if let Some((dest, _dir)) = local {
         let _ = dest.detach();
     }
+    watchdog.dismiss();
     Ok(LiveReport {
         destination: to.clone(),
         elapsed: started.elapsed(),
@@ -277,6 +323,87 @@ pub fn live(
         source_sockets,
         pinned,
     })
+}
+
+/// The watchdog's step once the destination confirmed it has the guest.
+const CONFIRMED: u8 = b'C';
+
+/// What the watchdog of a live migration needs to put things right if the
+/// migrating process dies (kill -9 included).
+struct Undo {
+    source: qemu_monitor::MonitorAddr,
+    source_pid: u32,
+    sockets: SocketHandover,
+    destination_pid: Option<u32>,
+    was_running: bool,
+    bandwidth: u64,
+    auto_converge: Option<bool>,
+    then: AfterLive,
+    wait: Duration,
+}
+
+impl Undo {
+    /// Before the destination confirmed: the local destination is killed,
+    /// the source gets its sockets back, the migration is cancelled, its
+    /// settings put back and the guest resumed. After: the source is ended
+    /// (or left paused) and the sockets go to the destination, as `then` asked.
+    fn run(mut self, confirmed: bool) {
+        let options = qemu_monitor::Options {
+            timeout: Duration::from_secs(10),
+            wait_socket: Some(Duration::from_secs(5)),
+        };
+        let source_addr = |sockets: &SocketHandover, addr: &qemu_monitor::MonitorAddr| match addr {
+            qemu_monitor::MonitorAddr::Path(p) => {
+                qemu_monitor::MonitorAddr::Path(sockets.source_path(p))
+            }
+            other => other.clone(),
+        };
+        if !confirmed {
+            if let Some(pid) = self.destination_pid {
+                // SAFETY: a signal to the destination QEMU this migration started.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                os::wait_gone(pid, Duration::from_secs(5));
+            }
+            self.sockets.back_to_source();
+            let Ok(mut src) = qemu_monitor::connect(self.source.clone(), &options) else {
+                os::write_stderr("qemu-migrate: the migrating process died; the source's monitor could not be reached\n");
+                return;
+            };
+            if src
+                .migration()
+                .is_ok_and(|m| !m.status.is_final() && m.status != MigrationStatus::None)
+            {
+                let _ = src.migrate_cancel();
+                let _ = src.wait_migration(Instant::now() + Duration::from_secs(10), |_| {});
+            }
+            restore_settings(&mut src, self.bandwidth, self.auto_converge);
+            if self.was_running && src.status().is_ok_and(|s| !s.is_running()) {
+                let _ = src.cont_after_migration();
+            }
+            os::write_stderr(
+                "qemu-migrate: the migrating process died before the destination confirmed: the \
+                 migration was cancelled, the source has its sockets back and runs as before\n",
+            );
+            return;
+        }
+        let addr = source_addr(&self.sockets, &self.source);
+        let Ok(mut src) = qemu_monitor::connect(addr, &options) else {
+            return;
+        };
+        match self.then {
+            AfterLive::Quit => {
+                self.sockets.before_source_quits();
+                let _ = src.quit();
+                os::wait_gone(self.source_pid, self.wait);
+                self.sockets.after_source_quit();
+            }
+            AfterLive::Stop => restore_settings(&mut src, self.bandwidth, self.auto_converge),
+        }
+        os::write_stderr(
+            "qemu-migrate: the migrating process died after the destination confirmed: the \
+             guest runs there, and the source was handled as --then asked\n",
+        );
+    }
 }
 
 /// Puts back the settings a live migration changed on the source.
@@ -309,10 +436,14 @@ fn perform(
         src.set_migration_parameter("downtime-limit", ms)?;
     }
     src.migrate(uri)?;
+    let deadline = Instant::now() + options.timeout;
 
     let mut dest_done = false;
     let mut dest_gone = None;
     let mut cancelled = false;
+    let mut timed_out = None;
+    let mut suspended = false;
+    let mut receiver_gone = false;
     let info = loop {
         // Wait for something to happen: an event from whichever side has
         // QMP, else one progress tick.
@@ -341,7 +472,26 @@ fn perform(
         if info.status.is_final() {
             break info;
         }
-        if !cancelled && (dest_gone.is_some() || options.cancel.load(Ordering::Relaxed)) {
+        if !cancelled && !suspended && Instant::now() >= deadline {
+            if options.timeout_suspend {
+                // Nothing dirties RAM any more: the rest is sent and QEMU
+                // completes; the destination comes up paused and is resumed.
+                src.stop()?;
+                suspended = true;
+            } else {
+                timed_out = Some(info.clone());
+                cancelled = true;
+                src.migrate_cancel()?;
+            }
+        }
+        if !receiver_gone && confirm.as_ref().is_some_and(|c| peer_closed(c.get_ref())) {
+            // The receiving qemu-migrate is gone: nobody would confirm or
+            // run the guest there.
+            receiver_gone = true;
+        }
+        if !cancelled
+            && (dest_gone.is_some() || receiver_gone || options.cancel.load(Ordering::Relaxed))
+        {
             cancelled = true;
             src.migrate_cancel()?;
         }
@@ -356,6 +506,22 @@ fn perform(
     if options.cancel.load(Ordering::Relaxed) && info.status != MigrationStatus::Completed {
         return Err(interrupted());
     }
+    if receiver_gone && info.status != MigrationStatus::Completed {
+        return Err(Error::MigrationFailed(format!(
+            "the receiving qemu-migrate went away during the migration, so it was cancelled; {keeps}"
+        )));
+    }
+    if let Some(at) = timed_out.filter(|_| info.status != MigrationStatus::Completed) {
+        return Err(Error::MigrationFailed(format!(
+            "it did not converge within {:?} ({} MiB sent, {} MiB still to send), so it was \
+             cancelled; {keeps}; give a longer --timeout, a higher --bandwidth, or \
+             --timeout-suspend to pause the guest so that it finishes",
+            options.timeout,
+            at.transferred >> 20,
+            at.remaining >> 20
+        )));
+    }
+    // A destination that exits after our cancel only says the stream was cut.
     if let Some(gone) = dest_gone {
         return Err(destination_exited(gone, keeps));
     }
@@ -384,8 +550,17 @@ fn perform(
     // Confirm: the source stays paused (postmigrate) until the destination
     // says the guest is where the source left it.
     let (pid, state) = match (local, confirm) {
-        (Some(dest), _) => confirm_local(dest, dest_done, options.confirm_timeout)
-            .map_err(|e| destination_exited(e, keeps))?,
+        (Some(dest), _) => {
+            let (pid, state) = confirm_local(dest, dest_done, options.confirm_timeout)
+                .map_err(|e| destination_exited(e, keeps))?;
+            if suspended && was_running && !state.is_running() {
+                // Paused at the timeout to finish: it runs on where it now is.
+                dest.monitor.cont()?;
+                (pid, RunState::Running)
+            } else {
+                (pid, state)
+            }
+        }
         (None, Some(c)) => {
             let said = read_said(c, options.confirm_timeout).map_err(|e| {
                 Error::MigrationFailed(format!(
@@ -414,6 +589,21 @@ fn perform(
         )));
     }
     Ok((info, pid, state))
+}
+
+/// Whether the other end of `stream` has closed it (a receiver that died):
+/// readable, and a peek finds the end rather than data.
+fn peer_closed(stream: &TcpStream) -> bool {
+    if !os::readable(stream, Duration::ZERO) {
+        return false;
+    }
+    let _ = stream.set_nonblocking(true);
+    let closed = match stream.peek(&mut [0u8; 1]) {
+        Ok(n) => n == 0,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    };
+    let _ = stream.set_nonblocking(false);
+    closed
 }
 
 fn destination_exited(e: Error, keeps: &str) -> Error {

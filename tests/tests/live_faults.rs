@@ -1,0 +1,117 @@
+//! `qemu-migrate live` killed (kill -9) in the middle of a local
+//! migration: its watchdog kills the half-loaded destination, gives the
+//! source back the user's socket paths, cancels the migration, puts QEMU's
+//! settings back and resumes the guest, within seconds.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use qemu_monitor::Options;
+use recipe_tests::{bin, guest, qemus, tick, Vm};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn ticks(log: &Path) -> Vec<u64> {
+    String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default())
+        .lines()
+        .filter_map(tick)
+        .collect()
+}
+
+fn wait_tick_above(log: &Path, n: u64) {
+    let deadline = Instant::now() + WAIT;
+    while !ticks(log).iter().any(|&t| t > n) {
+        assert!(
+            Instant::now() < deadline,
+            "no tick above {n}: {:?}",
+            ticks(log)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Who answers on a monitor path, and in what state.
+fn who(path: &Path) -> (u32, String) {
+    let options = Options {
+        timeout: Duration::from_secs(10),
+        wait_socket: None,
+    };
+    let mut m =
+        qemu_monitor::connect(path, &options).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let pid = m.peer_pid().unwrap();
+    let state = m.status().unwrap();
+    (pid, state.name().to_string())
+}
+
+#[test]
+fn a_local_live_migration_killed_midway_leaves_the_source_as_it_was() {
+    for qemu in qemus() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("serial.log");
+        let options: Vec<String> = [
+            "-accel",
+            "tcg",
+            "-m",
+            "32",
+            "-nodefaults",
+            "-serial",
+            &format!("file:{}", log.display()),
+            "-kernel",
+            &guest().display().to_string(),
+        ]
+        .map(String::from)
+        .to_vec();
+        let mut vm = Vm::start(&qemu, &options);
+        wait_tick_above(&log, 1);
+        let cap =
+            vm.qmp().execute("query-migrate-parameters", None).unwrap()["max-bandwidth"].clone();
+
+        let mut live = Command::new(bin("qemu-migrate"))
+            .args(["--json", "live", "--monitor"])
+            .arg(&vm.hmp)
+            .args(["--to", "local", "--bandwidth", "1", "--no-auto-converge"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(live.stdout.take().unwrap());
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(out.read_line(&mut line).unwrap() > 0, "live ended early");
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if v["done"].as_u64().unwrap_or(0) > 0 {
+                break;
+            }
+        }
+        let killed_at = Instant::now();
+        live.kill().unwrap();
+        // Its stderr ends when the watchdog, which shares it, is done.
+        let end = live.wait_with_output().unwrap();
+        let took = killed_at.elapsed();
+        let err = String::from_utf8_lossy(&end.stderr);
+        assert!(
+            err.contains("died before the destination confirmed"),
+            "{err}"
+        );
+        assert!(took < Duration::from_secs(10), "{took:?}");
+
+        // (The test's own QMP session holds the source's QMP socket.)
+        assert_eq!(who(&vm.hmp), (vm.pid(), "running".to_string()));
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("qemu-migrate"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+        assert_eq!(vm.status(), "running");
+        assert_eq!(
+            vm.qmp().execute("query-migrate-parameters", None).unwrap()["max-bandwidth"],
+            cap
+        );
+        let last = *ticks(&log).last().unwrap();
+        wait_tick_above(&log, last);
+    }
+}
