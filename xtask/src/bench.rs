@@ -15,6 +15,7 @@ use crate::qemu::{self, Qemu};
 use crate::test::cargo;
 
 mod instant;
+mod libvirt;
 
 pub struct Args {
     pub runs: usize,

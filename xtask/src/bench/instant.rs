@@ -84,6 +84,7 @@ pub(super) fn instant_speed(q: &Qemu, migrate: &Path, guest: &Path) -> anyhow::R
         q.version
     );
     let mut clones = String::new();
+    let mut measured = Vec::new();
     for (ram, fill) in SIZES {
         let available = std::fs::read_to_string("/proc/meminfo")
             .ok()
@@ -141,6 +142,7 @@ pub(super) fn instant_speed(q: &Qemu, migrate: &Path, guest: &Path) -> anyhow::R
             }
         }
         let (tp, ti) = (median(t_plain), median(t_instant));
+        measured.push((ram, fill, tp, ti));
         let mib = |kib: u64| kib as f64 / 1024.0;
         out.push_str(&format!(
             "| {ram} MiB, {fill} MiB written | {:.2} s | {:.2} s | {:.2} s | {:.3} s | {:.1}× | \
@@ -188,5 +190,50 @@ pub(super) fn instant_speed(q: &Qemu, migrate: &Path, guest: &Path) -> anyhow::R
         drop(vm);
     }
     out.push_str(&clones);
+    out.push_str(&virsh_rows(q, guest, &measured));
     Ok(out)
+}
+
+/// libvirt's `virsh save` and `virsh restore` of the same guests, beside
+/// the restores measured above (libvirt runs the system's QEMU only).
+fn virsh_rows(q: &Qemu, guest: &Path, ours: &[(u32, u32, Duration, Duration)]) -> String {
+    let mut out = format!(
+        "\n#### libvirt's `virsh save` / `virsh restore` of the same guests (QEMU {})\n\n\
+         | guest | `virsh save` | `virsh restore` | `qemu-migrate restore` (stream) | \
+         `qemu-migrate restore` (`--instant`) | `--instant` vs `virsh restore` |\n\
+         |---|---|---|---|---|---|\n",
+        q.version
+    );
+    if q.binary != Path::new("/usr/bin/qemu-system-x86_64") {
+        return String::new();
+    }
+    if let Err(e) = super::libvirt::set_up() {
+        out.push_str(&format!("| not measured: {e} | | | | | |\n"));
+        return out;
+    }
+    for &(ram, fill, tp, ti) in ours {
+        let row = || -> anyhow::Result<(Duration, Duration)> {
+            let runs = if ram <= 1024 { RUNS } else { 1 };
+            let (mut saves, mut restores) = (Vec::new(), Vec::new());
+            let dom = super::libvirt::Domain::start(guest, ram, fill)?;
+            for _ in 0..runs {
+                let (s, r, _) = dom.save_restore()?;
+                saves.push(s);
+                restores.push(r);
+            }
+            Ok((median(saves), median(restores)))
+        };
+        match row() {
+            Ok((s, r)) => out.push_str(&format!(
+                "| {ram} MiB, {fill} MiB written | {:.2} s | {:.2} s | {:.2} s | {:.3} s | {:.1}× faster |\n",
+                s.as_secs_f64(),
+                r.as_secs_f64(),
+                tp.as_secs_f64(),
+                ti.as_secs_f64(),
+                r.as_secs_f64() / ti.as_secs_f64()
+            )),
+            Err(e) => out.push_str(&format!("| {ram} MiB | not measured: {e} | | | | |\n")),
+        }
+    }
+    out
 }
