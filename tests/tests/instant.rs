@@ -143,8 +143,35 @@ fn an_instant_save_restores_and_a_clone_runs_beside_it() {
         first_lines.wait_for(before, WAIT, "the first VM still ticking", |l| {
             tick(l).is_some()
         });
-        quit(&hmp);
+        // The restored VM is the user's VM: saved again, its options are its
+        // own (not the image mapping), and it restores again.
+        let again = dir.path().join("again");
+        ok(migrate()
+            .args(["save", "--instant", "--then", "quit", "--monitor"])
+            .arg(&hmp)
+            .arg(&again)
+            .output()
+            .unwrap());
         assert!(first.wait().unwrap().success());
+        let m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("again.manifest.json")).unwrap())
+                .unwrap();
+        assert!(!m["instant"].is_null(), "{m}");
+        assert!(
+            !m["args"].to_string().contains("memory-backend"),
+            "{}",
+            m["args"]
+        );
+        let last = first_lines
+            .snapshot()
+            .iter()
+            .filter_map(|l| tick(l))
+            .max()
+            .unwrap();
+        let (mut second, second_lines) = restore(&[], &again);
+        carries_on(&qemu, &second_lines, last);
+        quit(&hmp);
+        assert!(second.wait().unwrap().success());
     }
 }
 
