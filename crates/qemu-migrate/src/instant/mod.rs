@@ -38,7 +38,7 @@
 //! holes into a file-backed block's file even when it is mapped privately,
 //! which would damage the image), or a machine whose RAM block is not `pc.ram`.
 //!
-//! **Clones** ([`clone`]): another VM from the same image while the first
+//! **Clones** (`restore --clone`): another VM from the same image while the first
 //! runs, with its own sockets and logs; refused when the VM has a writable
 //! disk that two VMs would share.
 
