@@ -71,6 +71,31 @@ fn carries_on(qemu: &Path, lines: &Lines, last: u64) {
     assert!(!seen.iter().any(|l| l.contains("MISMATCH")), "{seen:?}");
 }
 
+/// A foreground `qemu-migrate restore`, ended (with its QEMU, to which it
+/// passes the signal on) if the test fails before it quits the VM.
+struct Restored(std::process::Child);
+
+impl Restored {
+    fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.0.wait()
+    }
+}
+
+impl Drop for Restored {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            // SAFETY: a signal to the restore this test started.
+            unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM) };
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn restore(args: &[&str], statefile: &Path) -> (Restored, Lines) {
+    let (child, lines) = spawn_lines(migrate().arg("restore").args(args).arg(statefile));
+    (Restored(child), lines)
+}
+
 fn quit(sock: &Path) {
     let q = Command::new(bin("monitor-send"))
         .arg(sock)
@@ -102,12 +127,11 @@ fn an_instant_save_restores_and_a_clone_runs_beside_it() {
             "the stream carries no guest RAM"
         );
 
-        let (mut first, first_lines) = spawn_lines(migrate().arg("restore").arg(&statefile));
+        let (mut first, first_lines) = restore(&[], &statefile);
         carries_on(&qemu, &first_lines, last);
 
         // A clone, while the first runs: its own monitor socket.
-        let (mut clone, clone_lines) =
-            spawn_lines(migrate().args(["restore", "--clone"]).arg(&statefile));
+        let (mut clone, clone_lines) = restore(&["--clone"], &statefile);
         carries_on(&qemu, &clone_lines, last);
         let hmp = source.hmp.clone();
         let clone_hmp = source.dir.path().join("hmp.sock.clone1");
@@ -119,8 +143,35 @@ fn an_instant_save_restores_and_a_clone_runs_beside_it() {
         first_lines.wait_for(before, WAIT, "the first VM still ticking", |l| {
             tick(l).is_some()
         });
-        quit(&hmp);
+        // The restored VM is the user's VM: saved again, its options are its
+        // own (not the image mapping), and it restores again.
+        let again = dir.path().join("again");
+        ok(migrate()
+            .args(["save", "--instant", "--then", "quit", "--monitor"])
+            .arg(&hmp)
+            .arg(&again)
+            .output()
+            .unwrap());
         assert!(first.wait().unwrap().success());
+        let m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("again.manifest.json")).unwrap())
+                .unwrap();
+        assert!(!m["instant"].is_null(), "{m}");
+        assert!(
+            !m["args"].to_string().contains("memory-backend"),
+            "{}",
+            m["args"]
+        );
+        let last = first_lines
+            .snapshot()
+            .iter()
+            .filter_map(|l| tick(l))
+            .max()
+            .unwrap();
+        let (mut second, second_lines) = restore(&[], &again);
+        carries_on(&qemu, &second_lines, last);
+        quit(&hmp);
+        assert!(second.wait().unwrap().success());
     }
 }
 
@@ -314,7 +365,7 @@ fn a_live_instant_save_keeps_the_last_copy_of_every_page() {
             .max()
             .unwrap();
 
-        let (mut restored, lines) = spawn_lines(migrate().arg("restore").arg(&statefile));
+        let (mut restored, lines) = restore(&[], &statefile);
         carries_on(&qemu, &lines, last);
         let dump = dir.path().join("sweep.bin");
         for cmd in [

@@ -306,13 +306,13 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
             shown.done();
             let report = report?;
             let m = &report.manifest.redacted();
-            if let Some(why) = &report.fallback {
+            if let (Some(why), false) = (&report.fallback, cli.json) {
                 eprintln!("qemu-migrate: not an instant save: {why}");
             }
             if cli.json {
                 say!(
                     "{}",
-                    serde_json::json!({ "saved": report.path, "seconds": report.elapsed.as_secs_f64(), "manifest": m })
+                    serde_json::json!({ "saved": report.path, "seconds": report.elapsed.as_secs_f64(), "manifest": m, "fallback": report.fallback })
                 );
             } else {
                 eprintln!(

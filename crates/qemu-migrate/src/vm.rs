@@ -183,7 +183,8 @@ impl Vm {
             monitor,
             pid,
             binary: info.binary,
-            args: info.args,
+            // A VM restored from an instant save is still the user's VM.
+            args: crate::instant::without_image_options(info.args),
             env: info.env,
             version,
             child: None,

@@ -21,7 +21,7 @@
 //!   practice nothing of the block is left to move by then; if records do
 //!   follow, they stay in the stream, after the image's copies, and the
 //!   output is first brought back in step with a small RAM section of its
-//!   own (see [`Rewriter::resync`]).
+//!   own (the rewriter's `resync`).
 
 use std::io::{self, Read, Write};
 

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 mod instant;
+mod libvirt;
 mod live;
 mod monitor;
 mod save;

@@ -9,7 +9,7 @@
 //! recomputes it front to back.
 
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 
@@ -243,33 +243,65 @@ impl ImageReader {
     }
 }
 
+/// Where the next data at or after `offset` starts (`SEEK_DATA`), or where
+/// the hole there ends (`SEEK_HOLE`); `None` past the last data. A
+/// filesystem without hole reporting calls the whole file data, which is
+/// still right, only slower.
+fn seek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: lseek on a descriptor this reader owns; it only moves the
+    // file offset, which this reader does not otherwise use (it reads at
+    // explicit offsets).
+    let r = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, whence) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    Ok(Some(r as u64))
+}
+
 impl PageSource for ImageReader {
+    /// Reads only the image's data; its holes are zero pages without a read.
     fn pages(&mut self, page_size: u64, f: &mut PageFn<'_>) -> io::Result<()> {
+        let size = self.file.metadata()?.len();
+        if !size.is_multiple_of(page_size) {
+            return Err(io::Error::other("the image ends inside a page"));
+        }
         let ps = page_size as usize;
         let zero = vec![0u8; ps];
         let mut buf = vec![0u8; RUN_MAX];
         let mut offset = 0u64;
-        loop {
-            // Whole pages only: the image's size is a multiple of the page size.
-            let mut have = 0;
-            while have < buf.len() {
-                match self.file.read(&mut buf[have..]) {
-                    Ok(0) => break,
-                    Ok(n) => have += n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
+        while offset < size {
+            let (data, end) = match seek(&self.file, offset, libc::SEEK_DATA) {
+                Ok(None) => (size, size),
+                Ok(Some(d)) => {
+                    let d = d / page_size * page_size;
+                    let e = seek(&self.file, d, libc::SEEK_HOLE)?.unwrap_or(size);
+                    (
+                        d.max(offset),
+                        e.div_ceil(page_size).saturating_mul(page_size).min(size),
+                    )
                 }
-            }
-            if have == 0 {
-                return Ok(());
-            }
-            if !have.is_multiple_of(ps) {
-                return Err(io::Error::other("the image ends inside a page"));
-            }
-            for page in buf[..have].chunks_exact(ps) {
-                f(offset, (page != zero.as_slice()).then_some(page))?;
+                // No hole reporting here: all of it is data.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (offset, size),
+                Err(e) => return Err(e),
+            };
+            while offset < data {
+                f(offset, None)?;
                 offset += page_size;
             }
+            while offset < end {
+                let n = ((end - offset) as usize).min(buf.len());
+                self.file.read_exact_at(&mut buf[..n], offset)?;
+                for page in buf[..n].chunks_exact(ps) {
+                    f(offset, (page != zero.as_slice()).then_some(page))?;
+                    offset += page_size;
+                }
+            }
         }
+        Ok(())
     }
 }

@@ -38,7 +38,7 @@
 //! holes into a file-backed block's file even when it is mapped privately,
 //! which would damage the image), or a machine whose RAM block is not `pc.ram`.
 //!
-//! **Clones** ([`clone`]): another VM from the same image while the first
+//! **Clones** (`restore --clone`): another VM from the same image while the first
 //! runs, with its own sockets and logs; refused when the VM has a writable
 //! disk that two VMs would share.
 
@@ -145,6 +145,29 @@ pub fn unsuitable(args: &[String]) -> Option<String> {
 
 /// Paths a clone was given of its own: (the first VM's, the clone's).
 pub type Renamed = Vec<(PathBuf, PathBuf)>;
+
+/// `args` without the two options an instant restore adds (the image as
+/// guest RAM): a VM restored that way is the user's VM with the user's
+/// options, and is saved, migrated and restored again as such.
+pub fn without_image_options(args: Vec<String>) -> Vec<String> {
+    let backend = |w: &[String]| {
+        w[0] == "-object"
+            && w[1].starts_with(&format!("memory-backend-file,id={BLOCK},"))
+            && w[1].ends_with("x-use-canonical-path-for-ramblock-id=off")
+    };
+    let machine = |w: &[String]| w[0] == "-machine" && w[1] == format!("memory-backend={BLOCK}");
+    let (Some(b), Some(m)) = (
+        args.windows(2).position(backend),
+        args.windows(2).position(machine),
+    ) else {
+        return args;
+    };
+    args.into_iter()
+        .enumerate()
+        .filter(|(i, _)| ![b, b + 1, m, m + 1].contains(i))
+        .map(|(_, a)| a)
+        .collect()
+}
 
 /// The manifest's layout, when `checked` is an instant save.
 pub fn layout(checked: &Checked) -> Option<&Layout> {
@@ -311,4 +334,27 @@ pub(crate) fn manifest_with(mut plain: Manifest, layout: Layout) -> Manifest {
     plain.format = crate::manifest::FORMAT_INSTANT.to_string();
     plain.instant = Some(layout);
     plain
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn the_image_options_of_a_restore_are_not_the_vms_own() {
+        let restored = v("-m 32 -kernel k -object memory-backend-file,id=pc.ram,mem-path=/s/state.ram,share=off,size=33554432,x-use-canonical-path-for-ramblock-id=off -machine memory-backend=pc.ram -qmp unix:/q,server,nowait");
+        assert_eq!(
+            without_image_options(restored),
+            v("-m 32 -kernel k -qmp unix:/q,server,nowait")
+        );
+        // A user's own backend stays, and the layout refuses it.
+        let own = v("-m 32 -object memory-backend-ram,id=m0,size=32M -machine memory-backend=m0");
+        assert_eq!(without_image_options(own.clone()), own);
+        assert!(unsuitable(&own).is_some());
+        assert!(unsuitable(&v("-m 32 -kernel k")).is_none());
+    }
 }
