@@ -42,10 +42,17 @@ pub fn run(root: &Path, install_deps: bool) -> anyhow::Result<()> {
     // The tests run the binaries as a user does; cargo builds another
     // package's binaries for its own tests only.
     cargo(root, &["build", "--workspace", "--bins"], &[])?;
+    // The round-trip tests boot the Linux guest too.
+    let linux = crate::linux_guest::prepare(&root.join("target/linux-guest"))?;
     cargo(
         root,
         &["test", "--workspace"],
-        &[("QEMU_BINARIES", list.join(":"))],
+        &[
+            ("QEMU_BINARIES", list.join(":")),
+            ("LINUX_GUEST_KERNEL", linux.kernel.display().to_string()),
+            ("LINUX_GUEST_INITRD", linux.initrd.display().to_string()),
+            ("LINUX_GUEST_APPEND", linux.append),
+        ],
     )
 }
 

@@ -3,6 +3,7 @@
 //! what a save, restore or migration means lives in the library.
 
 mod progress;
+mod roundtrip;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -33,6 +34,7 @@ Examples:
   qemu-migrate live --monitor /tmp/qemu-sock --to local
   qemu-migrate receive --listen tcp:0.0.0.0:4444 -- -m 256 ...   (on the other host, then:)
   qemu-migrate live --monitor /tmp/qemu-sock --to tcp:otherhost:4444
+  qemu-migrate roundtrip --ready 'tick 3' --counter '^tick ([0-9]+)' --reject '^BOOT' -- -m 32 -serial stdio -kernel k
 
 Exit status:
   0  done
@@ -209,6 +211,9 @@ enum Cmd {
         #[arg(last = true, required_unless_present = "manifest")]
         qemu_args: Vec<String>,
     },
+    /// Boot a VM, save and restore it (or migrate it), and check from its
+    /// serial console that it carried on: a regression check for CI.
+    Roundtrip(Box<roundtrip::Args>),
     /// Say what a state file holds, and whether it is complete.
     Inspect {
         statefile: PathBuf,
@@ -281,6 +286,7 @@ impl Shown {
 
 fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
     match &cli.command {
+        Cmd::Roundtrip(args) => Ok(roundtrip::run(args, cli.json, cancel)),
         Cmd::Save {
             monitor,
             statefile,

@@ -15,8 +15,10 @@
 //! [`restore`] and [`live`] are the three operations; [`machine`] pins the
 //! saved machine type for a newer QEMU; [`preflight`] asks a
 //! QEMU whether given options can restore a state; [`manifest`] is the file
-//! beside the state; [`argv`] reads QEMU command lines; [`os`] is every call
-//! to the operating system beyond plain files. The `qemu-migrate` command
+//! beside the state; [`roundtrip`] is the check that a VM survives a save and
+//! restore, reading IncludeOS's `vm.json` with [`vmrunner`]; [`argv`] reads
+//! QEMU command lines; [`os`] is every call to the operating system beyond
+//! plain files. The `qemu-migrate` command
 //! line is a separate package over this library.
 //!
 //! ```no_run
@@ -42,9 +44,11 @@ pub mod os;
 pub mod preflight;
 pub mod progress;
 pub mod restore;
+pub mod roundtrip;
 pub mod save;
 pub mod trust;
 pub mod vm;
+pub mod vmrunner;
 
 pub use error::{qemu_stderr_lines, Error, ErrorKind, Result};
 pub use manifest::Manifest;
