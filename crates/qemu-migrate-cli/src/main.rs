@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Parser, Subcommand};
+use qemu_migrate::checkpoint;
 use qemu_migrate::live::{self, AfterLive, Destination, LiveOptions, ReceiveOptions, VmSpec};
 use qemu_migrate::progress::{Progress, Quiet};
 use qemu_migrate::restore::{self, RestoreOptions};
@@ -23,6 +24,9 @@ use qemu_migrate::{Error, ErrorKind, Manifest, Vm};
 const AFTER_HELP: &str = "\
 Examples:
   qemu-migrate save --monitor /tmp/qemu-sock /tmp/statefile
+  qemu-migrate save --with-disks --monitor /tmp/qemu-sock /tmp/ckpt   (or: qemu-migrate checkpoint ...)
+  qemu-migrate restore --into /tmp/runs /tmp/ckpt   (again and again: each run on a fresh disk overlay)
+  qemu-migrate revert --monitor /tmp/qemu-sock /tmp/ckpt
   qemu-migrate restore /tmp/statefile
   qemu-migrate restore /tmp/recipe-state -- -m 32 -nodefaults -kernel k ...   (a file with no manifest)
   qemu-migrate inspect /tmp/statefile --json
@@ -96,6 +100,10 @@ enum Cmd {
         /// Do not fsync the state file (faster; not durable across a power cut).
         #[arg(long)]
         no_sync: bool,
+        /// A checkpoint: freeze every writable disk under a qcow2 overlay in the
+        /// same pause, so the state can be restored again and again.
+        #[arg(long, conflicts_with = "live")]
+        with_disks: bool,
     },
     /// Start a VM from a state file with the options it was saved with.
     Restore {
@@ -112,9 +120,35 @@ enum Cmd {
         /// With --daemonize: write QEMU's pid here.
         #[arg(long, requires = "daemonize")]
         pidfile: Option<PathBuf>,
+        /// A checkpoint's fresh disk overlays go here (default: beside the state file).
+        #[arg(long, value_name = "DIR")]
+        into: Option<PathBuf>,
         /// QEMU options to use instead of the manifest's (required for a file with no manifest).
         #[arg(last = true)]
         qemu_args: Vec<String>,
+    },
+    /// Put a running VM back to a checkpoint (`save --with-disks`): a new QEMU with
+    /// the same options and monitor sockets, on fresh disk overlays, loaded from it.
+    Revert {
+        /// The VM's monitor socket (HMP or QMP).
+        #[arg(long)]
+        monitor: String,
+        statefile: PathBuf,
+        /// The fresh disk overlays go here (default: where the VM's discarded ones were).
+        #[arg(long, value_name = "DIR")]
+        into: Option<PathBuf>,
+        /// Keep the guest paused after loading.
+        #[arg(long)]
+        paused: bool,
+        /// Leave the VM running in the background instead of in this terminal.
+        #[arg(long)]
+        daemonize: bool,
+        /// With --daemonize: write QEMU's pid here.
+        #[arg(long, requires = "daemonize")]
+        pidfile: Option<PathBuf>,
+        /// Deadline for each monitor reply, in seconds.
+        #[arg(long, default_value = "30")]
+        timeout: u64,
     },
     /// Move a running VM to a new QEMU while the guest runs; the source ends
     /// only after the destination confirms the guest runs there.
@@ -182,7 +216,12 @@ fn main() -> ExitCode {
     // SIGPIPE stays ignored (Rust's default): a QEMU that closes the pipe
     // it loads from, or a reader of our output that goes away, is an error
     // to report in words, never a silent death with a VM half-handled.
-    let cli = Cli::parse();
+    // `checkpoint` is `save --with-disks`.
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|a| a == "checkpoint") {
+        argv.splice(1..2, ["save".into(), "--with-disks".into()]);
+    }
+    let cli = Cli::parse_from(argv);
     let cancel = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         let _ = signal_hook::flag::register(sig, Arc::clone(&cancel));
@@ -245,9 +284,11 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
             bandwidth,
             timeout,
             no_sync,
+            with_disks,
         } => {
             let mut vm = Vm::attach(monitor.as_str(), Duration::from_secs(*timeout))?;
             let mut options = SaveOptions::default();
+            options.with_disks = *with_disks;
             options.live = *live;
             options.bandwidth = bandwidth.map(|m| m << 20);
             options.then = *then;
@@ -273,6 +314,7 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
                     m.machine.as_deref().unwrap_or("machine unknown"),
                     m.ram_bytes >> 20
                 );
+                checkpoint_said(m);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -282,9 +324,11 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
             paused,
             daemonize,
             pidfile,
+            into,
             qemu_args,
         } => {
             let mut options = RestoreOptions::default();
+            options.into.clone_from(into);
             options.qemu.clone_from(qemu);
             options.paused = *paused;
             options.args = (!qemu_args.is_empty()).then(|| qemu_args.clone());
@@ -298,13 +342,49 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
             if cli.json {
                 say!(
                     "{}",
-                    serde_json::json!({ "restored": statefile, "pid": pid, "seconds": restored.elapsed.as_secs_f64() })
+                    serde_json::json!({ "restored": statefile, "pid": pid, "seconds": restored.elapsed.as_secs_f64(), "overlays": restored.overlays })
                 );
             } else if *daemonize || !cli.quiet {
                 eprintln!(
-                    "restored {} in {:.2} s (QEMU pid {pid})",
+                    "restored {} in {:.2} s (QEMU pid {pid}){}",
                     statefile.display(),
-                    restored.elapsed.as_secs_f64()
+                    restored.elapsed.as_secs_f64(),
+                    overlays_said(&restored.overlays)
+                );
+            }
+            hand_over(restored.vm, *daemonize, pidfile.as_deref())
+        }
+        Cmd::Revert {
+            monitor,
+            statefile,
+            into,
+            paused,
+            daemonize,
+            pidfile,
+            timeout,
+        } => {
+            let vm = Vm::attach(monitor.as_str(), Duration::from_secs(*timeout))?;
+            let mut options = RestoreOptions::default();
+            options.into.clone_from(into);
+            options.paused = *paused;
+            options.console = console(*daemonize);
+            options.cancel = cancel;
+            let shown = Shown::new(cli);
+            let restored = checkpoint::revert(vm, statefile, &options, shown.progress());
+            shown.done();
+            let restored = restored?;
+            let pid = restored.vm.pid();
+            if cli.json {
+                say!(
+                    "{}",
+                    serde_json::json!({ "reverted": statefile, "pid": pid, "seconds": restored.elapsed.as_secs_f64(), "overlays": restored.overlays })
+                );
+            } else if *daemonize || !cli.quiet {
+                eprintln!(
+                    "reverted to {} in {:.2} s (new QEMU pid {pid}){}",
+                    statefile.display(),
+                    restored.elapsed.as_secs_f64(),
+                    overlays_said(&restored.overlays)
                 );
             }
             hand_over(restored.vm, *daemonize, pidfile.as_deref())
@@ -510,6 +590,7 @@ fn inspect(
                 "manifest": manifest,
                 "restorable": verdict.is_ok(),
                 "problem": verdict.as_ref().err().map(|e| e.to_string()),
+                "disks": manifest.as_ref().and_then(|m| m.checkpoint.as_ref()).map(disks_json),
             })
         );
     } else {
@@ -526,6 +607,9 @@ fn inspect(
                 },
                 m.vm_options.join(" ")
             );
+            if let Some(r) = &m.checkpoint {
+                say!("{}", disks_text(r));
+            }
         }
         match &verdict {
             Ok(_) => say!(
@@ -548,4 +632,75 @@ fn inspect(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// After a save: what a checkpoint froze, and where the VM writes now.
+fn checkpoint_said(m: &Manifest) {
+    let Some(r) = m.checkpoint.as_ref().filter(|r| r.frozen) else {
+        return;
+    };
+    for d in &r.disks {
+        eprintln!(
+            "  froze {}: {}{}",
+            d.name,
+            d.images[0].path.display(),
+            d.source_overlay.as_ref().map_or(String::new(), |o| format!(
+                "; the VM writes to {}",
+                o.display()
+            ))
+        );
+    }
+}
+
+fn overlays_said(overlays: &[PathBuf]) -> String {
+    if overlays.is_empty() {
+        return String::new();
+    }
+    let list: Vec<String> = overlays.iter().map(|p| p.display().to_string()).collect();
+    format!("; disks on fresh overlays: {}", list.join(", "))
+}
+
+/// `inspect`: the images a state needs, and whether each is as it was.
+fn disks_text(r: &checkpoint::DiskRecord) -> String {
+    let mut out = vec![if r.frozen {
+        "checkpoint: disks frozen at the save; each restore gets fresh overlays on:".to_string()
+    } else {
+        "disks at the save (a restore refuses them once changed):".to_string()
+    }];
+    for d in &r.disks {
+        for (level, i) in d.images.iter().enumerate() {
+            let state = match i.changed() {
+                None => "intact".to_string(),
+                Some(why) => format!("CHANGED: {why}"),
+            };
+            out.push(format!(
+                "  {}{} {} ({}, {} bytes): {state}",
+                d.name,
+                if level == 0 { "" } else { " backing" },
+                i.path.display(),
+                i.format,
+                i.size
+            ));
+        }
+    }
+    out.join("\n")
+}
+
+fn disks_json(r: &checkpoint::DiskRecord) -> serde_json::Value {
+    let images: Vec<serde_json::Value> = r
+        .disks
+        .iter()
+        .flat_map(|d| d.images.iter().map(move |i| (d, i)))
+        .map(|(d, i)| {
+            serde_json::json!({
+                "disk": d.name,
+                "path": i.path,
+                "format": i.format,
+                "size": i.size,
+                "intact": i.changed().is_none(),
+                "problem": i.changed(),
+            })
+        })
+        .collect();
+    serde_json::json!({ "frozen": r.frozen, "images": images })
 }

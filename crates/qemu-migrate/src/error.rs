@@ -132,6 +132,9 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// A disk that cannot be checkpointed, or an image that changed since the save.
+    #[error("{0}")]
+    Disk(String),
 }
 
 /// What kind of failure an [`Error`] is, for callers that map failures to
@@ -161,7 +164,8 @@ impl Error {
             | Error::NotMigratable { .. }
             | Error::Busy { .. }
             | Error::UsesTerminal
-            | Error::OlderDestination { .. } => ErrorKind::Refused,
+            | Error::OlderDestination { .. }
+            | Error::Disk(_) => ErrorKind::Refused,
             Error::MigrationFailed(_)
             | Error::File { .. }
             | Error::Os { .. }

@@ -30,6 +30,7 @@
 #![warn(missing_docs)]
 
 pub mod argv;
+pub mod checkpoint;
 mod error;
 pub mod live;
 pub mod manifest;

@@ -43,6 +43,9 @@ pub struct Manifest {
     pub saved_at: u64,
     /// How QEMU sent the stream (`fd`).
     pub transport: String,
+    /// The VM's disk images at the save; frozen for a checkpoint (`save --with-disks`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<crate::checkpoint::DiskRecord>,
 }
 
 /// Where the manifest of `statefile` lives.

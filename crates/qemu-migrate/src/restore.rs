@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::checkpoint;
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
 use crate::os::{self, partial_path};
@@ -34,6 +35,8 @@ pub struct RestoreOptions {
     pub console: Console,
     /// Set (e.g. by a signal handler) to cancel the restore.
     pub cancel: Arc<AtomicBool>,
+    /// Where a checkpoint's fresh disk overlays go (default: beside the state file).
+    pub into: Option<PathBuf>,
 }
 
 /// A state file that passed its checks.
@@ -138,6 +141,8 @@ pub struct Restored {
     pub manifest: Option<Manifest>,
     /// From the start of the call to the guest running.
     pub elapsed: Duration,
+    /// The fresh overlays a checkpoint's disks were given (the VM writes to them).
+    pub overlays: Vec<PathBuf>,
 }
 
 /// Checks `path`, starts QEMU with the recorded (or given) options and loads it.
@@ -148,6 +153,20 @@ pub struct Restored {
 pub fn restore(path: &Path, options: &RestoreOptions, progress: &dyn Progress) -> Result<Restored> {
     let started = Instant::now();
     let checked = check(path)?;
+    restore_checked(checked, started, options, progress)
+}
+
+/// [`restore`] of a state file [`check`] passed.
+///
+/// # Errors
+/// As [`restore`].
+pub fn restore_checked(
+    checked: Checked,
+    started: Instant,
+    options: &RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<Restored> {
+    let path = checked.path.as_path();
     let (binary, args, env, was_running) = match (&checked.manifest, &options.args) {
         (_, Some(args)) => (
             options
@@ -182,9 +201,22 @@ pub fn restore(path: &Path, options: &RestoreOptions, progress: &dyn Progress) -
         }
     };
     preflight::check(&checked, &binary, &args, &env)?;
+    // The disks: as they were saved, or a checkpoint's fresh overlays.
+    let disks = checkpoint::thaw::thaw(
+        checked.manifest.as_ref(),
+        path,
+        &binary,
+        &args,
+        options.into.as_deref(),
+    )?;
 
-    let mut vm = Vm::launch_incoming(&binary, &args, &LaunchOptions::new(options.console, env))?;
+    let mut vm = Vm::launch_incoming(
+        &binary,
+        &disks.args,
+        &LaunchOptions::new(options.console, env),
+    )?;
     load(&mut vm, &checked, options, progress)?;
+    let overlays = disks.keep();
     if was_running && !options.paused {
         if !vm.monitor.status()?.is_running() {
             vm.monitor.cont()?;
@@ -196,6 +228,7 @@ pub fn restore(path: &Path, options: &RestoreOptions, progress: &dyn Progress) -
         vm,
         manifest: checked.manifest,
         elapsed: started.elapsed(),
+        overlays,
     })
 }
 

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use qemu_monitor::{MigrationInfo, MigrationStatus};
 
 use crate::argv;
+use crate::checkpoint::freeze::Freeze;
 use crate::error::{Error, Result};
 use crate::manifest::{self, Manifest};
 use crate::os::{self, partial_path, VmLock};
@@ -70,6 +71,9 @@ pub struct SaveOptions {
     pub no_sync: bool,
     /// Set (e.g. by a signal handler) to cancel the save.
     pub cancel: Arc<AtomicBool>,
+    /// A checkpoint: freeze every writable disk under a qcow2 overlay in the
+    /// same pause (implies a paused save); see [`crate::checkpoint`].
+    pub with_disks: bool,
 }
 
 /// What a finished save wrote.
@@ -113,13 +117,24 @@ pub fn save(
 
     let was_running = vm.check_migratable("save")?;
     let ram_bytes = vm.monitor.ram_size()?;
+    // A checkpoint freezes the disks at one instant: the memory's too.
+    let live = options.live && !options.with_disks;
+    let mut disks = Freeze::prepare(vm, path, options.with_disks, options.then != Then::Quit)?;
 
     let partial = partial_path(path);
     let file = File::create(&partial).map_err(Error::file(&partial, "creating the state file"))?;
 
-    if was_running && !options.live {
+    if was_running && !live {
         vm.monitor.stop()?;
     }
+    if let Err(e) = disks.freeze(vm) {
+        let _ = std::fs::remove_file(&partial);
+        if was_running && !live {
+            let _ = vm.monitor.cont();
+        }
+        return Err(e);
+    }
+    disks.keep_overlays();
     let old_bandwidth = vm.monitor.migration_parameter("max-bandwidth")?;
     let result = run_migration(vm, file, &partial, ram_bytes, options, progress);
     // Put QEMU's own setting back whatever happened.
@@ -131,7 +146,7 @@ pub fn save(
         Ok(r) => r,
         Err(e) => {
             let _ = std::fs::remove_file(&partial);
-            if was_running && !options.live && !matches!(e, Error::QemuExited { .. }) {
+            if was_running && !live && !matches!(e, Error::QemuExited { .. }) {
                 let _ = vm.monitor.cont();
             }
             return Err(e);
@@ -141,12 +156,23 @@ pub fn save(
     let machine = qemu_stream::inspect(&copied.head[..])
         .ok()
         .and_then(|s| s.machine_type);
+    let checkpoint = match disks.record() {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            if was_running && !live {
+                let _ = vm.monitor.cont_after_migration();
+            }
+            return Err(e);
+        }
+    };
+    let args = disks.current_args(vm.args());
     let manifest = Manifest {
         format: manifest::FORMAT.to_string(),
         qemu: vm.binary().to_path_buf(),
         qemu_version: vm.version().to_string(),
-        args: vm.args().to_vec(),
-        vm_options: argv::vm_options(vm.args()),
+        vm_options: argv::vm_options(&args),
+        args,
         env: vm.env().clone(),
         machine,
         ram_bytes,
@@ -157,6 +183,7 @@ pub fn save(
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         transport: "fd".into(),
+        checkpoint,
     };
     let sync = !options.no_sync;
     let commit = || -> Result<()> {
@@ -177,7 +204,7 @@ pub fn save(
     if let Err(e) = commit() {
         let _ = std::fs::remove_file(&partial);
         let _ = std::fs::remove_file(manifest::path_for(path));
-        if was_running && !options.live {
+        if was_running && !live {
             let _ = vm.monitor.cont_after_migration();
         }
         return Err(e);

@@ -121,7 +121,11 @@ impl Monitor {
                         });
                         match &d.target {
                             SnapshotTarget::Device(name) => data["device"] = json!(name),
-                            SnapshotTarget::Node(name) => data["node-name"] = json!(name),
+                            SnapshotTarget::Node(name) => {
+                                data["node-name"] = json!(name);
+                                // QEMU wants the new node named when the old one was named.
+                                data["snapshot-node-name"] = json!(overlay_node_name(&d.overlay));
+                            }
                         }
                         json!({"type": "blockdev-snapshot-sync", "data": data})
                     })
@@ -153,6 +157,20 @@ impl Monitor {
     }
 }
 
+/// A node name for an overlay, unique as its path is: a letter, then hex
+/// (QEMU allows letters, digits, `-`, `_`, `.`, 31 characters at most).
+fn overlay_node_name(overlay: &Path) -> String {
+    // FNV-1a: stable, and enough to keep two overlays apart.
+    let hash = overlay
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    format!("overlay-{hash:016x}")
+}
+
 fn from_query_block(v: &Value) -> BlockDevice {
     let inserted = &v["inserted"];
     BlockDevice {
@@ -168,9 +186,7 @@ fn image_from_qmp(v: &Value) -> ImageInfo {
         filename: v["filename"].as_str().unwrap_or_default().to_string(),
         format: v["format"].as_str().unwrap_or_default().to_string(),
         virtual_size: v["virtual-size"].as_u64(),
-        backing: v
-            .get("backing-image")
-            .map(|b| Box::new(image_from_qmp(b))),
+        backing: v.get("backing-image").map(|b| Box::new(image_from_qmp(b))),
     }
 }
 
@@ -285,7 +301,10 @@ mod tests {
         assert_eq!(top.format, "qcow2");
         assert_eq!(top.backing.as_ref().unwrap().filename, "d.img");
         assert!(d[1].read_only);
-        assert_eq!((d[2].device.as_str(), d[2].node_name.as_deref()), ("", Some("d1")));
+        assert_eq!(
+            (d[2].device.as_str(), d[2].node_name.as_deref()),
+            ("", Some("d1"))
+        );
         assert!(d[3].image.is_none());
     }
 
@@ -293,7 +312,10 @@ mod tests {
     fn only_plain_files_have_a_path() {
         assert_eq!(plain_path("disk.img"), Some(PathBuf::from("disk.img")));
         assert_eq!(plain_path("nbd://localhost:10809/x"), None);
-        assert_eq!(plain_path("json:{\"driver\": \"nbd\", \"server\": {}}"), None);
+        assert_eq!(
+            plain_path("json:{\"driver\": \"nbd\", \"server\": {}}"),
+            None
+        );
         assert_eq!(
             plain_path("json:{\"driver\": \"raw\", \"file\": {\"driver\": \"host_device\", \"filename\": \"/dev/sdb\"}}"),
             None
