@@ -49,7 +49,14 @@ enum Form {
 fn options(disk: &Path, form: Form, qmp2: &Path) -> Vec<String> {
     let g = guest();
     let mut o: Vec<String> = [
-        "-accel", "tcg", "-m", "256", "-nodefaults", "-serial", "stdio", "-kernel",
+        "-accel",
+        "tcg",
+        "-m",
+        "256",
+        "-nodefaults",
+        "-serial",
+        "stdio",
+        "-kernel",
     ]
     .map(String::from)
     .to_vec();
@@ -65,8 +72,19 @@ fn options(disk: &Path, form: Form, qmp2: &Path) -> Vec<String> {
         }
         Form::BlockdevQmp => {
             o.push("-blockdev".into());
-            o.push(format!("driver=file,node-name=f0,filename={}", disk.display()));
-            o.extend(["-blockdev", "driver=raw,node-name=d0,file=f0", "-device", "virtio-blk-pci,drive=d0"].map(String::from));
+            o.push(format!(
+                "driver=file,node-name=f0,filename={}",
+                disk.display()
+            ));
+            o.extend(
+                [
+                    "-blockdev",
+                    "driver=raw,node-name=d0,file=f0",
+                    "-device",
+                    "virtio-blk-pci,drive=d0",
+                ]
+                .map(String::from),
+            );
             o.push("-qmp".into());
             o.push(format!("unix:{},server,nowait", qmp2.display()));
         }
@@ -118,12 +136,18 @@ fn disk_ticks(image: &Path, format: &str, work: &Path) -> Vec<u64> {
         .args(["convert", "-f", format, "-O", "raw"])
         .arg(image)
         .arg(&raw));
-    run(Command::new("e2fsck").args(["-E", "journal_only", "-y"]).arg(&raw));
+    run(Command::new("e2fsck")
+        .args(["-E", "journal_only", "-y"])
+        .arg(&raw));
     run(Command::new("fsck.ext4").args(["-n", "-f"]).arg(&raw));
     let text = run(Command::new("debugfs").args(["-R", "cat /ticks"]).arg(&raw));
     std::fs::remove_file(&raw).unwrap();
     text.lines()
-        .map(|l| l.trim().parse().unwrap_or_else(|_| panic!("not a tick on disk: {l:?} in {text:?}")))
+        .map(|l| {
+            l.trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("not a tick on disk: {l:?} in {text:?}"))
+        })
         .collect()
 }
 
@@ -160,8 +184,16 @@ fn watch_restored(lines: &Lines, at_checkpoint: u64, what: &str) {
         tick(l).is_some_and(|n| n >= first_tick + 10)
     });
     let seen = lines.snapshot();
-    assert!(!seen.iter().any(|l| l.starts_with(linux_guest::BANNER)), "{what}: the guest booted again: {seen:?}");
-    assert!(!seen.iter().any(|l| l.starts_with("RAM MISMATCH") || l.starts_with("DISK")), "{what}: {seen:?}");
+    assert!(
+        !seen.iter().any(|l| l.starts_with(linux_guest::BANNER)),
+        "{what}: the guest booted again: {seen:?}"
+    );
+    assert!(
+        !seen
+            .iter()
+            .any(|l| l.starts_with("RAM MISMATCH") || l.starts_with("DISK")),
+        "{what}: {seen:?}"
+    );
     assert!(
         first_tick >= at_checkpoint && first_tick <= at_checkpoint + 2,
         "{what}: first tick {first_tick}, {at_checkpoint} on disk at the checkpoint"
@@ -182,7 +214,11 @@ fn checkpoint_restored_again_and_again(qemu: &Path, form: Form) {
     let qmp2 = dir.path().join("qmp2.sock");
     let (mut source, serial) = Vm::start_with_serial(qemu, &options(&disk, form, &qmp2));
     serial.wait_for(0, WAIT, "the disk mounted", |l| l.starts_with("DISK"));
-    let mounted = serial.snapshot().into_iter().find(|l| l.starts_with("DISK")).unwrap();
+    let mounted = serial
+        .snapshot()
+        .into_iter()
+        .find(|l| l.starts_with("DISK"))
+        .unwrap();
     assert_eq!(mounted, "DISK /dev/vda mounted", "{what}");
     serial.wait_for(0, WAIT, "tick 5", |l| tick(l) == Some(5));
 
@@ -195,52 +231,89 @@ fn checkpoint_restored_again_and_again(qemu: &Path, form: Form) {
         .unwrap();
     let said = ok(&out);
     let source_overlay = dir.path().join("disk.img.after-state.1.qcow2");
-    assert!(said.contains(&format!("the VM writes to {}", source_overlay.display())), "{what}: {said}");
+    assert!(
+        said.contains(&format!("the VM writes to {}", source_overlay.display())),
+        "{what}: {said}"
+    );
     let frozen = std::fs::read(&disk).unwrap();
     let work = tempfile::tempdir().unwrap();
     let at_checkpoint = disk_ticks(&disk, "raw", work.path());
-    let last = *at_checkpoint.last().expect("ticks on disk at the checkpoint");
+    let last = *at_checkpoint
+        .last()
+        .expect("ticks on disk at the checkpoint");
 
     // The source lives on and writes to its overlay, never to the frozen image.
     let from = serial.snapshot().len();
-    serial.wait_for(from, WAIT, "ten more ticks on the source", |l| tick(l).is_some_and(|n| n >= last + 10));
+    serial.wait_for(from, WAIT, "ten more ticks on the source", |l| {
+        tick(l).is_some_and(|n| n >= last + 10)
+    });
     source.qmp().execute("quit", None).ok();
     source.wait_exit();
-    assert_continues(&disk_ticks(&source_overlay, "qcow2", work.path()), &at_checkpoint, &format!("{what}: source"));
-    assert!(std::fs::read(&disk).unwrap() == frozen, "{what}: the source wrote to the frozen image");
+    assert_continues(
+        &disk_ticks(&source_overlay, "qcow2", work.path()),
+        &at_checkpoint,
+        &format!("{what}: source"),
+    );
+    assert!(
+        std::fs::read(&disk).unwrap() == frozen,
+        "{what}: the source wrote to the frozen image"
+    );
 
     let inspect = migrate().arg("inspect").arg(&state).output().unwrap();
     let text = String::from_utf8_lossy(&inspect.stdout);
-    assert!(text.contains(&format!("{} (raw, {} bytes): intact", disk.display(), DISK_MIB << 20)), "{what}: {text}");
+    assert!(
+        text.contains(&format!(
+            "{} (raw, {} bytes): intact",
+            disk.display(),
+            DISK_MIB << 20
+        )),
+        "{what}: {text}"
+    );
 
     for round in 1..=3 {
         let into = dir.path().join(format!("run{round}"));
         std::fs::create_dir(&into).unwrap();
-        let (child, lines) = spawn_lines(migrate().args(["restore", "--into"]).arg(&into).arg(&state));
+        let (child, lines) =
+            spawn_lines(migrate().args(["restore", "--into"]).arg(&into).arg(&state));
         watch_restored(&lines, last, &format!("{what}: restore {round}"));
         quit(&source.hmp);
         wait_ended(child, "the restore");
         let after = disk_ticks(&only_overlay(&into), "qcow2", work.path());
         assert_continues(&after, &at_checkpoint, &format!("{what}: restore {round}"));
-        assert!(std::fs::read(&disk).unwrap() == frozen, "{what}: restore {round} changed the frozen image");
+        assert!(
+            std::fs::read(&disk).unwrap() == frozen,
+            "{what}: restore {round} changed the frozen image"
+        );
     }
 
     // A running VM put back to the checkpoint, without repeating an option.
     let into = dir.path().join("run4");
     std::fs::create_dir(&into).unwrap();
-    let (restore, lines) = spawn_lines(migrate().args(["restore", "--into"]).arg(&into).arg(&state));
+    let (restore, lines) =
+        spawn_lines(migrate().args(["restore", "--into"]).arg(&into).arg(&state));
     watch_restored(&lines, last, &format!("{what}: restore 4"));
     let discarded = only_overlay(&into);
-    let (revert, lines) = spawn_lines(migrate().args(["revert", "--monitor"]).arg(monitor_of(&source, form, &qmp2)).arg(&state));
+    let (revert, lines) = spawn_lines(
+        migrate()
+            .args(["revert", "--monitor"])
+            .arg(monitor_of(&source, form, &qmp2))
+            .arg(&state),
+    );
     wait_ended(restore, "the reverted VM's restore");
     watch_restored(&lines, last, &format!("{what}: revert"));
     quit(&source.hmp);
     wait_ended(revert, "the revert");
     let now = only_overlay(&into);
-    assert_ne!(now, discarded, "{what}: the revert reused the discarded overlay");
+    assert_ne!(
+        now, discarded,
+        "{what}: the revert reused the discarded overlay"
+    );
     let after = disk_ticks(&now, "qcow2", work.path());
     assert_continues(&after, &at_checkpoint, &format!("{what}: revert"));
-    assert!(std::fs::read(&disk).unwrap() == frozen, "{what}: the revert changed the frozen image");
+    assert!(
+        std::fs::read(&disk).unwrap() == frozen,
+        "{what}: the revert changed the frozen image"
+    );
 }
 
 #[test]
@@ -258,7 +331,8 @@ fn without_disks_a_second_restore_onto_a_written_disk_is_refused() {
         let disk = dir.path().join("disk.img");
         linux_guest::make_disk(&disk, DISK_MIB).unwrap();
         let qmp2 = dir.path().join("qmp2.sock");
-        let (mut source, serial) = Vm::start_with_serial(&qemu, &options(&disk, Form::DriveHmp, &qmp2));
+        let (mut source, serial) =
+            Vm::start_with_serial(&qemu, &options(&disk, Form::DriveHmp, &qmp2));
         serial.wait_for(0, WAIT, "tick 5", |l| tick(l) == Some(5));
         let state = dir.path().join("state");
         let out = migrate()
@@ -277,7 +351,11 @@ fn without_disks_a_second_restore_onto_a_written_disk_is_refused() {
         watch_restored(&lines, *at_save.last().unwrap(), "first restore");
         quit(&source.hmp);
         wait_ended(child, "the restore");
-        assert_continues(&disk_ticks(&disk, "raw", work.path()), &at_save, "first restore");
+        assert_continues(
+            &disk_ticks(&disk, "raw", work.path()),
+            &at_save,
+            "first restore",
+        );
 
         // The guest wrote to the disk since: this state no longer fits it.
         let written = std::fs::read(&disk).unwrap();
@@ -290,6 +368,81 @@ fn without_disks_a_second_restore_onto_a_written_disk_is_refused() {
                 && err.contains("save --with-disks"),
             "{err}"
         );
-        assert!(std::fs::read(&disk).unwrap() == written, "the refused restore touched the disk");
+        assert!(
+            std::fs::read(&disk).unwrap() == written,
+            "the refused restore touched the disk"
+        );
+    }
+}
+
+/// The files in `dir`, by name.
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// A checkpoint of the test guest started with `extra` (`DISK` standing for
+/// a file disk), asked through its human monitor, is refused saying
+/// `expected`: the VM runs on and no file is left.
+fn refused(qemu: &Path, extra: &[&str], expected: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let mut options = recipe_tests::recipe_options(dir.path());
+    options.extend(
+        extra
+            .iter()
+            .map(|a| a.replace("DISK", &disk.display().to_string())),
+    );
+    let (mut vm, serial) = Vm::start_with_serial(qemu, &options);
+    serial.wait_for(0, WAIT, "tick 2", |l| tick(l) == Some(2));
+    let before = names(dir.path());
+    let out = migrate()
+        .args(["checkpoint", "--monitor"])
+        .arg(&vm.hmp)
+        .arg(dir.path().join("state"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{}: {err}", qemu.display());
+    assert!(err.contains(expected), "{err}");
+    assert_eq!(names(dir.path()), before, "a refused checkpoint left files");
+    assert_eq!(vm.status(), "running");
+}
+
+#[test]
+fn disks_that_cannot_be_frozen_are_refused_in_words_before_anything_changes() {
+    for qemu in qemus() {
+        // A disk that is no file: there is nothing to put an overlay on.
+        refused(
+            &qemu,
+            &[
+                "-drive",
+                "driver=null-co,if=virtio,id=nothing",
+                "-drive",
+                "file=DISK,format=raw,if=virtio",
+            ],
+            "cannot checkpoint this VM's disks: nothing is not a file (null-co://)",
+        );
+        // A -blockdev node, which the human monitor's snapshot_blkdev cannot reach.
+        refused(
+            &qemu,
+            &[
+                "-blockdev",
+                "driver=file,node-name=f0,filename=DISK",
+                "-blockdev",
+                "driver=raw,node-name=d0,file=f0",
+                "-device",
+                "virtio-blk-pci,drive=d0",
+            ],
+            "cannot checkpoint through the human monitor: d0 defined with -blockdev",
+        );
     }
 }

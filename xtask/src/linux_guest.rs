@@ -242,11 +242,15 @@ fn initramfs(busybox: &[u8]) -> Vec<u8> {
 // ---------------------------------------------------------------------------
 
 /// The kernel command-line switch that turns the disk writing on.
+// Used by tests/tests/checkpoint.rs, which includes this file.
+#[allow(dead_code)]
 pub const DISK_SWITCH: &str = "test_guest_disk=vda";
 
 /// The modules virtio-blk needs in Debian's cloud kernel, in load order
 /// (ext4, jbd2 and the CRCs are built in). The package has no modules.dep;
 /// each module's `depends=` says virtio needs virtio_ring.
+// Used by tests/tests/checkpoint.rs, which includes this file.
+#[allow(dead_code)]
 pub const DISK_MODULES: &[&str] = &[
     "kernel/drivers/virtio/virtio_ring.ko",
     "kernel/drivers/virtio/virtio.ko",
@@ -259,6 +263,8 @@ pub const DISK_MODULES: &[&str] = &[
 /// [`prepare`], plus an initramfs (`initramfs-disk.cpio`) holding the virtio
 /// modules of the same kernel, fetched once from its package
 /// (`linux-image-VERSION`) into `modules-VERSION/` in the cache.
+// Used by tests/tests/checkpoint.rs, which includes this file.
+#[allow(dead_code)]
 pub fn prepare_with_disk(cache_dir: &Path) -> anyhow::Result<LinuxGuest> {
     let plain = prepare(cache_dir)?;
     let version = plain
@@ -275,17 +281,27 @@ pub fn prepare_with_disk(cache_dir: &Path) -> anyhow::Result<LinuxGuest> {
         .collect();
     if !names.iter().all(|n| modules_dir.join(n).is_file()) {
         fetch_modules(cache_dir, &version, &modules_dir).with_context(|| {
-            format!("fetching the virtio modules of linux-image-{version} into {}", cache_dir.display())
+            format!(
+                "fetching the virtio modules of linux-image-{version} into {}",
+                cache_dir.display()
+            )
         })?;
     }
     let busybox = fs::read(cache_dir.join("busybox")).context("reading the cached busybox")?;
     let mut modules = Vec::new();
     for n in &names {
         let path = modules_dir.join(n);
-        modules.push((format!("lib/modules/{n}"), fs::read(&path).with_context(|| format!("reading {}", path.display()))?));
+        modules.push((
+            format!("lib/modules/{n}"),
+            fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+        ));
     }
     let initrd = cache_dir.join("initramfs-disk.cpio");
-    write_if_changed(&initrd, &initramfs_with_modules(&busybox, &modules), cache_dir)?;
+    write_if_changed(
+        &initrd,
+        &initramfs_with_modules(&busybox, &modules),
+        cache_dir,
+    )?;
     Ok(LinuxGuest {
         kernel: plain.kernel,
         initrd,
@@ -302,8 +318,9 @@ fn fetch_modules(cache_dir: &Path, version: &str, dest: &Path) -> anyhow::Result
     for m in DISK_MODULES {
         let from = root.join(m);
         let name = m.rsplit('/').next().expect("a path");
-        fs::copy(&from, staging.join(name))
-            .with_context(|| format!("{package} has no {m} (compressed modules are not supported)"))?;
+        fs::copy(&from, staging.join(name)).with_context(|| {
+            format!("{package} has no {m} (compressed modules are not supported)")
+        })?;
     }
     // Whole or not at all, even with several runs at once.
     match fs::rename(&staging, dest) {
@@ -337,6 +354,8 @@ fn initramfs_with_modules(busybox: &[u8], modules: &[(String, Vec<u8>)]) -> Vec<
 
 /// A raw disk image of `mib` MiB holding an empty ext4 file system
 /// (`mkfs.ext4`, from e2fsprogs).
+// Used by tests/tests/checkpoint.rs, which includes this file.
+#[allow(dead_code)]
 pub fn make_disk(path: &Path, mib: u64) -> anyhow::Result<()> {
     let f = fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     f.set_len(mib << 20)?;
@@ -347,7 +366,11 @@ pub fn make_disk(path: &Path, mib: u64) -> anyhow::Result<()> {
         .output()
         .context("running mkfs.ext4 (install e2fsprogs)")?;
     if !out.status.success() {
-        bail!("mkfs.ext4 {} failed: {}", path.display(), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "mkfs.ext4 {} failed: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+mod checkpoint;
 mod live;
 mod monitor;
 mod save;
@@ -55,6 +56,9 @@ pub fn run(root: &Path, args: &Args) -> anyhow::Result<()> {
         print!("{section}");
         report.push_str(&section);
         let section = live::live_speed(q, &migrate, &guest, args)?;
+        print!("{section}");
+        report.push_str(&section);
+        let section = checkpoint::checkpoint_speed(q, &migrate, &guest, args)?;
         print!("{section}");
         report.push_str(&section);
     }

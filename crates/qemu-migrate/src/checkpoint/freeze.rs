@@ -72,6 +72,19 @@ impl Freeze {
                 not_files.join("; ")
             )));
         }
+        let hmp = vm.monitor.protocol() == qemu_monitor::Protocol::Hmp;
+        let nodes: Vec<&str> = disks
+            .iter()
+            .filter(|d| matches!(d.target, SnapshotTarget::Node(_)))
+            .map(|d| d.name.as_str())
+            .collect();
+        if with_disks && hmp && !nodes.is_empty() {
+            return Err(Error::Disk(format!(
+                "cannot checkpoint through the human monitor: {} defined with -blockdev, which \
+                 its snapshot_blkdev cannot reach; give the VM's QMP socket instead",
+                nodes.join(", ")
+            )));
+        }
         let mut freeze = Freeze {
             frozen: with_disks,
             cwd,
