@@ -34,7 +34,7 @@ pub fn run(root: &Path, args: &Args) -> anyhow::Result<()> {
             "-p",
             "monitor-send",
             "-p",
-            "qemu-migrate",
+            "qemu-migrate-cli",
         ],
         &[],
     )?;
