@@ -14,7 +14,7 @@ use super::{timed_child, Args};
 use crate::qemu::Qemu;
 
 /// Alternated runs of each row; the median is shown.
-const RUNS: usize = 3;
+const RUNS: usize = 5;
 /// The disk the checkpoint freezes: sparse, so its size costs nothing to make.
 const DISK_GIB: u64 = 4;
 
@@ -42,6 +42,9 @@ pub(super) fn checkpoint_speed(
         Ok(timed_child(cmd.arg("--monitor").arg(&vm.hmp).arg(dir.join(name)))?.0)
     };
 
+    // Once unmeasured each, so both start from the same warm caches.
+    save("state", false, "resume")?;
+    save("ckpt-warm", true, "resume")?;
     let (mut plain, mut frozen) = (Vec::new(), Vec::new());
     for run in 0..RUNS {
         plain.push(save("state", false, "resume")?);
@@ -69,6 +72,8 @@ pub(super) fn checkpoint_speed(
         end(pid)?;
         Ok(took)
     };
+    restore(&dir.join("state"), false)?;
+    restore(&ckpt, true)?;
     let (mut restored, mut thawed) = (Vec::new(), Vec::new());
     for _ in 0..RUNS {
         restored.push(restore(&dir.join("state"), false)?);

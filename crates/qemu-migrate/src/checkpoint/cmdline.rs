@@ -24,7 +24,7 @@ pub fn point_disks(args: &[String], cwd: &Path, swaps: &[Swap]) -> (Vec<String>,
     let mut found = vec![false; swaps.len()];
     let matches = |value: &str| -> Option<usize> {
         let p = absolute(cwd, value);
-        swaps.iter().position(|s| s.from.iter().any(|f| *f == p))
+        swaps.iter().position(|s| s.from.contains(&p))
     };
     // Protocol nodes named by -blockdev whose format node is to become qcow2.
     let mut protocol_nodes: Vec<String> = Vec::new();
