@@ -14,7 +14,7 @@
 //! Where each part lives: [`record`] is what the manifest holds and the
 //! check of it; [`freeze`] the save's side (find the disks, create the
 //! overlays, switch to them); [`thaw`] the restore's side (check, new
-//! overlays, the command line pointed at them); [`revert`] puts a running
+//! overlays, the command line pointed at them); [`revert`](mod@revert) puts a running
 //! VM back to its checkpoint; [`cmdline`] rewrites `-drive`, `-blockdev`
 //! and `-hda` options; [`overlay`] makes the overlay files with `qemu-img`.
 //!
