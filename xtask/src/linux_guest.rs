@@ -238,6 +238,146 @@ fn initramfs(busybox: &[u8]) -> Vec<u8> {
     ])
 }
 
+// ---------------------------------------------------------------------------
+// The disk-writing variant (checkpoints with disks): the same kernel and init,
+// with the virtio modules in the initramfs and `test_guest_disk=vda` on the
+// command line, so init mounts the ext4 disk and appends every tick to it.
+// ---------------------------------------------------------------------------
+
+/// The kernel command-line switch that turns the disk writing on.
+// Used by tests/tests/checkpoint.rs, which includes this file.
+#[allow(dead_code)]
+pub const DISK_SWITCH: &str = "test_guest_disk=vda";
+
+/// The modules virtio-blk needs in Debian's cloud kernel, in load order
+/// (ext4, jbd2 and the CRCs are built in). The package has no modules.dep;
+/// each module's `depends=` says virtio needs virtio_ring.
+// Used by tests/tests/checkpoint.rs, which includes this file.
+#[allow(dead_code)]
+pub const DISK_MODULES: &[&str] = &[
+    "kernel/drivers/virtio/virtio_ring.ko",
+    "kernel/drivers/virtio/virtio.ko",
+    "kernel/drivers/virtio/virtio_pci_modern_dev.ko",
+    "kernel/drivers/virtio/virtio_pci_legacy_dev.ko",
+    "kernel/drivers/virtio/virtio_pci.ko",
+    "kernel/drivers/block/virtio_blk.ko",
+];
+
+/// [`prepare`], plus an initramfs (`initramfs-disk.cpio`) holding the virtio
+/// modules of the same kernel, fetched once from its package
+/// (`linux-image-VERSION`) into `modules-VERSION/` in the cache.
+// Used by tests/tests/checkpoint.rs, which includes this file.
+#[allow(dead_code)]
+pub fn prepare_with_disk(cache_dir: &Path) -> anyhow::Result<LinuxGuest> {
+    let plain = prepare(cache_dir)?;
+    let version = plain
+        .kernel
+        .file_name()
+        .and_then(OsStr::to_str)
+        .and_then(|n| n.strip_prefix("vmlinuz-"))
+        .context("the kernel's name is not vmlinuz-VERSION")?
+        .to_string();
+    let modules_dir = cache_dir.join(format!("modules-{version}"));
+    let names: Vec<&str> = DISK_MODULES
+        .iter()
+        .map(|m| m.rsplit('/').next().expect("a path"))
+        .collect();
+    if !names.iter().all(|n| modules_dir.join(n).is_file()) {
+        fetch_modules(cache_dir, &version, &modules_dir).with_context(|| {
+            format!(
+                "fetching the virtio modules of linux-image-{version} into {}",
+                cache_dir.display()
+            )
+        })?;
+    }
+    let busybox = fs::read(cache_dir.join("busybox")).context("reading the cached busybox")?;
+    let mut modules = Vec::new();
+    for n in &names {
+        let path = modules_dir.join(n);
+        modules.push((
+            format!("lib/modules/{n}"),
+            fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+        ));
+    }
+    let initrd = cache_dir.join("initramfs-disk.cpio");
+    write_if_changed(
+        &initrd,
+        &initramfs_with_modules(&busybox, &modules),
+        cache_dir,
+    )?;
+    Ok(LinuxGuest {
+        kernel: plain.kernel,
+        initrd,
+        append: format!("{APPEND} {DISK_SWITCH}"),
+    })
+}
+
+fn fetch_modules(cache_dir: &Path, version: &str, dest: &Path) -> anyhow::Result<()> {
+    let package = format!("linux-image-{version}");
+    let work = download_and_extract(cache_dir, &package)?;
+    let root = work.path().join(format!("root/lib/modules/{version}"));
+    let staging = work.path().join("modules");
+    fs::create_dir_all(&staging)?;
+    for m in DISK_MODULES {
+        let from = root.join(m);
+        let name = m.rsplit('/').next().expect("a path");
+        fs::copy(&from, staging.join(name)).with_context(|| {
+            format!("{package} has no {m} (compressed modules are not supported)")
+        })?;
+    }
+    // Whole or not at all, even with several runs at once.
+    match fs::rename(&staging, dest) {
+        Ok(()) => Ok(()),
+        Err(_) if dest.is_dir() => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("moving the modules to {}", dest.display())),
+    }
+}
+
+/// The initramfs of [`initramfs`] with kernel modules and a mount point added.
+fn initramfs_with_modules(busybox: &[u8], modules: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let executable = |data| Entry::File { mode: 0o755, data };
+    let mut entries = vec![
+        ("bin", Entry::Dir),
+        ("bin/busybox", executable(busybox)),
+        ("bin/sh", Entry::Symlink("busybox")),
+        ("dev", Entry::Dir),
+        ("dev/console", Entry::CharDevice { major: 5, minor: 1 }),
+        ("proc", Entry::Dir),
+        ("sys", Entry::Dir),
+        ("mnt", Entry::Dir),
+        ("lib", Entry::Dir),
+        ("lib/modules", Entry::Dir),
+        ("init", executable(INIT.as_bytes())),
+    ];
+    for (name, data) in modules {
+        entries.push((name.as_str(), Entry::File { mode: 0o644, data }));
+    }
+    cpio(&entries)
+}
+
+/// A raw disk image of `mib` MiB holding an empty ext4 file system
+/// (`mkfs.ext4`, from e2fsprogs).
+// Used by tests/tests/checkpoint.rs, which includes this file.
+#[allow(dead_code)]
+pub fn make_disk(path: &Path, mib: u64) -> anyhow::Result<()> {
+    let f = fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    f.set_len(mib << 20)?;
+    drop(f);
+    let out = Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(path)
+        .output()
+        .context("running mkfs.ext4 (install e2fsprogs)")?;
+    if !out.status.success() {
+        bail!(
+            "mkfs.ext4 {} failed: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 /// One member of a cpio archive.
 #[derive(Debug)]
 enum Entry<'a> {

@@ -15,6 +15,7 @@ use std::time::Duration;
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Parser, Subcommand};
 use qemu_migrate::argv::redact;
+use qemu_migrate::checkpoint;
 use qemu_migrate::live::{self, AfterLive, Destination, LiveOptions, ReceiveOptions, VmSpec};
 use qemu_migrate::progress::{Progress, Quiet};
 use qemu_migrate::restore::{self, RestoreOptions};
@@ -25,6 +26,9 @@ use qemu_migrate::{Error, ErrorKind, Manifest, Vm};
 const AFTER_HELP: &str = "\
 Examples:
   qemu-migrate save --monitor /tmp/qemu-sock /tmp/statefile
+  qemu-migrate save --with-disks --monitor /tmp/qemu-sock /tmp/ckpt   (or: qemu-migrate checkpoint ...)
+  qemu-migrate restore --into /tmp/runs /tmp/ckpt   (again and again: each run on a fresh disk overlay)
+  qemu-migrate revert --monitor /tmp/qemu-sock /tmp/ckpt
   qemu-migrate restore /tmp/statefile
   qemu-migrate restore /tmp/recipe-state -- -m 32 -nodefaults -kernel k ...   (a file with no manifest)
   qemu-migrate inspect /tmp/statefile --json
@@ -113,6 +117,10 @@ enum Cmd {
         /// the reason said).
         #[arg(long)]
         instant: bool,
+        /// A checkpoint: freeze every writable disk under a qcow2 overlay in the
+        /// same pause, so the state can be restored again and again.
+        #[arg(long, conflicts_with = "live")]
+        with_disks: bool,
     },
     /// Start a VM from a state file with the options it was saved with.
     Restore {
@@ -144,9 +152,35 @@ enum Cmd {
         /// serial sockets and logs (PATH.cloneN); refused if both would write one disk.
         #[arg(long)]
         clone: bool,
+        /// A checkpoint's fresh disk overlays go here (default: beside the state file).
+        #[arg(long, value_name = "DIR")]
+        into: Option<PathBuf>,
         /// QEMU options to use instead of the manifest's (required for a file with no manifest).
         #[arg(last = true)]
         qemu_args: Vec<String>,
+    },
+    /// Put a running VM back to a checkpoint (`save --with-disks`): a new QEMU with
+    /// the same options and monitor sockets, on fresh disk overlays, loaded from it.
+    Revert {
+        /// The VM's monitor socket (HMP or QMP).
+        #[arg(long)]
+        monitor: String,
+        statefile: PathBuf,
+        /// The fresh disk overlays go here (default: where the VM's discarded ones were).
+        #[arg(long, value_name = "DIR")]
+        into: Option<PathBuf>,
+        /// Keep the guest paused after loading.
+        #[arg(long)]
+        paused: bool,
+        /// Leave the VM running in the background instead of in this terminal.
+        #[arg(long)]
+        daemonize: bool,
+        /// With --daemonize: write QEMU's pid here.
+        #[arg(long, requires = "daemonize")]
+        pidfile: Option<PathBuf>,
+        /// Deadline for each monitor reply, in seconds.
+        #[arg(long, default_value = "30")]
+        timeout: u64,
     },
     /// Write an instant save as one plain QEMU stream on stdout, e.g. for
     /// `-incoming "exec: qemu-migrate export STATEFILE"`.
@@ -232,7 +266,12 @@ fn main() -> ExitCode {
     // SIGPIPE stays ignored (Rust's default): a QEMU that closes the pipe
     // it loads from, or a reader of our output that goes away, is an error
     // to report in words, never a silent death with a VM half-handled.
-    let cli = Cli::parse();
+    // `checkpoint` is `save --with-disks`.
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|a| a == "checkpoint") {
+        argv.splice(1..2, ["save".into(), "--with-disks".into()]);
+    }
+    let cli = Cli::parse_from(argv);
     let cancel = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         let _ = signal_hook::flag::register(sig, Arc::clone(&cancel));
@@ -297,10 +336,12 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
             no_sync,
             force,
             instant,
+            with_disks,
         } => {
             let mut vm = Vm::attach(monitor.as_str(), Duration::from_secs(*timeout))?;
             let mut options = SaveOptions::default();
             options.instant = *instant;
+            options.with_disks = *with_disks;
             options.live = *live;
             options.bandwidth = bandwidth.map(|m| m << 20);
             options.then = *then;
@@ -339,6 +380,7 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
                         l.data_pages
                     );
                 }
+                checkpoint_said(m);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -352,9 +394,11 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
             as_root,
             verify,
             clone,
+            into,
             qemu_args,
         } => {
             let mut options = RestoreOptions::default();
+            options.into.clone_from(into);
             options.force = *force;
             options.as_root = *as_root;
             options.verify = *verify;
@@ -375,22 +419,58 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
             if cli.json {
                 say!(
                     "{}",
-                    serde_json::json!({ "restored": statefile, "pid": pid, "seconds": restored.elapsed.as_secs_f64(), "renamed": restored.renamed, "pinned_machine": restored.pinned })
+                    serde_json::json!({ "restored": statefile, "pid": pid, "seconds": restored.elapsed.as_secs_f64(), "renamed": restored.renamed, "pinned_machine": restored.pinned, "overlays": restored.overlays })
                 );
             } else if let Some(p) = &restored.pinned {
                 eprintln!("qemu-migrate: {p}");
             }
             if !cli.json && (*daemonize || !cli.quiet) {
                 eprintln!(
-                    "restored {} in {:.2} s (QEMU pid {pid})",
+                    "restored {} in {:.2} s (QEMU pid {pid}){}",
                     statefile.display(),
-                    restored.elapsed.as_secs_f64()
+                    restored.elapsed.as_secs_f64(),
+                    overlays_said(&restored.overlays)
                 );
             }
             if !cli.json {
                 for (from, to) in &restored.renamed {
                     eprintln!("  the clone's {} is {}", from.display(), to.display());
                 }
+            }
+            hand_over(restored.vm, *daemonize, pidfile.as_deref())
+        }
+        Cmd::Revert {
+            monitor,
+            statefile,
+            into,
+            paused,
+            daemonize,
+            pidfile,
+            timeout,
+        } => {
+            let vm = Vm::attach(monitor.as_str(), Duration::from_secs(*timeout))?;
+            let mut options = RestoreOptions::default();
+            options.into.clone_from(into);
+            options.paused = *paused;
+            options.console = console(*daemonize);
+            options.cancel = cancel;
+            let shown = Shown::new(cli);
+            let restored = checkpoint::revert(vm, statefile, &options, shown.progress());
+            shown.done();
+            let restored = restored?;
+            let pid = restored.vm.pid();
+            if cli.json {
+                say!(
+                    "{}",
+                    serde_json::json!({ "reverted": statefile, "pid": pid, "seconds": restored.elapsed.as_secs_f64(), "overlays": restored.overlays })
+                );
+            } else if *daemonize || !cli.quiet {
+                eprintln!(
+                    "reverted to {} in {:.2} s (new QEMU pid {pid}){}",
+                    statefile.display(),
+                    restored.elapsed.as_secs_f64(),
+                    overlays_said(&restored.overlays)
+                );
             }
             hand_over(restored.vm, *daemonize, pidfile.as_deref())
         }
@@ -641,6 +721,7 @@ fn inspect(
                 "restorable": verdict.is_ok(),
                 "previous_save": verdict.as_ref().is_ok_and(|c| c.previous_save),
                 "problem": verdict.as_ref().err().map(|e| redact(&e.to_string())),
+                "disks": manifest.as_ref().and_then(|m| m.checkpoint.as_ref()).map(disks_json),
             })
         );
     } else {
@@ -660,6 +741,9 @@ fn inspect(
                 },
                 m.vm_options.join(" ")
             );
+            if let Some(r) = &m.checkpoint {
+                say!("{}", disks_text(r));
+            }
         }
         if let Some(l) = &layout {
             say!(
@@ -712,4 +796,75 @@ fn inspect(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// After a save: what a checkpoint froze, and where the VM writes now.
+fn checkpoint_said(m: &Manifest) {
+    let Some(r) = m.checkpoint.as_ref().filter(|r| r.frozen) else {
+        return;
+    };
+    for d in &r.disks {
+        eprintln!(
+            "  froze {}: {}{}",
+            d.name,
+            d.images[0].path.display(),
+            d.source_overlay.as_ref().map_or(String::new(), |o| format!(
+                "; the VM writes to {}",
+                o.display()
+            ))
+        );
+    }
+}
+
+fn overlays_said(overlays: &[PathBuf]) -> String {
+    if overlays.is_empty() {
+        return String::new();
+    }
+    let list: Vec<String> = overlays.iter().map(|p| p.display().to_string()).collect();
+    format!("; disks on fresh overlays: {}", list.join(", "))
+}
+
+/// `inspect`: the images a state needs, and whether each is as it was.
+fn disks_text(r: &checkpoint::DiskRecord) -> String {
+    let mut out = vec![if r.frozen {
+        "checkpoint: disks frozen at the save; each restore gets fresh overlays on:".to_string()
+    } else {
+        "disks at the save (a restore refuses them once changed):".to_string()
+    }];
+    for d in &r.disks {
+        for (level, i) in d.images.iter().enumerate() {
+            let state = match i.changed() {
+                None => "intact".to_string(),
+                Some(why) => format!("CHANGED: {why}"),
+            };
+            out.push(format!(
+                "  {}{} {} ({}, {} bytes): {state}",
+                d.name,
+                if level == 0 { "" } else { " backing" },
+                i.path.display(),
+                i.format,
+                i.size
+            ));
+        }
+    }
+    out.join("\n")
+}
+
+fn disks_json(r: &checkpoint::DiskRecord) -> serde_json::Value {
+    let images: Vec<serde_json::Value> = r
+        .disks
+        .iter()
+        .flat_map(|d| d.images.iter().map(move |i| (d, i)))
+        .map(|(d, i)| {
+            serde_json::json!({
+                "disk": d.name,
+                "path": i.path,
+                "format": i.format,
+                "size": i.size,
+                "intact": i.changed().is_none(),
+                "problem": i.changed(),
+            })
+        })
+        .collect();
+    serde_json::json!({ "frozen": r.frozen, "images": images })
 }

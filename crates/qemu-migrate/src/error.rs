@@ -196,6 +196,9 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// A disk that cannot be checkpointed, or an image that changed since the save.
+    #[error("{0}")]
+    Disk(String),
 }
 
 /// What kind of failure an [`Error`] is, for callers that map failures to
@@ -231,7 +234,8 @@ impl Error {
             | Error::RestoreBusy { .. }
             | Error::StillHeld { .. }
             | Error::OlderDestination { .. }
-            | Error::DestinationMachine { .. } => ErrorKind::Refused,
+            | Error::DestinationMachine { .. }
+            | Error::Disk(_) => ErrorKind::Refused,
             Error::MigrationFailed(_)
             | Error::File { .. }
             | Error::Os { .. }

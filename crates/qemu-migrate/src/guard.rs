@@ -84,10 +84,17 @@ pub fn record(vm: &mut Vm) -> crate::Result<Vec<GuardedFile>> {
     };
     let mut out = Vec::new();
     for dev in vm.monitor.block_devices()? {
-        if dev.read_only {
+        let Some(image) = dev.image.filter(|_| !dev.read_only) else {
             continue;
-        }
-        if let Some(f) = describe(&absolute(&dev.file), Role::Disk, Some(dev.format)) {
+        };
+        let Some(path) = image.path() else {
+            continue; // a network image or another protocol: no file to follow
+        };
+        if let Some(f) = describe(
+            &absolute(&path.to_string_lossy()),
+            Role::Disk,
+            Some(image.format),
+        ) {
             out.push(f);
         }
     }

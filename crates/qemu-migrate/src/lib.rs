@@ -34,6 +34,7 @@
 #![warn(missing_docs)]
 
 pub mod argv;
+pub mod checkpoint;
 mod error;
 pub mod guard;
 pub mod instant;

@@ -64,6 +64,9 @@ pub struct Manifest {
     /// For an instant save: where guest RAM is ([`crate::instant`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instant: Option<crate::instant::Layout>,
+    /// The VM's disk images at the save; frozen for a checkpoint (`save --with-disks`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<crate::checkpoint::DiskRecord>,
 }
 
 /// Where the manifest of `statefile` lives.

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::checkpoint;
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
 use crate::os;
@@ -45,6 +46,8 @@ pub struct RestoreOptions {
     /// Start another VM from the state while the first runs: sockets and
     /// logs of its own; refused when the two would share a writable disk.
     pub clone: bool,
+    /// Where a checkpoint's fresh disk overlays go (default: beside the state file).
+    pub into: Option<PathBuf>,
 }
 
 /// A state file that passed its checks.
@@ -195,6 +198,8 @@ pub struct Restored {
     /// The machine type given to the options, when they named only an
     /// alias and this QEMU would have resolved it to another version.
     pub pinned: Option<crate::machine::Pinned>,
+    /// The fresh overlays a checkpoint's disks were given (the VM writes to them).
+    pub overlays: Vec<PathBuf>,
 }
 
 /// Checks `path`, starts QEMU with the recorded (or given) options and loads it.
@@ -205,6 +210,20 @@ pub struct Restored {
 pub fn restore(path: &Path, options: &RestoreOptions, progress: &dyn Progress) -> Result<Restored> {
     let started = Instant::now();
     let checked = check(path)?;
+    restore_checked(checked, started, options, progress)
+}
+
+/// [`restore`] of a state file [`check`] passed.
+///
+/// # Errors
+/// As [`restore`].
+pub fn restore_checked(
+    checked: Checked,
+    started: Instant,
+    options: &RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<Restored> {
+    let path = checked.path.as_path();
     let (binary, args, env, was_running) = match (&checked.manifest, &options.args) {
         (_, Some(args)) => (
             options
@@ -259,12 +278,29 @@ pub fn restore(path: &Path, options: &RestoreOptions, progress: &dyn Progress) -
     // -- cross-version restore: the state's machine type, pinned (see machine.rs)
     let (args, pinned) = pin_machine(&checked, &binary, args, &env)?;
     // --
-    preflight::check(&checked, &binary, &args, &env)?;
+    // The disks: as they were saved, or a checkpoint's fresh overlays.
+    let disks = checkpoint::thaw::thaw(
+        checked.manifest.as_ref(),
+        path,
+        &binary,
+        &args,
+        options.into.as_deref(),
+    )?;
+    // The very options saved need no probe; any other QEMU or options are
+    // probed with the fresh overlays, never with a checkpoint's frozen images.
+    let unchanged = checked
+        .manifest
+        .as_ref()
+        .is_some_and(|m| m.qemu == binary && m.vm_options == crate::argv::vm_options(&args));
+    let probe_args = if unchanged { &args } else { &disks.args };
+    preflight::check(&checked, &binary, probe_args, &env)?;
     // An instant save's RAM image is mapped, not loaded; a clone gets paths of its own.
-    let (args, renamed) = crate::instant::launch_args(&checked, args, options, progress)?;
+    let (args, renamed) =
+        crate::instant::launch_args(&checked, disks.args.clone(), options, progress)?;
 
     let mut vm = Vm::launch_incoming(&binary, &args, &LaunchOptions::new(options.console, env))?;
     load(&mut vm, &checked, options, progress)?;
+    let overlays = disks.keep();
     if was_running && !options.paused {
         if !vm.monitor.status()?.is_running() {
             vm.monitor.cont()?;
@@ -279,6 +315,7 @@ pub fn restore(path: &Path, options: &RestoreOptions, progress: &dyn Progress) -
         elapsed: started.elapsed(),
         renamed,
         pinned,
+        overlays,
     })
 }
 

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use qemu_monitor::{MigrationInfo, MigrationStatus};
 
 use crate::argv;
+use crate::checkpoint::freeze::Freeze;
 use crate::error::{Error, Result};
 use crate::guard;
 use crate::manifest::{self, Manifest};
@@ -90,6 +91,9 @@ pub struct SaveOptions {
     /// Write the instant layout: guest RAM as an image beside the stream,
     /// which a restore maps instead of loading ([`crate::instant`]).
     pub instant: bool,
+    /// A checkpoint: freeze every writable disk under a qcow2 overlay in the
+    /// same pause (implies a paused save); see [`crate::checkpoint`].
+    pub with_disks: bool,
 }
 
 /// What a finished save wrote.
@@ -140,6 +144,9 @@ pub fn save(
     let previous = replaced_save(path, options.force)?;
     os::remove_stale_partials(path);
     let ram_bytes = vm.monitor.ram_size()?;
+    // A checkpoint freezes the disks at one instant: the memory's too.
+    let live = options.live && !options.with_disks;
+    let mut disks = Freeze::prepare(vm, path, options.with_disks, options.then != Then::Quit)?;
 
     let old_bandwidth = vm.monitor.migration_parameter("max-bandwidth")?;
 
@@ -147,7 +154,7 @@ pub fn save(
     // puts it back (see `put_back`).
     let mut watchdog = {
         let addr = vm.monitor.addr().clone();
-        let resume = was_running && !options.live;
+        let resume = was_running && !live;
         let then = options.then;
         os::Watchdog::spawn(move |last| {
             put_back(&addr, resume, old_bandwidth, then, last == Some(COMMITTED))
@@ -155,12 +162,20 @@ pub fn save(
     };
     let (files, file) = SaveFiles::create(path)?;
 
-    if was_running && !options.live {
+    if was_running && !live {
         if let Err(e) = vm.monitor.stop() {
             files.remove();
             return Err(e.into());
         }
     }
+    if let Err(e) = disks.freeze(vm) {
+        files.remove();
+        if was_running && !live {
+            let _ = vm.monitor.cont();
+        }
+        return Err(e);
+    }
+    disks.keep_overlays();
     let result = run_migration(vm, file, path, ram_bytes, options, progress);
     // Put QEMU's own setting back whatever happened.
     let _ = vm
@@ -171,7 +186,7 @@ pub fn save(
         Ok(r) => r,
         Err(e) => {
             files.remove();
-            if was_running && !options.live && !matches!(e, Error::QemuExited { .. }) {
+            if was_running && !live && !matches!(e, Error::QemuExited { .. }) {
                 let _ = vm.monitor.cont();
             }
             return Err(e);
@@ -180,16 +195,23 @@ pub fn save(
 
     // Disks are flushed and let go by QEMU at completion: what they are now
     // is what the saved memory describes.
-    let guarded = match guard::record(vm) {
-        Ok(f) => f,
+    let recorded = guard::record(vm).and_then(|g| Ok((g, disks.record()?)));
+    let (mut guarded, checkpoint) = match recorded {
+        Ok(r) => r,
         Err(e) => {
             files.remove();
-            if was_running && !options.live {
+            if was_running && !live {
                 let _ = vm.monitor.cont_after_migration();
             }
             return Err(e);
         }
     };
+    if checkpoint.is_some() {
+        // A checkpoint's disks are its frozen images, guarded by its own
+        // record; the overlays the VM now writes to are no part of the save.
+        guarded.retain(|f| f.role != guard::Role::Disk);
+    }
+    let args = disks.current_args(vm.args());
     let machine = qemu_stream::inspect(&copied.head[..])
         .ok()
         .and_then(|s| s.machine_type);
@@ -197,8 +219,8 @@ pub fn save(
         format: manifest::FORMAT.to_string(),
         qemu: vm.binary().to_path_buf(),
         qemu_version: vm.version().to_string(),
-        args: vm.args().to_vec(),
-        vm_options: argv::vm_options(vm.args()),
+        vm_options: argv::vm_options(&args),
+        args,
         env: vm.env().clone(),
         machine,
         ram_bytes,
@@ -213,6 +235,7 @@ pub fn save(
         files: guarded,
         previous: None,
         instant: None,
+        checkpoint,
     };
     let sync = !options.no_sync;
     if let Err(e) = commit(
@@ -225,7 +248,7 @@ pub fn save(
         &options.cancel,
     ) {
         files.remove();
-        if was_running && !options.live {
+        if was_running && !live {
             let _ = vm.monitor.cont_after_migration();
         }
         return Err(e);

@@ -327,26 +327,6 @@ impl Monitor {
             .ok_or_else(|| unexpected(self.addr().clone(), "info memory_size_summary", text))
     }
 
-    /// The images the VM has open, one per drive with a medium
-    /// (`query-block`, `info block`).
-    ///
-    /// # Errors
-    /// When the monitor fails.
-    pub fn block_devices(&mut self) -> Result<Vec<BlockDevice>> {
-        if let Some(r) = self.qmp("query-block", None) {
-            let r = r?;
-            return Ok(r
-                .as_array()
-                .map(|devs| devs.iter().filter_map(BlockDevice::from_qmp).collect())
-                .unwrap_or_default());
-        }
-        let text = self.human_command("info block")?;
-        Ok(text
-            .lines()
-            .filter_map(BlockDevice::from_info_block)
-            .collect())
-    }
-
     /// The next QMP event, waiting up to `timeout`; `None` when none came
     /// (and always, after waiting, on the human monitor, which has no events).
     ///
@@ -369,61 +349,6 @@ impl Monitor {
     /// Whether events arrive on this monitor (QMP) rather than only answers.
     pub fn has_events(&self) -> bool {
         matches!(self, Monitor::Qmp(_))
-    }
-}
-
-/// A drive's image, as QEMU has it open.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct BlockDevice {
-    /// The drive (`virtio0`, `ide0-hd0`), or its node name when it has none.
-    pub device: String,
-    /// The image's file name as QEMU has it (a path, or `json:{...}` for
-    /// what no path names).
-    pub file: String,
-    /// The image format (`qcow2`, `raw`).
-    pub format: String,
-    /// Opened read-only.
-    pub read_only: bool,
-}
-
-impl BlockDevice {
-    /// One entry of `query-block` (qapi/block-core.json `BlockInfo`): only
-    /// drives with a medium (`inserted`) have an image.
-    fn from_qmp(v: &Value) -> Option<BlockDevice> {
-        let inserted = v.get("inserted")?;
-        let device = v["device"]
-            .as_str()
-            .filter(|d| !d.is_empty())
-            .or_else(|| v["qdev"].as_str())
-            .unwrap_or_default();
-        Some(BlockDevice {
-            device: device.to_string(),
-            file: inserted["file"].as_str()?.to_string(),
-            format: inserted["drv"].as_str().unwrap_or_default().to_string(),
-            read_only: inserted["ro"].as_bool().unwrap_or(false),
-        })
-    }
-
-    /// One head line of `info block`: `virtio0 (#block123): /d.qcow2 (qcow2)`,
-    /// `(qcow2, read-only)`; drives without a medium say `[not inserted]`.
-    fn from_info_block(line: &str) -> Option<BlockDevice> {
-        if line.starts_with(char::is_whitespace) {
-            return None;
-        }
-        let (name, rest) = line.split_once(": ")?;
-        let (file, tail) = rest.trim_end().rsplit_once(" (")?;
-        let tail = tail.strip_suffix(')')?;
-        let mut parts = tail.split(", ");
-        let format = parts.next()?.to_string();
-        let read_only = parts.any(|p| p == "read-only");
-        let device = name.split(" (").next().unwrap_or(name).to_string();
-        Some(BlockDevice {
-            device,
-            file: file.to_string(),
-            format,
-            read_only,
-        })
     }
 }
 
@@ -459,22 +384,6 @@ fn hmp_quote(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn reads_info_block() {
-        let text = "virtio0 (#block143): /tmp/d 1.qcow2 (qcow2)\n    Attached to:      /machine/peripheral-anon/device[0]/virtio-backend\n    Cache mode:       writeback\n\nide1-cd0: /tmp/cd.iso (raw, read-only)\nfloppy0: [not inserted]\n    Removable device: not locked, tray closed\n";
-        let devs: Vec<BlockDevice> = text
-            .lines()
-            .filter_map(BlockDevice::from_info_block)
-            .collect();
-        assert_eq!(devs.len(), 2);
-        assert_eq!(devs[0].device, "virtio0");
-        assert_eq!(devs[0].file, "/tmp/d 1.qcow2");
-        assert_eq!(devs[0].format, "qcow2");
-        assert!(!devs[0].read_only);
-        assert_eq!(devs[1].file, "/tmp/cd.iso");
-        assert!(devs[1].read_only);
-    }
 
     #[test]
     fn quotes_uris_for_hmp() {

@@ -19,6 +19,7 @@
 //! ```
 
 mod addr;
+mod block;
 mod commands;
 mod conn;
 mod error;
@@ -30,7 +31,8 @@ mod state;
 use std::time::Duration;
 
 pub use addr::MonitorAddr;
-pub use commands::{migration_event_status, BlockDevice};
+pub use block::{BlockDevice, DiskSnapshot, ImageInfo, SnapshotTarget};
+pub use commands::migration_event_status;
 pub use conn::Socket;
 pub use error::{Error, ErrorKind, Result};
 pub use hmp::{HmpReply, HmpSession};

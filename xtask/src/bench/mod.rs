@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+mod checkpoint;
 mod instant;
 mod libvirt;
 mod live;
@@ -67,6 +68,9 @@ pub fn run(root: &Path, args: &Args) -> anyhow::Result<()> {
         print!("{section}");
         report.push_str(&section);
         let section = instant::instant_speed(q, &migrate, &guest)?;
+        print!("{section}");
+        report.push_str(&section);
+        let section = checkpoint::checkpoint_speed(q, &migrate, &guest, args)?;
         print!("{section}");
         report.push_str(&section);
     }

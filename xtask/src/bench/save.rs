@@ -69,11 +69,23 @@ impl FilledVm {
         ram_mib: u32,
         fill_mib: u32,
     ) -> anyhow::Result<FilledVm> {
+        FilledVm::start_with(q, guest, ram_mib, fill_mib, &[])
+    }
+
+    /// [`FilledVm::start`] with more QEMU options (a disk).
+    pub(super) fn start_with(
+        q: &Qemu,
+        guest: &Path,
+        ram_mib: u32,
+        fill_mib: u32,
+        extra: &[String],
+    ) -> anyhow::Result<FilledVm> {
         let dir = tempfile::tempdir()?;
         let hmp = dir.path().join("hmp.sock");
         let qmp = dir.path().join("qmp.sock");
         let serial = dir.path().join("serial.sock");
         let mut args = filled_args(dir.path(), guest, ram_mib, fill_mib);
+        args.extend_from_slice(extra);
         args.push("-S".into());
         let process = Process::start(
             &q.binary,

@@ -50,7 +50,12 @@ pub(crate) fn save(
     options: &SaveOptions,
     progress: &dyn Progress,
 ) -> Result<SaveReport> {
-    if let Some(why) = unsuitable(vm.args()) {
+    let why = if options.with_disks {
+        Some("a checkpoint (--with-disks) keeps its RAM in the stream".to_string())
+    } else {
+        unsuitable(vm.args())
+    };
+    if let Some(why) = why {
         let mut plain = options.clone();
         plain.instant = false;
         let mut report = crate::save::save(vm, path, &plain, progress)?;
@@ -175,6 +180,7 @@ pub(crate) fn save(
         files: guarded,
         previous: None,
         instant: None,
+        checkpoint: None,
     };
     // No pc.ram in the stream (another machine), or nothing moved: the
     // stream is whole by itself, and is kept as a plain save.

@@ -1,0 +1,33 @@
+//! Checkpoints that include the disks: `save --with-disks` freezes every
+//! writable file-backed disk under a qcow2 overlay in the same pause as the
+//! memory save, so the images below hold the disks exactly as the memory
+//! state expects them; every restore then writes to a fresh overlay of its
+//! own, and the checkpoint can be restored, or a running VM reverted to it,
+//! any number of times.
+//!
+//! Every save records the VM's writable disks (path, format, size,
+//! modification time, a sampled fingerprint) in the manifest; a restore
+//! refuses, in words, images that changed since. Without `--with-disks`
+//! this is what stops a second restore of the same state onto a disk the
+//! first one wrote to.
+//!
+//! Where each part lives: [`record`] is what the manifest holds and the
+//! check of it; [`freeze`] the save's side (find the disks, create the
+//! overlays, switch to them); [`thaw`] the restore's side (check, new
+//! overlays, the command line pointed at them); [`revert`](mod@revert) puts a running
+//! VM back to its checkpoint; [`cmdline`] rewrites `-drive`, `-blockdev`
+//! and `-hda` options; [`overlay`] makes the overlay files with `qemu-img`.
+//!
+//! Disks that are not files (NBD, iSCSI, host devices) cannot be frozen: a
+//! checkpoint of a VM with one is refused; a plain save leaves them out of
+//! its record, unchecked. Read-only disks are not recorded.
+
+pub mod cmdline;
+pub mod freeze;
+pub mod overlay;
+pub mod record;
+pub mod revert;
+pub mod thaw;
+
+pub use record::{Disk, DiskRecord, Image};
+pub use revert::revert;
