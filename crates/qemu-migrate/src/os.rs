@@ -570,6 +570,12 @@ pub fn process_name(pid: u32) -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
+/// Ends process `pid` at once (SIGKILL): a QEMU this crate started.
+pub(crate) fn kill(pid: u32) {
+    // SAFETY: kill only sends a signal.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+}
+
 /// Writes `text` to stderr with one system call and no lock (safe in a
 /// forked child, where another thread may have held std's stderr lock).
 pub(crate) fn write_stderr(text: &str) {

@@ -334,8 +334,7 @@ impl Undo {
         };
         if !confirmed {
             if let Some(pid) = self.destination_pid {
-                // SAFETY: a signal to the destination QEMU this migration started.
-                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                os::kill(pid);
                 os::wait_gone(pid, Duration::from_secs(5));
             }
             self.sockets.back_to_source();
