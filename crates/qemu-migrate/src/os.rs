@@ -448,6 +448,19 @@ impl Watchdog {
         unsafe { libc::_exit(0) }
     }
 
+    /// A watchdog that ends process `pid` (a QEMU this process started and
+    /// has not handed over yet) and says `why` if this process dies first.
+    ///
+    /// # Errors
+    /// As [`Watchdog::spawn`].
+    pub fn ending(pid: u32, why: &'static str) -> Result<Watchdog> {
+        Watchdog::spawn(move |_| {
+            kill(pid);
+            wait_gone(pid, Duration::from_secs(5));
+            write_stderr(why);
+        })
+    }
+
     /// Tells the watchdog how far this process got.
     pub fn step(&mut self, step: u8) {
         debug_assert_ne!(step, WATCHDOG_DONE);

@@ -250,14 +250,10 @@ pub fn restore(path: &Path, options: &RestoreOptions, progress: &dyn Progress) -
     let mut vm = Vm::launch_incoming(&binary, &args, &LaunchOptions::new(options.console, env))?;
     // A QEMU half-loaded by a restore that died would hold the VM's
     // sockets and disks with no guest to run: it goes with us until loaded.
-    let qemu_pid = vm.pid();
-    let watchdog = os::Watchdog::spawn(move |_| {
-        os::kill(qemu_pid);
-        os::wait_gone(qemu_pid, Duration::from_secs(5));
-        os::write_stderr(
-            "qemu-migrate: the restoring process died before QEMU had loaded the state; that QEMU was ended\n",
-        );
-    })?;
+    let watchdog = os::Watchdog::ending(
+        vm.pid(),
+        "qemu-migrate: the restoring process died before QEMU had loaded the state; that QEMU was ended\n",
+    )?;
     load(&mut vm, &checked, options, progress)?;
     if was_running && !options.paused {
         if !vm.monitor.status()?.is_running() {

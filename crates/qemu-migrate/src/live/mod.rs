@@ -479,6 +479,10 @@ fn perform(
     if options.cancel.load(Ordering::Relaxed) && info.status != MigrationStatus::Completed {
         return Err(interrupted());
     }
+    // Its QEMU may have gone with it and failed the migration first.
+    receiver_gone = receiver_gone
+        || (info.status != MigrationStatus::Completed
+            && confirm.as_ref().is_some_and(|c| peer_closed(c.get_ref())));
     if receiver_gone && info.status != MigrationStatus::Completed {
         return Err(Error::MigrationFailed(format!(
             "the receiving qemu-migrate went away during the migration, so it was cancelled; {keeps}"
