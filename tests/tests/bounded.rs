@@ -211,8 +211,23 @@ fn the_death_of_the_receiving_side_is_noticed_within_seconds() {
         let noticed = killed_at.elapsed();
         let mut err = String::new();
         std::io::Read::read_to_string(&mut sender.0.stderr.take().unwrap(), &mut err).unwrap();
-        // SAFETY: the receiver's QEMU, orphaned by the kill.
-        unsafe { libc::kill(dest_qemu, libc::SIGKILL) };
+        // The receiver's watchdog ended its QEMU, which holds nothing any more.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // (A zombie nobody reaped yet has ended too: it holds no file.)
+        let alive = |pid: i32| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                s.rsplit_once(')')
+                    .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
+            })
+        };
+        while alive(dest_qemu) {
+            if Instant::now() > deadline {
+                // SAFETY: the receiver's QEMU, left behind.
+                unsafe { libc::kill(dest_qemu, libc::SIGKILL) };
+                panic!("the receiver's QEMU outlived it");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         assert_eq!(status.code(), Some(3), "{err}");
         assert!(
             err.contains("the receiving qemu-migrate went away"),

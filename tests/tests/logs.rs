@@ -184,3 +184,72 @@ fn the_preflight_probe_opens_none_of_the_vms_files() {
         assert!(!log_after.contains(&0));
     }
 }
+
+/// The QEMUs a process started, leaving out its own forks (its watchdog).
+fn qemu_children(pid: u32) -> Vec<u32> {
+    let own = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|c| {
+            let stat = std::fs::read_to_string(format!("/proc/{c}/stat")).unwrap_or_default();
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok());
+            ppid == Some(pid) && std::fs::read_link(format!("/proc/{c}/exe")).ok() != own
+        })
+        .collect()
+}
+
+#[test]
+fn a_failed_local_live_migration_leaves_the_sources_log_intact() {
+    use std::io::{BufRead, BufReader};
+    for qemu in qemus() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("serial.log");
+        let vm = Vm::start(&qemu, &logged_options(dir.path(), &log, &[]));
+        wait_log(&log, "tick 2", |t| t.contains(&2));
+        let mut live = migrate()
+            .args(["--json", "live", "--monitor"])
+            .arg(&vm.hmp)
+            .args(["--to", "local", "--bandwidth", "1", "--no-auto-converge"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(live.stdout.take().unwrap());
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(out.read_line(&mut line).unwrap() > 0, "live ended early");
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if v["done"].as_u64().unwrap_or(0) > 0 {
+                break;
+            }
+        }
+        // The destination has the log open now; it dies mid-migration.
+        let before = std::fs::read(&log).unwrap();
+        let dest = qemu_children(live.id());
+        assert_eq!(dest.len(), 1, "{dest:?}");
+        // SAFETY: a signal to the destination QEMU of this test's migration.
+        unsafe { libc::kill(dest[0] as i32, libc::SIGKILL) };
+        let end = live.wait_with_output().unwrap();
+        assert_eq!(
+            end.status.code(),
+            Some(3),
+            "{}",
+            String::from_utf8_lossy(&end.stderr)
+        );
+        let last = *ticks(&log).last().unwrap();
+        wait_log(&log, "the source ticking on", |t| {
+            t.iter().any(|&n| n > last)
+        });
+        let after = std::fs::read(&log).unwrap();
+        assert!(
+            after.starts_with(&before),
+            "the source's log was not truncated"
+        );
+        assert!(!after.contains(&0), "no NULs in the source's log");
+    }
+}

@@ -588,3 +588,98 @@ fn a_save_killed_mid_stream_resumes_the_guest_and_puts_qemus_settings_back() {
         assert_eq!(left(dir.path()), 0);
     }
 }
+
+#[test]
+fn a_restore_killed_while_loading_leaves_no_qemu_holding_the_vms_sockets() {
+    for qemu in qemus() {
+        let dir = tempfile::tempdir().unwrap();
+        let hmp = dir.path().join("hmp.sock");
+        let guest = guest().display().to_string();
+        let monitor = format!("unix:{},server,nowait", hmp.display());
+        let (source, _serial) = Vm::start_ticking(
+            &qemu,
+            &[
+                "-accel",
+                "tcg",
+                "-m",
+                "1024",
+                "-nodefaults",
+                "-serial",
+                "stdio",
+                "-kernel",
+                &guest,
+                "-append",
+                "fill=600",
+                "-monitor",
+                &monitor,
+            ],
+        );
+        let statefile = dir.path().join("state");
+        let out = migrate()
+            .args(["save", "--then", "quit", "--monitor"])
+            .arg(&hmp)
+            .arg(&statefile)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        drop(source);
+
+        let restore = || {
+            migrate()
+                .args(["--json", "restore", "--daemonize", "--pidfile"])
+                .arg(dir.path().join("pid"))
+                .arg(&statefile)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let mut first = restore();
+        let mut out = BufReader::new(first.stdout.take().unwrap());
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(
+                out.read_line(&mut line).unwrap() > 0,
+                "the restore ended early"
+            );
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if v["done"].as_u64().unwrap_or(0) > 0 {
+                break;
+            }
+        }
+        first.kill().unwrap();
+        // Its stderr ends when the watchdog, which shares it, is done.
+        let end = first.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&end.stderr);
+        assert!(err.contains("that QEMU was ended"), "{err}");
+        assert!(
+            std::os::unix::net::UnixStream::connect(&hmp).is_err(),
+            "nothing listens on the VM's socket any more"
+        );
+        // So the next restore is not refused, and it runs the guest.
+        let second = restore().wait_with_output().unwrap();
+        assert!(
+            second.status.success(),
+            "{}",
+            String::from_utf8_lossy(&second.stderr)
+        );
+        let status = Command::new(bin("monitor-send"))
+            .arg(&hmp)
+            .arg("info status")
+            .output()
+            .unwrap();
+        let pid: i32 = std::fs::read_to_string(dir.path().join("pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // SAFETY: a signal to the QEMU this test restored.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        assert!(String::from_utf8_lossy(&status.stdout).contains("running"));
+    }
+}

@@ -190,16 +190,17 @@ fn inline_secrets_are_never_printed() {
                 }
             }
         });
-        for json in [false, true] {
+        for (json, daemonize) in [(false, true), (true, true), (false, false)] {
             let mut cmd = migrate();
             if json {
                 cmd.arg("--json");
             }
-            let out = cmd
-                .args(["restore", "--daemonize"])
-                .arg(&statefile)
-                .output()
-                .unwrap();
+            cmd.arg("restore");
+            if daemonize {
+                cmd.arg("--daemonize");
+            }
+            // In the foreground QEMU's stderr is passed through as well.
+            let out = cmd.arg(&statefile).output().unwrap();
             assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
             printed += &String::from_utf8_lossy(&out.stdout);
             printed += &stderr(&out);

@@ -407,7 +407,7 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
             options.paused = *paused;
             options.args = (!qemu_args.is_empty()).then(|| qemu_args.clone());
             options.console = console(*daemonize);
-            options.cancel = cancel;
+            options.cancel = Arc::clone(&cancel);
             let shown = Shown::new(cli);
             let restored = restore::restore(statefile, &options, shown.progress());
             shown.done();
@@ -472,7 +472,7 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
                     overlays_said(&restored.overlays)
                 );
             }
-            hand_over(restored.vm, *daemonize, pidfile.as_deref())
+            hand_over(restored.vm, *daemonize, pidfile.as_deref(), &cancel)
         }
         Cmd::Export { statefile } => {
             let stdout = std::io::stdout().lock();
@@ -568,7 +568,7 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
             let mut options = ReceiveOptions::default();
             options.qemu.clone_from(qemu);
             options.console = console(*daemonize);
-            options.cancel = cancel;
+            options.cancel = Arc::clone(&cancel);
             let receiver = live::Receiver::start(listen, &spec, &options)?;
             if cli.json {
                 say!(
@@ -602,7 +602,7 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
                     received.state
                 );
             }
-            hand_over(received.vm, *daemonize, pidfile.as_deref())
+            hand_over(received.vm, *daemonize, pidfile.as_deref(), &cancel)
         }
     }
 }
@@ -630,6 +630,7 @@ fn hand_over(
     mut vm: Vm,
     daemonize: bool,
     pidfile: Option<&std::path::Path>,
+    stop: &AtomicBool,
 ) -> Result<ExitCode, Error> {
     let pid = vm.pid();
     if daemonize {
@@ -644,8 +645,13 @@ fn hand_over(
         return Ok(ExitCode::SUCCESS);
     }
     // A signal meant for this process is passed on to QEMU, which ends the
-    // way it does for any signal.
+    // way it does for any signal; one that came between the end of the
+    // restore and now (it only set the cancel flag) is passed on too.
     forward_signals(pid);
+    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+        // SAFETY: a signal to the QEMU this process started.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+    }
     let launched = vm.launched().expect("a VM handed over was launched here");
     let (status, _) = launched.wait().map_err(|source| Error::Os {
         what: "waiting for QEMU",

@@ -454,6 +454,19 @@ impl Watchdog {
         unsafe { libc::_exit(0) }
     }
 
+    /// A watchdog that ends process `pid` (a QEMU this process started and
+    /// has not handed over yet) and says `why` if this process dies first.
+    ///
+    /// # Errors
+    /// As [`Watchdog::spawn`].
+    pub fn ending(pid: u32, why: &'static str) -> Result<Watchdog> {
+        Watchdog::spawn(move |_| {
+            kill(pid);
+            wait_gone(pid, Duration::from_secs(5));
+            write_stderr(why);
+        })
+    }
+
     /// Tells the watchdog how far this process got.
     pub fn step(&mut self, step: u8) {
         debug_assert_ne!(step, WATCHDOG_DONE);
@@ -574,6 +587,12 @@ pub fn process_name(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "?".into())
+}
+
+/// Ends process `pid` at once (SIGKILL): a QEMU this crate started.
+pub(crate) fn kill(pid: u32) {
+    // SAFETY: kill only sends a signal.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
 }
 
 /// Writes `text` to stderr with one system call and no lock (safe in a

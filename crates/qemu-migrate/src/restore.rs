@@ -299,6 +299,12 @@ pub fn restore_checked(
         crate::instant::launch_args(&checked, disks.args.clone(), options, progress)?;
 
     let mut vm = Vm::launch_incoming(&binary, &args, &LaunchOptions::new(options.console, env))?;
+    // A QEMU half-loaded by a restore that died would hold the VM's
+    // sockets and disks with no guest to run: it goes with us until loaded.
+    let watchdog = os::Watchdog::ending(
+        vm.pid(),
+        "qemu-migrate: the restoring process died before QEMU had loaded the state; that QEMU was ended\n",
+    )?;
     load(&mut vm, &checked, options, progress)?;
     let overlays = disks.keep();
     if was_running && !options.paused {
@@ -308,6 +314,7 @@ pub fn restore_checked(
     } else if options.paused && vm.monitor.status()?.is_running() {
         vm.monitor.stop()?;
     }
+    watchdog.dismiss();
     Ok(Restored {
         vm,
         manifest: checked.manifest,

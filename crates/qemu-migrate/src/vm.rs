@@ -236,7 +236,10 @@ impl Vm {
                     }
                     if show {
                         use std::io::Write;
-                        let _ = std::io::stderr().write_all(&buf[..n]);
+                        // QEMU quotes the option it rejects, inline
+                        // secrets and all: shown redacted, kept whole.
+                        let shown = crate::argv::redact(&String::from_utf8_lossy(&buf[..n]));
+                        let _ = std::io::stderr().write_all(shown.as_bytes());
                     }
                     keep.lock()
                         .expect("stderr lock")

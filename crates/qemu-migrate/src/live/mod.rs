@@ -360,8 +360,7 @@ impl Undo {
         };
         if !confirmed {
             if let Some(pid) = self.destination_pid {
-                // SAFETY: a signal to the destination QEMU this migration started.
-                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                os::kill(pid);
                 os::wait_gone(pid, Duration::from_secs(5));
             }
             self.sockets.back_to_source();
@@ -506,6 +505,10 @@ fn perform(
     if options.cancel.load(Ordering::Relaxed) && info.status != MigrationStatus::Completed {
         return Err(interrupted());
     }
+    // Its QEMU may have gone with it and failed the migration first.
+    receiver_gone = receiver_gone
+        || (info.status != MigrationStatus::Completed
+            && confirm.as_ref().is_some_and(|c| peer_closed(c.get_ref())));
     if receiver_gone && info.status != MigrationStatus::Completed {
         return Err(Error::MigrationFailed(format!(
             "the receiving qemu-migrate went away during the migration, so it was cancelled; {keeps}"

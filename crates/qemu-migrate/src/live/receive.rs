@@ -59,6 +59,8 @@ pub struct Receiver {
     incoming: mpsc::Receiver<Incoming>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Ends the waiting QEMU if this process dies before it has the guest.
+    watchdog: Option<crate::os::Watchdog>,
 }
 
 /// A received VM: running (or paused, as it was on the source).
@@ -143,6 +145,10 @@ impl Receiver {
             })?;
         let running = machine::resolve(&binary, &env, &args)?;
         let vm = Vm::launch_incoming(&binary, &args, &LaunchOptions::new(options.console, env))?;
+        let watchdog = crate::os::Watchdog::ending(
+            vm.pid(),
+            "qemu-migrate: the receiving process died before the guest was received; its QEMU was ended\n",
+        )?;
         let (tx, incoming) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let version = vm.version().to_string();
@@ -161,6 +167,7 @@ impl Receiver {
             incoming,
             stop,
             thread: Some(thread),
+            watchdog: Some(watchdog),
         })
     }
 
@@ -205,6 +212,9 @@ impl Receiver {
             let _ = c.write_all(line.as_bytes());
         }
         let state = outcome?;
+        if let Some(w) = self.watchdog.take() {
+            w.dismiss();
+        }
         Ok(Received {
             elapsed: self.started.elapsed(),
             state,
