@@ -437,7 +437,7 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
                     eprintln!("  the clone's {} is {}", from.display(), to.display());
                 }
             }
-            hand_over(restored.vm, *daemonize, pidfile.as_deref())
+            hand_over(restored.vm, *daemonize, pidfile.as_deref(), &cancel)
         }
         Cmd::Revert {
             monitor,
@@ -453,7 +453,7 @@ fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
             options.into.clone_from(into);
             options.paused = *paused;
             options.console = console(*daemonize);
-            options.cancel = cancel;
+            options.cancel = Arc::clone(&cancel);
             let shown = Shown::new(cli);
             let restored = checkpoint::revert(vm, statefile, &options, shown.progress());
             shown.done();

@@ -265,7 +265,11 @@ pub fn restore_checked(
         }
     }
     let _restoring = os::VmLock::take_restore(path)?;
-    refuse_if_still_held(&args, checked.manifest.as_ref())?;
+    if !options.clone {
+        // A clone gets socket and log paths of its own, and is refused a
+        // writable disk it would share (see `instant::launch_args`).
+        refuse_if_still_held(&args, checked.manifest.as_ref())?;
+    }
     if let Some(m) = &checked.manifest {
         let changes = crate::guard::changes(&m.files);
         if !changes.is_empty() && !options.force {
