@@ -3,7 +3,11 @@
 use std::io::Write;
 use std::sync::Mutex;
 
-use qemu_migrate::progress::Progress;
+use std::io::IsTerminal;
+
+use qemu_migrate::progress::{Progress, Quiet};
+
+use crate::Cli;
 
 pub struct Bar(indicatif::ProgressBar);
 
@@ -51,5 +55,38 @@ impl Progress for JsonLines {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{line}");
         let _ = out.flush();
+    }
+}
+
+/// How progress is shown: a bar on a terminal, JSON lines with --json, else nothing.
+pub(crate) enum Shown {
+    Bar(Bar),
+    Json(JsonLines),
+    Quiet(Quiet),
+}
+
+impl Shown {
+    pub(crate) fn new(cli: &Cli) -> Shown {
+        if cli.json {
+            Shown::Json(JsonLines::new())
+        } else if !cli.quiet && std::io::stderr().is_terminal() {
+            Shown::Bar(Bar::new())
+        } else {
+            Shown::Quiet(Quiet)
+        }
+    }
+
+    pub(crate) fn progress(&self) -> &dyn Progress {
+        match self {
+            Shown::Bar(b) => b,
+            Shown::Json(j) => j,
+            Shown::Quiet(q) => q,
+        }
+    }
+
+    pub(crate) fn done(&self) {
+        if let Shown::Bar(b) = self {
+            b.finish();
+        }
     }
 }

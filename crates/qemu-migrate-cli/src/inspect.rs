@@ -1,0 +1,210 @@
+//! `qemu-migrate inspect`: what a state file holds, whether it is whole,
+//! and whether given options would restore it.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use qemu_migrate::Error;
+
+use crate::Cli;
+use qemu_migrate::argv::redact;
+use qemu_migrate::checkpoint;
+use qemu_migrate::progress::Quiet;
+use qemu_migrate::restore;
+use qemu_migrate::Manifest;
+
+use crate::restore::previous_save_note;
+
+/// The options of `qemu-migrate inspect`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct InspectArgs {
+    statefile: PathBuf,
+    /// Also say whether these QEMU options (after --) would restore it.
+    #[arg(long)]
+    check: bool,
+    /// With --check: the QEMU that would restore it (default: qemu-system-x86_64).
+    #[arg(long, requires = "check")]
+    qemu: Option<PathBuf>,
+    #[arg(last = true)]
+    qemu_args: Vec<String>,
+}
+
+pub(crate) fn inspect(args: &InspectArgs, cli: &Cli) -> Result<ExitCode, Error> {
+    let InspectArgs {
+        statefile,
+        check,
+        qemu,
+        qemu_args,
+    } = args;
+    show(cli, statefile, check.then(|| qemu.clone()), qemu_args)
+}
+
+fn show(
+    cli: &Cli,
+    statefile: &std::path::Path,
+    check_with: Option<Option<PathBuf>>,
+    qemu_args: &[String],
+) -> Result<ExitCode, Error> {
+    // The check reads a bare stream through already; its summary is reused.
+    let mut verdict = restore::check(statefile);
+    // The manifest that describes the stream (the previous save's, after an
+    // interrupted replacement), else the one beside it.
+    let manifest = match &verdict {
+        Ok(c) => c.manifest.as_ref().map(Manifest::redacted),
+        Err(_) => Manifest::load(statefile)?.map(|mut m| {
+            m.previous = None;
+            m.redacted()
+        }),
+    };
+    let summary = match verdict.as_mut().ok().and_then(|c| c.summary.take()) {
+        Some(s) => s,
+        None => qemu_stream::inspect_file(statefile).map_err(|e| Error::BadStateFile {
+            path: statefile.to_path_buf(),
+            reason: e.to_string(),
+        })?,
+    };
+    // An instant save's RAM image: its identity, or read whole with --check.
+    let layout = manifest.as_ref().and_then(|m| m.instant.clone());
+    let mut image_check = None;
+    if let (Ok(_), Some(l)) = (&verdict, &layout) {
+        match qemu_migrate::instant::check_image(statefile, l, check_with.is_some(), &Quiet) {
+            Ok(c) => image_check = Some(c),
+            Err(e) => verdict = Err(e),
+        }
+    }
+    let image_words = image_check.map(|c| match c {
+        qemu_migrate::instant::ImageCheck::Identity => {
+            "the very file the save wrote, unchanged (size and identity; --check reads it whole)"
+        }
+        _ => "read in full, its checksum matches",
+    });
+    if cli.json {
+        say!(
+            "{}",
+            serde_json::json!({
+                "file": statefile,
+                "stream": summary,
+                "manifest": manifest,
+                "ram_image": image_words,
+                "restorable": verdict.is_ok(),
+                "previous_save": verdict.as_ref().is_ok_and(|c| c.previous_save),
+                "problem": verdict.as_ref().err().map(|e| redact(&e.to_string())),
+                "disks": manifest.as_ref().and_then(|m| m.checkpoint.as_ref()).map(disks_json),
+            })
+        );
+    } else {
+        say!("{summary}");
+        if verdict.as_ref().is_ok_and(|c| c.previous_save) {
+            say!("{}", previous_save_note(statefile));
+        }
+        if let Some(m) = &manifest {
+            say!(
+                "manifest: saved by QEMU {} ({}) from a {} guest\n  options: {}",
+                m.qemu_version,
+                m.qemu.display(),
+                if m.guest_was_running {
+                    "running"
+                } else {
+                    "paused"
+                },
+                m.vm_options.join(" ")
+            );
+            if let Some(r) = &m.checkpoint {
+                say!("{}", disks_text(r));
+            }
+        }
+        if let Some(l) = &layout {
+            say!(
+                "layout: instant: RAM block {} ({} MiB) in {}: {} pages of data, {} zero (holes), \
+                 {} left in the stream; restore it with qemu-migrate, or by hand with \
+                 -incoming \"exec: qemu-migrate export {}\"",
+                l.block,
+                l.block_bytes >> 20,
+                l.image,
+                l.data_pages,
+                l.zero_pages,
+                l.pages_in_stream,
+                statefile.display()
+            );
+            if let Some(w) = image_words {
+                say!("RAM image: {w}");
+            }
+        }
+        match &verdict {
+            Ok(_) => say!(
+                "complete: yes{}",
+                if manifest.is_some() {
+                    ", checksum matches"
+                } else {
+                    ""
+                }
+            ),
+            Err(e) => say!("complete: no: {}", redact(&e.to_string())),
+        }
+    }
+    let mut checked = verdict?;
+    if let Some(binary) = check_with {
+        checked.summary = Some(summary);
+        // Without options, the check is of the QEMU and options recorded.
+        let (binary, args, env) = match (&manifest, qemu_args.is_empty()) {
+            (Some(m), true) => (
+                binary.unwrap_or_else(|| m.qemu.clone()),
+                m.args.clone(),
+                m.env.clone(),
+            ),
+            _ => (
+                binary.unwrap_or_else(|| "qemu-system-x86_64".into()),
+                qemu_args.to_vec(),
+                Default::default(),
+            ),
+        };
+        qemu_migrate::preflight::check(&checked, &binary, &args, &env)?;
+        if !cli.json {
+            say!("these options can restore it");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+/// `inspect`: the images a state needs, and whether each is as it was.
+fn disks_text(r: &checkpoint::DiskRecord) -> String {
+    let mut out = vec![if r.frozen {
+        "checkpoint: disks frozen at the save; each restore gets fresh overlays on:".to_string()
+    } else {
+        "disks at the save (a restore refuses them once changed):".to_string()
+    }];
+    for d in &r.disks {
+        for (level, i) in d.images.iter().enumerate() {
+            let state = match i.changed() {
+                None => "intact".to_string(),
+                Some(why) => format!("CHANGED: {why}"),
+            };
+            out.push(format!(
+                "  {}{} {} ({}, {} bytes): {state}",
+                d.name,
+                if level == 0 { "" } else { " backing" },
+                i.path.display(),
+                i.format,
+                i.size
+            ));
+        }
+    }
+    out.join("\n")
+}
+fn disks_json(r: &checkpoint::DiskRecord) -> serde_json::Value {
+    let images: Vec<serde_json::Value> = r
+        .disks
+        .iter()
+        .flat_map(|d| d.images.iter().map(move |i| (d, i)))
+        .map(|(d, i)| {
+            serde_json::json!({
+                "disk": d.name,
+                "path": i.path,
+                "format": i.format,
+                "size": i.size,
+                "intact": i.changed().is_none(),
+                "problem": i.changed(),
+            })
+        })
+        .collect();
+    serde_json::json!({ "frozen": r.frozen, "images": images })
+}
