@@ -305,3 +305,42 @@ fn a_pipe_held_open_gets_events_as_they_come_and_ends_when_qemu_does() {
         vm.wait_exit();
     }
 }
+
+/// nc's `-w` and socat's `-T` are idle timeouts: a pipe held open but
+/// silent ends the session, after every command was confirmed.
+#[test]
+fn an_idle_timeout_ends_a_session_whose_input_stays_open() {
+    for qemu in qemus() {
+        let mut vm = Vm::none(&qemu);
+        for args in [
+            vec![
+                "-w".to_string(),
+                "1".into(),
+                "-U".into(),
+                vm.hmp.display().to_string(),
+            ],
+            vec![
+                "-T".to_string(),
+                "1".into(),
+                "-".into(),
+                format!("UNIX-CONNECT:{}", vm.hmp.display()),
+            ],
+        ] {
+            vm.qmp().execute("cont", None).unwrap();
+            let mut child = Command::new(bin("monitor-send"))
+                .args(&args)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut stdin = child.stdin.take().unwrap();
+            let mut out = Output::collect(child.stdout.take().unwrap());
+            stdin.write_all(b"stop\ninfo status\n").unwrap();
+            out.wait_for("VM status: paused", 0);
+            let status = exit_of(child);
+            assert!(status.success(), "{args:?}: {status}");
+            drop(stdin);
+        }
+    }
+}

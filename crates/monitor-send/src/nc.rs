@@ -193,6 +193,9 @@ pub fn parse(args: &[String]) -> Result<Action, String> {
     {
         job.timeout = Duration::from_secs_f64(secs);
     }
+    if let Some(w) = wait.filter(|&w| w > 0.0) {
+        job.idle_timeout = Some(Duration::from_secs_f64(w));
+    }
     Ok(Action::Run(Box::new(job)))
 }
 

@@ -214,6 +214,8 @@ enum Step {
 
 impl Pump<'_> {
     fn run(&mut self) {
+        // What QEMU sent along with its greeting (an event, say).
+        self.handle_socket_bytes();
         loop {
             if let Err(message) = self.send_next() {
                 self.fail(exit::DELIVERY, message);
@@ -259,11 +261,19 @@ impl Pump<'_> {
         if read_stdin {
             fds.push(pollfd(0, libc::POLLIN));
         }
-        let deadline = self
-            .flight
-            .as_ref()
-            .map(|_| self.last_activity + self.job.timeout);
+        let deadline = match (&self.flight, self.job.idle_timeout) {
+            (Some(_), _) => Some(self.last_activity + self.job.timeout),
+            (None, Some(idle)) => Some(self.last_activity + idle),
+            (None, None) => None,
+        };
         if !poll(&mut fds, deadline) {
+            if self.flight.is_none() {
+                // nc's -w, socat's -T: nothing either way for that long ends
+                // the session as the end of input would.
+                self.stdin_eof = true;
+                self.input.finish(&mut self.queue);
+                return Ok(Step::Go);
+            }
             let what = match &self.flight {
                 Some(Flight::HmpEcho { line }) => format!("echo of `{line}`"),
                 Some(Flight::HmpOutput { line, .. }) | Some(Flight::Qmp { line, .. }) => {
@@ -311,6 +321,7 @@ impl Pump<'_> {
         // SAFETY: reads into a valid buffer from the process's stdin.
         let n = unsafe { libc::read(0, chunk.as_mut_ptr().cast(), chunk.len()) };
         if n > 0 {
+            self.last_activity = Instant::now();
             let bytes = &chunk[..n as usize];
             self.input.feed(bytes, &mut self.queue);
             if self.terminal

@@ -148,6 +148,7 @@ pub fn parse(args: &[String]) -> Result<Action, String> {
     job.verbose = verbose;
     if let Some(t) = inactivity {
         job.timeout = t;
+        job.idle_timeout = Some(t);
     }
     if opts.forever {
         job.wait_socket = Some(FOREVER);
