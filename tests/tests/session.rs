@@ -344,3 +344,29 @@ fn an_idle_timeout_ends_a_session_whose_input_stays_open() {
         }
     }
 }
+
+/// Ctrl-C where the terminal modes keep signals on (`echo=0,icanon=0`, as
+/// OpenRC's qemush uses) ends the session, and the terminal is usable after.
+#[test]
+fn ctrl_c_in_a_terminal_session_restores_the_terminal() {
+    let links = tempfile::tempdir().unwrap();
+    let socat = link(links.path(), "socat");
+    let qemu = &qemus()[0];
+    let vm = Vm::none(qemu);
+    let mut t = on_terminal(
+        &socat,
+        &[
+            "-,echo=0,icanon=0".into(),
+            format!("UNIX-CONNECT:{}", vm.hmp.display()),
+        ],
+    );
+    t.out.wait_for("(qemu) ", 0);
+    assert_eq!(lflag(&t.slave) & libc::ICANON, 0);
+    t.type_keys(&[3]);
+    let status = exit_of(t.child);
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGINT), "{status}");
+    let modes = lflag(&t.slave);
+    assert_ne!(modes & libc::ICANON, 0, "canonical mode is back");
+    assert_ne!(modes & libc::ECHO, 0, "echo is back");
+}
