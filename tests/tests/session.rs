@@ -92,6 +92,12 @@ fn on_terminal(program: &Path, args: &[String]) -> OnTerminal {
         )
     };
     assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    for fd in [master, slave] {
+        // Children other tests start meanwhile must not inherit the terminal:
+        // its output would not end while they hold it.
+        // SAFETY: fd was just opened by openpty.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
     // SAFETY: both descriptors were just opened and are owned here.
     let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
     let mut cmd = Command::new(program);
