@@ -255,8 +255,9 @@ impl Pump<'_> {
     /// Waits for standard input or the socket, and handles what came.
     fn wait(&mut self) -> Result<Step, String> {
         let sock_fd = self.sock.as_raw_fd();
-        let read_stdin = !self.stdin_eof && self.queue.is_empty() && self.flight.is_none()
-            || !self.stdin_eof && self.queue.is_empty() && self.terminal;
+        // Input is read while a command runs, so that its end is seen in
+        // time: `-w 0` returns once a `migrate` is dispatched, not after it.
+        let read_stdin = !self.stdin_eof && self.queue.is_empty();
         let mut fds = vec![pollfd(sock_fd, libc::POLLIN)];
         if read_stdin {
             fds.push(pollfd(0, libc::POLLIN));
