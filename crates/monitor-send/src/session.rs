@@ -741,7 +741,14 @@ fn relay(
             // SAFETY: reads into a valid buffer from the process's stdin.
             let n = unsafe { libc::read(0, chunk.as_mut_ptr().cast(), chunk.len()) };
             let mut data: &[u8] = if n > 0 { &chunk[..n as usize] } else { &[] };
-            let mut end = n == 0;
+            // The end of input, or a terminal that went away (EIO): either
+            // ends the session rather than polling a dead descriptor.
+            let mut end = n == 0
+                || (n < 0
+                    && !matches!(
+                        io::Error::last_os_error().kind(),
+                        io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
+                    ));
             if let Some(at) = job.escape.and_then(|e| data.iter().position(|&b| b == e)) {
                 data = &data[..at];
                 end = true;
