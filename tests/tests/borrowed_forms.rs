@@ -94,3 +94,62 @@ fn commands_qemu_could_not_take_any_more_are_reported() {
         assert!(vm.wait_exit().success());
     }
 }
+
+/// `-w 0` and `-u` return once QEMU has dispatched the last command: a
+/// `migrate` without `-d`, which holds the monitor until the migration ends,
+/// is still running when they return.
+#[test]
+fn send_and_go_returns_while_a_migration_still_runs() {
+    let links = tempfile::tempdir().unwrap();
+    for name in ["nc", "socat"] {
+        std::os::unix::fs::symlink(bin("monitor-send"), links.path().join(name)).unwrap();
+    }
+    for qemu in qemus() {
+        for (tool, args) in [("nc", vec!["-w", "0", "-U"]), ("socat", vec!["-u", "-"])] {
+            let options = ["-M", "pc", "-accel", "tcg", "-m", "32", "-nodefaults"];
+            let mut vm = Vm::start(&qemu, &options);
+            vm.enable_migration_events();
+            let sock = vm.hmp.display().to_string();
+            let target = if tool == "nc" {
+                sock
+            } else {
+                format!("unix-connect:{sock}")
+            };
+            // The stream goes into a FIFO nobody reads yet: the migration
+            // lasts until the test starts reading it.
+            let fifo = vm.dir.path().join("stream");
+            let c_path = std::ffi::CString::new(fifo.display().to_string()).unwrap();
+            // SAFETY: a valid C string and mode.
+            assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+            let line = format!("migrate \"exec:cat > {}\"\n", fifo.display());
+            let out = Command::new(links.path().join(tool))
+                .args(&args)
+                .arg(&target)
+                .write_stdin(line)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{tool}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let status = vm.qmp().execute("query-migrate", None).unwrap();
+            assert!(
+                matches!(status["status"].as_str(), Some("setup" | "active")),
+                "{tool}: {status}"
+            );
+            let reader = std::thread::spawn(move || {
+                let mut f = std::fs::File::open(&fifo).unwrap();
+                std::io::copy(&mut f, &mut std::io::sink()).unwrap()
+            });
+            let end = vm.qmp().execute("query-migrate", None).unwrap();
+            if end["status"] != "completed" {
+                assert_eq!(
+                    vm.wait_migration_end(std::time::Duration::from_secs(60)),
+                    "completed"
+                );
+            }
+            assert!(reader.join().unwrap() > 0, "the stream was read");
+        }
+    }
+}

@@ -92,6 +92,12 @@ fn on_terminal(program: &Path, args: &[String]) -> OnTerminal {
         )
     };
     assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    for fd in [master, slave] {
+        // Children other tests start meanwhile must not inherit the terminal:
+        // its output would not end while they hold it.
+        // SAFETY: fd was just opened by openpty.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
     // SAFETY: both descriptors were just opened and are owned here.
     let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
     let mut cmd = Command::new(program);
@@ -304,4 +310,69 @@ fn a_pipe_held_open_gets_events_as_they_come_and_ends_when_qemu_does() {
         drop(stdin);
         vm.wait_exit();
     }
+}
+
+/// nc's `-w` and socat's `-T` are idle timeouts: a pipe held open but
+/// silent ends the session, after every command was confirmed.
+#[test]
+fn an_idle_timeout_ends_a_session_whose_input_stays_open() {
+    for qemu in qemus() {
+        let mut vm = Vm::none(&qemu);
+        for args in [
+            vec![
+                "-w".to_string(),
+                "1".into(),
+                "-U".into(),
+                vm.hmp.display().to_string(),
+            ],
+            vec![
+                "-T".to_string(),
+                "1".into(),
+                "-".into(),
+                format!("UNIX-CONNECT:{}", vm.hmp.display()),
+            ],
+        ] {
+            vm.qmp().execute("cont", None).unwrap();
+            let mut child = Command::new(bin("monitor-send"))
+                .args(&args)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut stdin = child.stdin.take().unwrap();
+            let mut out = Output::collect(child.stdout.take().unwrap());
+            stdin.write_all(b"stop\ninfo status\n").unwrap();
+            out.wait_for("VM status: paused", 0);
+            let status = exit_of(child);
+            assert!(status.success(), "{args:?}: {status}");
+            drop(stdin);
+        }
+    }
+}
+
+/// Ctrl-C where the terminal modes keep signals on (`echo=0,icanon=0`, as
+/// OpenRC's qemush uses) ends the session, and the terminal is usable after.
+#[test]
+fn ctrl_c_in_a_terminal_session_restores_the_terminal() {
+    let links = tempfile::tempdir().unwrap();
+    let socat = link(links.path(), "socat");
+    let qemu = &qemus()[0];
+    let vm = Vm::none(qemu);
+    let mut t = on_terminal(
+        &socat,
+        &[
+            "-,echo=0,icanon=0".into(),
+            format!("UNIX-CONNECT:{}", vm.hmp.display()),
+        ],
+    );
+    t.out.wait_for("(qemu) ", 0);
+    assert_eq!(lflag(&t.slave) & libc::ICANON, 0);
+    t.type_keys(&[3]);
+    let status = exit_of(t.child);
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGINT), "{status}");
+    let modes = lflag(&t.slave);
+    assert_ne!(modes & libc::ICANON, 0, "canonical mode is back");
+    assert_ne!(modes & libc::ECHO, 0, "echo is back");
 }

@@ -90,6 +90,9 @@ pub struct Job {
     pub terminal: TerminalOptions,
     /// A byte on standard input that ends the session (socat's `escape=`).
     pub escape: Option<u8>,
+    /// Nothing either way for this long ends a session as the end of input
+    /// would (nc's `-w`, socat's `-T`).
+    pub idle_timeout: Option<Duration>,
 }
 
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -112,6 +115,7 @@ impl Job {
             half_close: true,
             terminal: TerminalOptions::default(),
             escape: None,
+            idle_timeout: None,
         }
     }
 }

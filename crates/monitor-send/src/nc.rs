@@ -25,8 +25,9 @@ QEMU's proof that it read it, so that no command is lost.
   host port      a TCP monitor (-monitor tcp:HOST:PORT,server,nowait)
   -N             half-close on end of input and read to QEMU's end (always done)
   -q seconds     wait for the replies, then quit (-q 0 too)
-  -w seconds     bound every wait on QEMU; -w 0: return once each command is
-                 dispatched, without its output
+  -w seconds     idle timeout: bounds every wait on QEMU, and a session silent
+                 that long ends; -w 0: return once each command is dispatched,
+                 without its output
   -d             send nothing: print the greeting (a readiness probe)
   -z             connect and close: exit 0 if the monitor answers
   -v             say on stderr what was connected to
@@ -192,6 +193,9 @@ pub fn parse(args: &[String]) -> Result<Action, String> {
         .reduce(f64::min)
     {
         job.timeout = Duration::from_secs_f64(secs);
+    }
+    if let Some(w) = wait.filter(|&w| w > 0.0) {
+        job.idle_timeout = Some(Duration::from_secs_f64(w));
     }
     Ok(Action::Run(Box::new(job)))
 }

@@ -214,6 +214,8 @@ enum Step {
 
 impl Pump<'_> {
     fn run(&mut self) {
+        // What QEMU sent along with its greeting (an event, say).
+        self.handle_socket_bytes();
         loop {
             if let Err(message) = self.send_next() {
                 self.fail(exit::DELIVERY, message);
@@ -253,17 +255,26 @@ impl Pump<'_> {
     /// Waits for standard input or the socket, and handles what came.
     fn wait(&mut self) -> Result<Step, String> {
         let sock_fd = self.sock.as_raw_fd();
-        let read_stdin = !self.stdin_eof && self.queue.is_empty() && self.flight.is_none()
-            || !self.stdin_eof && self.queue.is_empty() && self.terminal;
+        // Input is read while a command runs, so that its end is seen in
+        // time: `-w 0` returns once a `migrate` is dispatched, not after it.
+        let read_stdin = !self.stdin_eof && self.queue.is_empty();
         let mut fds = vec![pollfd(sock_fd, libc::POLLIN)];
         if read_stdin {
             fds.push(pollfd(0, libc::POLLIN));
         }
-        let deadline = self
-            .flight
-            .as_ref()
-            .map(|_| self.last_activity + self.job.timeout);
+        let deadline = match (&self.flight, self.job.idle_timeout) {
+            (Some(_), _) => Some(self.last_activity + self.job.timeout),
+            (None, Some(idle)) => Some(self.last_activity + idle),
+            (None, None) => None,
+        };
         if !poll(&mut fds, deadline) {
+            if self.flight.is_none() {
+                // nc's -w, socat's -T: nothing either way for that long ends
+                // the session as the end of input would.
+                self.stdin_eof = true;
+                self.input.finish(&mut self.queue);
+                return Ok(Step::Go);
+            }
             let what = match &self.flight {
                 Some(Flight::HmpEcho { line }) => format!("echo of `{line}`"),
                 Some(Flight::HmpOutput { line, .. }) | Some(Flight::Qmp { line, .. }) => {
@@ -311,6 +322,7 @@ impl Pump<'_> {
         // SAFETY: reads into a valid buffer from the process's stdin.
         let n = unsafe { libc::read(0, chunk.as_mut_ptr().cast(), chunk.len()) };
         if n > 0 {
+            self.last_activity = Instant::now();
             let bytes = &chunk[..n as usize];
             self.input.feed(bytes, &mut self.queue);
             if self.terminal
@@ -729,7 +741,14 @@ fn relay(
             // SAFETY: reads into a valid buffer from the process's stdin.
             let n = unsafe { libc::read(0, chunk.as_mut_ptr().cast(), chunk.len()) };
             let mut data: &[u8] = if n > 0 { &chunk[..n as usize] } else { &[] };
-            let mut end = n == 0;
+            // The end of input, or a terminal that went away (EIO): either
+            // ends the session rather than polling a dead descriptor.
+            let mut end = n == 0
+                || (n < 0
+                    && !matches!(
+                        io::Error::last_os_error().kind(),
+                        io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
+                    ));
             if let Some(at) = job.escape.and_then(|e| data.iter().position(|&b| b == e)) {
                 data = &data[..at];
                 end = true;

@@ -39,7 +39,8 @@ Address options:
   escape=0x0f                  (on a terminal) this key ends the session
   crnl b38400 cs8 sane ...     accepted, with no effect on a monitor
 Options: -u (left to right only: send, print nothing), -U (right to left),
-  -t S, -T S (inactivity timeout), -d, -v, -s, -4, -6, -b N, -lf F ...
+  -t S, -T S (inactivity timeout: a session silent that long ends), -d, -v,
+  -s, -4, -6, -b N, -lf F ...
 
 Standard output carries what QEMU said (the banner, replies, errors, events),
 cleaned of the line editor's escape codes; the exit status is socat's: 0 when
@@ -148,6 +149,7 @@ pub fn parse(args: &[String]) -> Result<Action, String> {
     job.verbose = verbose;
     if let Some(t) = inactivity {
         job.timeout = t;
+        job.idle_timeout = Some(t);
     }
     if opts.forever {
         job.wait_socket = Some(FOREVER);
