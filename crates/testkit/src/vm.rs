@@ -11,8 +11,9 @@ use test_guest::{tick, Lines};
 
 use crate::process::{Process, Serial};
 
-/// How long QEMU may take to start listening on its sockets.
-const START: Duration = Duration::from_secs(20);
+/// How long QEMU may take to start and answer on its QMP socket: a
+/// deadline, not a wait; generous, for a host busy with parallel tests.
+const START: Duration = Duration::from_secs(60);
 
 /// A running QEMU with an HMP socket (`hmp`) and a QMP socket (`qmp_path`),
 /// killed when dropped.
