@@ -363,8 +363,8 @@ fn without_disks_a_second_restore_onto_a_written_disk_is_refused() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{}: {err}", qemu.display());
         assert!(
-            err.contains("the disk images it was saved with changed")
-                && err.contains(&format!("{} (raw)", disk.display()))
+            err.contains("files have changed since")
+                && err.contains(&format!("disk {} changed since the save", disk.display()))
                 && err.contains("save --with-disks"),
             "{err}"
         );

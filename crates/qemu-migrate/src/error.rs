@@ -137,7 +137,8 @@ pub enum Error {
     /// Files the saved guest depends on (disks, boot files) changed since the save.
     #[error(
         "{} was saved from a VM whose files have changed since; its memory describes them as \
-         they were, and resuming it over other disks corrupts them:\n{}\n(--force restores it anyway)",
+         they were, and resuming it over other disks corrupts them:\n{}\n(--force restores it \
+         anyway; a state saved with `save --with-disks` can be restored again and again)",
         .path.display(), bullet(.changes)
     )]
     FilesChanged {

@@ -195,7 +195,9 @@ pub fn save(
 
     // Disks are flushed and let go by QEMU at completion: what they are now
     // is what the saved memory describes.
-    let recorded = guard::record(vm).and_then(|g| Ok((g, disks.record()?)));
+    // A plain save's disks are guarded by `guard`; a checkpoint's frozen
+    // images by their own record.
+    let recorded = guard::record(vm).and_then(|g| Ok((g, disks.record()?.filter(|r| r.frozen))));
     let (mut guarded, checkpoint) = match recorded {
         Ok(r) => r,
         Err(e) => {
