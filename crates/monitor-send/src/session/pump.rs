@@ -1,219 +1,32 @@
-//! The nc and socat forms: a session that relays standard input to the
-//! monitor and what QEMU says to standard output, as those tools do, with
-//! the guarantee they lack: each command is sent only once the previous one
-//! is confirmed (its prompt, its QMP reply), so none is lost to QEMU's
-//! hang-up handler. Standard input and the socket are watched together, so
-//! QMP events are printed as they arrive and the session ends as soon as
-//! QEMU closes, whether or not standard input has ended.
-//!
-//! On a terminal asked to be raw (socat's `raw`, `rawer`, `echo=0`,
-//! `icanon=0`), bytes go both ways untouched and QEMU's own line editor does
-//! the editing and echo, as with socat; socat's `escape=` character ends it.
+//! The scripted session: each line of input sent once the one before it
+//! was confirmed, QEMU's replies and events passed on as they come.
 
-use std::collections::VecDeque;
-use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
-use std::time::{Duration, Instant};
+use super::*;
 
-use qemu_monitor::hmp::{self, PROMPT_TEXT};
-use qemu_monitor::{Error, ErrorKind, Monitor, Options, Protocol, Socket};
-use serde_json::{json, Value};
-
-use crate::input::{Input, Item};
-use crate::job::{exit, Commands, Job, Mode, Output, PROG};
-
-const PROMPT: &[u8] = PROMPT_TEXT.as_bytes();
-/// The id of the messages monitor-send adds itself, so their replies are not printed.
-const OWN_ID: &str = "monitor-send";
-/// Read buffers: commands and replies are small, and every 4 KiB of stack
-/// touched is a page fault at each of the many starts a recipe makes.
-const CHUNK: usize = 4096;
-/// How long socat waits for the peer after a terminal session's escape character.
-const ESCAPE_GRACE: Duration = Duration::from_millis(500);
-
-/// What was sent and still awaits its confirmation.
-#[derive(Debug)]
-enum Flight {
-    /// An HMP line, until QEMU echoes its end (it has read it all).
-    HmpEcho { line: String },
-    /// An HMP line QEMU is running, until the next prompt.
-    HmpOutput { line: String, text: Vec<u8> },
-    /// A QMP message, until its reply.
-    Qmp { line: String, kind: QmpKind },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum QmpKind {
-    /// The user's message: its reply is printed as QEMU sent it.
-    Passthrough,
-    /// An HMP line sent as `human-monitor-command`: its text is printed.
-    Human,
-    /// Our own `qmp_capabilities`, ahead of the user's first command.
-    Negotiation,
-}
-
-/// How the session went, for the exit status.
-#[derive(Debug, Default)]
-struct Tally {
-    refused: usize,
-    qemu_errors: usize,
-    failure: Option<(u8, String)>,
-}
-
-/// Standard output that survives its reader going away: the commands still
-/// go to QEMU when nobody reads what it says (`nc ... | head -1`).
-#[derive(Debug, Default)]
-struct Out {
-    broken: bool,
-}
-
-impl Out {
-    fn write(&mut self, mut data: &[u8]) {
-        while !self.broken && !data.is_empty() {
-            // SAFETY: writes from a valid slice to the process's stdout.
-            let n = unsafe { libc::write(1, data.as_ptr().cast(), data.len()) };
-            if n > 0 {
-                data = &data[n as usize..];
-                continue;
-            }
-            let e = io::Error::last_os_error();
-            match e.kind() {
-                io::ErrorKind::Interrupted => {}
-                io::ErrorKind::WouldBlock => {
-                    poll(&mut [pollfd(1, libc::POLLOUT)], None);
-                }
-                _ => self.broken = true,
-            }
-        }
-    }
-
-    fn text(&mut self, s: &str) {
-        self.write(s.as_bytes());
-    }
-}
-
-pub fn run(job: &Job) -> u8 {
-    let mut tally = Tally::default();
-    session(job, &mut tally);
-    if let Some((status, message)) = &tally.failure {
-        eprintln!("{PROG}: {message}");
-        return if job.strict || *status == exit::UNREACHABLE {
-            *status
-        } else {
-            // nc and socat say 1 for anything that went wrong on the way.
-            exit::UNREACHABLE
-        };
-    }
-    if tally.refused > 0 {
-        // The other lines were sent, but not every one: say so, as nc says
-        // anything that did not go through.
-        if job.strict {
-            exit::REFUSED
-        } else {
-            exit::UNREACHABLE
-        }
-    } else if !job.strict {
-        // QEMU's refusals are its words on stdout, as with nc.
-        exit::OK
-    } else if tally.qemu_errors > 0 {
-        exit::COMMAND_ERROR
-    } else {
-        exit::OK
-    }
-}
-
-fn status_of(e: &Error) -> u8 {
-    match e.kind() {
-        ErrorKind::Unreachable => exit::UNREACHABLE,
-        ErrorKind::Command => exit::COMMAND_ERROR,
-        ErrorKind::Delivery => exit::DELIVERY,
-        ErrorKind::Refused => exit::REFUSED,
-    }
-}
-
-fn session(job: &Job, tally: &mut Tally) {
-    let options = Options {
-        timeout: job.timeout,
-        wait_socket: job.wait_socket,
-    };
-    let monitor = match qemu_monitor::connect(job.addr.clone(), &options) {
-        Ok(m) => m,
-        Err(e) => {
-            tally.failure = Some((status_of(&e), e.to_string()));
-            return;
-        }
-    };
-    if job.verbose {
-        eprintln!("{PROG}: connected to {}", job.addr);
-    }
-    let protocol = monitor.protocol();
-    let greeting = match &monitor {
-        Monitor::Hmp(s) => format!("{}\n", s.banner()),
-        Monitor::Qmp(s) => format!("{}\n", s.greeting().raw),
-    };
-    let (sock, pending) = monitor.into_socket();
-    let mut out = Out::default();
-    let terminal = is_terminal(0) && job.commands == Commands::Stdin;
-
-    if terminal && job.terminal.wants_raw() {
-        relay(job, sock, protocol, &greeting, &pending, &mut out, tally);
-        return;
-    }
-
-    let mut pump = Pump {
-        job,
-        protocol,
-        sock,
-        inbuf: pending,
-        queue: VecDeque::new(),
-        input: Input::new(),
-        stdin_eof: job.commands != Commands::Stdin,
-        flight: None,
-        negotiated: false,
-        out,
-        terminal,
-        tally,
-        last_activity: Instant::now(),
-    };
-    if let Commands::Args(args) = &job.commands {
-        for a in args {
-            pump.input.feed(a.as_bytes(), &mut pump.queue);
-            pump.input.feed(b"\n", &mut pump.queue);
-        }
-    }
-    if job.output != Output::Quiet {
-        pump.out.text(&greeting);
-        if terminal && protocol == Protocol::Hmp {
-            pump.out.write(PROMPT);
-        }
-    }
-    pump.run();
-}
-
-struct Pump<'a> {
-    job: &'a Job,
-    protocol: Protocol,
-    sock: Socket,
+pub(super) struct Pump<'a> {
+    pub(super) job: &'a Job,
+    pub(super) protocol: Protocol,
+    pub(super) sock: Socket,
     /// What QEMU sent and was not handled yet.
-    inbuf: Vec<u8>,
-    queue: VecDeque<Item>,
-    input: Input,
-    stdin_eof: bool,
-    flight: Option<Flight>,
-    negotiated: bool,
-    out: Out,
-    terminal: bool,
-    tally: &'a mut Tally,
-    last_activity: Instant,
+    pub(super) inbuf: Vec<u8>,
+    pub(super) queue: VecDeque<Item>,
+    pub(super) input: Input,
+    pub(super) stdin_eof: bool,
+    pub(super) flight: Option<Flight>,
+    pub(super) negotiated: bool,
+    pub(super) out: Out,
+    pub(super) terminal: bool,
+    pub(super) tally: &'a mut Tally,
+    pub(super) last_activity: Instant,
 }
 
-enum Step {
+pub(super) enum Step {
     Go,
     Done,
 }
 
 impl Pump<'_> {
-    fn run(&mut self) {
+    pub(super) fn run(&mut self) {
         // What QEMU sent along with its greeting (an event, say).
         self.handle_socket_bytes();
         loop {
@@ -246,14 +59,14 @@ impl Pump<'_> {
         }
     }
 
-    fn fail(&mut self, status: u8, message: String) {
+    pub(super) fn fail(&mut self, status: u8, message: String) {
         if self.tally.failure.is_none() {
             self.tally.failure = Some((status, message));
         }
     }
 
     /// Waits for standard input or the socket, and handles what came.
-    fn wait(&mut self) -> Result<Step, String> {
+    pub(super) fn wait(&mut self) -> Result<Step, String> {
         let sock_fd = self.sock.as_raw_fd();
         // Input is read while a command runs, so that its end is seen in
         // time: `-w 0` returns once a `migrate` is dispatched, not after it.
@@ -298,7 +111,7 @@ impl Pump<'_> {
     }
 
     /// Reads what QEMU sent and handles it; false at the end of the stream.
-    fn read_socket(&mut self) -> Result<bool, String> {
+    pub(super) fn read_socket(&mut self) -> Result<bool, String> {
         let mut chunk = [0u8; CHUNK];
         loop {
             match self.sock.read(&mut chunk) {
@@ -317,7 +130,7 @@ impl Pump<'_> {
         }
     }
 
-    fn read_stdin(&mut self) {
+    pub(super) fn read_stdin(&mut self) {
         let mut chunk = [0u8; CHUNK];
         // SAFETY: reads into a valid buffer from the process's stdin.
         let n = unsafe { libc::read(0, chunk.as_mut_ptr().cast(), chunk.len()) };
@@ -350,7 +163,7 @@ impl Pump<'_> {
     }
 
     /// Sends the next command if none is awaiting its confirmation.
-    fn send_next(&mut self) -> Result<(), String> {
+    pub(super) fn send_next(&mut self) -> Result<(), String> {
         while self.flight.is_none() {
             let Some(item) = self.queue.pop_front() else {
                 return Ok(());
@@ -411,20 +224,20 @@ impl Pump<'_> {
         Ok(())
     }
 
-    fn refuse(&mut self, text: String, reason: String) {
+    pub(super) fn refuse(&mut self, text: String, reason: String) {
         self.report_refusal(&Error::BadLine {
             command: text,
             reason,
         });
     }
 
-    fn report_refusal(&mut self, e: &Error) {
+    pub(super) fn report_refusal(&mut self, e: &Error) {
         self.tally.refused += 1;
         eprintln!("{PROG}: {e}");
     }
 
     /// Writes a whole command, reading (not handling) what QEMU sends meanwhile.
-    fn write_socket(&mut self, mut data: &[u8]) -> Result<(), String> {
+    pub(super) fn write_socket(&mut self, mut data: &[u8]) -> Result<(), String> {
         let deadline = Instant::now() + self.job.timeout;
         while !data.is_empty() {
             match self.sock.write(data) {
@@ -456,18 +269,18 @@ impl Pump<'_> {
         Ok(())
     }
 
-    fn quiet(&self) -> bool {
+    pub(super) fn quiet(&self) -> bool {
         self.job.output == Output::Quiet
     }
 
-    fn handle_socket_bytes(&mut self) {
+    pub(super) fn handle_socket_bytes(&mut self) {
         match self.protocol {
             Protocol::Hmp => self.handle_hmp(),
             Protocol::Qmp => self.handle_qmp(),
         }
     }
 
-    fn handle_hmp(&mut self) {
+    pub(super) fn handle_hmp(&mut self) {
         loop {
             match &mut self.flight {
                 Some(Flight::HmpEcho { line }) => {
@@ -527,13 +340,13 @@ impl Pump<'_> {
         }
     }
 
-    fn hmp_done(&mut self, line: &str, text: &[u8]) {
+    pub(super) fn hmp_done(&mut self, line: &str, text: &[u8]) {
         if let Some(message) = hmp::error_message(&hmp::clean_text(text)) {
             self.qemu_error(line, &message);
         }
     }
 
-    fn qemu_error(&mut self, line: &str, message: &str) {
+    pub(super) fn qemu_error(&mut self, line: &str, message: &str) {
         self.tally.qemu_errors += 1;
         if self.job.strict {
             eprintln!(
@@ -543,7 +356,7 @@ impl Pump<'_> {
         }
     }
 
-    fn handle_qmp(&mut self) {
+    pub(super) fn handle_qmp(&mut self) {
         while let Some(nl) = self.inbuf.iter().position(|&b| b == b'\n') {
             let raw: Vec<u8> = self.inbuf.drain(..=nl).collect();
             let raw = String::from_utf8_lossy(&raw).trim_end().to_string();
@@ -603,7 +416,7 @@ impl Pump<'_> {
     }
 
     /// Prints what is left of QEMU's output (its last words).
-    fn flush_output(&mut self) {
+    pub(super) fn flush_output(&mut self) {
         if self.quiet() || self.inbuf.is_empty() {
             self.inbuf.clear();
             return;
@@ -619,7 +432,7 @@ impl Pump<'_> {
     }
 
     /// QEMU closed the connection.
-    fn socket_closed(&mut self) {
+    pub(super) fn socket_closed(&mut self) {
         let flight = self.flight.take();
         if let Some(Flight::HmpOutput { text, .. }) = &flight {
             // What a command said before QEMU went (quit's last words).
@@ -657,7 +470,7 @@ impl Pump<'_> {
     }
 
     /// Every command is confirmed and the input has ended.
-    fn finish(&mut self) {
+    pub(super) fn finish(&mut self) {
         if self.job.ignoreeof {
             // socat's `ignoreeof` on standard input: the session lasts until QEMU ends it.
             self.drain(None);
@@ -678,7 +491,7 @@ impl Pump<'_> {
     }
 
     /// Prints what QEMU says until it closes.
-    fn drain(&mut self, idle: Option<Duration>) {
+    pub(super) fn drain(&mut self, idle: Option<Duration>) {
         loop {
             let mut fds = [pollfd(self.sock.as_raw_fd(), libc::POLLIN)];
             let deadline = idle.map(|d| self.last_activity + d);
@@ -695,140 +508,4 @@ impl Pump<'_> {
             }
         }
     }
-}
-
-/// A terminal session in raw mode: bytes both ways as they are.
-fn relay(
-    job: &Job,
-    mut sock: Socket,
-    protocol: Protocol,
-    greeting: &str,
-    pending: &[u8],
-    out: &mut Out,
-    tally: &mut Tally,
-) {
-    let saved = crate::terminal::apply(0, &job.terminal);
-    match protocol {
-        Protocol::Hmp => {
-            out.text(&greeting.replace('\n', "\r\n"));
-            out.write(PROMPT);
-        }
-        Protocol::Qmp => out.text(&greeting.replace('\n', "\r\n")),
-    }
-    out.write(pending);
-    let sock_fd = sock.as_raw_fd();
-    let mut stdin_open = true;
-    let mut grace: Option<Instant> = None;
-    loop {
-        let mut fds = vec![pollfd(sock_fd, libc::POLLIN)];
-        if stdin_open {
-            fds.push(pollfd(0, libc::POLLIN));
-        }
-        if !poll(&mut fds, grace) {
-            break;
-        }
-        let mut chunk = [0u8; CHUNK];
-        if fds[0].revents != 0 {
-            match sock.read(&mut chunk) {
-                Ok(0) => break,
-                Ok(n) => out.write(&chunk[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => break,
-            }
-        }
-        if stdin_open && fds[1].revents != 0 {
-            // SAFETY: reads into a valid buffer from the process's stdin.
-            let n = unsafe { libc::read(0, chunk.as_mut_ptr().cast(), chunk.len()) };
-            let mut data: &[u8] = if n > 0 { &chunk[..n as usize] } else { &[] };
-            // The end of input, or a terminal that went away (EIO): either
-            // ends the session rather than polling a dead descriptor.
-            let mut end = n == 0
-                || (n < 0
-                    && !matches!(
-                        io::Error::last_os_error().kind(),
-                        io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
-                    ));
-            if let Some(at) = job.escape.and_then(|e| data.iter().position(|&b| b == e)) {
-                data = &data[..at];
-                end = true;
-            }
-            if write_fully(&mut sock, data).is_err() {
-                tally.failure = Some((
-                    exit::DELIVERY,
-                    format!("{}: the connection broke while sending", job.addr),
-                ));
-                break;
-            }
-            if end {
-                stdin_open = false;
-                let _ = sock.shutdown_write();
-                grace = Some(Instant::now() + ESCAPE_GRACE);
-            }
-        }
-    }
-    crate::terminal::restore(0, saved);
-}
-
-fn write_fully(sock: &mut Socket, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        match sock.write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                poll(&mut [pollfd(sock.as_raw_fd(), libc::POLLOUT)], None);
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
-fn pollfd(fd: RawFd, events: libc::c_short) -> libc::pollfd {
-    libc::pollfd {
-        fd,
-        events,
-        revents: 0,
-    }
-}
-
-/// Waits for any of `fds`; false once `deadline` has passed with none ready.
-fn poll(fds: &mut [libc::pollfd], deadline: Option<Instant>) -> bool {
-    loop {
-        let timeout = match deadline {
-            None => -1,
-            Some(d) => {
-                let left = d.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    0
-                } else {
-                    // Rounded up, so a wait never ends just before its deadline.
-                    left.as_millis().saturating_add(1).min(i32::MAX as u128) as i32
-                }
-            }
-        };
-        // SAFETY: fds is a valid, initialised array of its length.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
-        if n > 0 {
-            return true;
-        }
-        if n == 0 {
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                return false;
-            }
-            continue;
-        }
-        if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-            return false;
-        }
-    }
-}
-
-pub fn is_terminal(fd: RawFd) -> bool {
-    // SAFETY: isatty only inspects the descriptor.
-    unsafe { libc::isatty(fd) == 1 }
 }
