@@ -2,6 +2,7 @@
 //! `--help`. Flags, progress display, signals and exit statuses live here;
 //! what a save, restore or migration means lives in the library.
 
+mod assets;
 mod progress;
 mod roundtrip;
 
@@ -173,6 +174,9 @@ enum Cmd {
     /// Boot a VM, save and restore it (or migrate it), and check from its
     /// serial console that it carried on: a regression check for CI.
     Roundtrip(Box<roundtrip::Args>),
+    /// Write man pages and shell completions into DIR (for packaging).
+    #[command(hide = true)]
+    GenerateAssets { dir: PathBuf },
     /// Say what a state file holds, and whether it is complete.
     Inspect {
         statefile: PathBuf,
@@ -247,6 +251,14 @@ impl Shown {
 fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
     match &cli.command {
         Cmd::Roundtrip(args) => Ok(roundtrip::run(args, cli.json, cancel)),
+        Cmd::GenerateAssets { dir } => {
+            assets::generate(dir).map_err(|source| Error::File {
+                path: dir.clone(),
+                what: "writing man pages and completions",
+                source,
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Save {
             monitor,
             statefile,
