@@ -241,3 +241,43 @@ fn a_live_migration_to_a_receiver_on_a_newer_qemu_without_the_machine_type_is_re
     );
     assert_eq!(hmp.peer_pid().unwrap(), src.pid());
 }
+
+#[test]
+fn a_receiver_on_a_newer_qemu_started_from_a_manifest_pins_the_saved_machine_type() {
+    use std::io::{BufRead, BufReader};
+    let (oldest, newest) = oldest_and_newest();
+    if oldest == newest {
+        eprintln!("one QEMU installed: nothing to pin");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (statefile, _) = save_ticking(&oldest, dir.path(), None);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let mut receiver = Command::new(bin("qemu-migrate"))
+        .args(["--json", "receive", "--listen"])
+        .arg(format!("tcp:127.0.0.1:{port}"))
+        .arg("--qemu")
+        .arg(&newest)
+        .arg("--manifest")
+        .arg(dir.path().join("statefile.manifest.json"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(receiver.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let _ = receiver.kill();
+    let _ = receiver.wait();
+    let said: serde_json::Value = serde_json::from_str(&line)
+        .unwrap_or_else(|e| panic!("{e}: the receiver said {line:?} ({})", statefile.display()));
+    assert_eq!(
+        said["pinned_machine"]["machine"],
+        format!("pc-i440fx-{}", minor(&oldest)),
+        "{said}"
+    );
+}
