@@ -116,8 +116,7 @@ pub fn run(root: &Path) -> anyhow::Result<PathBuf> {
     fs::create_dir_all(&doc)?;
     fs::write(
         doc.join("copyright"),
-        "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n\
-         Upstream-Name: qemu-migrate\n\nFiles: *\nLicense: MIT or Apache-2.0\n",
+        "qemu-migrate, monitor-send\n\nLicense: MIT or Apache-2.0, at your option.\n",
     )?;
     gzip(&root.join("README.md"), &doc.join("README.md.gz"))?;
 
