@@ -18,11 +18,17 @@ use serde_json::Value;
 const COUNTER: &str = "^tick ([0-9]+)";
 const BANNER: &str = "^BOOT";
 
-/// `qemu-migrate --json roundtrip ARGS -- OPTIONS`: its exit status and report.
+/// `qemu-migrate --json roundtrip ARGS -- OPTIONS`: its exit status and
+/// report. A failed check keeps its work directory: here, in a temporary one.
 fn roundtrip(args: &[&str], options: &[String]) -> (i32, Value) {
-    let out = Command::new(bin("qemu-migrate"))
-        .args(["--json", "roundtrip"])
-        .args(args)
+    let dir = tempfile::tempdir().unwrap();
+    let workdir = dir.path().join("work");
+    let mut cmd = Command::new(bin("qemu-migrate"));
+    cmd.args(["--json", "roundtrip"]).args(args);
+    if !args.contains(&"--workdir") {
+        cmd.arg("--workdir").arg(&workdir);
+    }
+    let out = cmd
         .arg("--")
         .args(options)
         .output()

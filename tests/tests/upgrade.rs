@@ -178,3 +178,106 @@ impl Drop for KillOnDrop {
             .status();
     }
 }
+
+#[test]
+fn a_live_migration_to_a_receiver_on_a_newer_qemu_without_the_machine_type_is_refused_in_words() {
+    use std::io::{BufRead, BufReader};
+    let (oldest, newest) = oldest_and_newest();
+    if oldest == newest {
+        eprintln!("one QEMU installed: no newer receiver");
+        return;
+    }
+    let guest = ["-accel", "tcg", "-m", "64", "-nodefaults"];
+    let src = Vm::start(&oldest, &guest);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    // The receiver is given the source's options, which name no machine type:
+    // QEMU 10 would make them pc-i440fx-10.0.
+    let mut receiver = Command::new(bin("qemu-migrate"))
+        .args(["--json", "receive", "--listen"])
+        .arg(format!("tcp:127.0.0.1:{port}"))
+        .arg("--qemu")
+        .arg(&newest)
+        .arg("--")
+        .args(guest)
+        .args(["-display", "none"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(receiver.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(line.contains("listening"), "the receiver said {line:?}");
+
+    let live = migrate()
+        .args(["live", "--monitor"])
+        .arg(&src.hmp)
+        .arg("--to")
+        .arg(format!("tcp:127.0.0.1:{port}"))
+        .output()
+        .unwrap();
+    let _ = receiver.kill();
+    let _ = receiver.wait();
+    let stderr = String::from_utf8_lossy(&live.stderr);
+    assert_eq!(live.status.code(), Some(2), "{stderr}");
+    let old = format!("pc-i440fx-{}", minor(&oldest));
+    assert!(
+        stderr.contains(&format!("start the receiver with -M {old}")),
+        "{stderr}"
+    );
+    // Refused before anything changed: the source still runs, and is still the source.
+    let options = Options {
+        timeout: WAIT,
+        wait_socket: None,
+    };
+    let mut hmp = qemu_monitor::connect_hmp(src.hmp.clone(), &options).unwrap();
+    assert_eq!(
+        hmp.command("info status").unwrap().trim(),
+        "VM status: running"
+    );
+    assert_eq!(hmp.peer_pid().unwrap(), src.pid());
+}
+
+#[test]
+fn a_receiver_on_a_newer_qemu_started_from_a_manifest_pins_the_saved_machine_type() {
+    use std::io::{BufRead, BufReader};
+    let (oldest, newest) = oldest_and_newest();
+    if oldest == newest {
+        eprintln!("one QEMU installed: nothing to pin");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (statefile, _) = save_ticking(&oldest, dir.path(), None);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let mut receiver = Command::new(bin("qemu-migrate"))
+        .args(["--json", "receive", "--listen"])
+        .arg(format!("tcp:127.0.0.1:{port}"))
+        .arg("--qemu")
+        .arg(&newest)
+        .arg("--manifest")
+        .arg(dir.path().join("statefile.manifest.json"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(receiver.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let _ = receiver.kill();
+    let _ = receiver.wait();
+    let said: serde_json::Value = serde_json::from_str(&line)
+        .unwrap_or_else(|e| panic!("{e}: the receiver said {line:?} ({})", statefile.display()));
+    assert_eq!(
+        said["pinned_machine"]["machine"],
+        format!("pc-i440fx-{}", minor(&oldest)),
+        "{said}"
+    );
+}

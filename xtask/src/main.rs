@@ -1,6 +1,7 @@
 //! The project's tasks, in plain Rust: `cargo xtask <task>`.
 
 mod bench;
+mod dist;
 mod e2e;
 mod fuzz;
 mod guest;
@@ -98,6 +99,9 @@ enum Task {
         #[arg(long)]
         install_deps: bool,
     },
+    /// A .deb of monitor-send and qemu-migrate with man pages and completions
+    /// (target/dist/), built with dpkg-deb.
+    Dist,
     /// fmt, clippy and every test, against every QEMU installed.
     Test {
         /// Install QEMU 7.2, 10.0, socat and nc first where missing.
@@ -151,6 +155,7 @@ fn main() -> ExitCode {
             },
         ),
         Task::Fuzz { seconds } => fuzz::run(&root, seconds),
+        Task::Dist => dist::run(&root).map(drop),
         Task::BuildGuest => {
             guest::build(&root.join("target/guest")).map(|p| println!("{}", p.display()))
         }

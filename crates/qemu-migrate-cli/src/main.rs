@@ -12,6 +12,7 @@ macro_rules! say {
     }};
 }
 
+mod assets;
 mod inspect;
 mod live;
 mod progress;
@@ -97,6 +98,9 @@ enum Cmd {
     /// Boot a VM, save and restore it (or migrate it), and check from its
     /// serial console that it carried on: a regression check for CI.
     Roundtrip(Box<roundtrip::Args>),
+    /// Write man pages and shell completions into DIR (for packaging).
+    #[command(hide = true)]
+    GenerateAssets { dir: std::path::PathBuf },
     /// Say what a state file holds, and whether it is complete.
     Inspect(inspect::InspectArgs),
 }
@@ -133,6 +137,14 @@ fn main() -> ExitCode {
 fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
     match &cli.command {
         Cmd::Roundtrip(args) => Ok(roundtrip::run(args, cli.json, cancel)),
+        Cmd::GenerateAssets { dir } => {
+            assets::generate(dir).map_err(|source| Error::File {
+                path: dir.clone(),
+                what: "writing man pages and completions",
+                source,
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Save(args) => save::save(args, cli, cancel),
         Cmd::Restore(args) => restore::restore(args, cli, cancel),
         Cmd::Revert(args) => restore::revert(args, cli, cancel),

@@ -119,8 +119,16 @@ pub(super) fn local_qemu(
     let Some(running) = crate::machine::resolve(&source, vm.env(), vm.args())? else {
         return Ok((binary, vm.args().to_vec(), None));
     };
+    // Only a QEMU that would resolve the alias to a later version needs the pin.
+    let theirs = crate::machine::resolve(&binary, vm.env(), vm.args())?;
     match crate::machine::pin(vm.args(), &running) {
-        Some((args, pinned)) => Ok((binary, args, Some(pinned))),
-        None => Ok((binary, vm.args().to_vec(), None)),
+        Some((args, pinned))
+            if theirs
+                .as_deref()
+                .is_some_and(|t| crate::machine::is_newer(t, &running)) =>
+        {
+            Ok((binary, args, Some(pinned)))
+        }
+        _ => Ok((binary, vm.args().to_vec(), None)),
     }
 }
