@@ -200,7 +200,6 @@ pub fn restore_checked(
             })
         }
     };
-    preflight::check(&checked, &binary, &args, &env)?;
     // The disks: as they were saved, or a checkpoint's fresh overlays.
     let disks = checkpoint::thaw::thaw(
         checked.manifest.as_ref(),
@@ -209,6 +208,14 @@ pub fn restore_checked(
         &args,
         options.into.as_deref(),
     )?;
+    // The very options saved need no probe; any other QEMU or options are
+    // probed with the fresh overlays, never with a checkpoint's frozen images.
+    let unchanged = checked
+        .manifest
+        .as_ref()
+        .is_some_and(|m| m.qemu == binary && m.vm_options == crate::argv::vm_options(&args));
+    let probe_args = if unchanged { &args } else { &disks.args };
+    preflight::check(&checked, &binary, probe_args, &env)?;
 
     let mut vm = Vm::launch_incoming(
         &binary,

@@ -1,12 +1,14 @@
 //! Reverting a running VM to its checkpoint: the checkpoint checked first,
 //! then the VM stopped and ended, and a new QEMU with the same options
 //! started on fresh overlays and loaded from the checkpoint. The overlay
-//! the VM wrote to since the checkpoint is deleted once the new one runs.
+//! the VM wrote to since the checkpoint is deleted once the new one runs,
+//! when the checkpoint made it (its save's or a restore's); any other file
+//! is left alone.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::cmdline;
+use super::{cmdline, overlay};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::restore::{self, RestoreOptions, Restored};
@@ -48,12 +50,26 @@ pub fn revert(
     let cwd = std::fs::read_link(format!("/proc/{}/cwd", vm.pid()))
         .unwrap_or_else(|_| PathBuf::from("/"));
 
-    // The VM's own overlays on the frozen images: what it wrote since the checkpoint.
+    // The VM's own overlays on the frozen images, what it wrote since the
+    // checkpoint: those this checkpoint made (its save's, its restores'), no other file.
     let frozen_tops: Vec<PathBuf> = record
         .disks
         .iter()
         .map(|d| d.images[0].path.clone())
         .collect();
+    let restore_made = format!(
+        "{}.",
+        overlay::label(&statefile.file_name().unwrap_or_default().to_string_lossy())
+    );
+    let ours = |p: &Path| {
+        record
+            .disks
+            .iter()
+            .any(|d| d.source_overlay.as_deref() == Some(p))
+            || p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&restore_made) && n.ends_with(".qcow2"))
+    };
     let discard: Vec<PathBuf> = vm
         .monitor
         .block_devices()?
@@ -63,7 +79,8 @@ pub fn revert(
             let below = top.backing.as_ref()?;
             let abs = |p: PathBuf| cmdline::absolute(&cwd, &p.display().to_string());
             let (top_path, below_path) = (abs(top.path()?), abs(below.path()?));
-            (top.format == "qcow2" && frozen_tops.contains(&below_path)).then_some(top_path)
+            (top.format == "qcow2" && frozen_tops.contains(&below_path) && ours(&top_path))
+                .then_some(top_path)
         })
         .collect();
 
