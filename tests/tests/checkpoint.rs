@@ -314,6 +314,25 @@ fn checkpoint_restored_again_and_again(qemu: &Path, form: Form) {
         std::fs::read(&disk).unwrap() == frozen,
         "{what}: the revert changed the frozen image"
     );
+
+    // A frozen image written behind the checkpoint's back: refused, and inspect says so.
+    let f = std::fs::File::options().write(true).open(&disk).unwrap();
+    std::os::unix::fs::FileExt::write_at(&f, b"x", 0).unwrap();
+    drop(f);
+    let out = migrate().arg("restore").arg(&state).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{what}: {err}");
+    assert!(
+        err.contains(&format!("{} (raw): its content differs", disk.display()))
+            && err.contains("it cannot be restored any more"),
+        "{what}: {err}"
+    );
+    let inspect = migrate().arg("inspect").arg(&state).output().unwrap();
+    let text = String::from_utf8_lossy(&inspect.stdout);
+    assert!(
+        text.contains("CHANGED: its content differs"),
+        "{what}: {text}"
+    );
 }
 
 #[test]
