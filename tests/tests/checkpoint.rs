@@ -465,3 +465,61 @@ fn disks_that_cannot_be_frozen_are_refused_in_words_before_anything_changes() {
         );
     }
 }
+
+#[test]
+fn revert_leaves_a_vm_that_is_not_the_checkpoints_alone() {
+    for qemu in qemus() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("disk.img");
+        std::fs::File::create(&disk)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let mut options = recipe_tests::recipe_options(dir.path());
+        options.extend([
+            "-drive".to_string(),
+            format!("file={},format=raw,if=virtio", disk.display()),
+        ]);
+        let (mut source, serial) = Vm::start_with_serial(&qemu, &options);
+        serial.wait_for(0, WAIT, "tick 2", |l| tick(l) == Some(2));
+        let state = dir.path().join("state");
+        ok(&migrate()
+            .args(["checkpoint", "--then", "quit", "--monitor"])
+            .arg(&source.hmp)
+            .arg(&state)
+            .output()
+            .unwrap());
+        source.wait_exit();
+
+        // Another VM, on a disk of its own.
+        let other = dir.path().join("other.img");
+        std::fs::File::create(&other)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let other_dir = tempfile::tempdir().unwrap();
+        let mut options = recipe_tests::recipe_options(other_dir.path());
+        options.extend([
+            "-drive".to_string(),
+            format!("file={},format=raw,if=virtio", other.display()),
+        ]);
+        let (mut vm, serial) = Vm::start_with_serial(&qemu, &options);
+        serial.wait_for(0, WAIT, "tick 2", |l| tick(l) == Some(2));
+        let out = migrate()
+            .args(["revert", "--monitor"])
+            .arg(&vm.hmp)
+            .arg(&state)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{}: {err}", qemu.display());
+        assert!(
+            err.contains(&format!(
+                "does not run on the checkpoint's disk images ({}): it is not this checkpoint's VM",
+                disk.display()
+            )),
+            "{err}"
+        );
+        assert_eq!(vm.status(), "running");
+    }
+}
