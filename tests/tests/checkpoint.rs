@@ -314,6 +314,25 @@ fn checkpoint_restored_again_and_again(qemu: &Path, form: Form) {
         std::fs::read(&disk).unwrap() == frozen,
         "{what}: the revert changed the frozen image"
     );
+
+    // A frozen image written behind the checkpoint's back: refused, and inspect says so.
+    let f = std::fs::File::options().write(true).open(&disk).unwrap();
+    std::os::unix::fs::FileExt::write_at(&f, b"x", 0).unwrap();
+    drop(f);
+    let out = migrate().arg("restore").arg(&state).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{what}: {err}");
+    assert!(
+        err.contains(&format!("{} (raw): its content differs", disk.display()))
+            && err.contains("it cannot be restored any more"),
+        "{what}: {err}"
+    );
+    let inspect = migrate().arg("inspect").arg(&state).output().unwrap();
+    let text = String::from_utf8_lossy(&inspect.stdout);
+    assert!(
+        text.contains("CHANGED: its content differs"),
+        "{what}: {text}"
+    );
 }
 
 #[test]
@@ -444,5 +463,63 @@ fn disks_that_cannot_be_frozen_are_refused_in_words_before_anything_changes() {
             ],
             "cannot checkpoint through the human monitor: d0 defined with -blockdev",
         );
+    }
+}
+
+#[test]
+fn revert_leaves_a_vm_that_is_not_the_checkpoints_alone() {
+    for qemu in qemus() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("disk.img");
+        std::fs::File::create(&disk)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let mut options = recipe_tests::recipe_options(dir.path());
+        options.extend([
+            "-drive".to_string(),
+            format!("file={},format=raw,if=virtio", disk.display()),
+        ]);
+        let (mut source, serial) = Vm::start_with_serial(&qemu, &options);
+        serial.wait_for(0, WAIT, "tick 2", |l| tick(l) == Some(2));
+        let state = dir.path().join("state");
+        ok(&migrate()
+            .args(["checkpoint", "--then", "quit", "--monitor"])
+            .arg(&source.hmp)
+            .arg(&state)
+            .output()
+            .unwrap());
+        source.wait_exit();
+
+        // Another VM, on a disk of its own.
+        let other = dir.path().join("other.img");
+        std::fs::File::create(&other)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let other_dir = tempfile::tempdir().unwrap();
+        let mut options = recipe_tests::recipe_options(other_dir.path());
+        options.extend([
+            "-drive".to_string(),
+            format!("file={},format=raw,if=virtio", other.display()),
+        ]);
+        let (mut vm, serial) = Vm::start_with_serial(&qemu, &options);
+        serial.wait_for(0, WAIT, "tick 2", |l| tick(l) == Some(2));
+        let out = migrate()
+            .args(["revert", "--monitor"])
+            .arg(&vm.hmp)
+            .arg(&state)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{}: {err}", qemu.display());
+        assert!(
+            err.contains(&format!(
+                "does not run on the checkpoint's disk images ({}): it is not this checkpoint's VM",
+                disk.display()
+            )),
+            "{err}"
+        );
+        assert_eq!(vm.status(), "running");
     }
 }

@@ -286,7 +286,6 @@ pub fn restore_checked(
     let disks = checkpoint::thaw::thaw(
         checked.manifest.as_ref(),
         path,
-        &binary,
         &args,
         options.into.as_deref(),
     )?;

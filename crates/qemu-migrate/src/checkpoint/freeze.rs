@@ -43,7 +43,7 @@ impl Freeze {
     /// # Errors
     /// [`Error::Disk`] for a checkpoint of a VM with a disk that is not a
     /// file (NBD, iSCSI, a host device), before anything changed; errors of
-    /// the monitor and of `qemu-img`.
+    /// the monitor, and [`Error::File`] when an overlay cannot be written.
     pub fn prepare(
         vm: &mut Vm,
         statefile: &Path,
@@ -104,7 +104,7 @@ impl Freeze {
                 );
                 let path = overlay::reserve(dir, &stem)?;
                 freeze.made.paths.push(path.clone());
-                overlay::create(&qemu_img, &path, top, format, d.virtual_size)?;
+                overlay::create(&path, top, format, d.virtual_size)?;
                 d.overlay = Some(path);
             }
         }

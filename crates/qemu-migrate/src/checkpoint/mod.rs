@@ -16,7 +16,7 @@
 //! overlays, switch to them); [`thaw`] the restore's side (check, new
 //! overlays, the command line pointed at them); [`revert`](mod@revert) puts a running
 //! VM back to its checkpoint; [`cmdline`] rewrites `-drive`, `-blockdev`
-//! and `-hda` options; [`overlay`] makes the overlay files with `qemu-img`.
+//! and `-hda` options; [`overlay`] writes the overlay files (empty qcow2 images).
 //!
 //! Disks that are not files (NBD, iSCSI, host devices) cannot be frozen: a
 //! checkpoint of a VM with one is refused; a plain save leaves them out of

@@ -1,12 +1,14 @@
 //! Reverting a running VM to its checkpoint: the checkpoint checked first,
 //! then the VM stopped and ended, and a new QEMU with the same options
 //! started on fresh overlays and loaded from the checkpoint. The overlay
-//! the VM wrote to since the checkpoint is deleted once the new one runs.
+//! the VM wrote to since the checkpoint is deleted once the new one runs,
+//! when the checkpoint made it (its save's or a restore's); any other file
+//! is left alone.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::cmdline;
+use super::{cmdline, overlay};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::restore::{self, RestoreOptions, Restored};
@@ -21,8 +23,8 @@ const QUIT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Its overlays go into `options.into`, else where the discarded ones were.
 ///
 /// # Errors
-/// [`Error::Disk`] for a state file that is no checkpoint, or whose frozen
-/// images changed, before the VM is touched; the restore's errors after
+/// [`Error::Disk`] for a state file that is no checkpoint, whose frozen
+/// images changed, or a VM that does not run on them, before the VM is touched; the restore's errors after
 /// (the old VM is gone then, and its overlays are left in place).
 pub fn revert(
     mut vm: Vm,
@@ -48,22 +50,59 @@ pub fn revert(
     let cwd = std::fs::read_link(format!("/proc/{}/cwd", vm.pid()))
         .unwrap_or_else(|_| PathBuf::from("/"));
 
-    // The VM's own overlays on the frozen images: what it wrote since the checkpoint.
+    // The VM's own overlays on the frozen images, what it wrote since the
+    // checkpoint: those this checkpoint made (its save's, its restores'), no other file.
     let frozen_tops: Vec<PathBuf> = record
         .disks
         .iter()
         .map(|d| d.images[0].path.clone())
         .collect();
-    let discard: Vec<PathBuf> = vm
-        .monitor
-        .block_devices()?
+    let restore_made = format!(
+        "{}.",
+        overlay::label(&statefile.file_name().unwrap_or_default().to_string_lossy())
+    );
+    let ours = |p: &Path| {
+        record
+            .disks
+            .iter()
+            .any(|d| d.source_overlay.as_deref() == Some(p))
+            || p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&restore_made) && n.ends_with(".qcow2"))
+    };
+    let devices = vm.monitor.block_devices()?;
+    // Only the checkpoint's own VM is put back: one whose disks sit on its
+    // frozen images. Any other VM at that socket would be ended for nothing.
+    let abs = |p: PathBuf| cmdline::absolute(&cwd, &p.display().to_string());
+    let in_use: Vec<PathBuf> = devices
+        .iter()
+        .filter_map(|d| d.image.as_ref())
+        .flat_map(|i| i.chain().into_iter().filter_map(|i| i.path()).map(abs))
+        .collect();
+    let foreign: Vec<String> = frozen_tops
+        .iter()
+        .filter(|t| !in_use.contains(t))
+        .map(|t| t.display().to_string())
+        .collect();
+    if !foreign.is_empty() {
+        return Err(Error::Disk(format!(
+            "the VM at {} (QEMU pid {}) does not run on the checkpoint's disk images ({}): it is \
+             not this checkpoint's VM, and was left as it is; `qemu-migrate restore {}` starts \
+             one",
+            vm.monitor.addr(),
+            vm.pid(),
+            foreign.join(", "),
+            statefile.display()
+        )));
+    }
+    let discard: Vec<PathBuf> = devices
         .iter()
         .filter_map(|d| {
             let top = d.image.as_ref()?;
             let below = top.backing.as_ref()?;
-            let abs = |p: PathBuf| cmdline::absolute(&cwd, &p.display().to_string());
             let (top_path, below_path) = (abs(top.path()?), abs(below.path()?));
-            (top.format == "qcow2" && frozen_tops.contains(&below_path)).then_some(top_path)
+            (top.format == "qcow2" && frozen_tops.contains(&below_path) && ours(&top_path))
+                .then_some(top_path)
         })
         .collect();
 

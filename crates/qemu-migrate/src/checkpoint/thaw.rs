@@ -31,11 +31,10 @@ impl Thawed {
 ///
 /// # Errors
 /// [`Error::Disk`] when an image changed since the save, or the options name
-/// none of a frozen disk's images; errors of `qemu-img`.
+/// none of a frozen disk's images; [`Error::File`] when an overlay cannot be written.
 pub fn thaw(
     manifest: Option<&Manifest>,
     statefile: &Path,
-    qemu: &Path,
     args: &[String],
     into: Option<&Path>,
 ) -> Result<Thawed> {
@@ -58,7 +57,6 @@ pub fn thaw(
             .unwrap_or(Path::new("."))
             .to_path_buf(),
     };
-    let qemu_img = overlay::qemu_img(qemu);
     let name = statefile.file_name().unwrap_or_default().to_string_lossy();
     let mut made = Made::default();
     let mut swaps = Vec::new();
@@ -68,7 +66,7 @@ pub fn thaw(
         let path = overlay::reserve(&dir, &stem)?;
         let path = std::path::absolute(&path).unwrap_or(path);
         made.paths.push(path.clone());
-        overlay::create(&qemu_img, &path, &top.path, &top.format, d.virtual_size)?;
+        overlay::create(&path, &top.path, &top.format, d.virtual_size)?;
         swaps.push(Swap {
             from: d.images.iter().map(|i| i.path.clone()).collect(),
             to: path,
