@@ -7,12 +7,15 @@ use std::path::PathBuf;
 /// a TCP port (`-monitor tcp:HOST:PORT,server,nowait`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MonitorAddr {
+    /// A unix socket file.
     Path(PathBuf),
     /// An abstract socket, written `@name` as nc and ss do.
     Abstract(String),
     /// A TCP monitor: a host name or address, and a port.
     Tcp {
+        /// The host name or address.
         host: String,
+        /// The port.
         port: u16,
     },
 }

@@ -189,7 +189,9 @@ impl mio::event::Source for Stream {
 /// caller that drives it itself (a terminal session relaying bytes both ways).
 #[derive(Debug)]
 pub enum Socket {
+    /// A unix socket (a path or an abstract name).
     Unix(std::os::unix::net::UnixStream),
+    /// A TCP connection.
     Tcp(std::net::TcpStream),
 }
 

@@ -10,59 +10,89 @@ pub enum Error {
     /// The socket could not be connected to (missing, refused, not a socket).
     #[error("{addr}: {}", os_message(.source))]
     Connect {
+        /// The monitor's socket.
         addr: MonitorAddr,
+        /// The operating system's error.
         #[source]
         source: io::Error,
     },
     /// The socket did not become connectable before the deadline.
     #[error("{addr}: {} (waited {waited:?} for the socket)", os_message(.source))]
     SocketWait {
+        /// The monitor's socket.
         addr: MonitorAddr,
+        /// How long the socket was waited for.
         waited: Duration,
+        /// The operating system's error.
         #[source]
         source: io::Error,
     },
     /// The peer said nothing (more) before the deadline.
     #[error("{addr}: no {what} from QEMU within {timeout:?}{hint}")]
     Timeout {
+        /// The monitor's socket.
         addr: MonitorAddr,
+        /// What was being waited for.
         what: String,
+        /// The deadline.
         timeout: Duration,
+        /// What may be the cause.
         hint: &'static str,
     },
     /// The peer closed the connection before the exchange was complete.
     #[error("{addr}: the peer closed the connection while waiting for {what}{}", received_suffix(.received))]
     Closed {
+        /// The monitor's socket.
         addr: MonitorAddr,
+        /// What was being waited for.
         what: String,
+        /// What QEMU had sent until then.
         received: String,
     },
     /// The peer is not a QEMU monitor, or broke the protocol.
     #[error("{addr}: not a QEMU monitor: {detail}")]
-    NotAMonitor { addr: MonitorAddr, detail: String },
+    NotAMonitor {
+        /// The monitor's socket.
+        addr: MonitorAddr,
+        /// What was seen.
+        detail: String,
+    },
     /// QEMU received the command and answered with an error.
     #[error("{addr}: QEMU refused `{command}`: {message}")]
     Command {
+        /// The monitor's socket.
         addr: MonitorAddr,
+        /// The command.
         command: String,
         /// The QMP error class (`GenericError`, `CommandNotFound`, ...); `None` for HMP.
         class: Option<String>,
+        /// QEMU's message.
         message: String,
     },
     /// QEMU answered a command with something this crate cannot read.
     #[error("{addr}: unexpected answer to `{command}`: {}", shorten(.detail))]
     Unexpected {
+        /// The monitor's socket.
         addr: MonitorAddr,
+        /// The command.
         command: String,
+        /// What was seen.
         detail: String,
     },
     /// A command line was refused before anything was sent.
     #[error("refused before sending {:?}: {reason}", shorten(.command))]
-    BadLine { command: String, reason: String },
+    BadLine {
+        /// The command.
+        command: String,
+        /// Why it was refused.
+        reason: String,
+    },
     /// Reading or writing the socket failed.
     #[error("{addr}: {}", os_message(.source))]
     Io {
+        /// The monitor's socket.
         addr: MonitorAddr,
+        /// The operating system's error.
         #[source]
         source: io::Error,
     },
@@ -82,6 +112,7 @@ pub enum ErrorKind {
 }
 
 impl Error {
+    /// What kind of failure this is.
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Connect { .. } | Error::SocketWait { .. } => ErrorKind::Unreachable,
@@ -125,4 +156,5 @@ pub(crate) fn shorten(s: &str) -> String {
     format!("{}...", &s[..end])
 }
 
+/// A `Result` whose error is this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;

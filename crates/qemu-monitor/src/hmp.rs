@@ -100,6 +100,7 @@ impl HmpSession {
             .and_then(|rest| rest.split_whitespace().next())
     }
 
+    /// The socket this session is connected to.
     pub fn addr(&self) -> &crate::MonitorAddr {
         &self.conn.addr
     }
@@ -109,6 +110,7 @@ impl HmpSession {
         self.timeout = timeout;
     }
 
+    /// The deadline of each wait.
     pub fn timeout(&self) -> Duration {
         self.timeout
     }

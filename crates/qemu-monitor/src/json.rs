@@ -32,6 +32,7 @@ pub struct JsonStreamer {
 }
 
 impl JsonStreamer {
+    /// A streamer with nothing fed yet.
     pub fn new() -> Self {
         Self::default()
     }

@@ -18,6 +18,8 @@
 //! # Ok::<(), qemu_monitor::Error>(())
 //! ```
 
+#![warn(missing_docs)]
+
 mod addr;
 mod block;
 mod commands;
@@ -62,14 +64,18 @@ impl Default for Options {
 /// Which monitor protocol a socket speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
+    /// The human monitor (`-monitor`).
     Hmp,
+    /// The machine monitor (`-qmp`).
     Qmp,
 }
 
 /// A connected monitor of either protocol.
 #[derive(Debug)]
 pub enum Monitor {
+    /// A human monitor session.
     Hmp(HmpSession),
+    /// A machine monitor session.
     Qmp(QmpSession),
 }
 
@@ -145,6 +151,7 @@ fn detect(conn: &mut Connection, timeout: Duration) -> Result<Protocol> {
 }
 
 impl Monitor {
+    /// Which protocol this monitor speaks.
     pub fn protocol(&self) -> Protocol {
         match self {
             Monitor::Hmp(_) => Protocol::Hmp,
@@ -163,6 +170,7 @@ impl Monitor {
         }
     }
 
+    /// Sets the deadline of every later wait.
     pub fn set_timeout(&mut self, timeout: Duration) {
         match self {
             Monitor::Hmp(s) => s.set_timeout(timeout),
@@ -170,6 +178,10 @@ impl Monitor {
         }
     }
 
+    /// Ends the session: a half-close, then what QEMU still says, to its end.
+    ///
+    /// # Errors
+    /// When the socket fails or QEMU does not close within the deadline.
     pub fn close(self) -> Result<()> {
         match self {
             Monitor::Hmp(s) => s.close().map(drop),

@@ -13,8 +13,11 @@ use crate::error::{shorten, Error, Result};
 /// QEMU's version as the QMP greeting states it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct QemuVersion {
+    /// `7` of 7.2.22.
     pub major: u32,
+    /// `2` of 7.2.22.
     pub minor: u32,
+    /// `22` of 7.2.22.
     pub micro: u32,
 }
 
@@ -44,9 +47,11 @@ impl std::str::FromStr for QemuVersion {
 /// The greeting QEMU sends on connect.
 #[derive(Debug, Clone)]
 pub struct Greeting {
+    /// QEMU's version.
     pub version: QemuVersion,
     /// The distribution's package string, e.g. `Debian 1:7.2+dfsg-7`.
     pub package: String,
+    /// What QMP offers to negotiate (`oob`).
     pub capabilities: Vec<String>,
     /// The line as QEMU sent it.
     pub raw: String,
@@ -55,8 +60,11 @@ pub struct Greeting {
 /// An asynchronous event.
 #[derive(Debug, Clone)]
 pub struct Event {
+    /// Its name (`STOP`, `MIGRATION`, `SHUTDOWN`).
     pub name: String,
+    /// Its data (`{"status": "completed"}`).
     pub data: Value,
+    /// When QEMU sent it.
     pub timestamp: Option<Value>,
     /// The line as QEMU sent it.
     pub raw: String,
@@ -65,6 +73,7 @@ pub struct Event {
 /// A reply to one message: its value or QEMU's error.
 #[derive(Debug, Clone)]
 pub struct Reply {
+    /// The command's return value, or QEMU's error.
     pub result: std::result::Result<Value, QmpError>,
     /// The line as QEMU sent it.
     pub raw: String,
@@ -73,7 +82,9 @@ pub struct Reply {
 /// An error reply: `{"error": {"class": ..., "desc": ...}}`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct QmpError {
+    /// The error class (`GenericError`, `CommandNotFound`).
     pub class: String,
+    /// QEMU's message.
     pub desc: String,
 }
 
@@ -144,26 +155,32 @@ impl QmpSession {
         })
     }
 
+    /// The socket this session is connected to.
     pub fn addr(&self) -> &crate::MonitorAddr {
         &self.conn.addr
     }
 
+    /// The greeting QEMU sent.
     pub fn greeting(&self) -> &Greeting {
         &self.greeting
     }
 
+    /// QEMU's version, from the greeting.
     pub fn version(&self) -> QemuVersion {
         self.greeting.version
     }
 
+    /// Sets the deadline of every later wait.
     pub fn set_timeout(&mut self, timeout: Duration) {
         self.timeout = timeout;
     }
 
+    /// The deadline of each wait.
     pub fn timeout(&self) -> Duration {
         self.timeout
     }
 
+    /// Whether `qmp_capabilities` was accepted (commands are allowed).
     pub fn is_negotiated(&self) -> bool {
         self.negotiated
     }

@@ -10,21 +10,37 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
 pub enum RunState {
+    /// Stopped by a debugger (gdbstub).
     Debug,
+    /// Waiting for or loading an incoming migration.
     Inmigrate,
+    /// Stopped by an internal error; QEMU cannot go on.
     InternalError,
+    /// Stopped on a disk I/O error (`werror=stop`).
     IoError,
+    /// Paused by `stop`.
     Paused,
+    /// Paused after its state was migrated or saved.
     Postmigrate,
+    /// Started with `-S`, not yet run.
     Prelaunch,
+    /// Paused for the last step of an outgoing migration.
     FinishMigrate,
+    /// Loading a snapshot (`loadvm`).
     RestoreVm,
+    /// The guest's CPUs run.
     Running,
+    /// Saving a snapshot (`savevm`).
     SaveVm,
+    /// The guest shut down (with `-no-shutdown`).
     Shutdown,
+    /// The guest is suspended (ACPI S3).
     Suspended,
+    /// Stopped by a watchdog device's action.
     Watchdog,
+    /// The guest panicked (pvpanic).
     GuestPanicked,
+    /// Running as a COLO secondary.
     Colo,
     /// A state this crate does not know yet, by QEMU's name for it.
     #[serde(untagged)]
@@ -92,20 +108,35 @@ impl std::fmt::Display for RunState {
 #[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
 pub enum MigrationStatus {
+    /// No migration yet.
     None,
+    /// Setting up.
     Setup,
+    /// Sending RAM.
     Active,
+    /// Being cancelled.
     Cancelling,
+    /// Cancelled.
     Cancelled,
+    /// Done: the destination has the whole state.
     Completed,
+    /// Failed; `error-desc` says why.
     Failed,
+    /// In postcopy: the destination runs and pulls pages.
     PostcopyActive,
+    /// Postcopy interrupted, waiting for recovery.
     PostcopyPaused,
+    /// Postcopy recovery being set up.
     PostcopyRecoverSetup,
+    /// Postcopy recovering.
     PostcopyRecover,
+    /// Paused before the switchover (`pause-before-switchover`).
     PreSwitchover,
+    /// Sending device state.
     Device,
+    /// Waiting for devices to be unplugged (failover).
     WaitUnplug,
+    /// In COLO mode.
     Colo,
 }
 
@@ -130,6 +161,7 @@ impl MigrationStatus {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct MigrationInfo {
+    /// Where the migration is.
     pub status: MigrationStatus,
     /// RAM bytes sent (or received) so far.
     pub transferred: u64,
@@ -141,6 +173,7 @@ pub struct MigrationInfo {
     pub error: Option<String>,
     /// How long the guest was paused for the final copy (completed only).
     pub downtime_ms: Option<u64>,
+    /// How long it took (or has taken so far).
     pub total_time_ms: Option<u64>,
 }
 
