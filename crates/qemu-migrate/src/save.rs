@@ -433,31 +433,61 @@ fn run_migration(
     options: &SaveOptions,
     progress: &dyn Progress,
 ) -> Result<(Copied, MigrationInfo)> {
+    let sync = !options.no_sync;
+    stream(
+        vm,
+        ram_bytes,
+        options,
+        progress,
+        move |pipe, written| copy(pipe, file, written, sync),
+        |copied: &mut Copied| {
+            copied.error.take().map(|source| Error::File {
+                path: target.to_path_buf(),
+                what: "writing the state file",
+                source,
+            })
+        },
+    )
+}
+
+/// The one way a save streams: QEMU's bandwidth cap set, the VM's state sent
+/// through a pipe to `writer` on a thread of its own (which counts what it
+/// read in its second argument), progress reported and a cancellation
+/// honoured while it runs. `failed` says whether the writer failed, and
+/// how: QEMU's migration is then cancelled too. Returns the writer's result
+/// once QEMU reports the migration completed.
+pub(crate) fn stream<T: Send + 'static>(
+    vm: &mut Vm,
+    ram_bytes: u64,
+    options: &SaveOptions,
+    progress: &dyn Progress,
+    writer: impl FnOnce(PipeReader, &AtomicU64) -> T + Send + 'static,
+    failed: impl FnOnce(&mut T) -> Option<Error>,
+) -> Result<(T, MigrationInfo)> {
     vm.monitor
         .set_migration_parameter("max-bandwidth", options.bandwidth.unwrap_or(UNCAPPED))?;
     let (read_end, write_end) = os::pipe()?;
     vm.monitor.migrate_to_fd(FD_NAME, write_end.as_fd())?;
-    // QEMU holds its own copy now; ours must go, or the copy never sees EOF.
+    // QEMU holds its own copy now; ours must go, or the writer never sees EOF.
     drop(write_end);
 
-    let written = Arc::new(AtomicU64::new(0));
+    let read = Arc::new(AtomicU64::new(0));
     let (tx, rx) = mpsc::channel();
-    let sync = !options.no_sync;
     {
-        let written = Arc::clone(&written);
+        let read = Arc::clone(&read);
         std::thread::Builder::new()
-            .name("save-copy".into())
+            .name("save-writer".into())
             .spawn(move || {
-                let _ = tx.send(copy(read_end, file, &written, sync));
+                let _ = tx.send(writer(read_end, &read));
             })
             .map_err(Error::os("starting the thread that writes the state file"))?;
     }
     let mut cancelled = false;
-    let copied = loop {
+    let mut written = loop {
         match rx.recv_timeout(PROGRESS_TICK) {
-            Ok(c) => break c,
+            Ok(w) => break w,
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                progress.update("saving", written.load(Ordering::Relaxed), Some(ram_bytes));
+                progress.update("saving", read.load(Ordering::Relaxed), Some(ram_bytes));
                 if options.cancel.load(Ordering::Relaxed) && !cancelled {
                     cancelled = true;
                     vm.monitor.migrate_cancel()?;
@@ -472,8 +502,9 @@ fn run_migration(
             }
         }
     };
-    progress.update("saving", copied.bytes, Some(ram_bytes));
-    if copied.error.is_some() {
+    progress.update("saving", read.load(Ordering::Relaxed), Some(ram_bytes));
+    let failure = failed(&mut written);
+    if failure.is_some() {
         // Our side failed (a full disk): make sure QEMU stops too.
         let _ = vm.monitor.migrate_cancel();
     }
@@ -491,12 +522,8 @@ fn run_migration(
         }
         Err(e) => return Err(e),
     };
-    if let Some(e) = copied.error {
-        return Err(Error::File {
-            path: target.to_path_buf(),
-            what: "writing the state file",
-            source: e,
-        });
+    if let Some(e) = failure {
+        return Err(e);
     }
     if cancelled || options.cancel.load(Ordering::Relaxed) {
         return Err(Error::Cancelled(
@@ -504,7 +531,7 @@ fn run_migration(
         ));
     }
     match info.status {
-        MigrationStatus::Completed => Ok((copied, info)),
+        MigrationStatus::Completed => Ok((written, info)),
         _ => Err(Error::MigrationFailed(info.error.clone().unwrap_or_else(
             || format!("QEMU reports status {:?}", info.status),
         ))),

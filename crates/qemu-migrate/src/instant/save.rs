@@ -9,13 +9,11 @@
 
 use std::fs::File;
 use std::io::{BufWriter, PipeReader, Write};
-use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use qemu_monitor::{MigrationInfo, MigrationStatus};
+use qemu_monitor::MigrationInfo;
 use qemu_stream::split::{self, SplitReport};
 
 use super::image::{Identity, ImageWriter, Written};
@@ -27,10 +25,6 @@ use crate::os::{self, SaveFiles, VmLock};
 use crate::progress::Progress;
 use crate::save::{SaveOptions, SaveReport, Then};
 use crate::vm::Vm;
-use crate::UNCAPPED;
-
-const PROGRESS_TICK: Duration = Duration::from_millis(100);
-const FD_NAME: &str = "qemu-migrate-save";
 
 /// What the copy thread wrote.
 struct Split {
@@ -277,8 +271,8 @@ pub(crate) fn save(
     })
 }
 
-/// Streams the VM's state through a pipe into the splitting copy thread;
-/// returns what it wrote once QEMU reports the migration completed.
+/// Streams the VM's state into the splitting writer, as a plain save
+/// streams into its file ([`crate::save::stream`]).
 fn run_migration(
     vm: &mut Vm,
     files: (File, File),
@@ -287,95 +281,30 @@ fn run_migration(
     options: &SaveOptions,
     progress: &dyn Progress,
 ) -> Result<(Split, MigrationInfo)> {
-    vm.monitor
-        .set_migration_parameter("max-bandwidth", options.bandwidth.unwrap_or(UNCAPPED))?;
-    let (read_end, write_end) = os::pipe()?;
-    vm.monitor.migrate_to_fd(FD_NAME, write_end.as_fd())?;
-    // QEMU holds its own copy now; ours must go, or the copy never sees EOF.
-    drop(write_end);
-
-    let read = Arc::new(AtomicU64::new(0));
-    let (tx, rx) = mpsc::channel();
     let sync = !options.no_sync;
-    {
-        let read = Arc::clone(&read);
-        std::thread::Builder::new()
-            .name("save-split".into())
-            .spawn(move || {
-                let _ = tx.send(copy(read_end, files, &read, sync));
-            })
-            .map_err(Error::os("starting the thread that writes the state file"))?;
-    }
-    let mut cancelled = false;
-    let written = loop {
-        match rx.recv_timeout(PROGRESS_TICK) {
-            Ok(c) => break c,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                progress.update("saving", read.load(Ordering::Relaxed), Some(ram_bytes));
-                if options.cancel.load(Ordering::Relaxed) && !cancelled {
-                    cancelled = true;
-                    vm.monitor.migrate_cancel()?;
-                }
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                let _ = vm.monitor.migrate_cancel();
-                return Err(Error::Os {
-                    what: "writing the state file",
-                    source: std::io::Error::other("the thread that writes it panicked"),
-                });
-            }
-        }
-    };
-    progress.update("saving", read.load(Ordering::Relaxed), Some(ram_bytes));
-    let failed = written.outcome.is_err() || written.stream.is_none() || written.image.is_none();
-    if failed {
-        let _ = vm.monitor.migrate_cancel();
-    }
-    let settle = Instant::now() + Duration::from_secs(30);
-    let info = match vm
-        .monitor
-        .wait_migration(settle, |_| {})
-        .map_err(Error::from)
-    {
-        Ok(i) => i,
-        Err(Error::Monitor(e)) if e.kind() == qemu_monitor::ErrorKind::Delivery => {
-            return Err(vm.exited("during the save; nothing was kept"))
-        }
-        Err(e) => return Err(e),
-    };
-    match &written.outcome {
-        Err(split::SplitError::Write(e)) => {
-            return Err(Error::File {
+    crate::save::stream(
+        vm,
+        ram_bytes,
+        options,
+        progress,
+        move |pipe, read| copy(pipe, files, read, sync),
+        |written: &mut Split| match &written.outcome {
+            Err(split::SplitError::Write(e)) => Some(Error::File {
                 path: partial.to_path_buf(),
                 what: "writing the state file",
                 source: std::io::Error::new(e.kind(), e.to_string()),
-            })
-        }
-        Err(e) => {
-            return Err(Error::MigrationFailed(format!(
+            }),
+            Err(e) => Some(Error::MigrationFailed(format!(
                 "the instant layout could not be written ({e}); nothing was kept; save without \
                  --instant"
-            )))
-        }
-        Ok(_) if failed => {
-            return Err(Error::Os {
+            ))),
+            Ok(_) if written.stream.is_none() || written.image.is_none() => Some(Error::Os {
                 what: "writing the state file",
                 source: std::io::Error::other("a file could not be finished"),
-            })
-        }
-        Ok(_) => {}
-    }
-    if cancelled || options.cancel.load(Ordering::Relaxed) {
-        return Err(Error::Cancelled(
-            "the save was cancelled; nothing was kept".into(),
-        ));
-    }
-    match info.status {
-        MigrationStatus::Completed => Ok((written, info)),
-        _ => Err(Error::MigrationFailed(info.error.clone().unwrap_or_else(
-            || format!("QEMU reports status {:?}", info.status),
-        ))),
-    }
+            }),
+            Ok(_) => None,
+        },
+    )
 }
 
 /// The stream's writer: counts, checksums and keeps the head of what it writes.
