@@ -257,6 +257,12 @@ impl Shown {
 }
 
 fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
+    if let Cmd::Restore { statefile, .. }
+    | Cmd::Inspect { statefile, .. }
+    | Cmd::Export { statefile } = &cli.command
+    {
+        qemu_migrate::instant::not_the_image(statefile)?;
+    }
     match &cli.command {
         Cmd::Save {
             monitor,
