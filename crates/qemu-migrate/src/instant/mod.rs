@@ -280,13 +280,15 @@ pub(crate) fn launch_args(
         path: checked.path.clone(),
         differences: vec![why],
     };
-    let (mut args, renamed) = if options.clone {
-        clone::clone_args(&args).map_err(refuse)?
-    } else {
-        (args, Vec::new())
+    let with_clone = |args: Vec<String>| {
+        if options.clone {
+            clone::clone_args(&args).map_err(refuse)
+        } else {
+            Ok((args, Vec::new()))
+        }
     };
     let Some(layout) = layout(checked) else {
-        return Ok((args, renamed));
+        return with_clone(args);
     };
     if let Some(why) = unsuitable(&args) {
         return Err(refuse(format!(
@@ -294,6 +296,8 @@ pub(crate) fn launch_args(
         )));
     }
     check_image(&checked.path, layout, options.verify, progress)?;
+    // Last, as it reserves the clone's paths.
+    let (mut args, renamed) = with_clone(args)?;
     let image = checked.path.with_file_name(&layout.image);
     let image = std::path::absolute(&image).unwrap_or(image);
     // QEMU's option syntax doubles a comma that belongs to a value.
