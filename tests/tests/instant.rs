@@ -233,6 +233,15 @@ fn a_damaged_or_missing_ram_image_is_refused_before_qemu_starts() {
             text.contains("RAM image: read in full, its checksum matches"),
             "{text}"
         );
+
+        // The image given where the state file is meant: named.
+        let out = migrate().arg("inspect").arg(&image).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains("this is the RAM image of the instant save"),
+            "{err}"
+        );
     }
 }
 

@@ -135,6 +135,12 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
+    if let Cmd::Restore { statefile, .. }
+    | Cmd::Inspect { statefile, .. }
+    | Cmd::Export { statefile } = &cli.command
+    {
+        qemu_migrate::instant::not_the_image(statefile)?;
+    }
     match &cli.command {
         Cmd::Roundtrip(args) => Ok(roundtrip::run(args, cli.json, cancel)),
         Cmd::GenerateAssets { dir } => {

@@ -135,3 +135,21 @@ fn a_cut_stream_never_panics_and_says_where() {
         }
     }
 }
+
+#[test]
+fn a_damaged_stream_never_panics() {
+    for name in ["pc-7.2-exec", "q35-10.0-rng-file"] {
+        let original = fixture(name);
+        let step = original.len() / 151 + 1;
+        for at in (0..original.len()).step_by(step) {
+            for flip in [0x01u8, 0xff] {
+                let mut bytes = original.clone();
+                bytes[at] ^= flip;
+                let mut out = Vec::new();
+                let mut image = Image::default();
+                let _ = split(&bytes[..], "pc.ram", &mut out, &mut image, &mut |_| {});
+                let _ = join(&out[..], "pc.ram", &mut Vec::new(), &mut image);
+            }
+        }
+    }
+}

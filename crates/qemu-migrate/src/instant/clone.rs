@@ -113,6 +113,35 @@ fn with_suffix(p: &std::path::Path, n: u32) -> PathBuf {
     p.with_file_name(name)
 }
 
+/// The first N whose paths are all free, reserved by creating the first of
+/// them (QEMU replaces it with its socket or log): clones started at the same
+/// time get different numbers.
+fn reserve(paths: &[(usize, PathBuf)]) -> Result<u32, String> {
+    let Some((_, first)) = paths.first() else {
+        return Ok(1);
+    };
+    for n in 1..10_000 {
+        if paths
+            .iter()
+            .skip(1)
+            .any(|(_, p)| with_suffix(p, n).exists())
+        {
+            continue;
+        }
+        let claim = with_suffix(first, n);
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&claim)
+        {
+            Ok(_) => return Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(format!("{}: {e}", claim.display())),
+        }
+    }
+    Err(format!("no free clone number for {}", first.display()))
+}
+
 /// `args` for a clone: its own paths (`PATH.cloneN`, the first N whose paths
 /// are all free) and the renames made; or why it cannot be cloned.
 pub(super) fn clone_args(args: &[String]) -> Result<(Vec<String>, super::Renamed), String> {
@@ -122,10 +151,16 @@ pub(super) fn clone_args(args: &[String]) -> Result<(Vec<String>, super::Renamed
              same state; give the clone a copy (or add -snapshot, or make the disk read-only)"
         ));
     }
-    let paths = own_paths(args);
-    let n = (1..)
-        .find(|&n| paths.iter().all(|(_, p)| !with_suffix(p, n).exists()))
-        .unwrap_or(1);
+    // Paths in directories that are gone are dropped from a restore anyway
+    // (argv::restart_options).
+    let paths: Vec<(usize, PathBuf)> = own_paths(args)
+        .into_iter()
+        .filter(|(_, p)| {
+            p.parent()
+                .is_none_or(|d| d.as_os_str().is_empty() || d.is_dir())
+        })
+        .collect();
+    let n = reserve(&paths)?;
     let mut out = args.to_vec();
     let mut renamed = Vec::new();
     for (i, p) in paths {
@@ -146,15 +181,20 @@ mod tests {
 
     #[test]
     fn a_clone_gets_its_own_sockets_and_logs() {
-        let (args, renamed) = clone_args(&v(
-            "-m 32 -monitor unix:/nonexistent-x/qemu-sock,server,nowait -serial file:/nonexistent-x/serial.log -chardev socket,id=c,path=/nonexistent-x/c.sock,server=on,wait=off",
-        ))
-        .expect("no disks");
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        let given = format!(
+            "-m 32 -monitor unix:{d}/qemu-sock,server,nowait -serial file:{d}/serial.log -chardev socket,id=c,path={d}/c.sock,server=on,wait=off"
+        );
+        let (args, renamed) = clone_args(&v(&given)).expect("no disks");
         assert_eq!(
             args,
-            v("-m 32 -monitor unix:/nonexistent-x/qemu-sock.clone1,server,nowait -serial file:/nonexistent-x/serial.log.clone1 -chardev socket,id=c,path=/nonexistent-x/c.sock.clone1,server=on,wait=off")
+            v(&format!("-m 32 -monitor unix:{d}/qemu-sock.clone1,server,nowait -serial file:{d}/serial.log.clone1 -chardev socket,id=c,path={d}/c.sock.clone1,server=on,wait=off"))
         );
         assert_eq!(renamed.len(), 3);
+        // The next one, while the first is reserved, gets its own number.
+        let (args, _) = clone_args(&v(&given)).expect("no disks");
+        assert!(args[3].contains("qemu-sock.clone2"), "{args:?}");
     }
 
     #[test]

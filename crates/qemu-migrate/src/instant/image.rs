@@ -138,6 +138,7 @@ impl ImageWriter {
     /// Flushes what is pending; returns the file and what it holds.
     pub(crate) fn finish(mut self) -> io::Result<(File, Written)> {
         self.flush()?;
+        self.file.set_len(self.size)?;
         let zero = self.crcs.iter().filter(|&&c| c == self.zero_crc).count() as u64;
         let written = Written {
             crc: table_crc(&self.crcs),
@@ -156,8 +157,10 @@ impl PageSink for ImageWriter {
         let pages = bytes.div_ceil(page_size) as usize;
         self.crcs = vec![self.zero_crc; pages];
         self.written = vec![0; pages.div_ceil(64)];
-        // A sparse file of the block's size: every page not written reads as zero.
-        self.file.set_len(bytes)
+        // The file grows as pages are written (appending is ext4's fast path;
+        // writing into a file already sized is measurably slower), and gets
+        // the block's size when finished: every page not written is a hole.
+        Ok(())
     }
 
     fn page(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
@@ -194,7 +197,16 @@ impl PageSink for ImageWriter {
 
     fn current(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.flush()?;
-        self.file.read_exact_at(buf, offset)
+        // Past the end written so far reads as zero, as it will in the image.
+        buf.fill(0);
+        let mut at = 0;
+        while at < buf.len() {
+            match self.file.read_at(&mut buf[at..], offset + at as u64)? {
+                0 => break,
+                n => at += n,
+            }
+        }
+        Ok(())
     }
 }
 

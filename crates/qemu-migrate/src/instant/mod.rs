@@ -93,6 +93,29 @@ pub fn image_path(statefile: &Path) -> PathBuf {
     statefile.with_file_name(name)
 }
 
+/// When `path` is the RAM image of an instant save (`FILE.ram` beside
+/// `FILE` and its manifest), an error that says to use `FILE` instead.
+pub fn not_the_image(path: &Path) -> Result<()> {
+    let Some(stem) = path
+        .to_str()
+        .and_then(|s| s.strip_suffix(".ram"))
+        .map(PathBuf::from)
+    else {
+        return Ok(());
+    };
+    match Manifest::load(&stem) {
+        Ok(Some(m)) if m.instant.is_some() && crate::manifest::path_for(path).exists() => Ok(()),
+        Ok(Some(m)) if m.instant.is_some() => Err(Error::BadStateFile {
+            path: path.to_path_buf(),
+            reason: format!(
+                "this is the RAM image of the instant save {}: give that file instead",
+                stem.display()
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Why a VM run with `args` cannot use the instant layout, in words; `None` when it can.
 pub fn unsuitable(args: &[String]) -> Option<String> {
     let has = |opt: &str| args.iter().any(|a| a == opt || *a == format!("-{opt}"));
@@ -257,13 +280,15 @@ pub(crate) fn launch_args(
         path: checked.path.clone(),
         differences: vec![why],
     };
-    let (mut args, renamed) = if options.clone {
-        clone::clone_args(&args).map_err(refuse)?
-    } else {
-        (args, Vec::new())
+    let with_clone = |args: Vec<String>| {
+        if options.clone {
+            clone::clone_args(&args).map_err(refuse)
+        } else {
+            Ok((args, Vec::new()))
+        }
     };
     let Some(layout) = layout(checked) else {
-        return Ok((args, renamed));
+        return with_clone(args);
     };
     if let Some(why) = unsuitable(&args) {
         return Err(refuse(format!(
@@ -271,6 +296,8 @@ pub(crate) fn launch_args(
         )));
     }
     check_image(&checked.path, layout, options.verify, progress)?;
+    // Last, as it reserves the clone's paths.
+    let (mut args, renamed) = with_clone(args)?;
     let image = checked.path.with_file_name(&layout.image);
     let image = std::path::absolute(&image).unwrap_or(image);
     // QEMU's option syntax doubles a comma that belongs to a value.
