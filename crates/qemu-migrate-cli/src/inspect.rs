@@ -18,7 +18,7 @@ use crate::restore::previous_save_note;
 /// The options of `qemu-migrate inspect`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct InspectArgs {
-    statefile: PathBuf,
+    pub(crate) statefile: PathBuf,
     /// Also say whether these QEMU options (after --) would restore it.
     #[arg(long)]
     check: bool,

@@ -135,10 +135,15 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
-    if let Cmd::Restore { statefile, .. }
-    | Cmd::Inspect { statefile, .. }
-    | Cmd::Export { statefile } = &cli.command
-    {
+    // An instant save's RAM image given where its state file is meant is
+    // named as such, whichever command was given it.
+    let statefile = match &cli.command {
+        Cmd::Restore(a) => Some(&a.statefile),
+        Cmd::Inspect(a) => Some(&a.statefile),
+        Cmd::Export(a) => Some(&a.statefile),
+        _ => None,
+    };
+    if let Some(statefile) = statefile {
         qemu_migrate::instant::not_the_image(statefile)?;
     }
     match &cli.command {

@@ -19,7 +19,7 @@ use qemu_migrate::Vm;
 /// The options of `qemu-migrate restore`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct RestoreArgs {
-    statefile: PathBuf,
+    pub(crate) statefile: PathBuf,
     /// The QEMU binary (default: the one that saved it).
     #[arg(long)]
     qemu: Option<PathBuf>,
@@ -82,7 +82,7 @@ pub(crate) struct RevertArgs {
 /// The options of `qemu-migrate export`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct ExportArgs {
-    statefile: PathBuf,
+    pub(crate) statefile: PathBuf,
 }
 
 pub(crate) fn restore(
