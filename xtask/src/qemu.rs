@@ -11,15 +11,24 @@ pub use testkit::qemu::{installed, probe, qemu10_launcher, which, Qemu};
 pub fn install_deps(root: &Path) -> anyhow::Result<()> {
     let have_all = probe(Path::new("qemu-system-x86_64")).is_some()
         && probe(&qemu10_launcher()).is_some()
-        && which("socat")
-        && which("nc");
+        && [
+            "socat",
+            "nc",
+            "qemu-img",
+            "strace",
+            "setpriv",
+            "mkfs.ext4",
+            "debugfs",
+        ]
+        .iter()
+        .all(|t| which(t));
     if have_all {
         return Ok(());
     }
     if !which("apt-get") {
         bail!(
-            "QEMU, socat or nc is missing and this is not a Debian machine: install \
-             qemu-system-x86, socat and netcat-openbsd by hand"
+            "QEMU or a tool the tests use is missing and this is not a Debian machine: install \
+             qemu-system-x86, qemu-utils, socat, netcat-openbsd, strace, util-linux and e2fsprogs by hand"
         );
     }
     let script = root.join(".ci/install-deps");
