@@ -88,7 +88,10 @@ fn a_state_saved_by_the_oldest_qemu_restores_on_the_newest_and_carries_on() {
         restored.wait_for(first, WAIT, "the guest keeps ticking", |l| {
             tick(l).is_some_and(|n| n > first_tick + 1)
         });
-        let _ = restore.kill();
+        // SIGTERM, which the foreground restore passes on to its QEMU: a
+        // SIGKILL would leave that QEMU running on (the VM is never lost).
+        // SAFETY: a signal to the restore this test started.
+        unsafe { libc::kill(restore.id() as libc::pid_t, libc::SIGTERM) };
         let out = restore.wait_with_output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         let pinned = format!("{family}-{}", minor(&oldest));
