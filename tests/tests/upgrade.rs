@@ -65,7 +65,7 @@ fn a_state_saved_by_the_oldest_qemu_restores_on_the_newest_and_carries_on() {
     for (machine, family) in [(None, "pc-i440fx"), (Some("q35"), "pc-q35")] {
         let dir = tempfile::tempdir().unwrap();
         let (statefile, last_saved) = save_ticking(&oldest, dir.path(), machine);
-        let (mut restore, restored) = spawn_lines(
+        let (restore, restored) = spawn_lines(
             migrate()
                 .args(["restore", "--qemu"])
                 .arg(&newest)
