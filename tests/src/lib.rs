@@ -118,3 +118,19 @@ pub fn guest() -> PathBuf {
         })
         .clone()
 }
+
+/// `qemu-migrate save --then quit --monitor HMP STATEFILE`, which must succeed
+/// (its stderr is the failure message).
+pub fn save_then_quit(hmp: &Path, statefile: &Path) {
+    let out = Command::new(bin("qemu-migrate"))
+        .args(["save", "--then", "quit", "--monitor"])
+        .arg(hmp)
+        .arg(statefile)
+        .output()
+        .expect("running qemu-migrate save");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use recipe_tests::{bin, guest, qemus, tick, Vm};
+use recipe_tests::{bin, guest, qemus, save_then_quit, tick, Vm};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -63,17 +63,7 @@ fn a_restored_vm_appends_to_the_serial_log_it_had() {
         let mut source = Vm::start(&qemu, &logged_options(dir.path(), &log, &[]));
         wait_log(&log, "tick 3 before the save", |t| t.contains(&3));
         let statefile = dir.path().join("state");
-        let out = migrate()
-            .args(["save", "--then", "quit", "--monitor"])
-            .arg(&source.hmp)
-            .arg(&statefile)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        save_then_quit(&source.hmp, &statefile);
         source.wait_exit();
         let before = std::fs::read(&log).unwrap();
         let last = *ticks(&log).last().unwrap();

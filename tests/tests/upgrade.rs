@@ -8,7 +8,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use qemu_monitor::{Options, QemuVersion};
-use recipe_tests::{bin, qemu_version, qemus, recipe_options, spawn_lines, tick, Vm};
+use recipe_tests::{
+    bin, qemu_version, qemus, recipe_options, save_then_quit, spawn_lines, tick, Vm,
+};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -43,17 +45,7 @@ fn save_ticking(qemu: &Path, dir: &Path, machine: Option<&str>) -> (PathBuf, u64
     let (mut source, serial) = Vm::start_with_serial(qemu, &options);
     serial.wait_for(0, WAIT, "tick 3", |l| tick(l) == Some(3));
     let statefile = dir.join("statefile");
-    let out = migrate()
-        .args(["save", "--then", "quit", "--monitor"])
-        .arg(&source.hmp)
-        .arg(&statefile)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    save_then_quit(&source.hmp, &statefile);
     assert!(source.wait_exit().success());
     let last = serial.snapshot().iter().filter_map(|l| tick(l)).max();
     (statefile, last.expect("ticks before the save"))
