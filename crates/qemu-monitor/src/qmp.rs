@@ -70,6 +70,21 @@ pub struct Event {
     pub raw: String,
 }
 
+impl Event {
+    /// The event `value` is, if it is one (`raw` is its line).
+    fn of(value: &Value, raw: &str) -> Option<Event> {
+        let Some(Value::String(name)) = value.get("event") else {
+            return None;
+        };
+        Some(Event {
+            name: name.clone(),
+            data: value.get("data").cloned().unwrap_or(Value::Null),
+            timestamp: value.get("timestamp").cloned(),
+            raw: raw.to_string(),
+        })
+    }
+}
+
 /// A reply to one message: its value or QEMU's error.
 #[derive(Debug, Clone)]
 pub struct Reply {
@@ -120,14 +135,28 @@ enum Message {
 
 impl QmpSession {
     pub(crate) fn start(mut conn: Connection, timeout: Duration) -> Result<Self> {
-        let line = conn.read_through(b"\n", &Wait::new(timeout, "QMP greeting"))?;
-        let raw = String::from_utf8_lossy(&line).trim_end().to_string();
+        let wait = Wait::new(timeout, "QMP greeting");
+        // A client that connects while QEMU starts can be sent an event (the
+        // RESUME of a VM that starts running) before the greeting: QEMU
+        // broadcasts to a monitor that never negotiated. Such an event is
+        // kept, in order, for the caller.
+        let mut early = VecDeque::new();
+        let (raw, value) = loop {
+            let line = conn.read_through(b"\n", &wait)?;
+            let raw = String::from_utf8_lossy(&line).trim_end().to_string();
+            let value: Value = serde_json::from_str(&raw).map_err(|e| Error::NotAMonitor {
+                addr: conn.addr.clone(),
+                detail: format!("its greeting is not JSON ({e}): {}", shorten(&raw)),
+            })?;
+            match Event::of(&value, &raw) {
+                Some(event) if value.get("QMP").is_none() => early.push_back(event),
+                _ => break (raw, value),
+            }
+        };
         let not_qmp = |detail: String| Error::NotAMonitor {
             addr: conn.addr.clone(),
             detail,
         };
-        let value: Value = serde_json::from_str(&raw)
-            .map_err(|e| not_qmp(format!("its greeting is not JSON ({e}): {}", shorten(&raw))))?;
         let body = value.get("QMP").ok_or_else(|| {
             not_qmp(format!(
                 "its greeting has no \"QMP\" key: {}",
@@ -149,7 +178,7 @@ impl QmpSession {
                 raw,
             },
             timeout,
-            events: VecDeque::new(),
+            events: early,
             next_id: 1,
             negotiated: false,
         })
@@ -317,13 +346,8 @@ impl QmpSession {
             addr: self.conn.addr.clone(),
             detail: format!("it sent a line that is not JSON ({e}): {}", shorten(&raw)),
         })?;
-        if let Some(Value::String(name)) = value.get("event") {
-            return Ok(Message::Event(Event {
-                name: name.clone(),
-                data: value.get("data").cloned().unwrap_or(Value::Null),
-                timestamp: value.get("timestamp").cloned(),
-                raw,
-            }));
+        if let Some(event) = Event::of(&value, &raw) {
+            return Ok(Message::Event(event));
         }
         let id = value.get("id").cloned();
         if let Some(ret) = value.get("return") {
@@ -357,9 +381,17 @@ impl QmpSession {
         })
     }
 
-    /// See [`crate::Monitor::into_socket`].
+    /// See [`crate::Monitor::into_socket`]. Events received and not taken
+    /// come first in what is pending, one line each, as QEMU sent them.
     pub fn into_socket(self) -> (crate::Socket, Vec<u8>) {
-        self.conn.into_socket()
+        let (socket, rest) = self.conn.into_socket();
+        let mut pending = Vec::new();
+        for e in &self.events {
+            pending.extend_from_slice(e.raw.as_bytes());
+            pending.push(b'\n');
+        }
+        pending.extend_from_slice(&rest);
+        (socket, pending)
     }
 
     /// Ends the session: half-close, read to the end.
