@@ -91,3 +91,57 @@ fn abstract_sockets_are_named_with_an_at_sign() {
         assert!(String::from_utf8_lossy(&out.stdout).starts_with("QEMU "));
     }
 }
+
+/// A QEMU this program starts connects to a socket of ours: the session is
+/// there before QEMU runs its VM, and a QEMU that dies first says so.
+#[test]
+fn a_started_qemu_connects_to_a_listening_monitor_or_is_reported_gone() {
+    use std::time::Duration;
+    for qemu in qemus() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("own, with a comma.sock");
+        let listener = qemu_monitor::QmpListener::bind(&sock).unwrap();
+        let mut child = Command::new(&qemu)
+            .args([
+                "-M",
+                "none",
+                "-display",
+                "none",
+                "-qmp",
+                &listener.qemu_arg(),
+            ])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut qmp = listener
+            .accept(child.id(), Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("{}: {e}", qemu.display()));
+        assert!(qmp.is_negotiated());
+        assert!(!sock.exists(), "the socket file is removed once QEMU is in");
+        let status = qmp.execute("query-status", None).unwrap();
+        assert_eq!(status["status"], "running");
+        assert_eq!(qmp.peer_pid().unwrap(), child.id());
+        let _ = qmp.execute("quit", None);
+        assert!(child.wait().unwrap().success());
+
+        let sock = dir.path().join("never.sock");
+        let listener = qemu_monitor::QmpListener::bind(&sock).unwrap();
+        let mut child = Command::new(&qemu)
+            .args(["-M", "none", "-display", "none", "-no-such-option"])
+            .args(["-qmp", &listener.qemu_arg()])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let err = listener
+            .accept(child.id(), Duration::from_secs(60))
+            .expect_err("QEMU exits on a bad option");
+        assert!(
+            matches!(err, qemu_monitor::Error::Exited { pid, .. } if pid == child.id()),
+            "{err}"
+        );
+        assert!(err.to_string().contains("never.sock"), "{err}");
+        assert!(!child.wait().unwrap().success());
+    }
+}

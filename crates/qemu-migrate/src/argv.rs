@@ -61,8 +61,9 @@ pub fn vm_options(args: &[String]) -> Vec<String> {
 /// The options to start a QEMU that takes over a VM with: the original
 /// run's options (its monitors too, so the user's recipes keep working)
 /// without -incoming, -daemonize, -pidfile and -S, which the taker sets
-/// itself, and without listening sockets in directories that are gone (a VM
-/// restored by qemu-migrate carries the private QMP socket of that run).
+/// itself, and without unix sockets in directories that are gone or that
+/// QEMU is to connect to and are gone (a VM restored by qemu-migrate carries
+/// the private QMP socket of that run).
 #[must_use]
 pub fn restart_options(args: &[String]) -> Vec<String> {
     let mut out = Vec::with_capacity(args.len());
@@ -77,11 +78,12 @@ pub fn restart_options(args: &[String]) -> Vec<String> {
             i += 1;
             continue;
         }
-        if let Some(path) = args.get(i + 1).and_then(|v| unix_server_path(&args[i], v)) {
-            if path
+        if let Some((path, server)) = args.get(i + 1).and_then(|v| unix_socket_path(&args[i], v)) {
+            let dir_gone = path
                 .parent()
-                .is_some_and(|d| !d.as_os_str().is_empty() && !d.is_dir())
-            {
+                .is_some_and(|d| !d.as_os_str().is_empty() && !d.is_dir());
+            // A socket QEMU connects to must be there, or QEMU will not start.
+            if dir_gone || (!server && !path.exists()) {
                 i += 2;
                 continue;
             }
@@ -227,6 +229,12 @@ pub fn uses_stdio(args: &[String]) -> bool {
 
 /// The path of a unix socket that `OPTION VALUE` makes QEMU listen on.
 pub(crate) fn unix_server_path(option: &str, value: &str) -> Option<PathBuf> {
+    unix_socket_path(option, value).and_then(|(path, server)| server.then_some(path))
+}
+
+/// The path of a unix socket that `OPTION VALUE` makes QEMU listen on or
+/// connect to, and whether it listens.
+fn unix_socket_path(option: &str, value: &str) -> Option<(PathBuf, bool)> {
     let option = option.strip_prefix('-').unwrap_or(option);
     let option = option.strip_prefix('-').unwrap_or(option);
     let (path, opts): (&str, Vec<&str>) = match option {
@@ -249,7 +257,7 @@ pub(crate) fn unix_server_path(option: &str, value: &str) -> Option<PathBuf> {
     let server = opts
         .iter()
         .any(|o| matches!(*o, "server" | "server=on" | "server=yes" | "server=true"));
-    (server && !path.is_empty()).then(|| PathBuf::from(path))
+    (!path.is_empty()).then(|| (PathBuf::from(path), server))
 }
 
 /// Keys whose values are secrets in QEMU options: `-object secret,data=…`,
@@ -360,7 +368,7 @@ mod tests {
 
     #[test]
     fn drops_sockets_in_vanished_directories() {
-        let args = v("-m 32 -qmp unix:/nonexistent-dir-x/qmp.sock,server,nowait -monitor unix:/tmp/m,server,nowait -incoming defer");
+        let args = v("-m 32 -qmp unix:/nonexistent-dir-x/qmp.sock,server,nowait -monitor unix:/tmp/m,server,nowait -qmp unix:/nonexistent-dir-y/qmp.sock -chardev socket,id=c,path=/nonexistent-sock-z -incoming defer");
         assert_eq!(
             restart_options(&args),
             v("-m 32 -monitor unix:/tmp/m,server,nowait")

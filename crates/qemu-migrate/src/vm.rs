@@ -5,19 +5,15 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use qemu_monitor::{
-    ErrorKind, MigrationStatus, Monitor, MonitorAddr, Options, QemuVersion, RunState,
-};
+use qemu_monitor::{MigrationStatus, Monitor, MonitorAddr, Options, QemuVersion, RunState};
 
 use crate::error::{Error, Result};
 use crate::os;
 
-/// How long QEMU may take to start listening on its monitor.
+/// How long QEMU may take to connect to and greet its monitor.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
-/// How often a starting QEMU's socket is tried while it is not up yet.
-const START_RETRY: Duration = Duration::from_millis(2);
 
 /// A VM and the monitor session that drives it.
 #[derive(Debug)]
@@ -204,11 +200,13 @@ impl Vm {
                 std::env::temp_dir(),
                 "creating a private directory",
             ))?;
-        let qmp = dir.path().join("qmp.sock");
+        // QEMU connects to this socket while it starts (see QmpListener):
+        // no connect of ours races its start-up.
+        let qmp = qemu_monitor::QmpListener::bind(dir.path().join("qmp.sock"))?;
         let mut cmd = Command::new(binary);
         cmd.args(args)
             .arg("-qmp")
-            .arg(format!("unix:{},server,nowait", qmp.display()))
+            .arg(qmp.qemu_arg())
             .envs(&options.env)
             .stderr(Stdio::piped());
         match options.console {
@@ -254,7 +252,7 @@ impl Vm {
             stderr_thread,
             kill_on_drop: true,
         };
-        let session = connect_while_alive(&qmp, &mut launched)?;
+        let session = accept_while_alive(qmp, &mut launched)?;
         let pid = launched.child.id();
         let version = session.version();
         Ok(Vm {
@@ -381,39 +379,26 @@ impl Vm {
     }
 }
 
-/// Connects to a just-started QEMU's QMP socket, noticing if it exits instead.
-fn connect_while_alive(qmp: &Path, launched: &mut Launched) -> Result<qemu_monitor::QmpSession> {
-    let deadline = Instant::now() + START_TIMEOUT;
-    let options = Options {
-        timeout: START_TIMEOUT,
-        wait_socket: None,
-    };
-    loop {
-        match qemu_monitor::connect_qmp(qmp.to_path_buf(), &options) {
-            Ok(s) => return Ok(s),
-            Err(e) if e.kind() == ErrorKind::Unreachable && Instant::now() < deadline => {
-                if let Ok(Some(status)) = launched.child.try_wait() {
-                    let (_, stderr) = launched.wait().unwrap_or((status, String::new()));
-                    return Err(Error::QemuExited {
-                        during: format!("while starting ({status})"),
-                        stderr,
-                    });
-                }
-                std::thread::sleep(START_RETRY);
+/// Takes the QMP connection of a just-started QEMU, or its own words when
+/// it exits instead.
+fn accept_while_alive(
+    qmp: qemu_monitor::QmpListener,
+    launched: &mut Launched,
+) -> Result<qemu_monitor::QmpSession> {
+    match qmp.accept(launched.child.id(), START_TIMEOUT) {
+        Ok(s) => Ok(s),
+        Err(e) => {
+            // A QEMU that fails after opening its monitor (a missing
+            // disk) closes it as it exits: its own words are the error.
+            os::wait_gone(launched.child.id(), Duration::from_secs(2));
+            if let Ok(Some(status)) = launched.child.try_wait() {
+                let (_, stderr) = launched.wait().unwrap_or((status, String::new()));
+                return Err(Error::QemuExited {
+                    during: format!("while starting ({status})"),
+                    stderr,
+                });
             }
-            Err(e) => {
-                // A QEMU that fails after opening its monitor (a missing
-                // disk) closes it as it exits: its own words are the error.
-                os::wait_gone(launched.child.id(), Duration::from_secs(2));
-                if let Ok(Some(status)) = launched.child.try_wait() {
-                    let (_, stderr) = launched.wait().unwrap_or((status, String::new()));
-                    return Err(Error::QemuExited {
-                        during: format!("while starting ({status})"),
-                        stderr,
-                    });
-                }
-                return Err(e.into());
-            }
+            Err(e.into())
         }
     }
 }

@@ -317,6 +317,25 @@ impl Connection {
         Ok(conn)
     }
 
+    /// A connection QEMU made to a listening socket of ours.
+    pub fn from_unix(stream: mio::net::UnixStream, addr: MonitorAddr) -> io::Result<Self> {
+        let mut conn = Connection {
+            stream: Stream::Unix(stream),
+            poll: Poll::new()?,
+            events: Events::with_capacity(4),
+            addr,
+            buf: Vec::with_capacity(4096),
+            scanned: 0,
+            eof: false,
+        };
+        conn.poll.registry().register(
+            &mut conn.stream,
+            SOCKET,
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        Ok(conn)
+    }
+
     /// Gives up the socket, with the bytes read and not yet consumed.
     pub fn into_socket(mut self) -> (Socket, Vec<u8>) {
         let _ = self.poll.registry().deregister(&mut self.stream);

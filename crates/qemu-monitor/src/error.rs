@@ -27,6 +27,14 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// The QEMU that was to connect to its monitor exited first.
+    #[error("{addr}: QEMU (pid {pid}) exited before it connected to its monitor")]
+    Exited {
+        /// The monitor's socket.
+        addr: MonitorAddr,
+        /// QEMU's process id.
+        pid: u32,
+    },
     /// The peer said nothing (more) before the deadline.
     #[error("{addr}: no {what} from QEMU within {timeout:?}{hint}")]
     Timeout {
@@ -115,7 +123,9 @@ impl Error {
     /// What kind of failure this is.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::Connect { .. } | Error::SocketWait { .. } => ErrorKind::Unreachable,
+            Error::Connect { .. } | Error::SocketWait { .. } | Error::Exited { .. } => {
+                ErrorKind::Unreachable
+            }
             Error::Command { .. } => ErrorKind::Command,
             Error::BadLine { .. } => ErrorKind::Refused,
             Error::Timeout { .. }

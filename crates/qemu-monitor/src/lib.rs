@@ -27,6 +27,7 @@ mod conn;
 mod error;
 pub mod hmp;
 pub mod json;
+mod listen;
 pub mod qmp;
 mod state;
 
@@ -38,6 +39,7 @@ pub use commands::migration_event_status;
 pub use conn::Socket;
 pub use error::{Error, ErrorKind, Result};
 pub use hmp::{HmpReply, HmpSession};
+pub use listen::QmpListener;
 pub use qmp::{Event, Greeting, QemuVersion, QmpError, QmpSession, Reply};
 pub use state::{MigrationInfo, MigrationStatus, RunState};
 

@@ -5,7 +5,7 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use qemu_monitor::{MigrationStatus, Monitor, Options, QmpSession};
+use qemu_monitor::{MigrationStatus, Monitor, QmpListener, QmpSession};
 use tempfile::TempDir;
 use test_guest::{tick, Lines};
 
@@ -24,7 +24,8 @@ pub struct Vm {
     pub dir: TempDir,
     /// The human monitor's socket.
     pub hmp: PathBuf,
-    /// The machine monitor's socket (the test's own session holds it).
+    /// A machine monitor socket of the VM's own, free for a test to connect
+    /// to (the test kit's session is on another, which QEMU connected to).
     pub qmp_path: PathBuf,
     qmp: Option<QmpSession>,
 }
@@ -77,17 +78,21 @@ impl Vm {
     ) -> Result<Vm, String> {
         let hmp = dir.path().join("hmp.sock");
         let qmp_path = dir.path().join("qmp.sock");
+        // The test's session: QEMU connects to it as it starts, so no connect
+        // races QEMU's start-up (see qemu_monitor::QmpListener).
+        let own =
+            QmpListener::bind(dir.path().join("testkit-qmp.sock")).map_err(|e| e.to_string())?;
         let mut all: Vec<&OsStr> = args.iter().map(AsRef::as_ref).collect();
         let hmp_arg = format!("unix:{},server,nowait", hmp.display());
         let qmp_arg = format!("unix:{},server,nowait", qmp_path.display());
-        let extra = ["-display", "none", "-monitor", &hmp_arg, "-qmp", &qmp_arg];
+        let own_arg = own.qemu_arg();
+        let extra = [
+            "-display", "none", "-monitor", &hmp_arg, "-qmp", &qmp_arg, "-qmp", &own_arg,
+        ];
         all.extend(extra.iter().map(OsStr::new));
         let process = Process::start(qemu, &all, &dir.path().join("qemu.stderr"), serial, None)?;
-        let options = Options {
-            timeout: START,
-            wait_socket: Some(START),
-        };
-        let qmp = qemu_monitor::connect_qmp(qmp_path.clone(), &options)
+        let qmp = own
+            .accept(process.pid(), START)
             .map_err(|e| format!("{e}; QEMU said: {}", process.said()))?;
         Ok(Vm {
             process,
