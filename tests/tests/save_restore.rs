@@ -200,7 +200,9 @@ fn a_second_save_of_the_same_vm_is_refused() {
         let qmp2 = dir.path().join("qmp2.sock");
         let qmp2_arg = format!("unix:{},server,nowait", qmp2.display());
         let guest = guest().display().to_string();
-        let vm = Vm::start_in(
+        // Once the fill is written: a save of mostly zero pages would be
+        // over before the second one starts.
+        let (vm, _serial) = Vm::start_ticking(
             &qemu,
             &[
                 "-accel",
@@ -208,6 +210,8 @@ fn a_second_save_of_the_same_vm_is_refused() {
                 "-m",
                 "1024",
                 "-nodefaults",
+                "-serial",
+                "stdio",
                 "-kernel",
                 &guest,
                 "-append",
@@ -215,7 +219,6 @@ fn a_second_save_of_the_same_vm_is_refused() {
                 "-qmp",
                 &qmp2_arg,
             ],
-            dir,
         );
         let states = tempfile::tempdir().unwrap();
         let (mut first, _out) =
