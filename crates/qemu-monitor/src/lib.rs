@@ -6,7 +6,9 @@
 //! an abstract socket), tells the human monitor (HMP) from the machine
 //! monitor (QMP) by its greeting, sends one command at a time and waits for
 //! the proof that QEMU read it, and ends a session with a half-close and a
-//! read to the end of the stream. Every wait has a deadline.
+//! read to the end of the stream. Every wait has a deadline. For a QEMU the
+//! caller starts itself, [`QmpListener`] has QEMU connect to the caller
+//! instead, so that no connect races QEMU's start-up.
 //!
 //! ```no_run
 //! use qemu_monitor::Options;
