@@ -84,8 +84,39 @@ impl VmLock {
                 .map(|m| (m.dev(), m.ino()))
                 .ok();
             if ours.is_some() && ours == at_path {
+                if let Some(dir) = path.parent() {
+                    sweep(dir, &path);
+                }
                 return Ok(VmLock { file, path });
             }
+        }
+    }
+}
+
+/// Removes the lock files nobody holds: those of a process killed with
+/// SIGKILL, which could not remove its own. Each is locked before it is
+/// removed, so a holder keeps its file, and a taker that had opened one
+/// finds it gone from the path and takes a new one (see `take_file`).
+fn sweep(dir: &Path, ours: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let is_lock = path.extension().is_some_and(|e| e == "lock");
+        if !is_lock || path == ours {
+            continue;
+        }
+        let Ok(file) = File::options()
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+        else {
+            continue;
+        };
+        if file.try_lock().is_ok() {
+            let _ = std::fs::remove_file(&path);
+            let _ = file.unlock();
         }
     }
 }

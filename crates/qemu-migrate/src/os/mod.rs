@@ -110,6 +110,24 @@ mod tests {
     }
 
     #[test]
+    fn a_lock_left_by_a_killed_process_is_removed_and_a_held_one_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        // A process killed with SIGKILL leaves its file, unlocked.
+        let stale = dir.path().join("vm-41.lock");
+        std::fs::write(&stale, b"").unwrap();
+        let held = VmLock::take_in(dir.path(), 42).unwrap();
+        assert!(!stale.exists(), "the dead process's lock file is swept");
+        let other = VmLock::take_in(dir.path(), 43).unwrap();
+        assert!(dir.path().join("vm-42.lock").exists(), "a held lock stays");
+        assert!(matches!(
+            VmLock::take_in(dir.path(), 42),
+            Err(Error::Busy { pid: 42, .. })
+        ));
+        drop((held, other));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
     fn a_symlink_planted_at_a_lock_path_is_not_followed() {
         let dir = tempfile::tempdir().unwrap();
         let victim = dir.path().join("victim");
