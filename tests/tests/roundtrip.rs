@@ -77,7 +77,7 @@ fn minor(qemu: &Path) -> String {
     format!("{}.{}", v.major, v.minor)
 }
 
-const TRANSPORTS: [&str; 3] = ["file", "live-local", "live-tcp"];
+const TRANSPORTS: [&str; 4] = ["file", "live-local", "live-tcp", "instant"];
 
 /// The test guest's checks: ticks, its banner never again, its sweep region's first MiB.
 fn test_guest_checks(qemu: &Path, transport: &str) -> Vec<String> {
@@ -126,6 +126,15 @@ fn the_test_guest_carries_on_through_every_transport_on_every_qemu() {
             for c in ["ready", "ram", "counter", "expect", "reject"] {
                 assert!(checks.contains(&c), "{what}: no {c} check in {checks:?}");
             }
+            // The instant transport restores by mapping, not by loading.
+            let mapped = report["checks"].as_array().unwrap().iter().any(|c| {
+                c["check"] == "restore"
+                    && c["detail"]
+                        .as_str()
+                        .unwrap()
+                        .contains("mapped the RAM image")
+            });
+            assert_eq!(mapped, transport == "instant", "{what}: {report:#}");
         }
     }
 }

@@ -82,7 +82,8 @@ pub struct Args {
     #[arg(long, value_name = "QEMU")]
     restore_qemu: Option<PathBuf>,
     /// How the state goes over: file (save, restore), live-local or live-tcp
-    /// (a live migration on this host, over a unix socket or TCP on 127.0.0.1).
+    /// (a live migration on this host, over a unix socket or TCP on 127.0.0.1),
+    /// instant (save --instant, a restore that maps the RAM image).
     #[arg(long, default_value = "file")]
     transport: Transport,
     /// Seconds the boot, and each wait after the restore, may take.

@@ -64,6 +64,8 @@ pub enum Transport {
     LiveLocal,
     /// A live migration over TCP on 127.0.0.1 to a `receive`r.
     LiveTcp,
+    /// `qemu-migrate save --instant`, then a restore that maps the RAM image.
+    Instant,
 }
 
 impl std::str::FromStr for Transport {
@@ -74,7 +76,10 @@ impl std::str::FromStr for Transport {
             "file" => Ok(Transport::File),
             "live-local" => Ok(Transport::LiveLocal),
             "live-tcp" => Ok(Transport::LiveTcp),
-            _ => Err(format!("{s:?}: expected file, live-local or live-tcp")),
+            "instant" => Ok(Transport::Instant),
+            _ => Err(format!(
+                "{s:?}: expected file, live-local, live-tcp or instant"
+            )),
         }
     }
 }
@@ -85,6 +90,7 @@ impl std::fmt::Display for Transport {
             Transport::File => "file",
             Transport::LiveLocal => "live-local",
             Transport::LiveTcp => "live-tcp",
+            Transport::Instant => "instant",
         })
     }
 }
