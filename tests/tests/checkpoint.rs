@@ -19,7 +19,7 @@ use std::process::{Child, Command};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use recipe_tests::{bin, qemus, spawn_lines, tick, Lines, Vm};
+use recipe_tests::{bin, qemus, save_then_quit, spawn_lines, tick, Lines, Vm};
 
 const WAIT: Duration = Duration::from_secs(120);
 /// The disk's size: enough for ext4 and hours of ticks, small to copy.
@@ -354,13 +354,7 @@ fn without_disks_a_second_restore_onto_a_written_disk_is_refused() {
             Vm::start_with_serial(&qemu, &options(&disk, Form::DriveHmp, &qmp2));
         serial.wait_for(0, WAIT, "tick 5", |l| tick(l) == Some(5));
         let state = dir.path().join("state");
-        let out = migrate()
-            .args(["save", "--then", "quit", "--monitor"])
-            .arg(&source.hmp)
-            .arg(&state)
-            .output()
-            .unwrap();
-        ok(&out);
+        save_then_quit(&source.hmp, &state);
         source.wait_exit();
         let work = tempfile::tempdir().unwrap();
         let at_save = disk_ticks(&disk, "raw", work.path());

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use recipe_tests::{bin, qemus, recipe_options, Vm};
+use recipe_tests::{bin, qemus, recipe_options, save_then_quit, Vm};
 
 fn migrate() -> Command {
     Command::new(bin("qemu-migrate"))
@@ -25,13 +25,7 @@ fn saved(qemu: &Path, dir: &Path, extra: &[String]) -> (PathBuf, Vec<String>) {
     options.extend(extra.iter().cloned());
     let (mut source, _) = Vm::start_ticking(qemu, &options);
     let statefile = dir.join("state");
-    let out = migrate()
-        .args(["save", "--then", "quit", "--monitor"])
-        .arg(&source.hmp)
-        .arg(&statefile)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
+    save_then_quit(&source.hmp, &statefile);
     source.wait_exit();
     (statefile, options)
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use recipe_tests::{bin, guest, qemus, recipe_options, spawn_lines, tick, Vm};
+use recipe_tests::{bin, guest, qemus, recipe_options, save_then_quit, spawn_lines, tick, Vm};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -100,17 +100,7 @@ fn recipe_vm_is_saved_and_restored_without_repeating_an_option() {
         serial.wait_for(0, WAIT, "tick 3", |l| tick(l) == Some(3));
 
         let statefile = dir.path().join("statefile");
-        let out = migrate()
-            .args(["save", "--then", "quit", "--monitor"])
-            .arg(&source.hmp)
-            .arg(&statefile)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        save_then_quit(&source.hmp, &statefile);
         assert!(statefile.exists() && dir.path().join("statefile.manifest.json").exists());
         assert!(!dir.path().join("statefile.partial").exists());
         let sock = source.hmp.clone();
@@ -618,17 +608,7 @@ fn a_restore_killed_while_loading_leaves_no_qemu_holding_the_vms_sockets() {
             ],
         );
         let statefile = dir.path().join("state");
-        let out = migrate()
-            .args(["save", "--then", "quit", "--monitor"])
-            .arg(&hmp)
-            .arg(&statefile)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        save_then_quit(&hmp, &statefile);
         drop(source);
 
         let restore = || {

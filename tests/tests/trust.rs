@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use recipe_tests::{bin, qemus, recipe_options, Vm};
+use recipe_tests::{bin, qemus, recipe_options, save_then_quit, Vm};
 
 const NOBODY: u32 = 65534;
 
@@ -27,13 +27,7 @@ fn saved(qemu: &Path, dir: &Path, extra: &[&str]) -> PathBuf {
     options.extend(extra.iter().map(|s| s.to_string()));
     let (mut source, _) = Vm::start_ticking(qemu, &options);
     let statefile = dir.join("state");
-    let out = migrate()
-        .args(["save", "--then", "quit", "--monitor"])
-        .arg(&source.hmp)
-        .arg(&statefile)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
+    save_then_quit(&source.hmp, &statefile);
     source.wait_exit();
     statefile
 }
@@ -240,13 +234,7 @@ fn root_restores_another_users_vm_only_when_told_to() {
 
         let states = tempfile::tempdir().unwrap();
         let statefile = states.path().join("state");
-        let out = migrate()
-            .args(["save", "--then", "quit", "--monitor"])
-            .arg(&hmp)
-            .arg(&statefile)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", stderr(&out));
+        save_then_quit(&hmp, &statefile);
         let _ = qemu_as_nobody.wait();
 
         let (out, pid) = restore_daemonized(&statefile, &[]);
