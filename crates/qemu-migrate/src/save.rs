@@ -152,7 +152,7 @@ pub fn save(
 
     // From here on this process changes the VM; if it dies, the watchdog
     // puts it back (see `put_back`).
-    let mut watchdog = {
+    let watchdog = {
         let addr = vm.monitor.addr().clone();
         let resume = was_running && !live;
         let then = options.then;
@@ -255,21 +255,36 @@ pub fn save(
         }
         return Err(e);
     }
-    watchdog.step(COMMITTED);
+    finish(
+        vm,
+        options.then,
+        watchdog,
+        SaveReport {
+            manifest,
+            path: path.to_path_buf(),
+            elapsed: started.elapsed(),
+            migration: info,
+            fallback: None,
+        },
+    )
+}
 
-    match options.then {
+/// The end of a save that is on disk: the watchdog told it is committed,
+/// `then` carried out, the watchdog let go.
+pub(crate) fn finish(
+    vm: &mut Vm,
+    then: Then,
+    mut watchdog: os::Watchdog,
+    report: SaveReport,
+) -> Result<SaveReport> {
+    watchdog.step(COMMITTED);
+    match then {
         Then::Stop => {}
         Then::Resume => vm.monitor.cont_after_migration()?,
         Then::Quit => vm.monitor.quit()?,
     }
     watchdog.dismiss();
-    Ok(SaveReport {
-        manifest,
-        path: path.to_path_buf(),
-        elapsed: started.elapsed(),
-        migration: info,
-        fallback: None,
-    })
+    Ok(report)
 }
 
 /// The save at `target` that this one replaces, as its manifest describes

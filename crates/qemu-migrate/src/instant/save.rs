@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::manifest::{self, Manifest};
 use crate::os::{self, SaveFiles, VmLock};
 use crate::progress::Progress;
-use crate::save::{SaveOptions, SaveReport, Then};
+use crate::save::{SaveOptions, SaveReport};
 use crate::vm::Vm;
 
 /// What the copy thread wrote.
@@ -68,7 +68,7 @@ pub(crate) fn save(
 
     // From here on this process changes the VM; if it dies, the watchdog
     // puts it back, as for a plain save.
-    let mut watchdog = {
+    let watchdog = {
         let addr = vm.monitor.addr().clone();
         let resume = was_running && !options.live;
         let then = options.then;
@@ -254,21 +254,18 @@ pub(crate) fn save(
         // A plain save replaces an instant one: its old image goes too.
         let _ = std::fs::remove_file(&image);
     }
-    watchdog.step(crate::save::COMMITTED);
-
-    match options.then {
-        Then::Stop => {}
-        Then::Resume => vm.monitor.cont_after_migration()?,
-        Then::Quit => vm.monitor.quit()?,
-    }
-    watchdog.dismiss();
-    Ok(SaveReport {
-        manifest,
-        path: path.to_path_buf(),
-        elapsed: started.elapsed(),
-        migration: info,
-        fallback,
-    })
+    crate::save::finish(
+        vm,
+        options.then,
+        watchdog,
+        SaveReport {
+            manifest,
+            path: path.to_path_buf(),
+            elapsed: started.elapsed(),
+            migration: info,
+            fallback,
+        },
+    )
 }
 
 /// Streams the VM's state into the splitting writer, as a plain save
