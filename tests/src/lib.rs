@@ -134,3 +134,33 @@ pub fn save_then_quit(hmp: &Path, statefile: &Path) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The `tick N` counts a guest's serial log file holds so far.
+pub fn log_ticks(log: &Path) -> Vec<u64> {
+    String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default())
+        .lines()
+        .filter_map(tick)
+        .collect()
+}
+
+/// Waits, up to a minute, for the log's ticks to show what `pred` looks
+/// for. A file has no event for "a line was appended": it is read again
+/// every 20 ms until then.
+pub fn wait_log(log: &Path, what: &str, pred: impl Fn(&[u64]) -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !pred(&log_ticks(log)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: {:?}",
+            log_ticks(log)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Waits, up to a minute, for a tick above `n` in the log.
+pub fn wait_tick_above(log: &Path, n: u64) {
+    wait_log(log, &format!("no tick above {n}"), |t| {
+        t.iter().any(|&x| x > n)
+    });
+}

@@ -9,9 +9,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use recipe_tests::{bin, guest, qemus, tick, Vm};
-
-const WAIT: Duration = Duration::from_secs(60);
+use recipe_tests::{bin, guest, log_ticks, qemus, wait_tick_above, Vm};
 
 /// The test guest, which sweeps 24 MiB of its RAM without end, its
 /// console in `log`.
@@ -29,26 +27,6 @@ fn sweeping_guest(log: &Path) -> Vec<String> {
     ]
     .map(String::from)
     .to_vec()
-}
-
-fn ticks(log: &Path) -> Vec<u64> {
-    String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default())
-        .lines()
-        .filter_map(tick)
-        .collect()
-}
-
-/// Waits, up to `WAIT`, for a tick above `n` in the log.
-fn wait_tick_above(log: &Path, n: u64) {
-    let deadline = Instant::now() + WAIT;
-    while !ticks(log).iter().any(|&t| t > n) {
-        assert!(
-            Instant::now() < deadline,
-            "no tick above {n}: {:?}",
-            ticks(log)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn live(vm: &Vm, extra: &[&str]) -> (std::process::Output, Duration) {
@@ -96,7 +74,7 @@ fn a_live_migration_that_cannot_converge_is_cancelled_at_its_timeout() {
         assert!(took < Duration::from_secs(30), "ended after {took:?}");
         assert_eq!(vm.status(), "running");
         assert_eq!(bandwidth(&mut vm), cap, "the bandwidth cap is QEMU's again");
-        let last = *ticks(&log).last().unwrap();
+        let last = *log_ticks(&log).last().unwrap();
         wait_tick_above(&log, last);
     }
 }
@@ -126,7 +104,7 @@ fn with_timeout_suspend_it_finishes_with_the_guest_paused_and_resumed_there() {
         assert!(err.contains("the guest is running there"), "{err}");
         vm.wait_exit();
         // The destination took the log over (appending) and ticks on.
-        let last = *ticks(&log).last().unwrap();
+        let last = *log_ticks(&log).last().unwrap();
         wait_tick_above(&log, last);
         let status = Command::new(bin("monitor-send"))
             .arg(&vm.hmp)

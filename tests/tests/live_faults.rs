@@ -9,28 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use qemu_monitor::Options;
-use recipe_tests::{bin, guest, qemus, tick, Vm};
-
-const WAIT: Duration = Duration::from_secs(60);
-
-fn ticks(log: &Path) -> Vec<u64> {
-    String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default())
-        .lines()
-        .filter_map(tick)
-        .collect()
-}
-
-fn wait_tick_above(log: &Path, n: u64) {
-    let deadline = Instant::now() + WAIT;
-    while !ticks(log).iter().any(|&t| t > n) {
-        assert!(
-            Instant::now() < deadline,
-            "no tick above {n}: {:?}",
-            ticks(log)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use recipe_tests::{bin, guest, log_ticks, qemus, wait_tick_above, Vm};
 
 /// Who answers on a monitor path, and in what state.
 fn who(path: &Path) -> (u32, String) {
@@ -111,7 +90,7 @@ fn a_local_live_migration_killed_midway_leaves_the_source_as_it_was() {
             vm.qmp().execute("query-migrate-parameters", None).unwrap()["max-bandwidth"],
             cap
         );
-        let last = *ticks(&log).last().unwrap();
+        let last = *log_ticks(&log).last().unwrap();
         wait_tick_above(&log, last);
     }
 }

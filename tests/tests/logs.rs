@@ -6,11 +6,8 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
 
-use recipe_tests::{bin, guest, qemus, save_then_quit, tick, Vm};
-
-const WAIT: Duration = Duration::from_secs(60);
+use recipe_tests::{bin, guest, log_ticks, qemus, save_then_quit, wait_log, Vm};
 
 fn migrate() -> Command {
     Command::new(bin("qemu-migrate"))
@@ -39,22 +36,6 @@ fn logged_options(dir: &Path, log: &Path, extra: &[String]) -> Vec<String> {
     o
 }
 
-fn ticks(log: &Path) -> Vec<u64> {
-    String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default())
-        .lines()
-        .filter_map(tick)
-        .collect()
-}
-
-/// Waits, up to `WAIT`, for the log to show what `pred` looks for.
-fn wait_log(log: &Path, what: &str, pred: impl Fn(&[u64]) -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !pred(&ticks(log)) {
-        assert!(Instant::now() < deadline, "{what}: {:?}", ticks(log));
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn a_restored_vm_appends_to_the_serial_log_it_had() {
     for qemu in qemus() {
@@ -66,7 +47,7 @@ fn a_restored_vm_appends_to_the_serial_log_it_had() {
         save_then_quit(&source.hmp, &statefile);
         source.wait_exit();
         let before = std::fs::read(&log).unwrap();
-        let last = *ticks(&log).last().unwrap();
+        let last = *log_ticks(&log).last().unwrap();
 
         let pidfile = dir.path().join("pid");
         let out = migrate()
@@ -96,7 +77,7 @@ fn a_restored_vm_appends_to_the_serial_log_it_had() {
             "the log before the save is kept, untouched"
         );
         assert!(!after.contains(&0), "no NULs (a truncation under a writer)");
-        let t = ticks(&log);
+        let t = log_ticks(&log);
         assert!(
             t.windows(2).all(|w| w[1] == w[0] + 1),
             "one continuous count across the restore: {t:?}"
@@ -231,7 +212,7 @@ fn a_failed_local_live_migration_leaves_the_sources_log_intact() {
             "{}",
             String::from_utf8_lossy(&end.stderr)
         );
-        let last = *ticks(&log).last().unwrap();
+        let last = *log_ticks(&log).last().unwrap();
         wait_log(&log, "the source ticking on", |t| {
             t.iter().any(|&n| n > last)
         });
