@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
@@ -135,6 +136,9 @@ pub fn save_then_quit(hmp: &Path, statefile: &Path) {
     );
 }
 
+/// How long the helpers below wait for a guest (a deadline, not a wait).
+const WAIT: Duration = Duration::from_secs(60);
+
 /// The `tick N` counts a guest's serial log file holds so far.
 pub fn log_ticks(log: &Path) -> Vec<u64> {
     String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default())
@@ -147,14 +151,10 @@ pub fn log_ticks(log: &Path) -> Vec<u64> {
 /// for. A file has no event for "a line was appended": it is read again
 /// every 20 ms until then.
 pub fn wait_log(log: &Path, what: &str, pred: impl Fn(&[u64]) -> bool) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let deadline = Instant::now() + WAIT;
     while !pred(&log_ticks(log)) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{what}: {:?}",
-            log_ticks(log)
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(Instant::now() < deadline, "{what}: {:?}", log_ticks(log));
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -163,4 +163,51 @@ pub fn wait_tick_above(log: &Path, n: u64) {
     wait_log(log, &format!("no tick above {n}"), |t| {
         t.iter().any(|&x| x > n)
     });
+}
+
+/// The test guest (32 MiB; it sweeps 24 MiB of its RAM without end) with
+/// its console written to the file `log`.
+pub fn guest_logged_to(log: &Path) -> Vec<String> {
+    [
+        "-accel",
+        "tcg",
+        "-m",
+        "32",
+        "-nodefaults",
+        "-serial",
+        &format!("file:{}", log.display()),
+        "-kernel",
+        &guest().display().to_string(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// Checks that a restored guest resumed (no banner) and ticks on from `last`.
+pub fn assert_carries_on(qemu: &Path, lines: &Lines, last: u64) {
+    let first = lines.wait_for(0, WAIT, "a tick after restore", |l| tick(l).is_some());
+    lines.wait_for(first, WAIT, "a second tick", |l| {
+        tick(l).is_some_and(|n| n > last + 1)
+    });
+    let seen = lines.snapshot();
+    assert!(
+        !seen.iter().any(|l| l.starts_with("BOOT ")),
+        "{}: the restored guest booted again: {seen:?}",
+        qemu.display()
+    );
+    let t = tick(&seen[first]).unwrap();
+    assert!(
+        t > last && t <= last + 2,
+        "first tick {t}, last saved {last}"
+    );
+    assert!(!seen.iter().any(|l| l.contains("MISMATCH")), "{seen:?}");
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (for a QEMU or a
+/// receiver to listen on).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
 }

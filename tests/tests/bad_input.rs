@@ -174,11 +174,9 @@ fn unknown_hmp_command_is_an_error_and_the_rest_still_runs() {
 #[test]
 fn qmp_error_is_an_error() {
     for qemu in qemus() {
-        // The test holds the VM's own QMP socket; monitor-send gets a second one.
-        let dir = tempfile::tempdir().unwrap();
-        let qmp2 = dir.path().join("qmp2.sock");
-        let qmp2_arg = format!("unix:{},server,nowait", qmp2.display());
-        let mut vm = Vm::start_in(&qemu, &["-M", "none", "-qmp", &qmp2_arg], dir);
+        // The test kit holds a session of its own; monitor-send gets the VM's QMP socket.
+        let mut vm = Vm::none(&qemu);
+        let qmp2 = vm.qmp_path.clone();
         let out = send()
             .arg("--json")
             .arg(&qmp2)

@@ -5,29 +5,10 @@
 //! death of the receiving side is noticed within seconds.
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use recipe_tests::{bin, guest, log_ticks, qemus, wait_tick_above, Vm};
-
-/// The test guest, which sweeps 24 MiB of its RAM without end, its
-/// console in `log`.
-fn sweeping_guest(log: &Path) -> Vec<String> {
-    [
-        "-accel",
-        "tcg",
-        "-m",
-        "32",
-        "-nodefaults",
-        "-serial",
-        &format!("file:{}", log.display()),
-        "-kernel",
-        &guest().display().to_string(),
-    ]
-    .map(String::from)
-    .to_vec()
-}
+use recipe_tests::{bin, free_port, guest_logged_to, log_ticks, qemus, wait_tick_above, Vm};
 
 fn live(vm: &Vm, extra: &[&str]) -> (std::process::Output, Duration) {
     let started = Instant::now();
@@ -49,7 +30,7 @@ fn a_live_migration_that_cannot_converge_is_cancelled_at_its_timeout() {
     for qemu in qemus() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("serial.log");
-        let mut vm = Vm::start(&qemu, &sweeping_guest(&log));
+        let mut vm = Vm::start(&qemu, &guest_logged_to(&log));
         wait_tick_above(&log, 1);
         let cap = bandwidth(&mut vm);
         let (out, took) = live(
@@ -84,7 +65,7 @@ fn with_timeout_suspend_it_finishes_with_the_guest_paused_and_resumed_there() {
     for qemu in qemus() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("serial.log");
-        let mut vm = Vm::start(&qemu, &sweeping_guest(&log));
+        let mut vm = Vm::start(&qemu, &guest_logged_to(&log));
         wait_tick_above(&log, 1);
         let (out, _) = live(
             &vm,
@@ -115,14 +96,6 @@ fn with_timeout_suspend_it_finishes_with_the_guest_paused_and_resumed_there() {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Reads `child`'s stdout JSON lines until one has `key`.
 fn wait_line(out: &mut impl BufRead, key: &str) -> serde_json::Value {
     let mut line = String::new();
@@ -151,7 +124,7 @@ fn the_death_of_the_receiving_side_is_noticed_within_seconds() {
     for qemu in qemus() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("serial.log");
-        let options = sweeping_guest(&log);
+        let options = guest_logged_to(&log);
         let mut vm = Vm::start(&qemu, &options);
         wait_tick_above(&log, 1);
         let addr = format!("tcp:127.0.0.1:{}", free_port());

@@ -10,13 +10,12 @@
 //! them hanging because nc without -N and socat's `ignoreeof` never end).
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use recipe_tests::{bin, path_with, qemus, Vm};
+use recipe_tests::{bin, free_port, path_with, qemus, Vm};
 
 /// Long enough for a loaded machine; a recipe that hangs fails with its name.
 const RECIPE_DEADLINE: Duration = Duration::from_secs(30);
@@ -77,13 +76,6 @@ fn parse(text: &str) -> Vec<Recipe> {
     }
     recipes.extend(current);
     recipes
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
 }
 
 /// `nc`, `netcat`, `ncat` and `socat`, all monitor-send.

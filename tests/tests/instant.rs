@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use recipe_tests::{bin, qemus, recipe_options, spawn_lines, tick, Lines, Vm};
+use recipe_tests::{assert_carries_on, bin, qemus, recipe_options, spawn_lines, tick, Lines, Vm};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -49,26 +49,6 @@ fn saved_instant(qemu: &Path, dir: &Path, extra: &[&str]) -> (PathBuf, u64, Vm) 
         .max()
         .unwrap();
     (statefile, last, source)
-}
-
-/// Checks that a restored guest resumed (no banner) and ticks on from `last`.
-fn carries_on(qemu: &Path, lines: &Lines, last: u64) {
-    let first = lines.wait_for(0, WAIT, "a tick after restore", |l| tick(l).is_some());
-    lines.wait_for(first, WAIT, "a second tick", |l| {
-        tick(l).is_some_and(|n| n > last + 1)
-    });
-    let seen = lines.snapshot();
-    assert!(
-        !seen.iter().any(|l| l.starts_with("BOOT ")),
-        "{}: the restored guest booted again: {seen:?}",
-        qemu.display()
-    );
-    let t = tick(&seen[first]).unwrap();
-    assert!(
-        t > last && t <= last + 2,
-        "first tick {t}, last saved {last}"
-    );
-    assert!(!seen.iter().any(|l| l.contains("MISMATCH")), "{seen:?}");
 }
 
 /// A foreground `qemu-migrate restore`, ended (with its QEMU, to which it
@@ -128,11 +108,11 @@ fn an_instant_save_restores_and_a_clone_runs_beside_it() {
         );
 
         let (mut first, first_lines) = restore(&[], &statefile);
-        carries_on(&qemu, &first_lines, last);
+        assert_carries_on(&qemu, &first_lines, last);
 
         // A clone, while the first runs: its own monitor socket.
         let (mut clone, clone_lines) = restore(&["--clone"], &statefile);
-        carries_on(&qemu, &clone_lines, last);
+        assert_carries_on(&qemu, &clone_lines, last);
         let hmp = source.hmp.clone();
         let clone_hmp = source.dir.path().join("hmp.sock.clone1");
         assert!(clone_hmp.exists(), "the clone has its own monitor socket");
@@ -169,7 +149,7 @@ fn an_instant_save_restores_and_a_clone_runs_beside_it() {
             .max()
             .unwrap();
         let (mut second, second_lines) = restore(&[], &again);
-        carries_on(&qemu, &second_lines, last);
+        assert_carries_on(&qemu, &second_lines, last);
         quit(&hmp);
         assert!(second.wait().unwrap().success());
     }
@@ -298,7 +278,7 @@ fn an_export_is_a_plain_stream_that_qemu_restores_by_hand() {
             vm.qmp().next_event(Duration::from_millis(50)).ok();
         }
         vm.qmp().execute("cont", None).unwrap();
-        carries_on(&qemu, &lines, last);
+        assert_carries_on(&qemu, &lines, last);
     }
 }
 
@@ -375,7 +355,7 @@ fn a_live_instant_save_keeps_the_last_copy_of_every_page() {
             .unwrap();
 
         let (mut restored, lines) = restore(&[], &statefile);
-        carries_on(&qemu, &lines, last);
+        assert_carries_on(&qemu, &lines, last);
         let dump = dir.path().join("sweep.bin");
         for cmd in [
             "stop".to_string(),

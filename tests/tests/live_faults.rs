@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use qemu_monitor::Options;
-use recipe_tests::{bin, guest, log_ticks, qemus, wait_tick_above, Vm};
+use recipe_tests::{bin, guest_logged_to, log_ticks, qemus, wait_tick_above, Vm};
 
 /// Who answers on a monitor path, and in what state.
 fn who(path: &Path) -> (u32, String) {
@@ -29,19 +29,7 @@ fn a_local_live_migration_killed_midway_leaves_the_source_as_it_was() {
     for qemu in qemus() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("serial.log");
-        let options: Vec<String> = [
-            "-accel",
-            "tcg",
-            "-m",
-            "32",
-            "-nodefaults",
-            "-serial",
-            &format!("file:{}", log.display()),
-            "-kernel",
-            &guest().display().to_string(),
-        ]
-        .map(String::from)
-        .to_vec();
+        let options = guest_logged_to(&log);
         let mut vm = Vm::start(&qemu, &options);
         wait_tick_above(&log, 1);
         let cap =

@@ -7,7 +7,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command;
 
-use recipe_tests::{bin, guest, log_ticks, qemus, save_then_quit, wait_log, Vm};
+use recipe_tests::{bin, guest_logged_to, log_ticks, qemus, save_then_quit, wait_log, Vm};
 
 fn migrate() -> Command {
     Command::new(bin("qemu-migrate"))
@@ -17,21 +17,8 @@ fn migrate() -> Command {
 fn logged_options(dir: &Path, log: &Path, extra: &[String]) -> Vec<String> {
     let payload = dir.join("hello.bin");
     std::fs::write(&payload, b"hello from the payload\n").unwrap();
-    let mut o: Vec<String> = [
-        "-accel",
-        "tcg",
-        "-m",
-        "32",
-        "-nodefaults",
-        "-serial",
-        &format!("file:{}", log.display()),
-        "-kernel",
-        &guest().display().to_string(),
-        "-initrd",
-        &payload.display().to_string(),
-    ]
-    .map(String::from)
-    .to_vec();
+    let mut o = guest_logged_to(log);
+    o.extend(["-initrd".to_string(), payload.display().to_string()]);
     o.extend(extra.iter().cloned());
     o
 }

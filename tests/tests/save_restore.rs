@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use recipe_tests::{bin, guest, qemus, recipe_options, save_then_quit, spawn_lines, tick, Vm};
+use recipe_tests::{
+    assert_carries_on, bin, guest, qemus, recipe_options, save_then_quit, spawn_lines, tick, Vm,
+};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -114,22 +116,7 @@ fn recipe_vm_is_saved_and_restored_without_repeating_an_option() {
 
         // Restore in the foreground: the VM's serial console is our stdout.
         let (mut restore, restored) = spawn_lines(migrate().arg("restore").arg(&statefile));
-        let first = restored.wait_for(0, WAIT, "a tick after restore", |l| tick(l).is_some());
-        restored.wait_for(first, WAIT, "a second tick", |l| {
-            tick(l).is_some_and(|n| n > last_saved + 1)
-        });
-        let lines = restored.snapshot();
-        assert!(
-            !lines.iter().any(|l| l.starts_with("BOOT ")),
-            "{}: the restored guest booted again: {lines:?}",
-            qemu.display()
-        );
-        let first_tick = tick(&lines[first]).unwrap();
-        assert!(
-            first_tick > last_saved && first_tick <= last_saved + 2,
-            "first tick after restore {first_tick}, last saved {last_saved}"
-        );
-        assert!(!lines.iter().any(|l| l.contains("MISMATCH")), "{lines:?}");
+        assert_carries_on(&qemu, &restored, last_saved);
 
         // The restored VM answers on the socket the user's recipe knows.
         let q = Command::new(bin("monitor-send"))
@@ -186,30 +173,10 @@ fn ctrl_c_during_a_save_cancels_it_and_resumes_the_guest() {
 #[test]
 fn a_second_save_of_the_same_vm_is_refused() {
     for qemu in qemus() {
-        let dir = tempfile::tempdir().unwrap();
-        let qmp2 = dir.path().join("qmp2.sock");
-        let qmp2_arg = format!("unix:{},server,nowait", qmp2.display());
-        let guest = guest().display().to_string();
         // Once the fill is written: a save of mostly zero pages would be
         // over before the second one starts.
-        let (vm, _serial) = Vm::start_ticking(
-            &qemu,
-            &[
-                "-accel",
-                "tcg",
-                "-m",
-                "1024",
-                "-nodefaults",
-                "-serial",
-                "stdio",
-                "-kernel",
-                &guest,
-                "-append",
-                "fill=600",
-                "-qmp",
-                &qmp2_arg,
-            ],
-        );
+        let vm = big_guest(&qemu, 1024, 600);
+        let qmp2 = vm.qmp_path.clone();
         let states = tempfile::tempdir().unwrap();
         let (mut first, _out) =
             slow_save(&vm, &states.path().join("state1"), &["--bandwidth", "100"]);

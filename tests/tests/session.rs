@@ -163,15 +163,6 @@ fn link(dir: &Path, name: &str) -> PathBuf {
     path
 }
 
-/// A QEMU with a second QMP socket for the session under test (the test
-/// keeps the first for its checks).
-fn vm_with_second_qmp(qemu: &Path) -> (Vm, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let qmp2 = dir.path().join("qmp2.sock");
-    let arg = format!("unix:{},server,nowait", qmp2.display());
-    (Vm::start_in(qemu, &["-M", "none", "-qmp", &arg], dir), qmp2)
-}
-
 #[test]
 fn a_terminal_session_shows_the_prompt_and_runs_each_typed_line() {
     let links = tempfile::tempdir().unwrap();
@@ -201,7 +192,9 @@ fn qmp_events_appear_as_they_arrive_without_a_command_typed() {
     let links = tempfile::tempdir().unwrap();
     let socat = link(links.path(), "socat");
     for qemu in qemus() {
-        let (mut vm, qmp2) = vm_with_second_qmp(&qemu);
+        let mut vm = Vm::none(&qemu);
+        // The test kit holds its own session; this socket is the session under test.
+        let qmp2 = vm.qmp_path.clone();
         let mut t = on_terminal(
             &socat,
             &["-".into(), format!("UNIX-CONNECT:{}", qmp2.display())],
@@ -222,7 +215,9 @@ fn a_terminal_session_ends_when_qemu_exits_with_its_last_words() {
     let links = tempfile::tempdir().unwrap();
     let socat = link(links.path(), "socat");
     for qemu in qemus() {
-        let (mut vm, qmp2) = vm_with_second_qmp(&qemu);
+        let mut vm = Vm::none(&qemu);
+        // The test kit holds its own session; this socket is the session under test.
+        let qmp2 = vm.qmp_path.clone();
         let mut t = on_terminal(
             &socat,
             &["-".into(), format!("UNIX-CONNECT:{}", qmp2.display())],
@@ -285,7 +280,9 @@ fn a_raw_terminal_relays_keys_to_qemus_editor_and_the_escape_key_ends_it() {
 #[test]
 fn a_pipe_held_open_gets_events_as_they_come_and_ends_when_qemu_does() {
     for qemu in qemus() {
-        let (mut vm, qmp2) = vm_with_second_qmp(&qemu);
+        let mut vm = Vm::none(&qemu);
+        // The test kit holds its own session; this socket is the session under test.
+        let qmp2 = vm.qmp_path.clone();
         let mut child = Command::new(bin("monitor-send"))
             .args(["-", &format!("UNIX-CONNECT:{}", qmp2.display())])
             .stdin(Stdio::piped())

@@ -4,19 +4,11 @@
 //! 300 `stop`s through each form, each checked over QMP.
 
 use std::io::Write;
-use std::net::TcpListener;
 use std::process::{Command, Stdio};
 
-use recipe_tests::{bin, qemus, Vm};
+use recipe_tests::{bin, free_port, qemus, Vm};
 
 const RUNS: usize = 300;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
 
 #[test]
 fn every_form_delivers_every_command_over_tcp() {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use qemu_monitor::{Options, QemuVersion};
 use recipe_tests::{
-    bin, qemu_version, qemus, recipe_options, save_then_quit, spawn_lines, tick, Vm,
+    bin, free_port, qemu_version, qemus, recipe_options, save_then_quit, spawn_lines, tick, Vm,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -184,10 +184,7 @@ fn a_live_migration_to_a_receiver_on_a_newer_qemu_without_the_machine_type_is_re
     }
     let guest = ["-accel", "tcg", "-m", "64", "-nodefaults"];
     let src = Vm::start(&oldest, &guest);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port();
+    let port = free_port();
     // The receiver is given the source's options, which name no machine type:
     // QEMU 10 would make them pc-i440fx-10.0.
     let mut receiver = Command::new(bin("qemu-migrate"))
@@ -247,10 +244,7 @@ fn a_receiver_on_a_newer_qemu_started_from_a_manifest_pins_the_saved_machine_typ
     }
     let dir = tempfile::tempdir().unwrap();
     let (statefile, _) = save_ticking(&oldest, dir.path(), None);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut receiver = Command::new(bin("qemu-migrate"))
         .args(["--json", "receive", "--listen"])
         .arg(format!("tcp:127.0.0.1:{port}"))
