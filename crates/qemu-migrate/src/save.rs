@@ -214,31 +214,16 @@ pub fn save(
         guarded.retain(|f| f.role != guard::Role::Disk);
     }
     let args = disks.current_args(vm.args());
-    let machine = qemu_stream::inspect(&copied.head[..])
-        .ok()
-        .and_then(|s| s.machine_type);
-    let manifest = Manifest {
-        format: manifest::FORMAT.to_string(),
-        qemu: vm.binary().to_path_buf(),
-        qemu_version: vm.version().to_string(),
-        vm_options: argv::vm_options(&args),
+    let mut manifest = manifest_of(
+        vm,
         args,
-        env: vm.env().clone(),
-        machine,
+        &copied.head,
+        (copied.bytes, copied.crc),
         ram_bytes,
-        stream_bytes: copied.bytes,
-        crc32: format!("{:08x}", copied.crc),
-        guest_was_running: was_running,
-        saved_at: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
-        transport: "fd".into(),
-        qemu_uid: os::process_uid(vm.pid()),
-        files: guarded,
-        previous: None,
-        instant: None,
-        checkpoint,
-    };
+        was_running,
+        guarded,
+    );
+    manifest.checkpoint = checkpoint;
     let sync = !options.no_sync;
     if let Err(e) = commit(
         &files,
@@ -267,6 +252,43 @@ pub fn save(
             fallback: None,
         },
     )
+}
+
+/// The manifest of a save just written: the VM as it ran (`args`), the
+/// stream (its first bytes, its length and CRC) and the files it guards.
+/// Neither instant layout nor checkpoint: the caller adds its own.
+pub(crate) fn manifest_of(
+    vm: &Vm,
+    args: Vec<String>,
+    head: &[u8],
+    (stream_bytes, crc): (u64, u32),
+    ram_bytes: u64,
+    was_running: bool,
+    files: Vec<guard::GuardedFile>,
+) -> Manifest {
+    let machine = qemu_stream::inspect(head).ok().and_then(|s| s.machine_type);
+    Manifest {
+        format: manifest::FORMAT.to_string(),
+        qemu: vm.binary().to_path_buf(),
+        qemu_version: vm.version().to_string(),
+        vm_options: argv::vm_options(&args),
+        args,
+        env: vm.env().clone(),
+        machine,
+        ram_bytes,
+        stream_bytes,
+        crc32: format!("{crc:08x}"),
+        guest_was_running: was_running,
+        saved_at: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        transport: "fd".into(),
+        qemu_uid: os::process_uid(vm.pid()),
+        files,
+        previous: None,
+        instant: None,
+        checkpoint: None,
+    }
 }
 
 /// The end of a save that is on disk: the watchdog told it is committed,

@@ -11,16 +11,15 @@ use std::fs::File;
 use std::io::{BufWriter, PipeReader, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use qemu_monitor::MigrationInfo;
 use qemu_stream::split::{self, SplitReport};
 
 use super::image::{Identity, ImageWriter, Written};
 use super::{image_path, manifest_with, unsuitable, Layout, BLOCK};
-use crate::argv;
 use crate::error::{Error, Result};
-use crate::manifest::{self, Manifest};
+use crate::manifest::Manifest;
 use crate::os::{self, SaveFiles, VmLock};
 use crate::progress::Progress;
 use crate::save::{SaveOptions, SaveReport};
@@ -151,31 +150,15 @@ pub(crate) fn save(
         }
     };
 
-    let machine = qemu_stream::inspect(&head[..])
-        .ok()
-        .and_then(|s| s.machine_type);
-    let plain = Manifest {
-        format: manifest::FORMAT.to_string(),
-        qemu: vm.binary().to_path_buf(),
-        qemu_version: vm.version().to_string(),
-        args: vm.args().to_vec(),
-        vm_options: argv::vm_options(vm.args()),
-        env: vm.env().clone(),
-        machine,
+    let plain = crate::save::manifest_of(
+        vm,
+        vm.args().to_vec(),
+        &head,
+        (stream_bytes, stream_crc),
         ram_bytes,
-        stream_bytes,
-        crc32: format!("{stream_crc:08x}"),
-        guest_was_running: was_running,
-        saved_at: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
-        transport: "fd".into(),
-        qemu_uid: os::process_uid(vm.pid()),
-        files: guarded,
-        previous: None,
-        instant: None,
-        checkpoint: None,
-    };
+        was_running,
+        guarded,
+    );
     // No pc.ram in the stream (another machine), or nothing moved: the
     // stream is whole by itself, and is kept as a plain save.
     let fallback = match &report.block {
