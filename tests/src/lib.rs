@@ -211,3 +211,12 @@ pub fn free_port() -> u16 {
         .expect("a free port")
         .port()
 }
+
+/// Whether process `pid` has exited (gone, or a zombie its parent has not
+/// reaped yet).
+pub fn has_exited(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+        s.rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+    })
+}

@@ -8,7 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use recipe_tests::{
-    assert_carries_on, bin, guest, qemus, recipe_options, save_then_quit, spawn_lines, tick, Vm,
+    assert_carries_on, bin, guest, has_exited, qemus, recipe_options, save_then_quit, spawn_lines,
+    tick, Vm,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -103,6 +104,12 @@ fn recipe_vm_is_saved_and_restored_without_repeating_an_option() {
 
         let statefile = dir.path().join("statefile");
         save_then_quit(&source.hmp, &statefile);
+        // `--then quit` returns once QEMU is gone: a restore started right
+        // after finds the VM's sockets free.
+        assert!(
+            has_exited(source.pid()),
+            "QEMU still runs after save --then quit"
+        );
         assert!(statefile.exists() && dir.path().join("statefile.manifest.json").exists());
         assert!(!dir.path().join("statefile.partial").exists());
         let sock = source.hmp.clone();
@@ -576,6 +583,13 @@ fn a_restore_killed_while_loading_leaves_no_qemu_holding_the_vms_sockets() {
         );
         let statefile = dir.path().join("state");
         save_then_quit(&hmp, &statefile);
+        // `--then quit` returns once QEMU is gone (600 MiB of guest RAM take
+        // a moment to let go of): a restore started right after finds the
+        // VM's sockets free.
+        assert!(
+            has_exited(source.pid()),
+            "QEMU still runs after save --then quit"
+        );
         drop(source);
 
         let restore = || {

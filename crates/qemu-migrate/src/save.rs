@@ -291,6 +291,9 @@ pub(crate) fn manifest_of(
     }
 }
 
+/// How long `--then quit` waits for QEMU's process to be gone.
+const QUIT_WAIT: Duration = Duration::from_secs(30);
+
 /// The end of a save that is on disk: the watchdog told it is committed,
 /// `then` carried out, the watchdog let go.
 pub(crate) fn finish(
@@ -303,7 +306,7 @@ pub(crate) fn finish(
     match then {
         Then::Stop => {}
         Then::Resume => vm.monitor.cont_after_migration()?,
-        Then::Quit => vm.monitor.quit()?,
+        Then::Quit => vm.quit_and_wait(QUIT_WAIT)?,
     }
     watchdog.dismiss();
     Ok(report)

@@ -307,6 +307,18 @@ impl Vm {
         }
     }
 
+    /// Ends QEMU (`quit`) and waits, up to `timeout`, for its process to be
+    /// gone, so that the VM's sockets and disks are free when this returns
+    /// (a restore started right after would otherwise find them held).
+    ///
+    /// # Errors
+    /// The monitor's error when `quit` is not accepted.
+    pub fn quit_and_wait(&mut self, timeout: Duration) -> Result<()> {
+        self.monitor.quit()?;
+        os::wait_gone(self.pid, timeout);
+        Ok(())
+    }
+
     /// Lets a launched QEMU run on after this `Vm` is gone; returns its pid.
     #[must_use = "the pid is the only handle left on the QEMU"]
     pub fn detach(mut self) -> u32 {

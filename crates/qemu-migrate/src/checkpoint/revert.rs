@@ -107,9 +107,7 @@ pub fn revert(
         .collect();
 
     vm.monitor.stop()?;
-    let pid = vm.pid();
-    vm.monitor.quit()?;
-    crate::os::wait_gone(pid, QUIT_TIMEOUT);
+    vm.quit_and_wait(QUIT_TIMEOUT)?;
     drop(vm);
 
     let mut options = options.clone();

@@ -295,8 +295,7 @@ pub fn live(
     match options.then {
         AfterLive::Quit => {
             sockets.before_source_quits();
-            vm.monitor.quit()?;
-            os::wait_gone(vm.pid(), options.confirm_timeout);
+            vm.quit_and_wait(options.confirm_timeout)?;
             sockets.after_source_quit();
             if let (Some(pidfile), Some(pid)) = (argv::last_value(vm.args(), "-pidfile"), dest_pid)
             {
