@@ -365,11 +365,22 @@ fn pin_machine(
 /// sockets or has one of its disks open: the saved QEMU (paused after its
 /// save) or another restore. Started beside it, the new QEMU would take
 /// over the socket paths, which the old one unlinks when it ends.
+/// How long a restore waits for an exiting QEMU to let go of the VM's sockets.
+const EXITING_WAIT: Duration = Duration::from_secs(10);
+
 fn refuse_if_still_held(args: &[String], manifest: Option<&Manifest>) -> Result<()> {
     let args = crate::argv::restart_options(args);
     for w in args.windows(2) {
         if let Some(sock) = crate::argv::unix_server_path(&w[0], &w[1]) {
             if let Some(pid) = os::socket_listener(&sock) {
+                // A QEMU that was just ended (killed, or told to quit) holds
+                // its sockets until its last thread has let go of its RAM.
+                if os::is_exiting(pid) {
+                    os::wait_gone(pid, EXITING_WAIT);
+                    if os::socket_listener(&sock).is_none() {
+                        continue;
+                    }
+                }
                 return Err(Error::StillHeld {
                     what: format!("its socket {}", sock.display()),
                     pid,

@@ -10,6 +10,6 @@ mod process;
 pub mod qemu;
 mod vm;
 
-pub use process::{Process, Serial};
+pub use process::{wait_gone, Process, Serial};
 pub use test_guest::{tick, Lines};
 pub use vm::Vm;

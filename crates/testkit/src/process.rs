@@ -108,3 +108,33 @@ impl Drop for Process {
         let _ = self.child.wait();
     }
 }
+
+/// Waits, up to `timeout`, for process `pid` (a child or not) to be gone
+/// with all its threads, and so to have closed its sockets and files; says
+/// whether it is. A zombie main thread is not enough: the other threads of
+/// a QEMU may still be letting go of its RAM, its sockets still open.
+pub fn wait_gone(pid: u32, timeout: std::time::Duration) -> bool {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return true;
+    };
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let Ok(fd) = libc::c_int::try_from(raw) else {
+        return true;
+    };
+    if fd < 0 {
+        return true; // ESRCH: already gone (kernels without pidfd are not supported here).
+    }
+    // SAFETY: the descriptor was just opened and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: one valid pollfd for the duration of the call; it becomes
+    // readable when the process has exited.
+    unsafe { libc::poll(&mut p, 1, ms) > 0 }
+}

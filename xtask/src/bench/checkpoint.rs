@@ -151,17 +151,8 @@ fn median(v: &mut [Duration]) -> Duration {
 fn end(pid: i32) -> anyhow::Result<()> {
     // SAFETY: a signal to the QEMU the restore started.
     unsafe { libc::kill(pid, libc::SIGTERM) };
-    let stat = format!("/proc/{pid}/stat");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        let gone = std::fs::read_to_string(&stat).map_or(true, |s| {
-            s.rsplit_once(')')
-                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
-        });
-        if gone {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(2));
+    if !testkit::wait_gone(pid as u32, Duration::from_secs(30)) {
+        anyhow::bail!("QEMU pid {pid} did not end within 30 s of SIGTERM");
     }
-    anyhow::bail!("QEMU pid {pid} did not end within 30 s of SIGTERM")
+    Ok(())
 }

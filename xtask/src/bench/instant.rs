@@ -39,20 +39,7 @@ fn memory(pid: u32) -> (u64, u64) {
 fn end(pid: u32) {
     // SAFETY: a signal to a QEMU this bench started through qemu-migrate.
     unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let stat = format!("/proc/{pid}/stat");
-    while Instant::now() < deadline {
-        let gone = std::fs::read_to_string(&stat)
-            .map(|s| {
-                s.rsplit_once(')')
-                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
-            })
-            .unwrap_or(true);
-        if gone {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    testkit::wait_gone(pid, Duration::from_secs(30));
 }
 
 /// `qemu-migrate restore --daemonize STATE [extra]`: its time and QEMU's pid.

@@ -144,6 +144,15 @@ pub(crate) fn wait_gone(pid: u32, timeout: Duration) {
     }
 }
 
+/// Whether `pid` has begun to exit: its main thread is a zombie, while
+/// other threads may still be releasing its memory and files.
+pub(crate) fn is_exiting(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+    })
+}
+
 /// Kernels before 5.3 have no pidfd: watch /proc instead.
 fn wait_gone_by_proc(pid: libc::pid_t, timeout: Duration) {
     let deadline = Instant::now() + timeout;
