@@ -378,3 +378,52 @@ fn a_live_instant_save_keeps_the_last_copy_of_every_page() {
         assert!(restored.wait().unwrap().success());
     }
 }
+
+/// Clones of one instant save started at the same moment all run, each with
+/// its own number: only a second restore of the VM itself is refused.
+#[test]
+fn clones_started_together_all_run() {
+    for qemu in qemus() {
+        let dir = tempfile::tempdir().unwrap();
+        let (statefile, _, source) = saved_instant(&qemu, dir.path(), &[]);
+        let clones: Vec<std::process::Child> = (0..3)
+            .map(|i| {
+                migrate()
+                    .args(["restore", "--clone", "--daemonize", "--pidfile"])
+                    .arg(dir.path().join(format!("clone-{i}.pid")))
+                    .arg(&statefile)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let outs: Vec<_> = clones
+            .into_iter()
+            .map(|c| c.wait_with_output().unwrap())
+            .collect();
+        let mut pids = Vec::new();
+        for i in 0..3 {
+            if let Ok(p) = std::fs::read_to_string(dir.path().join(format!("clone-{i}.pid"))) {
+                pids.push(p.trim().parse::<i32>().unwrap());
+            }
+        }
+        for &pid in &pids {
+            // SAFETY: a signal to a clone this test restored.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        for out in &outs {
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                qemu.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert_eq!(pids.len(), 3);
+        for n in 1..=3 {
+            let hmp = source.dir.path().join(format!("hmp.sock.clone{n}"));
+            assert!(hmp.exists(), "clone {n} has its own monitor socket");
+        }
+    }
+}

@@ -264,12 +264,16 @@ pub fn restore_checked(
             trust::check_binary(&binary)?;
         }
     }
-    let _restoring = os::VmLock::take_restore(path)?;
-    if !options.clone {
-        // A clone gets socket and log paths of its own, and is refused a
-        // writable disk it would share (see `instant::launch_args`).
+    // A clone gets socket and log paths of its own, and is refused a
+    // writable disk it would share (see `instant::launch_args`): clones of
+    // one save may start together.
+    let _restoring = if options.clone {
+        None
+    } else {
+        let lock = os::VmLock::take_restore(path)?;
         refuse_if_still_held(&args, checked.manifest.as_ref())?;
-    }
+        Some(lock)
+    };
     if let Some(m) = &checked.manifest {
         let changes = crate::guard::changes(&m.files);
         if !changes.is_empty() && !options.force {
