@@ -647,3 +647,49 @@ fn a_restore_killed_while_loading_leaves_no_qemu_holding_the_vms_sockets() {
         assert!(String::from_utf8_lossy(&status.stdout).contains("running"));
     }
 }
+
+/// A VM saved, then killed, is restored at once: the killed QEMU still
+/// holds the VM's sockets while its threads let go of 1 GiB of RAM, and the
+/// restore waits for that rather than refusing.
+#[test]
+fn a_vm_killed_after_its_save_is_restored_at_once() {
+    for qemu in qemus() {
+        let vm = big_guest(&qemu, 1024, 600);
+        let dir = tempfile::tempdir().unwrap();
+        let statefile = dir.path().join("state");
+        let out = migrate()
+            .args(["save", "--then", "stop", "--monitor"])
+            .arg(&vm.hmp)
+            .arg(&statefile)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // SAFETY: a signal to the QEMU this test started.
+        unsafe { libc::kill(vm.pid() as i32, libc::SIGKILL) };
+        let pidfile = dir.path().join("restored.pid");
+        let out = migrate()
+            .args(["restore", "--daemonize", "--pidfile"])
+            .arg(&pidfile)
+            .arg(&statefile)
+            .output()
+            .unwrap();
+        let restored: Option<u32> = std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|p| p.trim().parse().ok());
+        if let Some(pid) = restored {
+            // SAFETY: a signal to the QEMU this test restored.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            qemu.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(restored.is_some_and(|p| p != vm.pid()));
+    }
+}
