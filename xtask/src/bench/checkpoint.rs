@@ -34,8 +34,7 @@ pub(super) fn checkpoint_speed(
     ];
     let vm = FilledVm::start_with(q, guest, args.ram_mib, args.fill_mib, &drive)?;
     let save = |name: &str, with_disks: bool, then: &str| -> anyhow::Result<Duration> {
-        // Replacing an older file would add its removal to this one's time.
-        let _ = std::fs::remove_file(dir.join(name));
+        super::remove_save(&dir.join(name));
         let mut cmd = Command::new(migrate);
         cmd.args(["save", "--quiet", "--no-sync", "--then", then]);
         if with_disks {

@@ -101,14 +101,7 @@ pub(super) fn instant_speed(q: &Qemu, migrate: &Path, guest: &Path) -> anyhow::R
         let plain = work.path().join("plain");
         let instant = work.path().join("instant");
         let save = |state: &Path, extra: &[&str], then: &str| {
-            // The earlier save of this file goes first, unmeasured: a save
-            // refuses to replace one without --force, and replacing would
-            // add the removal to this one's time.
-            for suffix in ["", ".manifest.json", ".ram"] {
-                let mut name = state.as_os_str().to_owned();
-                name.push(suffix);
-                let _ = std::fs::remove_file(name);
-            }
+            super::remove_save(state);
             // The last save's dirty pages written out first: otherwise the
             // kernel throttles whichever save comes second while it writes
             // them back.
