@@ -50,6 +50,10 @@ pub(crate) struct RestoreArgs {
     /// A checkpoint's fresh disk overlays go here (default: beside the state file).
     #[arg(long, value_name = "DIR")]
     into: Option<PathBuf>,
+    /// Replace OLD by NEW in every argument of the recorded command line: supplies
+    /// what the save could not name (a passed descriptor: --replace fd=3 path=/run/x.sock).
+    #[arg(long, num_args = 2, value_names = ["OLD", "NEW"], action = clap::ArgAction::Append)]
+    replace: Vec<String>,
     /// QEMU options to use instead of the manifest's (required for a file with no manifest).
     #[arg(last = true)]
     qemu_args: Vec<String>,
@@ -101,9 +105,14 @@ pub(crate) fn restore(
         verify,
         clone,
         into,
+        replace,
         qemu_args,
     } = args;
     let mut options = RestoreOptions::default();
+    options.replace = replace
+        .chunks_exact(2)
+        .map(|p| (p[0].clone(), p[1].clone()))
+        .collect();
     options.into.clone_from(into);
     options.force = *force;
     options.as_root = *as_root;

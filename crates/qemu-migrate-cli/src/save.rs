@@ -110,6 +110,19 @@ pub(crate) fn save(args: &SaveArgs, cli: &Cli, cancel: Arc<AtomicBool>) -> Resul
             );
         }
         checkpoint_said(m);
+        for u in &m.unreplayable {
+            eprintln!(
+                "  warning: {}: {}; its restore needs --replace '{}' NEW",
+                u.arg, u.why, u.arg
+            );
+        }
+        for b in &m.backends {
+            eprintln!(
+                "  the VM depends on {} at {}; a restore starts it again when nothing listens there",
+                b.name(),
+                b.socket.display()
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -57,6 +57,15 @@ pub enum Error {
          port a socket"
     )]
     UsesTerminal,
+    /// Parts of the VM's command line, or processes it depends on, that a
+    /// second QEMU cannot have as they are (see [`crate::replay`]).
+    #[error("{}", not_replayable(.verb, .items))]
+    NotReplayable {
+        /// What was asked: `save --then quit`, `live migration`, `restore`.
+        verb: &'static str,
+        /// Each part, in words.
+        items: Vec<String>,
+    },
     /// The destination runs an older QEMU than the source.
     #[error(
         "the destination runs QEMU {destination}, older than the source's QEMU {source_version}; \
@@ -229,6 +238,7 @@ impl Error {
             | Error::NotMigratable { .. }
             | Error::Busy { .. }
             | Error::UsesTerminal
+            | Error::NotReplayable { .. }
             | Error::Exists { .. }
             | Error::FilesChanged { .. }
             | Error::Untrusted { .. }
@@ -325,4 +335,15 @@ fn busy(pid: u32, migration: &Option<MigrationStatus>) -> String {
             format!("another qemu-migrate is already saving or migrating this VM (QEMU pid {pid})")
         }
     }
+}
+
+fn not_replayable(verb: &str, items: &[String]) -> String {
+    let mut out = format!(
+        "refusing the {verb}: a new QEMU could not start this VM as it runs now, so nothing was changed"
+    );
+    for item in items {
+        out.push_str("\n  - ");
+        out.push_str(item);
+    }
+    out
 }

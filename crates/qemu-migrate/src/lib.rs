@@ -44,6 +44,7 @@ pub mod manifest;
 pub mod os;
 pub mod preflight;
 pub mod progress;
+pub mod replay;
 pub mod restore;
 pub mod roundtrip;
 pub mod save;

@@ -67,6 +67,14 @@ pub struct Manifest {
     /// The VM's disk images at the save; frozen for a checkpoint (`save --with-disks`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<crate::checkpoint::DiskRecord>,
+    /// Arguments a new QEMU cannot have as they are (a descriptor with no
+    /// name): a restore refuses until `--replace` supplies them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unreplayable: Vec<crate::replay::Unreplayable>,
+    /// Processes the VM depends on (vhost-user backends, TPM emulators),
+    /// started again by a restore when nothing listens on their socket.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backends: Vec<crate::replay::Backend>,
 }
 
 /// Where the manifest of `statefile` lives.
@@ -135,6 +143,12 @@ impl Manifest {
             .iter()
             .map(|a| crate::argv::redact(a))
             .collect();
+        for u in &mut m.unreplayable {
+            u.arg = crate::argv::redact(&u.arg);
+        }
+        for b in &mut m.backends {
+            b.argv = b.argv.iter().map(|a| crate::argv::redact(a)).collect();
+        }
         m.previous = m.previous.map(|p| Box::new(p.redacted()));
         m
     }

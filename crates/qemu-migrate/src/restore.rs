@@ -48,6 +48,9 @@ pub struct RestoreOptions {
     pub clone: bool,
     /// Where a checkpoint's fresh disk overlays go (default: beside the state file).
     pub into: Option<PathBuf>,
+    /// Substring replacements in the recorded command line (`--replace OLD
+    /// NEW`): what supplies a descriptor the save could not name.
+    pub replace: Vec<(String, String)>,
 }
 
 /// A state file that passed its checks.
@@ -244,7 +247,14 @@ pub fn restore_checked(
         ),
         (Some(m), None) => (
             options.qemu.clone().unwrap_or_else(|| m.qemu.clone()),
-            m.args.clone(),
+            crate::replay::replace(&m.args, &options.replace).map_err(|old| {
+                Error::BadStateFile {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "--replace: no argument of the recorded command line contains {old:?}"
+                    ),
+                }
+            })?,
             trust::qemu_env(&m.env),
             m.guest_was_running,
         ),
@@ -274,6 +284,21 @@ pub fn restore_checked(
         refuse_if_still_held(&args, checked.manifest.as_ref())?;
         Some(lock)
     };
+    if let Some(m) = &checked.manifest {
+        let missing: Vec<_> = m
+            .unreplayable
+            .iter()
+            .filter(|u| u.is_in(&args))
+            .cloned()
+            .collect();
+        if !missing.is_empty() {
+            return Err(Error::NotReplayable {
+                verb: "restore",
+                items: crate::vm::unreplayable_words(&missing),
+            });
+        }
+        crate::replay::check_backends(&m.backends)?;
+    }
     if let Some(m) = &checked.manifest {
         let changes = crate::guard::changes(&m.files);
         if !changes.is_empty() && !options.force {
@@ -305,6 +330,10 @@ pub fn restore_checked(
     let (args, renamed) =
         crate::instant::launch_args(&checked, disks.args.clone(), options, progress)?;
 
+    let backends = match &checked.manifest {
+        Some(m) => crate::replay::start_backends(&m.backends)?,
+        None => crate::replay::Started::default(),
+    };
     let mut vm = Vm::launch_incoming(&binary, &args, &LaunchOptions::new(options.console, env))?;
     // A QEMU half-loaded by a restore that died would hold the VM's
     // sockets and disks with no guest to run: it goes with us until loaded.
@@ -322,6 +351,7 @@ pub fn restore_checked(
         vm.monitor.stop()?;
     }
     watchdog.dismiss();
+    backends.keep();
     Ok(Restored {
         vm,
         manifest: checked.manifest,

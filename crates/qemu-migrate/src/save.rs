@@ -141,6 +141,7 @@ pub fn save(
     let _lock = VmLock::take(vm.pid())?;
 
     let was_running = vm.check_migratable("save")?;
+    vm.check_replayable(options.then)?;
     let previous = replaced_save(path, options.force)?;
     os::remove_stale_partials(path);
     let ram_bytes = vm.monitor.ram_size()?;
@@ -288,6 +289,8 @@ pub(crate) fn manifest_of(
         previous: None,
         instant: None,
         checkpoint: None,
+        unreplayable: vm.replay.unreplayable.clone(),
+        backends: vm.replay.backends.clone(),
     }
 }
 

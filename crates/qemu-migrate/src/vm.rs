@@ -25,6 +25,8 @@ pub struct Vm {
     env: BTreeMap<String, String>,
     version: QemuVersion,
     pub(crate) child: Option<Launched>,
+    /// What of the command line a second QEMU can have (attached VMs only).
+    pub(crate) replay: crate::replay::Plan,
 }
 
 /// A QEMU this process started: its handle, private socket directory and
@@ -175,15 +177,19 @@ impl Vm {
         let pid = monitor.peer_pid()?;
         let info = os::process_info(pid)?;
         let version = monitor.version()?;
+        // A VM restored from an instant save is still the user's VM.
+        let args = crate::instant::without_image_options(info.args);
+        // Descriptors become the names a second QEMU can open.
+        let replay = crate::replay::plan(pid, &args);
         Ok(Vm {
             monitor,
             pid,
             binary: info.binary,
-            // A VM restored from an instant save is still the user's VM.
-            args: crate::instant::without_image_options(info.args),
+            args: replay.args.clone(),
             env: info.env,
             version,
             child: None,
+            replay,
         })
     }
 
@@ -263,6 +269,7 @@ impl Vm {
             env: options.env.clone(),
             version,
             child: Some(launched),
+            replay: crate::replay::Plan::default(),
         })
     }
 
@@ -361,6 +368,55 @@ impl Vm {
         Ok(state.is_running())
     }
 
+    /// Refuses, before anything changes, a save that ends the VM
+    /// (`--then quit`) when a new QEMU could not start it again: a
+    /// descriptor with no name to open. A save that keeps the VM records
+    /// them, and its restore asks for them (`--replace`).
+    ///
+    /// # Errors
+    /// [`Error::NotReplayable`] with each part and how to supply it.
+    pub fn check_replayable(&self, then: crate::save::Then) -> Result<()> {
+        if then != crate::save::Then::Quit || self.replay.unreplayable.is_empty() {
+            return Ok(());
+        }
+        Err(Error::NotReplayable {
+            verb: "save --then quit",
+            items: unreplayable_words(&self.replay.unreplayable),
+        })
+    }
+
+    /// Refuses, before any RAM moves, a live migration whose destination
+    /// could not be started as the VM runs: a descriptor with no name, or,
+    /// on this host, a backend process that serves one QEMU at a time.
+    ///
+    /// # Errors
+    /// [`Error::NotReplayable`] with each part and what to do.
+    pub fn check_live_replayable(&mut self, local: bool) -> Result<()> {
+        let mut items = unreplayable_words(&self.replay.unreplayable);
+        for b in &self.replay.backends {
+            if local {
+                items.push(format!(
+                    "the VM depends on {} (\"{}\") at {}, which serves this QEMU: a second QEMU on \
+                     this host needs a backend of its own; save and restore the VM instead \
+                     (the restore starts the backend again)",
+                    b.name(),
+                    b.argv.join(" "),
+                    b.socket.display()
+                ));
+            }
+        }
+        if let Ok(reasons) = self.monitor.migration_blockers() {
+            items.extend(reasons.into_iter().map(|r| format!("QEMU: {r}")));
+        }
+        if items.is_empty() {
+            return Ok(());
+        }
+        Err(Error::NotReplayable {
+            verb: "live migration",
+            items,
+        })
+    }
+
     /// Puts a guest that was running back to running, whatever paused it
     /// (a completed or failed migration, our own `stop`). Best effort: used
     /// on the way out of a failure, where the first error is the one to report.
@@ -442,4 +498,20 @@ pub fn binary_version(binary: &Path, env: &BTreeMap<String, String>) -> Result<Q
 #[must_use]
 pub fn parse_version_banner(text: &str) -> Option<QemuVersion> {
     text.split_whitespace().nth(3).and_then(|v| v.parse().ok())
+}
+
+/// Each unreplayable argument in words, with the `--replace` that supplies it.
+pub(crate) fn unreplayable_words(items: &[crate::replay::Unreplayable]) -> Vec<String> {
+    items
+        .iter()
+        .map(|u| {
+            format!(
+                "{}: {}; save without --then quit and restore with --replace '{}' 'NEW' \
+                 (NEW as QEMU takes it, e.g. path=/run/x.sock in place of fd=N)",
+                crate::argv::redact(&u.arg),
+                u.why,
+                crate::argv::redact(&u.arg)
+            )
+        })
+        .collect()
 }

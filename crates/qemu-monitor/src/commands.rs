@@ -272,6 +272,27 @@ impl Monitor {
         self.simple("migrate_cancel", "migrate_cancel")
     }
 
+    /// Why QEMU would refuse a migration now (`query-migrate`'s
+    /// `blocked-reasons`, QEMU 6.0 and later): a device that cannot be
+    /// migrated, a feature in use. Empty where QEMU names none, and over
+    /// HMP, which does not show them.
+    ///
+    /// # Errors
+    /// When the monitor fails.
+    pub fn migration_blockers(&mut self) -> Result<Vec<String>> {
+        match self.qmp("query-migrate", None) {
+            Some(r) => Ok(r?["blocked-reasons"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default()),
+            None => Ok(Vec::new()),
+        }
+    }
+
     /// The current or last migration (`query-migrate`, `info migrate`).
     ///
     /// # Errors

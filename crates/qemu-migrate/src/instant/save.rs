@@ -58,6 +58,7 @@ pub(crate) fn save(
     let started = Instant::now();
     let _lock = VmLock::take(vm.pid())?;
     let was_running = vm.check_migratable("save")?;
+    vm.check_replayable(options.then)?;
     let previous = crate::save::replaced_save(path, options.force)?;
     os::remove_stale_partials(path);
     let image = image_path(path);

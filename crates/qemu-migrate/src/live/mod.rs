@@ -177,6 +177,7 @@ pub fn live(
     let started = Instant::now();
     let _lock = VmLock::take(vm.pid())?;
     let was_running = vm.check_migratable("migrate")?;
+    vm.check_live_replayable(matches!(to, Destination::Local))?;
     if options.timeout_suspend && !matches!(to, Destination::Local) {
         return Err(Error::BadAddress {
             given: to.to_string(),

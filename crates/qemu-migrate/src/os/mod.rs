@@ -12,11 +12,13 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 
+mod fds;
 mod files;
 mod lock;
 mod process;
 mod watchdog;
 
+pub use fds::*;
 pub use files::*;
 pub use lock::*;
 pub use process::*;

@@ -1,0 +1,217 @@
+//! What another process's file descriptors are, read from procfs: the
+//! object behind `/proc/PID/fd/N`, the unix and TCP sockets of this host,
+//! and which process holds a socket. A VM started by a launcher (libvirt,
+//! podman) is given descriptors instead of paths; a restore needs the paths.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+
+/// What a process's descriptor refers to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FdTarget {
+    /// A file or device by its path (`/dev/net/tun`, a disk image).
+    Path(PathBuf),
+    /// A socket, by its inode.
+    Socket(u64),
+    /// A pipe, an anonymous inode (eventfd, memfd...) or anything else
+    /// without a name: what the link says.
+    Anonymous(String),
+}
+
+/// The object behind descriptor `fd` of process `pid`, or `None` when it is
+/// not open (or the process cannot be read).
+#[must_use]
+pub fn fd_target(pid: u32, fd: i32) -> Option<FdTarget> {
+    let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?;
+    let text = link.to_string_lossy();
+    if let Some(inode) = text
+        .strip_prefix("socket:[")
+        .and_then(|r| r.strip_suffix(']'))
+    {
+        return inode.parse().ok().map(FdTarget::Socket);
+    }
+    if text.starts_with('/') && !text.ends_with(" (deleted)") {
+        return Some(FdTarget::Path(link));
+    }
+    Some(FdTarget::Anonymous(text.into_owned()))
+}
+
+/// The network interface a tun/tap descriptor is attached to: the kernel's
+/// tun driver shows it in fdinfo (`iff:\tNAME`).
+#[must_use]
+pub fn tap_interface(pid: u32, fd: i32) -> Option<String> {
+    let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("iff:"))
+        .map(|n| n.trim().to_string())
+        .filter(|n| !n.is_empty())
+}
+
+/// Whether a tun/tap interface outlives the descriptors open on it
+/// (`IFF_PERSIST` in `/sys/class/net/NAME/tun_flags`).
+#[must_use]
+pub fn tap_is_persistent(name: &str) -> bool {
+    const IFF_PERSIST: u32 = 0x0800;
+    std::fs::read_to_string(format!("/sys/class/net/{name}/tun_flags"))
+        .ok()
+        .and_then(|s| u32::from_str_radix(s.trim().trim_start_matches("0x"), 16).ok())
+        .is_some_and(|f| f & IFF_PERSIST != 0)
+}
+
+/// A unix socket of this host, as `/proc/net/unix` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnixSocket {
+    /// Its inode (what `/proc/PID/fd/N` links to).
+    pub inode: u64,
+    /// The address it is bound to (a listener, or a connection it accepted):
+    /// a path, or `@name` for an abstract one; empty for an unbound socket.
+    pub name: String,
+    /// Whether it listens.
+    pub listening: bool,
+}
+
+/// Every unix socket of this network namespace.
+#[must_use]
+pub fn unix_sockets() -> Vec<UnixSocket> {
+    // __SO_ACCEPTCON in the Flags column (net/unix/af_unix.c).
+    const ACCEPTCON: u32 = 1 << 16;
+    let Ok(text) = std::fs::read_to_string("/proc/net/unix") else {
+        return Vec::new();
+    };
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let mut cols = line.split_whitespace();
+            let _num = cols.next()?;
+            let _refs = cols.next()?;
+            let _proto = cols.next()?;
+            let flags = u32::from_str_radix(cols.next()?, 16).ok()?;
+            let _type = cols.next()?;
+            let _state = cols.next()?;
+            let inode = cols.next()?.parse().ok()?;
+            let name = cols.collect::<Vec<_>>().join(" ");
+            Some(UnixSocket {
+                inode,
+                name,
+                listening: flags & ACCEPTCON != 0,
+            })
+        })
+        .collect()
+}
+
+/// A listening TCP socket of this host: its inode and address.
+#[must_use]
+pub fn tcp_listeners() -> BTreeMap<u64, SocketAddr> {
+    const LISTEN: &str = "0A";
+    let mut out = BTreeMap::new();
+    for (file, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
+        let Ok(text) = std::fs::read_to_string(file) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.len() < 10 || cols[3] != LISTEN {
+                continue;
+            }
+            if let (Some(addr), Ok(inode)) = (proc_net_addr(cols[1], v6), cols[9].parse()) {
+                out.insert(inode, addr);
+            }
+        }
+    }
+    out
+}
+
+/// `0100007F:115C` (the kernel's byte order per 32-bit word) as an address.
+fn proc_net_addr(text: &str, v6: bool) -> Option<SocketAddr> {
+    let (ip, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let words: Vec<u32> = (0..ip.len() / 8)
+        .map(|i| u32::from_str_radix(&ip[i * 8..i * 8 + 8], 16).map(u32::from_be))
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let ip = if v6 {
+        let mut bytes = [0u8; 16];
+        for (i, w) in words.iter().enumerate().take(4) {
+            bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_be_bytes());
+        }
+        IpAddr::V6(Ipv6Addr::from(bytes))
+    } else {
+        IpAddr::V4(Ipv4Addr::from(words.first()?.to_be_bytes()))
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// The processes that hold socket `inode` open, other than `except`.
+#[must_use]
+pub fn socket_holders(inodes: &[u64], except: u32) -> Vec<u32> {
+    let wanted: Vec<String> = inodes.iter().map(|i| format!("socket:[{i}]")).collect();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for entry in procs.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == except {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        let holds = fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path())
+                .is_ok_and(|l| wanted.iter().any(|w| l.as_os_str() == w.as_str()))
+        });
+        if holds {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// A process's working directory.
+#[must_use]
+pub fn process_cwd(pid: u32) -> Option<PathBuf> {
+    std::fs::read_link(format!("/proc/{pid}/cwd")).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_kernels_socket_addresses() {
+        assert_eq!(
+            proc_net_addr("0100007F:115C", false),
+            Some("127.0.0.1:4444".parse().unwrap())
+        );
+        assert_eq!(
+            proc_net_addr("00000000000000000000000001000000:0016", true),
+            Some("[::1]:22".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn finds_a_listening_socket_of_this_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        use std::os::fd::AsRawFd;
+        let fd = listener.as_raw_fd();
+        let Some(FdTarget::Socket(inode)) = fd_target(std::process::id(), fd) else {
+            panic!("not a socket");
+        };
+        let found = unix_sockets()
+            .into_iter()
+            .find(|s| s.inode == inode)
+            .unwrap();
+        assert!(found.listening);
+        assert_eq!(found.name, path.to_string_lossy());
+    }
+}
