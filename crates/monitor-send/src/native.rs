@@ -75,18 +75,10 @@ struct Cli {
     verbose: bool,
 }
 
-/// `tcp:HOST:PORT` as QEMU's `-monitor` writes it; anything else is a unix socket.
+/// The socket as QEMU's own options write it (`tcp:HOST:PORT`,
+/// `telnet:…`, `unix:PATH,server`), or a path.
 fn parse_socket(s: &str) -> Result<MonitorAddr, String> {
-    let Some(rest) = s.strip_prefix("tcp:") else {
-        return Ok(MonitorAddr::parse(s));
-    };
-    let (host, port) = rest
-        .rsplit_once(':')
-        .ok_or_else(|| format!("{s}: use tcp:HOST:PORT"))?;
-    let port = port
-        .parse()
-        .map_err(|_| format!("{s}: port {port:?} is not a number"))?;
-    Ok(MonitorAddr::tcp(host, port))
+    MonitorAddr::from_option(s)
 }
 
 pub fn parse(args: &[String]) -> Result<Job, clap::Error> {

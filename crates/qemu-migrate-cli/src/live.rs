@@ -21,9 +21,9 @@ use crate::restore::{console, hand_over};
 /// The options of `qemu-migrate live`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct LiveArgs {
-    /// The VM's monitor socket (HMP or QMP), e.g. /tmp/qemu-sock.
-    #[arg(long)]
-    monitor: String,
+    /// The VM's monitor (HMP or QMP): a socket path, @abstract, unix:PATH, tcp:HOST:PORT or telnet:HOST:PORT, e.g. /tmp/qemu-sock.
+    #[arg(long, value_parser = crate::monitor_addr)]
+    monitor: qemu_monitor::MonitorAddr,
     /// `local` (a new QEMU on this host) or tcp:HOST:PORT (a `qemu-migrate receive`).
     #[arg(long, default_value = "local")]
     to: Destination,
@@ -94,7 +94,7 @@ pub(crate) fn live(args: &LiveArgs, cli: &Cli, cancel: Arc<AtomicBool>) -> Resul
         timeout_suspend,
         reply_timeout,
     } = args;
-    let mut vm = Vm::attach(monitor.as_str(), Duration::from_secs(*reply_timeout))?;
+    let mut vm = Vm::attach(monitor.clone(), Duration::from_secs(*reply_timeout))?;
     let mut options = LiveOptions::default();
     options.destination_qemu.clone_from(qemu);
     options.timeout = Duration::from_secs(*timeout);

@@ -28,6 +28,11 @@ use clap::{Parser, Subcommand};
 use qemu_migrate::argv::redact;
 use qemu_migrate::{Error, ErrorKind};
 
+/// `--monitor`'s value in any form QEMU's own options write it.
+fn monitor_addr(s: &str) -> Result<qemu_monitor::MonitorAddr, String> {
+    qemu_monitor::MonitorAddr::from_option(s)
+}
+
 const AFTER_HELP: &str = "\
 Examples:
   qemu-migrate save --monitor /tmp/qemu-sock /tmp/statefile

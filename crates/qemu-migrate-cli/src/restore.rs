@@ -62,9 +62,9 @@ pub(crate) struct RestoreArgs {
 /// The options of `qemu-migrate revert`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct RevertArgs {
-    /// The VM's monitor socket (HMP or QMP).
-    #[arg(long)]
-    monitor: String,
+    /// The VM's monitor (HMP or QMP): a socket path, @abstract, unix:PATH, tcp:HOST:PORT or telnet:HOST:PORT.
+    #[arg(long, value_parser = crate::monitor_addr)]
+    monitor: qemu_monitor::MonitorAddr,
     statefile: PathBuf,
     /// The fresh disk overlays go here (default: where the VM's discarded ones were).
     #[arg(long, value_name = "DIR")]
@@ -169,7 +169,7 @@ pub(crate) fn revert(
         pidfile,
         timeout,
     } = args;
-    let vm = Vm::attach(monitor.as_str(), Duration::from_secs(*timeout))?;
+    let vm = Vm::attach(monitor.clone(), Duration::from_secs(*timeout))?;
     let mut options = RestoreOptions::default();
     options.into.clone_from(into);
     options.paused = *paused;

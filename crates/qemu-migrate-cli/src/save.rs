@@ -17,9 +17,9 @@ use qemu_migrate::{Manifest, Vm};
 /// The options of `qemu-migrate save`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct SaveArgs {
-    /// The VM's monitor socket (HMP or QMP), e.g. /tmp/qemu-sock.
-    #[arg(long)]
-    monitor: String,
+    /// The VM's monitor (HMP or QMP): a socket path, @abstract, unix:PATH, tcp:HOST:PORT or telnet:HOST:PORT, e.g. /tmp/qemu-sock.
+    #[arg(long, value_parser = crate::monitor_addr)]
+    monitor: qemu_monitor::MonitorAddr,
     statefile: PathBuf,
     /// Save without pausing the guest first.
     #[arg(long)]
@@ -67,7 +67,7 @@ pub(crate) fn save(args: &SaveArgs, cli: &Cli, cancel: Arc<AtomicBool>) -> Resul
         instant,
         with_disks,
     } = args;
-    let mut vm = Vm::attach(monitor.as_str(), Duration::from_secs(*timeout))?;
+    let mut vm = Vm::attach(monitor.clone(), Duration::from_secs(*timeout))?;
     let mut options = SaveOptions::default();
     options.instant = *instant;
     options.with_disks = *with_disks;

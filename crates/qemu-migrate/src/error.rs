@@ -50,6 +50,16 @@ pub enum Error {
         /// qemu-migrate holds the VM's lock.
         migration: Option<MigrationStatus>,
     },
+    /// A TCP monitor answered, but its QEMU is not a process of this host
+    /// (or one this user may see): a VM is saved on the host it runs on.
+    #[error(
+        "{addr}: the QEMU behind this TCP monitor is not a process this host shows; run \
+         qemu-migrate on the VM's own host (as a user who can see its process)"
+    )]
+    NotLocal {
+        /// The monitor's address.
+        addr: String,
+    },
     /// The VM's console is this terminal, which a second QEMU on the same host cannot take over.
     #[error(
         "the VM uses its terminal (-serial stdio, -nographic or a stdio monitor), which a second \
@@ -255,6 +265,7 @@ impl Error {
             Error::Monitor(_)
             | Error::Launch { .. }
             | Error::BadAddress { .. }
+            | Error::NotLocal { .. }
             | Error::Receiver { .. }
             | Error::Listen { .. } => ErrorKind::Unreachable,
         }

@@ -493,6 +493,66 @@ fn run_migration(
     )
 }
 
+/// How long QEMU may take to connect to the stream socket of a save
+/// through a TCP monitor (it connects as soon as `migrate` is read).
+const CONNECT_BACK: Duration = Duration::from_secs(10);
+
+/// Starts QEMU's migration into a stream this process reads. Through a
+/// unix-socket monitor, a pipe handed over with `getfd`; a TCP monitor
+/// carries no descriptors, so QEMU connects to a unix socket of ours in a
+/// private directory instead (`migrate unix:PATH`), and the stream is read
+/// from that connection the same way.
+pub(crate) fn start_outgoing(vm: &mut Vm) -> Result<PipeReader> {
+    if vm.monitor.can_pass_fds() {
+        let (read_end, write_end) = os::pipe()?;
+        vm.monitor.migrate_to_fd(FD_NAME, write_end.as_fd())?;
+        // QEMU holds its own copy now; ours must go, or the writer never sees EOF.
+        drop(write_end);
+        return Ok(read_end);
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("qemu-migrate-stream-")
+        .tempdir()
+        .map_err(Error::os(
+            "creating a private directory for the stream socket",
+        ))?;
+    // A QEMU running as another user (`-runas`, a launcher's own user)
+    // must be able to reach the socket: the directory becomes its.
+    let qemu_uid = std::os::unix::fs::MetadataExt::uid(
+        &std::fs::metadata(format!("/proc/{}", vm.pid()))
+            .map_err(Error::os("reading who QEMU runs as"))?,
+    );
+    if qemu_uid != os::uid() {
+        std::os::unix::fs::chown(dir.path(), Some(qemu_uid), None).map_err(Error::file(
+            dir.path(),
+            "handing the stream socket's directory to QEMU's user",
+        ))?;
+    }
+    let path = dir.path().join("stream.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path)
+        .map_err(Error::file(&path, "listening for QEMU's migration stream"))?;
+    vm.monitor.migrate(&format!("unix:{}", path.display()))?;
+    if !os::readable(&listener, CONNECT_BACK) {
+        let _ = vm.monitor.migrate_cancel();
+        return Err(Error::Os {
+            what: "waiting for QEMU to connect to the stream socket",
+            source: std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "QEMU did not connect to {} within {} s (a QEMU in a chroot or \
+                     under another user cannot reach it)",
+                    path.display(),
+                    CONNECT_BACK.as_secs()
+                ),
+            ),
+        });
+    }
+    let (stream, _) = listener
+        .accept()
+        .map_err(Error::file(&path, "accepting QEMU's migration stream"))?;
+    Ok(PipeReader::from(std::os::fd::OwnedFd::from(stream)))
+}
+
 /// The one way a save streams: QEMU's bandwidth cap set, the VM's state sent
 /// through a pipe to `writer` on a thread of its own (which counts what it
 /// read in its second argument), progress reported and a cancellation
@@ -509,10 +569,7 @@ pub(crate) fn stream<T: Send + 'static>(
 ) -> Result<(T, MigrationInfo)> {
     vm.monitor
         .set_migration_parameter("max-bandwidth", options.bandwidth.unwrap_or(UNCAPPED))?;
-    let (read_end, write_end) = os::pipe()?;
-    vm.monitor.migrate_to_fd(FD_NAME, write_end.as_fd())?;
-    // QEMU holds its own copy now; ours must go, or the writer never sees EOF.
-    drop(write_end);
+    let read_end = start_outgoing(vm)?;
 
     let read = Arc::new(AtomicU64::new(0));
     let (tx, rx) = mpsc::channel();

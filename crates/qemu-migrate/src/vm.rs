@@ -174,7 +174,16 @@ impl Vm {
             wait_socket: None,
         };
         let mut monitor = qemu_monitor::connect(monitor, &options)?;
-        let pid = monitor.peer_pid()?;
+        let pid = match monitor.tcp_addrs() {
+            // TCP has no peer credentials: the connection's other end is
+            // found in the kernel's tables, which only show this host.
+            Some((local, peer)) => {
+                os::tcp_peer_process(local, peer).ok_or_else(|| Error::NotLocal {
+                    addr: monitor.addr().to_string(),
+                })?
+            }
+            None => monitor.peer_pid()?,
+        };
         let info = os::process_info(pid)?;
         let version = monitor.version()?;
         // A VM restored from an instant save is still the user's VM.

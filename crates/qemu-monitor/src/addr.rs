@@ -29,6 +29,52 @@ impl MonitorAddr {
         }
     }
 
+    /// A monitor's address as a user writes it, in any of the forms QEMU's
+    /// own options use, so that the text after `-monitor`, `-qmp` or in a
+    /// `-chardev socket` can be pasted as it is:
+    /// - `unix:PATH[,server,nowait…]`, a path, or `@name` (abstract);
+    /// - `tcp:HOST:PORT[,…]` and `telnet:HOST:PORT[,…]` (an empty host, as in
+    ///   `tcp::4444,server`, is this machine), `[::1]:PORT`, or `HOST:PORT`
+    ///   where no such file exists.
+    ///
+    /// ```
+    /// use qemu_monitor::MonitorAddr;
+    /// assert_eq!(MonitorAddr::from_option("telnet:localhost:4444,server,nowait"),
+    ///            Ok(MonitorAddr::tcp("localhost", 4444)));
+    /// assert_eq!(MonitorAddr::from_option("unix:/run/m.sock,server=on,wait=off"),
+    ///            Ok(MonitorAddr::parse("/run/m.sock")));
+    /// ```
+    ///
+    /// # Errors
+    /// A `tcp:` or `telnet:` address without a port number, in words.
+    pub fn from_option(s: &str) -> Result<MonitorAddr, String> {
+        if let Some(rest) = s.strip_prefix("unix:") {
+            return Ok(MonitorAddr::parse(&first_value(rest)));
+        }
+        let tcp = s.strip_prefix("tcp:").or_else(|| s.strip_prefix("telnet:"));
+        if let Some(rest) = tcp {
+            let value = first_value(rest);
+            let (host, port) = value
+                .rsplit_once(':')
+                .ok_or_else(|| format!("{s}: a TCP monitor is written tcp:HOST:PORT"))?;
+            let port = port
+                .parse()
+                .map_err(|_| format!("{s}: port {port:?} is not a number"))?;
+            let host = if host.is_empty() { "localhost" } else { host };
+            return Ok(MonitorAddr::tcp(host, port));
+        }
+        if !s.starts_with('@') && !s.contains('/') && !std::path::Path::new(s).exists() {
+            if let Some((host, port)) = s.rsplit_once(':') {
+                if let Ok(port) = port.parse() {
+                    if !host.is_empty() {
+                        return Ok(MonitorAddr::tcp(host, port));
+                    }
+                }
+            }
+        }
+        Ok(MonitorAddr::parse(s))
+    }
+
     /// A TCP monitor's address; `[::1]` may be written with brackets, as in a URL.
     pub fn tcp(host: &str, port: u16) -> MonitorAddr {
         let host = host
@@ -55,6 +101,24 @@ impl MonitorAddr {
             )),
         }
     }
+}
+
+/// The first value of a QEMU option text: up to the first single comma
+/// (`,,` is a comma of the value).
+fn first_value(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+            } else {
+                break;
+            }
+        }
+        out.push(c);
+    }
+    out
 }
 
 impl From<PathBuf> for MonitorAddr {
@@ -89,5 +153,35 @@ impl From<&str> for MonitorAddr {
 impl From<String> for MonitorAddr {
     fn from(s: String) -> Self {
         MonitorAddr::parse(&s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_form_launchers_write_is_read() {
+        let ok = |s: &str| MonitorAddr::from_option(s).unwrap();
+        assert_eq!(ok("/tmp/qemu-sock"), MonitorAddr::parse("/tmp/qemu-sock"));
+        assert_eq!(
+            ok("unix:/tmp/a,,b,server,nowait"),
+            MonitorAddr::parse("/tmp/a,b")
+        );
+        assert_eq!(ok("@qemu-mon"), MonitorAddr::Abstract("qemu-mon".into()));
+        assert_eq!(
+            ok("tcp:127.0.0.1:4444,server,nowait"),
+            MonitorAddr::tcp("127.0.0.1", 4444)
+        );
+        assert_eq!(ok("tcp::4444,server"), MonitorAddr::tcp("localhost", 4444));
+        assert_eq!(
+            ok("telnet:[::1]:7100,server=on"),
+            MonitorAddr::tcp("::1", 7100)
+        );
+        assert_eq!(ok("localhost:55555"), MonitorAddr::tcp("localhost", 55555));
+        assert_eq!(ok("[::1]:55555"), MonitorAddr::tcp("::1", 55555));
+        assert_eq!(ok("relative.sock"), MonitorAddr::parse("relative.sock"));
+        assert!(MonitorAddr::from_option("tcp:localhost").is_err());
+        assert!(MonitorAddr::from_option("tcp:localhost:x").is_err());
     }
 }

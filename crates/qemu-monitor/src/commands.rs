@@ -43,6 +43,21 @@ impl Monitor {
         }
     }
 
+    /// This end's and QEMU's address, on a TCP monitor: the kernel gives no
+    /// peer process for TCP, but the connection can be found by them.
+    pub fn tcp_addrs(&self) -> Option<(std::net::SocketAddr, std::net::SocketAddr)> {
+        match self {
+            Monitor::Hmp(s) => s.tcp_addrs(),
+            Monitor::Qmp(s) => s.tcp_addrs(),
+        }
+    }
+
+    /// Whether descriptors can be handed to QEMU on this monitor (a unix
+    /// socket): `getfd` needs them.
+    pub fn can_pass_fds(&self) -> bool {
+        self.tcp_addrs().is_none()
+    }
+
     /// QEMU's version: from the greeting, or HMP's `info version`.
     ///
     /// # Errors

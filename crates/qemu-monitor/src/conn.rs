@@ -9,6 +9,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use crate::addr::MonitorAddr;
 use crate::error::{Error, Result};
+use crate::telnet::Telnet;
 
 const SOCKET: Token = Token(0);
 
@@ -255,6 +256,8 @@ pub(crate) struct Connection {
     /// Where the next pattern search may start: bytes before it were searched.
     scanned: usize,
     eof: bool,
+    /// Where a telnet command that a read cut in two stands.
+    telnet: Telnet,
 }
 
 impl Connection {
@@ -305,6 +308,7 @@ impl Connection {
             buf: Vec::with_capacity(4096),
             scanned: 0,
             eof: false,
+            telnet: Telnet::default(),
         };
         conn.poll
             .registry()
@@ -327,6 +331,7 @@ impl Connection {
             buf: Vec::with_capacity(4096),
             scanned: 0,
             eof: false,
+            telnet: Telnet::default(),
         };
         conn.poll.registry().register(
             &mut conn.stream,
@@ -384,7 +389,7 @@ impl Connection {
                     return Ok(false);
                 }
                 Ok(n) => {
-                    self.buf.extend_from_slice(&chunk[..n]);
+                    self.telnet.filter(&chunk[..n], &mut self.buf);
                     return Ok(true);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.poll_until(wait)?,
@@ -450,7 +455,7 @@ impl Connection {
                     let mut chunk = [0u8; 16 * 1024];
                     match self.stream.read(&mut chunk) {
                         Ok(0) => self.eof = true,
-                        Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                        Ok(n) => self.telnet.filter(&chunk[..n], &mut self.buf),
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.poll_until(wait)?,
                         Err(_) => {}
                     }
@@ -472,6 +477,14 @@ impl Connection {
             }
         }
         Ok(())
+    }
+
+    /// Both ends' addresses of a TCP connection.
+    pub fn tcp_addrs(&self) -> Option<(std::net::SocketAddr, std::net::SocketAddr)> {
+        match &self.stream {
+            Stream::Tcp(s) => Some((s.local_addr().ok()?, s.peer_addr().ok()?)),
+            Stream::Unix(_) => None,
+        }
     }
 
     /// The process on the other end (the QEMU serving this monitor).

@@ -185,6 +185,11 @@ impl HmpSession {
         self.conn.peer_pid()
     }
 
+    /// This end's and QEMU's address, on a TCP monitor.
+    pub fn tcp_addrs(&self) -> Option<(std::net::SocketAddr, std::net::SocketAddr)> {
+        self.conn.tcp_addrs()
+    }
+
     fn dispatch_inner(
         &mut self,
         line: &str,

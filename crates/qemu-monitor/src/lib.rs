@@ -32,6 +32,7 @@ pub mod json;
 mod listen;
 pub mod qmp;
 mod state;
+mod telnet;
 
 use std::time::Duration;
 

@@ -267,6 +267,11 @@ impl QmpSession {
         self.conn.peer_pid()
     }
 
+    /// This end's and QEMU's address, on a TCP monitor.
+    pub fn tcp_addrs(&self) -> Option<(std::net::SocketAddr, std::net::SocketAddr)> {
+        self.conn.tcp_addrs()
+    }
+
     /// Sends a message as given and returns the reply to it, matched by `id`
     /// when it has one, else the next reply (QMP answers in order).
     pub fn send(&mut self, msg: &Value) -> Result<Reply> {

@@ -122,6 +122,39 @@ pub fn tcp_listeners() -> BTreeMap<u64, SocketAddr> {
     out
 }
 
+/// The process at the other end of this process's TCP connection from
+/// `local` to `peer`: the holder of the socket whose local address is
+/// `peer` and whose remote one is `local` (the kernel's tables; an IPv4
+/// connection to a dual-stack listener is listed with mapped addresses).
+#[must_use]
+pub fn tcp_peer_process(local: SocketAddr, peer: SocketAddr) -> Option<u32> {
+    let same = |a: SocketAddr, b: SocketAddr| {
+        a.port() == b.port() && a.ip().to_canonical() == b.ip().to_canonical()
+    };
+    for (file, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
+        let Ok(text) = std::fs::read_to_string(file) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.len() < 10 {
+                continue;
+            }
+            let (Some(l), Some(r)) = (proc_net_addr(cols[1], v6), proc_net_addr(cols[2], v6))
+            else {
+                continue;
+            };
+            if same(l, peer) && same(r, local) {
+                let inode: u64 = cols[9].parse().ok()?;
+                return socket_holders(&[inode], std::process::id())
+                    .into_iter()
+                    .next();
+            }
+        }
+    }
+    None
+}
+
 /// `0100007F:115C` (the kernel's byte order per 32-bit word) as an address.
 fn proc_net_addr(text: &str, v6: bool) -> Option<SocketAddr> {
     let (ip, port) = text.split_once(':')?;
