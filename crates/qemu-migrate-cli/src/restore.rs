@@ -130,6 +130,13 @@ pub(crate) fn restore(
     if restored.previous_save {
         eprintln!("{}", previous_save_note(statefile));
     }
+    if *daemonize && !cli.json && qemu_migrate::argv::uses_stdio(restored.vm.args()) {
+        eprintln!(
+            "qemu-migrate: note: the VM's console is QEMU's stdio (-serial stdio, -nographic or a \
+             stdio monitor); in the background it goes to /dev/null. Restore in the foreground to \
+             see it, or give the serial port a file or socket (-serial file:PATH)."
+        );
+    }
     let pid = restored.vm.pid();
     if cli.json {
         say!(

@@ -105,18 +105,30 @@ pub fn restart_options(args: &[String]) -> Vec<String> {
 /// (`file:PATH`, `unix:...`, `stdio`, `null`).
 const CHARDEV_SHORTHANDS: &[&str] = &["-serial", "-parallel", "-debugcon"];
 
-/// A file chardev that appends instead of truncating: the second QEMU of a
-/// VM (restore, live destination) must not wipe the log the first one
-/// wrote. `-serial file:X` has no room for options in its short form, so
-/// it becomes `-chardev file,id=…,path=X,append=on -serial chardev:…`
-/// (QEMU's chardev/char-file.c: `append` opens with O_APPEND, else O_TRUNC).
+/// A chardev that appends to its files instead of truncating them: the
+/// second QEMU of a VM (restore, live destination, revert) must not wipe
+/// the log the first one wrote. A `file` backend gets `append=on`, and any
+/// backend's `logfile=` (libvirt's serial sockets and ptys log so) gets
+/// `logappend=on` (QEMU's chardev/char.c and char-file.c open either with
+/// O_APPEND when asked, else with O_TRUNC). `-serial file:X` has no room for
+/// options in its short form, so it becomes `-chardev
+/// file,id=…,path=X,append=on -serial chardev:…`.
 fn appending(option: &str, value: &str, index: usize) -> Option<Vec<String>> {
     if option == "-chardev" {
-        let mut parts = value.split(',');
-        if parts.next()? != "file" || value.split(',').any(|p| p.starts_with("append=")) {
-            return None;
+        let keys: Vec<&str> = value
+            .split(',')
+            .map(|p| p.split_once('=').map_or(p, |(k, _)| k))
+            .collect();
+        let backend = value.split(',').next()?;
+        let backend = backend.strip_prefix("backend=").unwrap_or(backend);
+        let mut out = value.to_string();
+        if backend == "file" && !keys.contains(&"append") {
+            out.push_str(",append=on");
         }
-        return Some(vec![option.to_string(), format!("{value},append=on")]);
+        if keys.contains(&"logfile") && !keys.contains(&"logappend") {
+            out.push_str(",logappend=on");
+        }
+        return (out != value).then(|| vec![option.to_string(), out]);
     }
     if CHARDEV_SHORTHANDS.contains(&option) {
         let path = value.strip_prefix("file:")?;
@@ -306,6 +318,11 @@ mod tests {
         assert_eq!(
             restart_options(&v("-m 32 -serial file:/l/s,x.log -chardev file,id=c,path=/l/c.log -chardev file,id=d,path=/l/d,append=off")),
             v("-m 32 -chardev file,id=qemu-migrate-serial2,path=/l/s,,x.log,append=on -serial chardev:qemu-migrate-serial2 -chardev file,id=c,path=/l/c.log,append=on -chardev file,id=d,path=/l/d,append=off")
+        );
+        // libvirt's serial: a socket (or pty) that logs to a file.
+        assert_eq!(
+            restart_options(&v("-chardev socket,id=s0,path=/tmp/s.sock,server=on,wait=off,logfile=/l/s.log -chardev pty,id=p,logfile=/l/p.log,logappend=off -chardev file,id=f,path=/l/f,logfile=/l/g")),
+            v("-chardev socket,id=s0,path=/tmp/s.sock,server=on,wait=off,logfile=/l/s.log,logappend=on -chardev pty,id=p,logfile=/l/p.log,logappend=off -chardev file,id=f,path=/l/f,logfile=/l/g,append=on,logappend=on")
         );
     }
 

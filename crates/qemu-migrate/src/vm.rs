@@ -112,6 +112,10 @@ pub struct LaunchOptions {
     pub show_stderr: bool,
     /// Environment variables to set (`QEMU_*` module and firmware paths).
     pub env: BTreeMap<String, String>,
+    /// Descriptors QEMU gets at the numbers beside them, as a launcher
+    /// passes them (0 and 1 stand for its stdin and stdout, in place of
+    /// what `console` says).
+    pub passed: Vec<(Arc<std::os::fd::OwnedFd>, i32)>,
 }
 
 impl LaunchOptions {
@@ -123,6 +127,7 @@ impl LaunchOptions {
             console,
             show_stderr: console.is_terminal(),
             env,
+            passed: Vec::new(),
         }
     }
 }
@@ -233,6 +238,22 @@ impl Vm {
                 cmd.stdin(Stdio::null()).stdout(Stdio::piped());
             }
         }
+        let mut passed = Vec::new();
+        for (fd, number) in &options.passed {
+            let copy = fd
+                .try_clone()
+                .map_err(Error::os("passing a descriptor to QEMU"))?;
+            match number {
+                0 => {
+                    cmd.stdin(copy);
+                }
+                1 => {
+                    cmd.stdout(copy);
+                }
+                n => passed.push((copy, *n)),
+            }
+        }
+        os::pass_fds(&mut cmd, passed);
         let mut child = cmd.spawn().map_err(|source| Error::Launch {
             binary: binary.to_path_buf(),
             source,

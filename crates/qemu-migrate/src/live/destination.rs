@@ -75,6 +75,7 @@ pub(super) fn start_local(
     vm: &Vm,
     binary: &std::path::Path,
     args: &[String],
+    passed: Vec<(std::os::fd::OwnedFd, i32)>,
 ) -> Result<(Vm, tempfile::TempDir, String)> {
     let dir = tempfile::Builder::new()
         .prefix("qemu-migrate-live-")
@@ -83,11 +84,12 @@ pub(super) fn start_local(
             std::env::temp_dir(),
             "creating a private directory",
         ))?;
-    let mut dest = Vm::launch_incoming(
-        binary,
-        args,
-        &LaunchOptions::new(Console::Null, vm.env().clone()),
-    )?;
+    let mut options = LaunchOptions::new(Console::Null, vm.env().clone());
+    options.passed = passed
+        .into_iter()
+        .map(|(fd, n)| (std::sync::Arc::new(fd), n))
+        .collect();
+    let mut dest = Vm::launch_incoming(binary, args, &options)?;
     let uri = format!("unix:{}", dir.path().join("migrate.sock").display());
     dest.monitor.migrate_incoming(&uri)?;
     Ok((dest, dir, uri))

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use crate::argv;
 use crate::error::{Error, Result};
+use crate::os;
 
 /// The user's listening unix sockets, kept reachable across a local migration.
 #[derive(Debug, Default, Clone)]
@@ -45,6 +46,10 @@ impl SocketHandover {
     pub(super) fn back_to_source(&mut self) {
         for (path, source, _) in self.links.drain(..) {
             let _ = std::fs::rename(&source, &path);
+            // Where the path still is the source's socket, the two names
+            // are links of one file and rename(2) leaves both: the aside
+            // name must not stay beside the user's socket.
+            let _ = std::fs::remove_file(&source);
         }
     }
 
@@ -85,4 +90,219 @@ fn aside(path: &Path, whose: &str, pid: u32) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(format!(".qemu-migrate-{whose}-{pid}"));
     path.with_file_name(name)
+}
+
+/// The first descriptor number a destination is given the source's
+/// listening TCP sockets at: above anything this process has open.
+const FIRST_PASSED_FD: i32 = 200;
+
+/// The source's listening TCP sockets (monitors, serial ports, gdb),
+/// handed to the destination. Two QEMUs cannot listen on one port, and the
+/// source's port must stay open until it quits: the destination gets a
+/// copy of the very socket (`pidfd_getfd`) as a passed descriptor, and its
+/// option becomes the `fd=` form of a socket chardev. A later save reads
+/// the port back from the descriptor (see `replay`).
+#[derive(Debug, Default)]
+pub(super) struct TcpHandover {
+    /// The destination's options.
+    pub args: Vec<String>,
+    /// The copies, and the numbers the destination gets them at.
+    pub fds: Vec<(std::os::fd::OwnedFd, i32)>,
+}
+
+/// What a short-form TCP server option (`tcp:H:P,server`, `telnet:…`) is.
+struct ShortTcp {
+    port: u16,
+    telnet: bool,
+}
+
+fn short_tcp(option: &str, value: &str) -> Option<ShortTcp> {
+    let (kind, rest) = value.split_once(':')?;
+    if !matches!(kind, "tcp" | "telnet") {
+        return None;
+    }
+    let mut parts = rest.split(',');
+    let (_, port) = parts.next()?.rsplit_once(':')?;
+    let opts: Vec<&str> = parts.collect();
+    let server = option == "-gdb"
+        || opts
+            .iter()
+            .any(|o| matches!(*o, "server" | "server=on" | "server=yes" | "server=true"));
+    let telnet = kind == "telnet" || opts.iter().any(|o| matches!(*o, "telnet" | "telnet=on"));
+    server.then_some(ShortTcp {
+        port: port.parse().ok()?,
+        telnet,
+    })
+}
+
+impl TcpHandover {
+    pub(super) fn prepare(args: &[String], pid: u32) -> Result<TcpHandover> {
+        let listening = os::tcp_listening_fds(pid);
+        let mut fds = Vec::new();
+        let args = rewrite_tcp_servers(args, &mut |port| {
+            let Some(&(fd, _)) = listening.iter().find(|(_, a)| a.port() == port) else {
+                return Ok(None);
+            };
+            let copy = os::copy_fd_of(pid, fd).map_err(|source| Error::Os {
+                what: "taking a copy of the source's listening TCP socket for the destination",
+                source,
+            })?;
+            let number = FIRST_PASSED_FD + fds.len() as i32;
+            fds.push((copy, number));
+            Ok(Some(number))
+        })?;
+        Ok(TcpHandover { args, fds })
+    }
+}
+
+/// `args` with every TCP server option whose port `take` hands over (it
+/// returns the descriptor number the destination gets) in its `fd=` form.
+fn rewrite_tcp_servers(
+    args: &[String],
+    take: &mut dyn FnMut(u16) -> Result<Option<i32>>,
+) -> Result<Vec<String>> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut i = 0;
+    while i < args.len() {
+        // QEMU takes `--opt` for `-opt`.
+        let option = match args[i].strip_prefix('-') {
+            Some(o) if o.starts_with('-') => o,
+            _ => args[i].as_str(),
+        };
+        if option == "-s" {
+            if let Some(n) = take(1234)? {
+                let id = format!("qemu-migrate-tcp{n}");
+                out.extend([
+                    "-chardev".into(),
+                    format!("socket,id={id},fd={n},server=on,wait=off"),
+                    "-gdb".into(),
+                    format!("chardev:{id}"),
+                ]);
+                i += 1;
+                continue;
+            }
+        }
+        let Some(value) = args.get(i + 1) else {
+            out.push(args[i].clone());
+            break;
+        };
+        let short = matches!(
+            option,
+            "-monitor" | "-qmp" | "-qmp-pretty" | "-serial" | "-gdb"
+        )
+        .then(|| short_tcp(option, value))
+        .flatten();
+        if let Some(tcp) = short {
+            if let Some(n) = take(tcp.port)? {
+                let id = format!("qemu-migrate-tcp{n}");
+                let telnet = if tcp.telnet { ",telnet=on" } else { "" };
+                out.extend([
+                    "-chardev".into(),
+                    format!("socket,id={id},fd={n},server=on,wait=off{telnet}"),
+                ]);
+                let (opt, val) = match option {
+                    "-monitor" => ("-mon", format!("chardev={id},mode=readline")),
+                    "-qmp" => ("-mon", format!("chardev={id},mode=control")),
+                    "-qmp-pretty" => ("-mon", format!("chardev={id},mode=control,pretty=on")),
+                    other => (other, format!("chardev:{id}")),
+                };
+                out.extend([opt.to_string(), val]);
+                i += 2;
+                continue;
+            }
+        }
+        if option == "-chardev" {
+            if let Some(rewritten) = chardev_by_fd(value, take)? {
+                out.extend([args[i].clone(), rewritten]);
+                i += 2;
+                continue;
+            }
+        }
+        out.push(args[i].clone());
+        i += 1;
+    }
+    Ok(out)
+}
+
+/// `socket,…,host=H,port=P,server=on` as `socket,…,fd=N,server=on`.
+fn chardev_by_fd(
+    value: &str,
+    take: &mut dyn FnMut(u16) -> Result<Option<i32>>,
+) -> Result<Option<String>> {
+    let parts: Vec<&str> = value.split(',').collect();
+    if parts.first() != Some(&"socket") && parts.first() != Some(&"backend=socket") {
+        return Ok(None);
+    }
+    let server = parts
+        .iter()
+        .any(|o| matches!(*o, "server" | "server=on" | "server=yes" | "server=true"));
+    let port = parts.iter().find_map(|p| p.strip_prefix("port="));
+    let (true, Some(port)) = (server, port.and_then(|p| p.parse::<u16>().ok())) else {
+        return Ok(None);
+    };
+    let Some(n) = take(port)? else {
+        return Ok(None);
+    };
+    let mut kept: Vec<String> = parts
+        .iter()
+        .filter(|p| {
+            let key = p.split_once('=').map_or(**p, |(k, _)| k);
+            !matches!(key, "host" | "port" | "to" | "ipv4" | "ipv6" | "numeric")
+        })
+        .map(|p| (*p).to_string())
+        .collect();
+    kept.insert(1, format!("fd={n}"));
+    Ok(Some(kept.join(",")))
+}
+
+/// The source's console for the destination. A VM on QEMU's stdio
+/// (`-serial stdio`, `-nographic`) whose stdio is no terminal, as a launcher
+/// runs it (kata's `/dev/null`, a test driver's pipe, a log file), goes on
+/// printing to the same place: the destination gets copies of the source's
+/// stdin and stdout. A terminal is refused: it belongs to the user's shell.
+pub(super) fn console(vm: &crate::vm::Vm) -> Result<Vec<(std::os::fd::OwnedFd, i32)>> {
+    if !argv::uses_stdio(vm.args()) {
+        return Ok(Vec::new());
+    }
+    if os::fd_is_terminal(vm.pid(), 0) || os::fd_is_terminal(vm.pid(), 1) {
+        return Err(Error::UsesTerminal);
+    }
+    [0, 1]
+        .into_iter()
+        .map(|n| {
+            os::copy_fd_of(vm.pid(), n)
+                .map(|fd| (fd, n))
+                .map_err(|source| Error::Os {
+                    what: "taking a copy of the source's stdio for the destination",
+                    source,
+                })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn tcp_servers_become_passed_descriptors_and_the_rest_stays() {
+        let args = v("-m 64 -monitor telnet:127.0.0.1:4444,server,nowait -qmp tcp:localhost:4445,server=on,wait=off -chardev socket,id=c,host=::1,port=4446,server=on,wait=off,ipv6=on -monitor tcp:10.0.0.1:9,nowait -serial tcp::4447,server -s -qmp tcp:127.0.0.1:4448,server");
+        let mut next = 200;
+        let out = rewrite_tcp_servers(&args, &mut |port| {
+            // 4448 is not this QEMU's: left as written.
+            Ok((port != 4448).then(|| {
+                next += 1;
+                next - 1
+            }))
+        })
+        .unwrap();
+        assert_eq!(
+            out,
+            v("-m 64 -chardev socket,id=qemu-migrate-tcp200,fd=200,server=on,wait=off,telnet=on -mon chardev=qemu-migrate-tcp200,mode=readline -chardev socket,id=qemu-migrate-tcp201,fd=201,server=on,wait=off -mon chardev=qemu-migrate-tcp201,mode=control -chardev socket,fd=202,id=c,server=on,wait=off -monitor tcp:10.0.0.1:9,nowait -chardev socket,id=qemu-migrate-tcp203,fd=203,server=on,wait=off -serial chardev:qemu-migrate-tcp203 -chardev socket,id=qemu-migrate-tcp204,fd=204,server=on,wait=off -gdb chardev:qemu-migrate-tcp204 -qmp tcp:127.0.0.1:4448,server")
+        );
+    }
 }

@@ -57,7 +57,7 @@ use crate::UNCAPPED;
 
 use confirm::{read_said, Said, State};
 pub use destination::{parse_tcp, Destination};
-use handover::SocketHandover;
+use handover::{SocketHandover, TcpHandover};
 pub use receive::{receive, ReceiveOptions, Received, Receiver, VmSpec};
 
 /// How often progress is reported (and an HMP-only source is polled).
@@ -193,16 +193,16 @@ pub fn live(
     let mut sockets = SocketHandover::default();
     let uri = match to {
         Destination::Local => {
-            if argv::uses_stdio(vm.args()) {
-                return Err(Error::UsesTerminal);
-            }
+            let mut passed = handover::console(vm)?;
             // -- cross-version: another QEMU for the destination, machine type pinned
             let (dest_qemu, dest_args, p) =
                 destination::local_qemu(vm, options.destination_qemu.as_deref())?;
             pinned = p;
             // --
+            let tcp = TcpHandover::prepare(&dest_args, vm.pid())?;
+            passed.extend(tcp.fds);
             sockets = SocketHandover::keep_source(vm.args(), vm.pid())?;
-            match destination::start_local(vm, &dest_qemu, &dest_args) {
+            match destination::start_local(vm, &dest_qemu, &tcp.args, passed) {
                 Ok((dest, dir, uri)) => {
                     local = Some((dest, dir));
                     uri

@@ -37,6 +37,69 @@ pub fn fd_target(pid: u32, fd: i32) -> Option<FdTarget> {
     Some(FdTarget::Anonymous(text.into_owned()))
 }
 
+/// A copy of descriptor `fd` of process `pid`: the same open file (the
+/// same listening socket, pipe or file offset), as `pidfd_getfd(2)` gives it
+/// (Linux 5.6; the caller needs the right to trace `pid`: its own user's
+/// process, or root).
+///
+/// # Errors
+/// When the process is gone, the descriptor is not open, or the kernel
+/// refuses (too old, or not permitted).
+pub fn copy_fd_of(pid: u32, fd: i32) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if pidfd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the descriptor was just opened and is owned by nobody else.
+    let pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(pidfd as i32) };
+    // SAFETY: pidfd_getfd takes a pidfd, a descriptor number and flags, and
+    // returns a new descriptor (close-on-exec) or -1.
+    let copy = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_getfd,
+            std::os::fd::AsRawFd::as_raw_fd(&pidfd),
+            fd,
+            0,
+        )
+    };
+    if copy < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor of ours.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(copy as i32) })
+}
+
+/// The descriptors of process `pid` that are listening TCP sockets, with
+/// their addresses.
+#[must_use]
+pub fn tcp_listening_fds(pid: u32) -> Vec<(i32, SocketAddr)> {
+    let listeners = tcp_listeners();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(i32, SocketAddr)> = fds
+        .flatten()
+        .filter_map(|e| {
+            let fd: i32 = e.file_name().to_str()?.parse().ok()?;
+            match fd_target(pid, fd)? {
+                FdTarget::Socket(inode) => listeners.get(&inode).map(|a| (fd, *a)),
+                _ => None,
+            }
+        })
+        .collect();
+    out.sort_unstable_by_key(|(fd, _)| *fd);
+    out
+}
+
+/// Whether descriptor `fd` of process `pid` is a terminal.
+#[must_use]
+pub fn fd_is_terminal(pid: u32, fd: i32) -> bool {
+    matches!(fd_target(pid, fd), Some(FdTarget::Path(p))
+        if p.starts_with("/dev/pts") || p.starts_with("/dev/tty") || p == std::path::Path::new("/dev/console"))
+}
+
 /// The network interface a tun/tap descriptor is attached to: the kernel's
 /// tun driver shows it in fdinfo (`iff:\tNAME`).
 #[must_use]

@@ -227,3 +227,34 @@ pub(crate) fn process_info(pid: u32) -> Result<ProcessInfo> {
         .unwrap_or_default();
     Ok(ProcessInfo { binary, args, env })
 }
+
+/// Makes `cmd`'s child have each descriptor of `fds` open at the number
+/// given beside it (above its standard streams), as a launcher passes
+/// descriptors to QEMU. The numbers should be high enough not to be any of
+/// this process's own, which the child has too until it execs.
+pub(crate) fn pass_fds(cmd: &mut std::process::Command, fds: Vec<(OwnedFd, i32)>) {
+    use std::os::unix::process::CommandExt;
+    if fds.is_empty() {
+        return;
+    }
+    let pairs: Vec<(i32, i32)> = fds.iter().map(|(f, n)| (f.as_raw_fd(), *n)).collect();
+    // SAFETY: only dup2 and fcntl, both async-signal-safe, run between fork
+    // and exec; `fds` lives in the closure, so the descriptors stay open
+    // until the child has its copies.
+    unsafe {
+        cmd.pre_exec(move || {
+            let _keep = &fds;
+            for &(from, to) in &pairs {
+                if from == to {
+                    // dup2 onto itself would leave close-on-exec set.
+                    if libc::fcntl(to, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(from, to) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
