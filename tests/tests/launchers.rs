@@ -284,7 +284,29 @@ impl Case {
             return Err("the console log lost its first lines".into());
         }
         self.monitors_answer()?;
+        self.pidfile_names_the_vm()?;
         self.no_leftovers()
+    }
+
+    /// A `-pidfile` names the QEMU that runs the VM now.
+    fn pidfile_names_the_vm(&self) -> Result<(), String> {
+        let Some(at) = self.args.iter().position(|a| a == "-pidfile") else {
+            return Ok(());
+        };
+        let pidfile = &self.args[at + 1];
+        let text = std::fs::read_to_string(pidfile)
+            .map_err(|e| format!("the VM's pidfile {pidfile}: {e}"))?;
+        let pid: i32 = text
+            .trim()
+            .parse()
+            .map_err(|_| format!("the VM's pidfile {pidfile} holds {text:?}"))?;
+        if processes_naming(&self.dir.path().display().to_string()).contains(&pid) {
+            Ok(())
+        } else {
+            Err(format!(
+                "the VM's pidfile {pidfile} names {pid}, which is not its QEMU"
+            ))
+        }
     }
 
     fn migrate(&self, args: &[&str]) -> Output {

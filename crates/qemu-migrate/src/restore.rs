@@ -352,6 +352,14 @@ pub fn restore_checked(
     }
     watchdog.dismiss();
     backends.keep();
+    // Launchers find their VM by its -pidfile (QEMU removed it when the
+    // saved one quit): it names the restored QEMU now. A clone is another VM.
+    if !options.clone {
+        let pidfile = crate::argv::last_value(&args, "-pidfile").map(Path::new);
+        if let Some(pidfile) = pidfile.filter(|p| p.is_absolute()) {
+            let _ = std::fs::write(pidfile, format!("{}\n", vm.pid()));
+        }
+    }
     Ok(Restored {
         vm,
         manifest: checked.manifest,
