@@ -93,73 +93,93 @@ fn aside(path: &Path, whose: &str, pid: u32) -> PathBuf {
 }
 
 /// The first descriptor number a destination is given the source's
-/// listening TCP sockets at: above anything this process has open.
+/// listening sockets at: above anything this process has open.
 const FIRST_PASSED_FD: i32 = 200;
 
-/// The source's listening TCP sockets (monitors, serial ports, gdb),
-/// handed to the destination. Two QEMUs cannot listen on one port, and the
-/// source's port must stay open until it quits: the destination gets a
-/// copy of the very socket (`pidfd_getfd`) as a passed descriptor, and its
-/// option becomes the `fd=` form of a socket chardev. A later save reads
-/// the port back from the descriptor (see `replay`).
+/// The source's listening sockets that have no path to link aside (see
+/// [`SocketHandover`]): TCP ports and abstract unix names of monitors,
+/// serial ports and gdb, handed to the destination. Two QEMUs cannot
+/// listen at one address, and the source's must stay open until it quits:
+/// the destination gets a copy of the very socket (`pidfd_getfd`) as a
+/// passed descriptor, and its option becomes the `fd=` form of a socket
+/// chardev. A later save reads the address back from the descriptor (see
+/// `replay`).
 #[derive(Debug, Default)]
-pub(super) struct TcpHandover {
+pub(super) struct ListenerHandover {
     /// The destination's options.
     pub args: Vec<String>,
     /// The copies, and the numbers the destination gets them at.
     pub fds: Vec<(std::os::fd::OwnedFd, i32)>,
 }
 
-/// What a short-form TCP server option (`tcp:H:P,server`, `telnet:…`) is.
-struct ShortTcp {
-    port: u16,
-    telnet: bool,
+/// Where a server option listens, when no path does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Listen {
+    Port(u16),
+    /// An abstract unix socket, by its name without the `@`.
+    Abstract(String),
 }
 
-fn short_tcp(option: &str, value: &str) -> Option<ShortTcp> {
+fn is_on(o: &str, key: &str) -> bool {
+    o == key
+        || [
+            format!("{key}=on"),
+            format!("{key}=yes"),
+            format!("{key}=true"),
+        ]
+        .iter()
+        .any(|v| v == o)
+}
+
+/// A short-form server option (`tcp:H:P,server`, `telnet:…`,
+/// `unix:NAME,server,abstract=on`): where it listens, and whether in telnet mode.
+fn short_server(option: &str, value: &str) -> Option<(Listen, bool)> {
     let (kind, rest) = value.split_once(':')?;
-    if !matches!(kind, "tcp" | "telnet") {
-        return None;
-    }
     let mut parts = rest.split(',');
-    let (_, port) = parts.next()?.rsplit_once(':')?;
+    let address = parts.next()?;
     let opts: Vec<&str> = parts.collect();
-    let server = option == "-gdb"
-        || opts
-            .iter()
-            .any(|o| matches!(*o, "server" | "server=on" | "server=yes" | "server=true"));
-    let telnet = kind == "telnet" || opts.iter().any(|o| matches!(*o, "telnet" | "telnet=on"));
-    server.then_some(ShortTcp {
-        port: port.parse().ok()?,
-        telnet,
-    })
+    let server = option == "-gdb" || opts.iter().any(|o| is_on(o, "server"));
+    let telnet = kind == "telnet" || opts.iter().any(|o| is_on(o, "telnet"));
+    let listen = match kind {
+        "tcp" | "telnet" => Listen::Port(address.rsplit_once(':')?.1.parse().ok()?),
+        "unix" if opts.iter().any(|o| is_on(o, "abstract")) => {
+            Listen::Abstract(address.to_string())
+        }
+        _ => return None,
+    };
+    server.then_some((listen, telnet))
 }
 
-impl TcpHandover {
-    pub(super) fn prepare(args: &[String], pid: u32) -> Result<TcpHandover> {
-        let listening = os::tcp_listening_fds(pid);
+impl ListenerHandover {
+    pub(super) fn prepare(args: &[String], pid: u32) -> Result<ListenerHandover> {
+        let ports = os::tcp_listening_fds(pid);
+        let names = os::abstract_listening_fds(pid);
         let mut fds = Vec::new();
-        let args = rewrite_tcp_servers(args, &mut |port| {
-            let Some(&(fd, _)) = listening.iter().find(|(_, a)| a.port() == port) else {
+        let args = rewrite_servers(args, &mut |listen| {
+            let fd = match listen {
+                Listen::Port(port) => ports.iter().find(|(_, a)| a.port() == *port).map(|p| p.0),
+                Listen::Abstract(name) => names.iter().find(|(_, n)| n == name).map(|p| p.0),
+            };
+            let Some(fd) = fd else {
                 return Ok(None);
             };
             let copy = os::copy_fd_of(pid, fd).map_err(|source| Error::Os {
-                what: "taking a copy of the source's listening TCP socket for the destination",
+                what: "taking a copy of the source's listening socket for the destination",
                 source,
             })?;
             let number = FIRST_PASSED_FD + fds.len() as i32;
             fds.push((copy, number));
             Ok(Some(number))
         })?;
-        Ok(TcpHandover { args, fds })
+        Ok(ListenerHandover { args, fds })
     }
 }
 
-/// `args` with every TCP server option whose port `take` hands over (it
+/// `args` with every server option whose socket `take` hands over (it
 /// returns the descriptor number the destination gets) in its `fd=` form.
-fn rewrite_tcp_servers(
+fn rewrite_servers(
     args: &[String],
-    take: &mut dyn FnMut(u16) -> Result<Option<i32>>,
+    take: &mut dyn FnMut(&Listen) -> Result<Option<i32>>,
 ) -> Result<Vec<String>> {
     let mut out = Vec::with_capacity(args.len());
     let mut i = 0;
@@ -170,8 +190,9 @@ fn rewrite_tcp_servers(
             _ => args[i].as_str(),
         };
         if option == "-s" {
-            if let Some(n) = take(1234)? {
-                let id = format!("qemu-migrate-tcp{n}");
+            // gdb's shorthand for -gdb tcp::1234.
+            if let Some(n) = take(&Listen::Port(1234))? {
+                let id = format!("qemu-migrate-listen{n}");
                 out.extend([
                     "-chardev".into(),
                     format!("socket,id={id},fd={n},server=on,wait=off"),
@@ -190,12 +211,12 @@ fn rewrite_tcp_servers(
             option,
             "-monitor" | "-qmp" | "-qmp-pretty" | "-serial" | "-gdb"
         )
-        .then(|| short_tcp(option, value))
+        .then(|| short_server(option, value))
         .flatten();
-        if let Some(tcp) = short {
-            if let Some(n) = take(tcp.port)? {
-                let id = format!("qemu-migrate-tcp{n}");
-                let telnet = if tcp.telnet { ",telnet=on" } else { "" };
+        if let Some((listen, telnet)) = short {
+            if let Some(n) = take(&listen)? {
+                let id = format!("qemu-migrate-listen{n}");
+                let telnet = if telnet { ",telnet=on" } else { "" };
                 out.extend([
                     "-chardev".into(),
                     format!("socket,id={id},fd={n},server=on,wait=off{telnet}"),
@@ -224,30 +245,47 @@ fn rewrite_tcp_servers(
     Ok(out)
 }
 
-/// `socket,…,host=H,port=P,server=on` as `socket,…,fd=N,server=on`.
+/// `socket,…,host=H,port=P,server=on` (or `path=NAME,abstract=on`) as
+/// `socket,fd=N,…,server=on`.
 fn chardev_by_fd(
     value: &str,
-    take: &mut dyn FnMut(u16) -> Result<Option<i32>>,
+    take: &mut dyn FnMut(&Listen) -> Result<Option<i32>>,
 ) -> Result<Option<String>> {
     let parts: Vec<&str> = value.split(',').collect();
     if parts.first() != Some(&"socket") && parts.first() != Some(&"backend=socket") {
         return Ok(None);
     }
-    let server = parts
-        .iter()
-        .any(|o| matches!(*o, "server" | "server=on" | "server=yes" | "server=true"));
-    let port = parts.iter().find_map(|p| p.strip_prefix("port="));
-    let (true, Some(port)) = (server, port.and_then(|p| p.parse::<u16>().ok())) else {
+    if !parts.iter().any(|o| is_on(o, "server")) {
         return Ok(None);
+    }
+    let port = parts.iter().find_map(|p| p.strip_prefix("port="));
+    let path = parts.iter().find_map(|p| p.strip_prefix("path="));
+    let listen = match (port.and_then(|p| p.parse().ok()), path) {
+        (Some(port), _) => Listen::Port(port),
+        (None, Some(path)) if parts.iter().any(|o| is_on(o, "abstract")) => {
+            Listen::Abstract(path.to_string())
+        }
+        _ => return Ok(None),
     };
-    let Some(n) = take(port)? else {
+    let Some(n) = take(&listen)? else {
         return Ok(None);
     };
     let mut kept: Vec<String> = parts
         .iter()
         .filter(|p| {
             let key = p.split_once('=').map_or(**p, |(k, _)| k);
-            !matches!(key, "host" | "port" | "to" | "ipv4" | "ipv6" | "numeric")
+            !matches!(
+                key,
+                "host"
+                    | "port"
+                    | "to"
+                    | "ipv4"
+                    | "ipv6"
+                    | "numeric"
+                    | "path"
+                    | "abstract"
+                    | "tight"
+            )
         })
         .map(|p| (*p).to_string())
         .collect();
@@ -289,12 +327,12 @@ mod tests {
     }
 
     #[test]
-    fn tcp_servers_become_passed_descriptors_and_the_rest_stays() {
-        let args = v("-m 64 -monitor telnet:127.0.0.1:4444,server,nowait -qmp tcp:localhost:4445,server=on,wait=off -chardev socket,id=c,host=::1,port=4446,server=on,wait=off,ipv6=on -monitor tcp:10.0.0.1:9,nowait -serial tcp::4447,server -s -qmp tcp:127.0.0.1:4448,server");
+    fn listening_servers_become_passed_descriptors_and_the_rest_stays() {
+        let args = v("-m 64 -monitor telnet:127.0.0.1:4444,server,nowait -qmp tcp:localhost:4445,server=on,wait=off -chardev socket,id=c,host=::1,port=4446,server=on,wait=off,ipv6=on -monitor tcp:10.0.0.1:9,nowait -serial tcp::4447,server -s -qmp tcp:127.0.0.1:4448,server -qmp unix:qm,server=on,wait=off,abstract=on -chardev socket,id=a,path=hm,abstract=on,server=on -monitor unix:/run/m,server,nowait");
         let mut next = 200;
-        let out = rewrite_tcp_servers(&args, &mut |port| {
+        let out = rewrite_servers(&args, &mut |listen| {
             // 4448 is not this QEMU's: left as written.
-            Ok((port != 4448).then(|| {
+            Ok((*listen != Listen::Port(4448)).then(|| {
                 next += 1;
                 next - 1
             }))
@@ -302,7 +340,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             out,
-            v("-m 64 -chardev socket,id=qemu-migrate-tcp200,fd=200,server=on,wait=off,telnet=on -mon chardev=qemu-migrate-tcp200,mode=readline -chardev socket,id=qemu-migrate-tcp201,fd=201,server=on,wait=off -mon chardev=qemu-migrate-tcp201,mode=control -chardev socket,fd=202,id=c,server=on,wait=off -monitor tcp:10.0.0.1:9,nowait -chardev socket,id=qemu-migrate-tcp203,fd=203,server=on,wait=off -serial chardev:qemu-migrate-tcp203 -chardev socket,id=qemu-migrate-tcp204,fd=204,server=on,wait=off -gdb chardev:qemu-migrate-tcp204 -qmp tcp:127.0.0.1:4448,server")
+            v("-m 64 -chardev socket,id=qemu-migrate-listen200,fd=200,server=on,wait=off,telnet=on -mon chardev=qemu-migrate-listen200,mode=readline -chardev socket,id=qemu-migrate-listen201,fd=201,server=on,wait=off -mon chardev=qemu-migrate-listen201,mode=control -chardev socket,fd=202,id=c,server=on,wait=off -monitor tcp:10.0.0.1:9,nowait -chardev socket,id=qemu-migrate-listen203,fd=203,server=on,wait=off -serial chardev:qemu-migrate-listen203 -chardev socket,id=qemu-migrate-listen204,fd=204,server=on,wait=off -gdb chardev:qemu-migrate-listen204 -qmp tcp:127.0.0.1:4448,server -chardev socket,id=qemu-migrate-listen205,fd=205,server=on,wait=off -mon chardev=qemu-migrate-listen205,mode=control -chardev socket,fd=206,id=a,server=on -monitor unix:/run/m,server,nowait")
         );
     }
 }

@@ -57,7 +57,7 @@ use crate::UNCAPPED;
 
 use confirm::{read_said, Said, State};
 pub use destination::{parse_tcp, Destination};
-use handover::{SocketHandover, TcpHandover};
+use handover::{ListenerHandover, SocketHandover};
 pub use receive::{receive, ReceiveOptions, Received, Receiver, VmSpec};
 
 /// How often progress is reported (and an HMP-only source is polled).
@@ -199,10 +199,10 @@ pub fn live(
                 destination::local_qemu(vm, options.destination_qemu.as_deref())?;
             pinned = p;
             // --
-            let tcp = TcpHandover::prepare(&dest_args, vm.pid())?;
-            passed.extend(tcp.fds);
+            let listeners = ListenerHandover::prepare(&dest_args, vm.pid())?;
+            passed.extend(listeners.fds);
             sockets = SocketHandover::keep_source(vm.args(), vm.pid())?;
-            match destination::start_local(vm, &dest_qemu, &tcp.args, passed) {
+            match destination::start_local(vm, &dest_qemu, &listeners.args, passed) {
                 Ok((dest, dir, uri)) => {
                     local = Some((dest, dir));
                     uri

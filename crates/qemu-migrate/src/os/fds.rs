@@ -93,6 +93,32 @@ pub fn tcp_listening_fds(pid: u32) -> Vec<(i32, SocketAddr)> {
     out
 }
 
+/// The descriptors of process `pid` that are listening abstract unix
+/// sockets, with their names (without the `@`).
+#[must_use]
+pub fn abstract_listening_fds(pid: u32) -> Vec<(i32, String)> {
+    let names: BTreeMap<u64, String> = unix_sockets()
+        .into_iter()
+        .filter(|s| s.listening)
+        .filter_map(|s| Some((s.inode, s.name.strip_prefix('@')?.to_string())))
+        .collect();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(i32, String)> = fds
+        .flatten()
+        .filter_map(|e| {
+            let fd: i32 = e.file_name().to_str()?.parse().ok()?;
+            match fd_target(pid, fd)? {
+                FdTarget::Socket(inode) => names.get(&inode).map(|n| (fd, n.clone())),
+                _ => None,
+            }
+        })
+        .collect();
+    out.sort_unstable_by_key(|(fd, _)| *fd);
+    out
+}
+
 /// Whether descriptor `fd` of process `pid` is a terminal.
 #[must_use]
 pub fn fd_is_terminal(pid: u32, fd: i32) -> bool {
