@@ -285,7 +285,26 @@ impl Case {
         }
         self.monitors_answer()?;
         self.pidfile_names_the_vm()?;
+        self.host_forwards_listen()?;
         self.no_leftovers()
+    }
+
+    /// Every TCP host forward of a user-mode network (`hostfwd=tcp::2222-:22`,
+    /// how launchers reach the guest's ssh) takes connections again.
+    fn host_forwards_listen(&self) -> Result<(), String> {
+        for arg in &self.args {
+            for rule in arg
+                .split(',')
+                .filter_map(|p| p.strip_prefix("hostfwd=tcp:"))
+            {
+                let (host, rest) = rule.split_once(':').unwrap_or(("", rule));
+                let port: u16 = rest.split('-').next().unwrap_or_default().parse().unwrap();
+                let host = if host.is_empty() { "127.0.0.1" } else { host };
+                std::net::TcpStream::connect((host, port))
+                    .map_err(|e| format!("host forward {rule}: {host}:{port}: {e}"))?;
+            }
+        }
+        Ok(())
     }
 
     /// A `-pidfile` names the QEMU that runs the VM now.

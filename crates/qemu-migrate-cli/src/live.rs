@@ -121,9 +121,13 @@ pub(crate) fn live(args: &LiveArgs, cli: &Cli, cancel: Arc<AtomicBool>) -> Resul
                 "state": r.destination_state,
                 "source_sockets": r.source_sockets,
                 "pinned_machine": r.pinned,
+                "warnings": r.warnings,
             })
         );
     } else {
+        for w in &r.warnings {
+            eprintln!("qemu-migrate: warning: {w}");
+        }
         if let Some(p) = &r.pinned {
             eprintln!("qemu-migrate: {p}");
         }

@@ -197,6 +197,72 @@ pub fn probe_options(args: &[String]) -> Vec<String> {
     out
 }
 
+/// A user-mode network's host forward (`hostfwd=tcp::2222-:22`), held
+/// back from a second QEMU while the first holds its port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostForward {
+    /// The netdev's id, as `hostfwd_add` takes it.
+    pub netdev: String,
+    /// The rule, as written after `hostfwd=`.
+    pub rule: String,
+}
+
+/// `args` without the host forwards of their user-mode networks (`-netdev
+/// user`, `-nic user`, `-net user`), which listen on host ports a second
+/// QEMU cannot have while the first runs; each network without an id gets
+/// one, so the forwards can be added back by name (`hostfwd_add`) once the
+/// first QEMU is gone.
+#[must_use]
+pub fn without_host_forwards(args: &[String]) -> (Vec<String>, Vec<HostForward>) {
+    let mut out = Vec::with_capacity(args.len());
+    let mut forwards = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        let option = canonical(&args[i]);
+        let value = args.get(i + 1);
+        let user = value.is_some_and(|v| {
+            let first = v.split(',').next().unwrap_or_default();
+            first == "user" || first == "type=user"
+        });
+        if !(matches!(option, "-netdev" | "-nic" | "-net") && user) {
+            out.push(args[i].clone());
+            i += 1;
+            continue;
+        }
+        let value = value.expect("checked above");
+        let parts: Vec<&str> = value.split(',').collect();
+        let rules: Vec<&str> = parts
+            .iter()
+            .filter_map(|p| p.strip_prefix("hostfwd="))
+            .collect();
+        if rules.is_empty() {
+            out.extend([args[i].clone(), value.clone()]);
+            i += 2;
+            continue;
+        }
+        let mut kept: Vec<String> = parts
+            .iter()
+            .filter(|p| !p.starts_with("hostfwd="))
+            .map(|p| (*p).to_string())
+            .collect();
+        let id = match parts.iter().find_map(|p| p.strip_prefix("id=")) {
+            Some(id) => id.to_string(),
+            None => {
+                let id = format!("qemu-migrate-{}{i}", &option[1..]);
+                kept.push(format!("id={id}"));
+                id
+            }
+        };
+        forwards.extend(rules.into_iter().map(|r| HostForward {
+            netdev: id.clone(),
+            rule: r.to_string(),
+        }));
+        out.extend([args[i].clone(), kept.join(",")]);
+        i += 2;
+    }
+    (out, forwards)
+}
+
 /// The value of the last `-name VALUE` (QEMU lets later options win).
 #[must_use]
 pub fn last_value<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
@@ -389,6 +455,30 @@ mod tests {
         assert_eq!(
             restart_options(&args),
             v("-m 32 -monitor unix:/tmp/m,server,nowait")
+        );
+    }
+
+    #[test]
+    fn host_forwards_are_held_back_by_netdev_name() {
+        let (args, fwd) = without_host_forwards(&v(
+            "-netdev user,id=n0,hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=tcp::8080-:80,guestfwd=tcp:10.0.2.100:1-cmd:x -nic user,model=e1000,hostfwd=tcp::2223-:22 -net user,hostfwd=udp::53-:53 -netdev tap,id=t0,hostfwd=x -nic user",
+        ));
+        assert_eq!(
+            args,
+            v("-netdev user,id=n0,guestfwd=tcp:10.0.2.100:1-cmd:x -nic user,model=e1000,id=qemu-migrate-nic2 -net user,id=qemu-migrate-net4 -netdev tap,id=t0,hostfwd=x -nic user")
+        );
+        let said: Vec<String> = fwd
+            .iter()
+            .map(|f| format!("{} {}", f.netdev, f.rule))
+            .collect();
+        assert_eq!(
+            said,
+            [
+                "n0 tcp:127.0.0.1:2222-:22",
+                "n0 tcp::8080-:80",
+                "qemu-migrate-nic2 tcp::2223-:22",
+                "qemu-migrate-net4 udp::53-:53"
+            ]
         );
     }
 

@@ -160,6 +160,9 @@ pub struct LiveReport {
     pub source_sockets: Vec<PathBuf>,
     /// The machine type pinned for a local destination on another QEMU.
     pub pinned: Option<crate::machine::Pinned>,
+    /// What the destination could not take over after the fact, in words
+    /// (a host port forward whose port another process took meanwhile).
+    pub warnings: Vec<String>,
 }
 
 /// Migrates `vm` while it runs; see the module docs for the steps.
@@ -191,6 +194,8 @@ pub fn live(
     let mut confirm = None;
     let mut pinned = None;
     let mut sockets = SocketHandover::default();
+    let mut forwards = Vec::new();
+    let mut warnings = Vec::new();
     let uri = match to {
         Destination::Local => {
             let mut passed = handover::console(vm)?;
@@ -201,8 +206,12 @@ pub fn live(
             // --
             let listeners = ListenerHandover::prepare(&dest_args, vm.pid())?;
             passed.extend(listeners.fds);
+            // Host forwards listen on ports the source holds: the
+            // destination gets them once the source is gone.
+            let (dest_args, held) = argv::without_host_forwards(&listeners.args);
+            forwards = held;
             sockets = SocketHandover::keep_source(vm.args(), vm.pid())?;
-            match destination::start_local(vm, &dest_qemu, &listeners.args, passed) {
+            match destination::start_local(vm, &dest_qemu, &dest_args, passed) {
                 Ok((dest, dir, uri)) => {
                     local = Some((dest, dir));
                     uri
@@ -298,6 +307,9 @@ pub fn live(
             sockets.before_source_quits();
             vm.quit_and_wait(options.confirm_timeout)?;
             sockets.after_source_quit();
+            if let Some((dest, _)) = local.as_mut() {
+                warnings.extend(add_host_forwards(dest, &forwards));
+            }
             if let (Some(pidfile), Some(pid)) = (argv::last_value(vm.args(), "-pidfile"), dest_pid)
             {
                 if matches!(to, Destination::Local) {
@@ -308,6 +320,13 @@ pub fn live(
         AfterLive::Stop => {
             restore_settings(&mut vm.monitor, old_bandwidth, old_auto_converge);
             source_sockets = sockets.kept_for_source();
+            warnings.extend(forwards.iter().map(|f| {
+                format!(
+                    "the paused source keeps host port forward {} of {}: the destination has \
+                     none until it is added there (hostfwd_add {} {})",
+                    f.rule, f.netdev, f.netdev, f.rule
+                )
+            }));
         }
     }
     if let Some((dest, _dir)) = local {
@@ -322,7 +341,31 @@ pub fn live(
         destination_state: dest_state,
         source_sockets,
         pinned,
+        warnings,
     })
+}
+
+/// Adds the source's host forwards to the destination once the source let
+/// go of their ports; says which could not be (the guest runs on without).
+fn add_host_forwards(dest: &mut Vm, forwards: &[argv::HostForward]) -> Vec<String> {
+    forwards
+        .iter()
+        .filter_map(|f| {
+            let said = dest
+                .monitor
+                .human_command(&format!("hostfwd_add {} {}", f.netdev, f.rule));
+            match said {
+                Ok(text) if text.trim().is_empty() => None,
+                Ok(text) => Some(format!(
+                    "host port forward {} of {}: {}",
+                    f.rule,
+                    f.netdev,
+                    text.trim()
+                )),
+                Err(e) => Some(format!("host port forward {} of {}: {e}", f.rule, f.netdev)),
+            }
+        })
+        .collect()
 }
 
 /// The watchdog's step once the destination confirmed it has the guest.
