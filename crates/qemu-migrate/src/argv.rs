@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 /// Options that take a value and only wire this run; left out of the VM's identity.
 const RUN_OPTIONS_WITH_VALUE: &[&str] = &[
+    "-loadvm",
     "-monitor",
     "-qmp",
     "-qmp-pretty",
@@ -61,7 +62,7 @@ pub fn vm_options(args: &[String]) -> Vec<String> {
 /// The options to start a QEMU that takes over a VM with: the original
 /// run's options (its monitors too, so the user's recipes keep working)
 /// without -incoming, -daemonize, -pidfile and -S, which the taker sets
-/// itself, and without unix sockets in directories that are gone or that
+/// itself, and -loadvm, whose state the migration replaces, and without unix sockets in directories that are gone or that
 /// QEMU is to connect to and are gone (a VM restored by qemu-migrate carries
 /// the private QMP socket of that run).
 #[must_use]
@@ -70,7 +71,9 @@ pub fn restart_options(args: &[String]) -> Vec<String> {
     let mut i = 0;
     while i < args.len() {
         let a = canonical(&args[i]);
-        if matches!(a, "-incoming" | "-pidfile") {
+        // `-loadvm` loaded a snapshot when the VM first started: a QEMU
+        // taking the VM over gets its state from the migration instead.
+        if matches!(a, "-incoming" | "-pidfile" | "-loadvm") {
             i += 2;
             continue;
         }
