@@ -111,6 +111,7 @@ fn quit(sock: &Path) {
     let options = qemu_monitor::Options {
         timeout: Duration::from_secs(30),
         wait_socket: None,
+        mux_escape: false,
     };
     let mut m = qemu_monitor::connect(sock.to_path_buf(), &options).expect("monitor");
     m.quit().expect("quit");

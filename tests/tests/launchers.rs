@@ -126,7 +126,14 @@ impl Case {
             .map(|m| {
                 let m = case.fill(m);
                 let (kind, addr) = m.split_once(':').expect("kind:address");
-                (kind == "qmp", addr.to_string())
+                match kind {
+                    // A human monitor on a mux chardev shared with a console.
+                    "mux" => (
+                        false,
+                        format!("mux:{}", addr.strip_prefix("unix:").unwrap_or(addr)),
+                    ),
+                    _ => (kind == "qmp", addr.to_string()),
+                }
             })
             .collect();
         for s in &e.setup {
@@ -145,6 +152,13 @@ impl Case {
         let mut out = s
             .replace("{dir}", &self.dir.path().display().to_string())
             .replace("{kernel}", &guest().display().to_string());
+        if out.contains("{vncdisplay}") {
+            let display = *self
+                .ports
+                .entry("vncdisplay".into())
+                .or_insert_with(free_vnc_display);
+            out = out.replace("{vncdisplay}", &display.to_string());
+        }
         while let Some(start) = out.find("{port") {
             let end = start + out[start..].find('}').expect("a closed placeholder");
             let key = out[start + 1..end].to_string();
@@ -200,6 +214,16 @@ impl Case {
     /// Runs `cont` or asks the run state through monitor `i`; returns what it printed.
     fn command(&self, i: usize, what: &str) -> Result<String, String> {
         let (qmp, addr) = &self.monitors[i];
+        if let Some(path) = addr.strip_prefix("mux:") {
+            return mux_command(
+                Path::new(path),
+                if what == "cont" {
+                    "cont"
+                } else {
+                    "info status"
+                },
+            );
+        }
         let mut cmd = Command::new(bin("monitor-send"));
         cmd.args(["--timeout", "10s", "--wait-socket", "10s"]);
         if *qmp {
@@ -354,6 +378,49 @@ impl Drop for Case {
     }
 }
 
+/// Runs `line` on the human monitor of the mux chardev at `path`: when the
+/// console has the focus nothing greets, and Ctrl-A c brings the monitor
+/// forward, as a person at the console would type it.
+fn mux_command(path: &Path, line: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let read_until = |s: &mut std::os::unix::net::UnixStream, what: &str, within: Duration| {
+        let deadline = Instant::now() + within;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains(what) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(String::from_utf8_lossy(&got).into_owned());
+            }
+            s.set_read_timeout(Some(left)).unwrap();
+            match s.read(&mut buf) {
+                Ok(0) => return Err(String::from_utf8_lossy(&got).into_owned()),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(_) => {}
+            }
+        }
+        Ok(String::from_utf8_lossy(&got).into_owned())
+    };
+    if read_until(&mut s, "(qemu) ", Duration::from_millis(300)).is_err() {
+        s.write_all(b"\x01c").map_err(|e| e.to_string())?;
+        read_until(&mut s, "(qemu) ", Duration::from_secs(10))
+            .map_err(|got| format!("{}: no monitor after Ctrl-A c: {got:?}", path.display()))?;
+    }
+    s.write_all(format!("{line}\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    read_until(&mut s, "\r\n(qemu) ", Duration::from_secs(10))
+        .map_err(|got| format!("{}: no reply to {line}: {got:?}", path.display()))
+}
+
+/// A VNC display number whose port (5900 + N) was free a moment ago.
+fn free_vnc_display() -> u16 {
+    (100..2000)
+        .find(|d| std::net::TcpListener::bind(("127.0.0.1", 5900 + d)).is_ok())
+        .expect("a free VNC display")
+}
+
 /// Processes (other than this one) whose command line holds `needle`.
 fn processes_naming(needle: &str) -> Vec<i32> {
     let me = std::process::id() as i32;
@@ -387,7 +454,8 @@ enum Outcome {
 fn run(qemu: &Path, e: &Entry, op: Op) -> Result<Outcome, String> {
     let case = Case::new(e);
     case.start(qemu)?;
-    let monitor = case.monitors[0].1.clone();
+    let first = &case.monitors[0].1;
+    let monitor = first.strip_prefix("mux:").unwrap_or(first).to_string();
     let state = case.path("state");
     let state = state.to_str().unwrap();
     let out = match op {

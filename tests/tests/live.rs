@@ -142,6 +142,7 @@ fn hmp_status(path: &Path) -> (String, u32) {
     let options = Options {
         timeout: Duration::from_secs(10),
         wait_socket: None,
+        mux_escape: false,
     };
     let mut s = qemu_monitor::connect_hmp(path.to_path_buf(), &options)
         .unwrap_or_else(|e| panic!("connecting to {}: {e}", path.display()));

@@ -16,6 +16,7 @@ fn who(path: &Path) -> (u32, String) {
     let options = Options {
         timeout: Duration::from_secs(10),
         wait_socket: None,
+        mux_escape: false,
     };
     let mut m =
         qemu_monitor::connect(path, &options).unwrap_or_else(|e| panic!("{}: {e}", path.display()));

@@ -285,6 +285,7 @@ fn running_qemu_at(sock: &Path, not: Option<u32>, deadline: Instant) -> qemu_mon
     let options = Options {
         timeout: Duration::from_secs(10),
         wait_socket: None,
+        mux_escape: false,
     };
     loop {
         assert!(

@@ -227,6 +227,7 @@ fn root_restores_another_users_vm_only_when_told_to() {
             &qemu_monitor::Options {
                 timeout: Duration::from_secs(20),
                 wait_socket: Some(Duration::from_secs(20)),
+                mux_escape: false,
             },
         );
         assert!(up.is_ok(), "QEMU as nobody: {:?}", up.err());

@@ -141,6 +141,7 @@ fn a_live_migration_to_a_newer_local_qemu_pins_the_machine_type() {
     let options = Options {
         timeout: WAIT,
         wait_socket: None,
+        mux_escape: false,
     };
     let mut hmp = qemu_monitor::connect_hmp(src.hmp.clone(), &options).unwrap();
     assert_eq!(u64::from(hmp.peer_pid().unwrap()), dest_pid);
@@ -225,6 +226,7 @@ fn a_live_migration_to_a_receiver_on_a_newer_qemu_without_the_machine_type_is_re
     let options = Options {
         timeout: WAIT,
         wait_socket: None,
+        mux_escape: false,
     };
     let mut hmp = qemu_monitor::connect_hmp(src.hmp.clone(), &options).unwrap();
     assert_eq!(

@@ -180,6 +180,7 @@ impl Runner<'_> {
         let options = Options {
             timeout: job.timeout,
             wait_socket: job.wait_socket,
+            mux_escape: false,
         };
         let mut monitor =
             qemu_monitor::connect(job.addr.clone(), &options).map_err(|e| fatal(&e, 0))?;

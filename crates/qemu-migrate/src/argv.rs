@@ -1,7 +1,7 @@
 //! A QEMU command line: what identifies the VM, and what only wires it to
 //! this particular run (monitors, -incoming, -daemonize, -pidfile).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Options that take a value and only wire this run; left out of the VM's identity.
 const RUN_OPTIONS_WITH_VALUE: &[&str] = &[
@@ -92,11 +92,19 @@ pub fn restart_options(args: &[String]) -> Vec<String> {
             }
         }
         if let Some(value) = args.get(i + 1) {
-            if let Some(rewritten) = appending(a, value, i) {
-                out.extend(rewritten);
-                i += 2;
-                continue;
+            let waits_not = not_waiting(a, value);
+            let value = waits_not.as_deref().unwrap_or(value);
+            match appending(a, value, i) {
+                Some(rewritten) => out.extend(rewritten),
+                None if waits_not.is_some() => out.extend([args[i].clone(), value.to_string()]),
+                None => {
+                    out.push(args[i].clone());
+                    i += 1;
+                    continue;
+                }
             }
+            i += 2;
+            continue;
         }
         out.push(args[i].clone());
         i += 1;
@@ -107,6 +115,41 @@ pub fn restart_options(args: &[String]) -> Vec<String> {
 /// Options whose value is a character device in the short form
 /// (`file:PATH`, `unix:...`, `stdio`, `null`).
 const CHARDEV_SHORTHANDS: &[&str] = &["-serial", "-parallel", "-debugcon"];
+
+/// A server socket that does not hold QEMU's start until a client
+/// connects: `server` without `nowait` (or `server=on` without
+/// `wait=off`) makes QEMU wait, and the client the first run waited for (a
+/// launcher's test harness) is not there for a QEMU that takes over: it
+/// would wait for good. Any socket chardev form, short or long.
+fn not_waiting(option: &str, value: &str) -> Option<String> {
+    let socket = match option {
+        "-chardev" => {
+            let first = value.split(',').next()?;
+            matches!(first, "socket" | "backend=socket")
+        }
+        "-monitor" | "-qmp" | "-qmp-pretty" | "-serial" | "-parallel" | "-debugcon" => {
+            ["unix:", "tcp:", "telnet:", "websocket:", "vsock:"]
+                .iter()
+                .any(|p| value.starts_with(p))
+        }
+        _ => false,
+    };
+    let parts: Vec<&str> = value.split(',').collect();
+    let on = |p: &str, key: &str| {
+        p == key
+            || [("on"), ("yes"), ("true")]
+                .iter()
+                .any(|v| p == format!("{key}={v}"))
+    };
+    let server = parts.iter().any(|p| on(p, "server"));
+    let off = |p: &str| matches!(p, "nowait" | "wait=off" | "wait=no" | "wait=false");
+    if !socket || !server || parts.iter().any(|p| off(p)) {
+        return None;
+    }
+    let mut kept: Vec<&str> = parts.into_iter().filter(|p| !on(p, "wait")).collect();
+    kept.push("wait=off");
+    Some(kept.join(","))
+}
 
 /// A chardev that appends to its files instead of truncating them: the
 /// second QEMU of a VM (restore, live destination, revert) must not wipe
@@ -132,6 +175,17 @@ fn appending(option: &str, value: &str, index: usize) -> Option<Vec<String>> {
             out.push_str(",logappend=on");
         }
         return (out != value).then(|| vec![option.to_string(), out]);
+    }
+    let logs_without_append = value.split(',').any(|p| p.starts_with("logfile="))
+        && !value.split(',').any(|p| p.starts_with("logappend="));
+    if logs_without_append
+        && matches!(
+            option,
+            "-monitor" | "-qmp" | "-qmp-pretty" | "-serial" | "-parallel" | "-debugcon"
+        )
+    {
+        // The short forms take chardev options too (`unix:P,server,logfile=L`).
+        return Some(vec![option.to_string(), format!("{value},logappend=on")]);
     }
     if CHARDEV_SHORTHANDS.contains(&option) {
         let path = value.strip_prefix("file:")?;
@@ -341,6 +395,43 @@ fn unix_socket_path(option: &str, value: &str) -> Option<(PathBuf, bool)> {
     (!path.is_empty()).then(|| (PathBuf::from(path), server))
 }
 
+/// Whether the socket at `addr` is, in `args`, a mux chardev with a
+/// monitor on it: `-chardev socket,…,mux=on` (its monitor a `-mon`), or a
+/// short form with `mon:` (`-serial mon:unix:PATH,server`).
+#[must_use]
+pub fn is_mux_socket(args: &[String], addr: &qemu_monitor::MonitorAddr) -> bool {
+    use qemu_monitor::MonitorAddr;
+    let names = |value: &str| -> bool {
+        let parts: Vec<&str> = value.split(',').collect();
+        let get = |k: &str| parts.iter().find_map(|p| p.strip_prefix(k));
+        let is_abstract = parts
+            .iter()
+            .any(|p| matches!(*p, "abstract" | "abstract=on"));
+        match addr {
+            MonitorAddr::Path(p) => !is_abstract && get("path=").is_some_and(|v| Path::new(v) == p),
+            MonitorAddr::Abstract(n) => is_abstract && get("path=") == Some(n.as_str()),
+            MonitorAddr::Tcp { port, .. } => get("port=") == Some(port.to_string().as_str()),
+        }
+    };
+    let short_names = |value: &str| -> bool {
+        let Ok(short) = MonitorAddr::from_option(value) else {
+            return false;
+        };
+        match (&short, addr) {
+            (MonitorAddr::Tcp { port: a, .. }, MonitorAddr::Tcp { port: b, .. }) => a == b,
+            (MonitorAddr::Path(p), MonitorAddr::Abstract(n)) => {
+                value.contains("abstract=on") && p.as_os_str() == n.as_str()
+            }
+            _ => short == *addr,
+        }
+    };
+    args.windows(2).any(|w| match canonical(&w[0]) {
+        "-chardev" => w[1].split(',').any(|p| matches!(p, "mux=on" | "mux")) && names(&w[1]),
+        "-serial" | "-monitor" | "-parallel" => w[1].strip_prefix("mon:").is_some_and(short_names),
+        _ => false,
+    })
+}
+
 /// Keys whose values are secrets in QEMU options: `-object secret,data=…`,
 /// spice's `password=…`.
 const SECRET_KEYS: &[&str] = &["data", "password", "passwd"];
@@ -430,7 +521,8 @@ mod tests {
         );
         assert_eq!(
             restart_options(&args),
-            v("-m 32 -nodefaults -serial stdio -kernel k -monitor unix:/tmp/s,server,nowait --qmp unix:/q,server")
+            // A server socket without nowait would make the new QEMU wait for a client.
+            v("-m 32 -nodefaults -serial stdio -kernel k -monitor unix:/tmp/s,server,nowait --qmp unix:/q,server,wait=off")
         );
     }
 
@@ -459,6 +551,25 @@ mod tests {
             restart_options(&args),
             v("-m 32 -monitor unix:/tmp/m,server,nowait")
         );
+    }
+
+    #[test]
+    fn a_taken_over_vm_waits_for_no_client_and_appends_to_short_form_logs() {
+        assert_eq!(
+            restart_options(&v("-qmp unix:/tmp/a,server,wait -qmp unix:/tmp/b,server -monitor unix:/tmp/c,server,nowait -chardev socket,id=s,path=/tmp/d,server=on -chardev socket,id=t,path=/tmp/e,server=on,wait=off -serial unix:/tmp/f,server,nowait,logfile=/l/f.log -chardev socket,id=u,path=/tmp/g -qmp tcp:127.0.0.1:1,server=on,wait=on")),
+            v("-qmp unix:/tmp/a,server,wait=off -qmp unix:/tmp/b,server,wait=off -monitor unix:/tmp/c,server,nowait -chardev socket,id=s,path=/tmp/d,server=on,wait=off -chardev socket,id=t,path=/tmp/e,server=on,wait=off -serial unix:/tmp/f,server,nowait,logfile=/l/f.log,logappend=on -qmp tcp:127.0.0.1:1,server=on,wait=off")
+        );
+    }
+
+    #[test]
+    fn finds_monitors_on_mux_chardevs() {
+        use qemu_monitor::MonitorAddr;
+        let args = v("-chardev socket,id=console,path=/r/console.sock,server=on,wait=off,mux=on -mon console -serial mon:telnet:127.0.0.1:4444,server,nowait -chardev socket,id=q,path=/r/q.sock,server=on -mon q,mode=control -chardev socket,id=a,path=abs,abstract=on,server=on,mux=on");
+        assert!(is_mux_socket(&args, &MonitorAddr::parse("/r/console.sock")));
+        assert!(is_mux_socket(&args, &MonitorAddr::tcp("localhost", 4444)));
+        assert!(is_mux_socket(&args, &MonitorAddr::Abstract("abs".into())));
+        assert!(!is_mux_socket(&args, &MonitorAddr::parse("/r/q.sock")));
+        assert!(!is_mux_socket(&args, &MonitorAddr::parse("abs")));
     }
 
     #[test]

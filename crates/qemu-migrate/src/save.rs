@@ -369,6 +369,7 @@ pub(crate) fn put_back(
     let options = qemu_monitor::Options {
         timeout: Duration::from_secs(10),
         wait_socket: Some(Duration::from_secs(5)),
+        mux_escape: crate::vm::is_mux_monitor(addr),
     };
     let Ok(mut monitor) = qemu_monitor::connect(addr.clone(), &options) else {
         os::write_stderr(

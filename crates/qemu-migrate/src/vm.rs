@@ -29,6 +29,44 @@ pub struct Vm {
     pub(crate) replay: crate::replay::Plan,
 }
 
+/// Whether the monitor at `addr` shares a mux chardev with a console (see
+/// [`qemu_monitor::Options::mux_escape`]): the command line of the QEMU
+/// listening there says so.
+pub(crate) fn is_mux_monitor(addr: &MonitorAddr) -> bool {
+    // Read from the kernel's tables: a probing connection would be a
+    // client of its own to a monitor that serves one at a time.
+    let inodes: Vec<u64> = match addr {
+        MonitorAddr::Path(path) => {
+            let name = path.to_string_lossy();
+            os::unix_sockets()
+                .into_iter()
+                .filter(|s| s.listening && s.name == name)
+                .map(|s| s.inode)
+                .collect()
+        }
+        MonitorAddr::Abstract(n) => os::unix_sockets()
+            .into_iter()
+            .filter(|s| s.listening && s.name.strip_prefix('@') == Some(n.as_str()))
+            .map(|s| s.inode)
+            .collect(),
+        MonitorAddr::Tcp { port, .. } => os::tcp_listeners()
+            .into_iter()
+            .filter(|(_, a)| a.port() == *port)
+            .map(|(i, _)| i)
+            .collect(),
+    };
+    if inodes.is_empty() {
+        return false;
+    }
+    let pid = os::socket_holders(&inodes, std::process::id())
+        .into_iter()
+        .next();
+    let Some(args) = pid.and_then(|p| os::process_info(p).ok()).map(|i| i.args) else {
+        return false;
+    };
+    crate::argv::is_mux_socket(&args, addr)
+}
+
 /// A QEMU this process started: its handle, private socket directory and
 /// stderr. It is killed when dropped, unless the [`Vm`] was detached.
 #[derive(Debug)]
@@ -174,9 +212,11 @@ impl Vm {
     /// When the socket cannot be reached, is not a QEMU monitor, or the
     /// process behind it cannot be read.
     pub fn attach(monitor: impl Into<MonitorAddr>, timeout: Duration) -> Result<Vm> {
+        let monitor = monitor.into();
         let options = Options {
             timeout,
             wait_socket: None,
+            mux_escape: is_mux_monitor(&monitor),
         };
         let mut monitor = qemu_monitor::connect(monitor, &options)?;
         let pid = match monitor.tcp_addrs() {

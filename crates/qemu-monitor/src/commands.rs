@@ -53,9 +53,12 @@ impl Monitor {
     }
 
     /// Whether descriptors can be handed to QEMU on this monitor (a unix
-    /// socket): `getfd` needs them.
+    /// socket that is no mux chardev): `getfd` needs them.
     pub fn can_pass_fds(&self) -> bool {
-        self.tcp_addrs().is_none()
+        match self {
+            Monitor::Hmp(s) => s.passes_fds(),
+            Monitor::Qmp(s) => s.passes_fds(),
+        }
     }
 
     /// QEMU's version: from the greeting, or HMP's `info version`.

@@ -258,6 +258,9 @@ pub(crate) struct Connection {
     eof: bool,
     /// Where a telnet command that a read cut in two stands.
     telnet: Telnet,
+    /// The socket is a mux chardev shared with a console: descriptors sent
+    /// on it do not reach the monitor.
+    pub mux: bool,
 }
 
 impl Connection {
@@ -309,6 +312,7 @@ impl Connection {
             scanned: 0,
             eof: false,
             telnet: Telnet::default(),
+            mux: false,
         };
         conn.poll
             .registry()
@@ -332,6 +336,7 @@ impl Connection {
             scanned: 0,
             eof: false,
             telnet: Telnet::default(),
+            mux: false,
         };
         conn.poll.registry().register(
             &mut conn.stream,
@@ -477,6 +482,12 @@ impl Connection {
             }
         }
         Ok(())
+    }
+
+    /// Whether descriptors sent with a message reach QEMU's monitor: on a
+    /// unix socket that is no mux.
+    pub fn passes_fds(&self) -> bool {
+        matches!(self.stream, Stream::Unix(_)) && !self.mux
     }
 
     /// Both ends' addresses of a TCP connection.

@@ -185,6 +185,11 @@ impl HmpSession {
         self.conn.peer_pid()
     }
 
+    /// Whether descriptors can be handed to QEMU on this session (`getfd`).
+    pub fn passes_fds(&self) -> bool {
+        self.conn.passes_fds()
+    }
+
     /// This end's and QEMU's address, on a TCP monitor.
     pub fn tcp_addrs(&self) -> Option<(std::net::SocketAddr, std::net::SocketAddr)> {
         self.conn.tcp_addrs()

@@ -55,6 +55,13 @@ pub struct Options {
     pub timeout: Duration,
     /// Wait this long for a missing, refusing or busy socket to accept.
     pub wait_socket: Option<Duration>,
+    /// The socket is a mux chardev that the human monitor shares with a
+    /// console (`-mon console` on a `mux=on` chardev, `-serial mon:unix:…`):
+    /// when the console has the focus nothing greets, and the mux escape
+    /// (Ctrl-A c) brings the monitor forward. Only for a socket known to be
+    /// one: on a plain monitor busy with another client the escape would
+    /// reach the line editor as keys.
+    pub mux_escape: bool,
 }
 
 impl Default for Options {
@@ -62,6 +69,7 @@ impl Default for Options {
         Options {
             timeout: Duration::from_secs(30),
             wait_socket: None,
+            mux_escape: false,
         }
     }
 }
@@ -88,6 +96,10 @@ pub enum Monitor {
 pub fn connect(addr: impl Into<MonitorAddr>, options: &Options) -> Result<Monitor> {
     let addr = addr.into();
     let mut conn = Connection::connect(&addr, options.wait_socket)?;
+    if options.mux_escape {
+        conn.mux = true;
+        bring_monitor_forward(&mut conn, options.timeout)?;
+    }
     match detect(&mut conn, options.timeout)? {
         Protocol::Hmp => HmpSession::start(conn, options.timeout).map(Monitor::Hmp),
         Protocol::Qmp => QmpSession::start(conn, options.timeout).map(Monitor::Qmp),
@@ -117,6 +129,23 @@ pub fn connect_qmp(addr: impl Into<MonitorAddr>, options: &Options) -> Result<Qm
             addr,
             detail: "it speaks the human monitor (HMP), not QMP".into(),
         }),
+    }
+}
+
+/// How long a mux socket may stay silent before its focus is taken to be
+/// on the console: a monitor that has it greets at once.
+const MUX_QUIET: Duration = Duration::from_millis(300);
+
+/// On a mux chardev: when nothing greets, the escape Ctrl-A c moves the
+/// focus to the monitor, which then prints its banner and prompt.
+fn bring_monitor_forward(conn: &mut Connection, timeout: Duration) -> Result<()> {
+    match conn.read_more(&Wait::new(MUX_QUIET.min(timeout), "greeting")) {
+        Ok(_) => Ok(()),
+        Err(Error::Timeout { .. }) => conn.write_all(
+            b"\x01c",
+            &Wait::new(timeout, "switching the mux to the monitor"),
+        ),
+        Err(e) => Err(e),
     }
 }
 

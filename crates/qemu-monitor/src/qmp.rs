@@ -128,6 +128,32 @@ struct GreetingVersion {
     package: String,
 }
 
+/// The most a single QMP message may take: far above any reply QEMU gives.
+const MAX_MESSAGE: usize = 64 << 20;
+
+/// Reads one JSON message: a line, or several where the monitor prints
+/// them pretty (`-mon …,mode=control,pretty=on`, `-qmp-pretty`), one value
+/// spread over lines. Returns the text as it came and what it parses to.
+fn read_json(
+    conn: &mut Connection,
+    wait: &Wait,
+) -> Result<(String, std::result::Result<Value, serde_json::Error>)> {
+    let mut raw = String::new();
+    loop {
+        let line = conn.read_through(b"\n", wait)?;
+        raw.push_str(&String::from_utf8_lossy(&line));
+        let text = raw.trim_end();
+        if text.is_empty() {
+            raw.clear();
+            continue;
+        }
+        match serde_json::from_str::<Value>(text) {
+            Err(e) if e.is_eof() && raw.len() < MAX_MESSAGE => continue,
+            parsed => return Ok((text.to_string(), parsed)),
+        }
+    }
+}
+
 enum Message {
     Reply(Reply, Option<Value>),
     Event(Event),
@@ -142,9 +168,8 @@ impl QmpSession {
         // kept, in order, for the caller.
         let mut early = VecDeque::new();
         let (raw, value) = loop {
-            let line = conn.read_through(b"\n", &wait)?;
-            let raw = String::from_utf8_lossy(&line).trim_end().to_string();
-            let value: Value = serde_json::from_str(&raw).map_err(|e| Error::NotAMonitor {
+            let (raw, value) = read_json(&mut conn, &wait)?;
+            let value: Value = value.map_err(|e| Error::NotAMonitor {
                 addr: conn.addr.clone(),
                 detail: format!("its greeting is not JSON ({e}): {}", shorten(&raw)),
             })?;
@@ -267,6 +292,11 @@ impl QmpSession {
         self.conn.peer_pid()
     }
 
+    /// Whether descriptors can be handed to QEMU on this session (`getfd`).
+    pub fn passes_fds(&self) -> bool {
+        self.conn.passes_fds()
+    }
+
     /// This end's and QEMU's address, on a TCP monitor.
     pub fn tcp_addrs(&self) -> Option<(std::net::SocketAddr, std::net::SocketAddr)> {
         self.conn.tcp_addrs()
@@ -345,9 +375,8 @@ impl QmpSession {
     }
 
     fn read_message(&mut self, wait: &Wait) -> Result<Message> {
-        let line = self.conn.read_through(b"\n", wait)?;
-        let raw = String::from_utf8_lossy(&line).trim_end().to_string();
-        let value: Value = serde_json::from_str(&raw).map_err(|e| Error::NotAMonitor {
+        let (raw, value) = read_json(&mut self.conn, wait)?;
+        let value: Value = value.map_err(|e| Error::NotAMonitor {
             addr: self.conn.addr.clone(),
             detail: format!("it sent a line that is not JSON ({e}): {}", shorten(&raw)),
         })?;

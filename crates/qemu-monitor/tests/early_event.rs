@@ -33,6 +33,7 @@ fn options() -> Options {
     Options {
         timeout: Duration::from_secs(10),
         wait_socket: None,
+        mux_escape: false,
     }
 }
 

@@ -100,6 +100,7 @@ impl FilledVm {
             &Options {
                 timeout: Duration::from_secs(120),
                 wait_socket: Some(Duration::from_secs(10)),
+                mux_escape: false,
             },
         )?;
         // QMP answers after every chardev exists, so the serial socket is there.

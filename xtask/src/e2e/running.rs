@@ -151,6 +151,7 @@ pub(super) fn harness(sock: &Path, timeout: Duration) -> Result<Monitor, Failure
         &Options {
             timeout,
             wait_socket: Some(Duration::from_secs(20)),
+            mux_escape: false,
         },
     )
     .map_err(Failure::of("monitor"))

@@ -141,6 +141,7 @@ fn session(job: &Job, tally: &mut Tally) {
     let options = Options {
         timeout: job.timeout,
         wait_socket: job.wait_socket,
+        mux_escape: false,
     };
     let monitor = match qemu_monitor::connect(job.addr.clone(), &options) {
         Ok(m) => m,

@@ -394,6 +394,7 @@ impl Undo {
         let options = qemu_monitor::Options {
             timeout: Duration::from_secs(10),
             wait_socket: Some(Duration::from_secs(5)),
+            mux_escape: crate::vm::is_mux_monitor(&self.source),
         };
         let source_addr = |sockets: &SocketHandover, addr: &qemu_monitor::MonitorAddr| match addr {
             qemu_monitor::MonitorAddr::Path(p) => {
