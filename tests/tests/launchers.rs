@@ -314,7 +314,8 @@ impl Case {
     }
 
     /// Every TCP host forward of a user-mode network (`hostfwd=tcp::2222-:22`,
-    /// how launchers reach the guest's ssh) takes connections again.
+    /// how launchers reach the guest's ssh) and the VNC server take
+    /// connections again.
     fn host_forwards_listen(&self) -> Result<(), String> {
         for arg in &self.args {
             for rule in arg
@@ -326,6 +327,17 @@ impl Case {
                 let host = if host.is_empty() { "127.0.0.1" } else { host };
                 std::net::TcpStream::connect((host, port))
                     .map_err(|e| format!("host forward {rule}: {host}:{port}: {e}"))?;
+            }
+        }
+        // The VNC server (`-vnc HOST:N`), where launchers watch the screen.
+        if let Some(at) = self.args.iter().position(|a| a == "-vnc") {
+            let display = self.args[at + 1].split(',').next().unwrap_or_default();
+            if let Some((host, n)) = display.rsplit_once(':') {
+                if let (false, Ok(n)) = (host.starts_with("unix"), n.parse::<u16>()) {
+                    let host = if host.is_empty() { "127.0.0.1" } else { host };
+                    std::net::TcpStream::connect((host, 5900 + n))
+                        .map_err(|e| format!("VNC {display}: {e}"))?;
+                }
             }
         }
         Ok(())
@@ -414,11 +426,17 @@ fn mux_command(path: &Path, line: &str) -> Result<String, String> {
         .map_err(|got| format!("{}: no reply to {line}: {got:?}", path.display()))
 }
 
-/// A VNC display number whose port (5900 + N) was free a moment ago.
+/// A VNC display number whose port (5900 + N) was free a moment ago, and
+/// that no other case of this run was given (they run side by side).
 fn free_vnc_display() -> u16 {
-    (100..2000)
-        .find(|d| std::net::TcpListener::bind(("127.0.0.1", 5900 + d)).is_ok())
-        .expect("a free VNC display")
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    loop {
+        let d = 100 + NEXT.fetch_add(1, Ordering::Relaxed) % 3000;
+        if std::net::TcpListener::bind(("127.0.0.1", 5900 + d)).is_ok() {
+            return d;
+        }
+    }
 }
 
 /// Processes (other than this one) whose command line holds `needle`.

@@ -240,6 +240,24 @@ impl Monitor {
         }
     }
 
+    /// Makes the VNC server listen on the socket `fd` instead of where it
+    /// listens now (`getfd` + `display-update`, QEMU 7.1 and later; QMP
+    /// only). Its other options (sharing, passwords) stay as they were.
+    ///
+    /// # Errors
+    /// When the monitor is HMP, or QEMU refuses.
+    pub fn vnc_listen_on_fd(&mut self, name: &str, fd: BorrowedFd) -> Result<()> {
+        self.getfd(name, fd)?;
+        let args = json!({ "type": "vnc", "addresses": [{ "type": "fd", "str": name }] });
+        match self.qmp("display-update", Some(args)) {
+            Some(r) => r.map(drop),
+            None => Err(Error::NotAMonitor {
+                addr: self.addr().clone(),
+                detail: "display-update needs QMP".into(),
+            }),
+        }
+    }
+
     /// Starts an outgoing migration to `uri`; returns at once.
     ///
     /// # Errors

@@ -110,6 +110,72 @@ pub(super) struct ListenerHandover {
     pub args: Vec<String>,
     /// The copies, and the numbers the destination gets them at.
     pub fds: Vec<(std::os::fd::OwnedFd, i32)>,
+    /// The source's VNC listener, for the destination's VNC server once it
+    /// runs (see [`vnc`]).
+    pub vnc: Option<std::os::fd::OwnedFd>,
+    /// Where the destination's VNC server listens until then.
+    _vnc_dir: Option<tempfile::TempDir>,
+}
+
+/// A VNC server on TCP (`-vnc :1`, `-vnc 127.0.0.1:5,share=…`): its option
+/// has no descriptor form, so the destination starts listening on a
+/// private unix socket with the same options, and is then handed a copy of
+/// the source's listener (`display-update`). Returns the destination's
+/// options and the copy.
+fn vnc(
+    args: &[String],
+    pid: u32,
+    ports: &[(i32, std::net::SocketAddr)],
+) -> Result<(
+    Vec<String>,
+    Option<std::os::fd::OwnedFd>,
+    Option<tempfile::TempDir>,
+)> {
+    let Some(at) = args
+        .iter()
+        .position(|a| matches!(a.as_str(), "-vnc" | "--vnc"))
+    else {
+        return Ok((args.to_vec(), None, None));
+    };
+    let Some(value) = args.get(at + 1) else {
+        return Ok((args.to_vec(), None, None));
+    };
+    let (display, options) = value.split_once(',').unwrap_or((value, ""));
+    let number = display
+        .rsplit_once(':')
+        .filter(|_| !display.starts_with("unix:") && !display.starts_with("vsock:"))
+        .and_then(|(_, d)| d.parse::<u16>().ok());
+    let Some(number) = number else {
+        return Ok((args.to_vec(), None, None));
+    };
+    if options
+        .split(',')
+        .any(|o| o.starts_with("websocket") || o.starts_with("to="))
+    {
+        // Another port (or a range) the tool does not hand over: QEMU's own
+        // refusal, before any RAM moves, says which.
+        return Ok((args.to_vec(), None, None));
+    }
+    let Some(&(fd, _)) = ports.iter().find(|(_, a)| a.port() == 5900 + number) else {
+        return Ok((args.to_vec(), None, None));
+    };
+    let copy = os::copy_fd_of(pid, fd).map_err(|source| Error::Os {
+        what: "taking a copy of the source's VNC listener for the destination",
+        source,
+    })?;
+    let dir = tempfile::Builder::new()
+        .prefix("qemu-migrate-vnc-")
+        .tempdir()
+        .map_err(Error::os(
+            "creating a private directory for the destination's VNC",
+        ))?;
+    let mut out = args.to_vec();
+    out[at + 1] = format!(
+        "unix:{}{}{options}",
+        dir.path().join("vnc.sock").display(),
+        if options.is_empty() { "" } else { "," }
+    );
+    Ok((out, Some(copy), Some(dir)))
 }
 
 /// Where a server option listens, when no path does.
@@ -154,8 +220,9 @@ impl ListenerHandover {
     pub(super) fn prepare(args: &[String], pid: u32) -> Result<ListenerHandover> {
         let ports = os::tcp_listening_fds(pid);
         let names = os::abstract_listening_fds(pid);
+        let (args, vnc, vnc_dir) = vnc(args, pid, &ports)?;
         let mut fds = Vec::new();
-        let args = rewrite_servers(args, &mut |listen| {
+        let args = rewrite_servers(&args, &mut |listen| {
             let fd = match listen {
                 Listen::Port(port) => ports.iter().find(|(_, a)| a.port() == *port).map(|p| p.0),
                 Listen::Abstract(name) => names.iter().find(|(_, n)| n == name).map(|p| p.0),
@@ -171,7 +238,12 @@ impl ListenerHandover {
             fds.push((copy, number));
             Ok(Some(number))
         })?;
-        Ok(ListenerHandover { args, fds })
+        Ok(ListenerHandover {
+            args,
+            fds,
+            vnc,
+            _vnc_dir: vnc_dir,
+        })
     }
 }
 

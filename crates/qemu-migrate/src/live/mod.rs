@@ -204,15 +204,29 @@ pub fn live(
                 destination::local_qemu(vm, options.destination_qemu.as_deref())?;
             pinned = p;
             // --
-            let listeners = ListenerHandover::prepare(&dest_args, vm.pid())?;
-            passed.extend(listeners.fds);
+            let mut listeners = ListenerHandover::prepare(&dest_args, vm.pid())?;
+            passed.append(&mut listeners.fds);
             // Host forwards listen on ports the source holds: the
             // destination gets them once the source is gone.
             let (dest_args, held) = argv::without_host_forwards(&listeners.args);
             forwards = held;
             sockets = SocketHandover::keep_source(vm.args(), vm.pid())?;
             match destination::start_local(vm, &dest_qemu, &dest_args, passed) {
-                Ok((dest, dir, uri)) => {
+                Ok((mut dest, dir, uri)) => {
+                    if let Some(fd) = listeners.vnc.take() {
+                        // Both servers accept on the one socket until the source quits.
+                        use std::os::fd::AsFd;
+                        if let Err(e) = dest
+                            .monitor
+                            .vnc_listen_on_fd("qemu-migrate-vnc", fd.as_fd())
+                        {
+                            drop(dest);
+                            sockets.back_to_source();
+                            return Err(e.into());
+                        }
+                    }
+                    // The VNC server left its private socket: the directory may go.
+                    drop(listeners);
                     local = Some((dest, dir));
                     uri
                 }
