@@ -42,6 +42,10 @@ struct Entry {
     monitors: Vec<String>,
     #[serde(default)]
     setup: Vec<String>,
+    /// Processes the VM depends on (a TPM emulator), started before QEMU,
+    /// each until it forks into the background.
+    #[serde(default)]
+    backends: Vec<String>,
     args: String,
     /// Operations (`save`, `instant`, `live`, `checkpoint`) this shape is
     /// refused for, with words the refusal must hold.
@@ -136,6 +140,15 @@ impl Case {
                 }
             })
             .collect();
+        for b in &e.backends {
+            let b = case.fill(b);
+            let mut words = b.split_whitespace();
+            let out = Command::new(words.next().expect("a program"))
+                .args(words)
+                .output()
+                .unwrap_or_else(|e| panic!("{b}: {e}"));
+            assert!(out.status.success(), "{b}: {}", said(&out));
+        }
         for s in &e.setup {
             let s = case.fill(s);
             let out = Command::new("qemu-img")

@@ -19,6 +19,7 @@ pub fn install_deps(root: &Path) -> anyhow::Result<()> {
             "setpriv",
             "mkfs.ext4",
             "debugfs",
+            "swtpm",
         ]
         .iter()
         .all(|t| which(t));
@@ -28,7 +29,7 @@ pub fn install_deps(root: &Path) -> anyhow::Result<()> {
     if !which("apt-get") {
         bail!(
             "QEMU or a tool the tests use is missing and this is not a Debian machine: install \
-             qemu-system-x86, qemu-utils, socat, netcat-openbsd, strace, util-linux and e2fsprogs by hand"
+             qemu-system-x86, qemu-utils, socat, netcat-openbsd, strace, util-linux, e2fsprogs and swtpm by hand"
         );
     }
     let script = root.join(".ci/install-deps");
