@@ -36,7 +36,9 @@ mod state;
 use std::time::Duration;
 
 pub use addr::MonitorAddr;
-pub use block::{BlockDevice, DiskSnapshot, ImageInfo, SnapshotTarget};
+pub use block::{
+    overlay_node_name, BlockDevice, BlockGraph, BlockNode, DiskSnapshot, ImageInfo, SnapshotTarget,
+};
 pub use commands::migration_event_status;
 pub use conn::Socket;
 pub use error::{Error, ErrorKind, Result};
