@@ -4,24 +4,43 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use qemu_monitor::{BlockDevice, DiskSnapshot, SnapshotTarget};
+use qemu_monitor::{BlockDevice, BlockGraph, DiskSnapshot, SnapshotTarget};
 
-use super::cmdline::{self, Swap};
+use super::cmdline::{self, Lift, Top};
 use super::overlay::{self, Made};
 use super::record::{Disk, DiskRecord, Image};
 use crate::error::{Error, Result};
 use crate::vm::Vm;
 
-/// A writable, file-backed disk as the monitor and its images tell it.
+/// A writable, file-backed disk as the monitor, the block graph and its
+/// images tell it.
 #[derive(Debug)]
 struct Found {
+    /// Its name: the command line's top node, else the drive id.
     name: String,
+    /// Where a snapshot goes: the device's top node as QEMU has it now.
     target: SnapshotTarget,
     virtual_size: u64,
-    /// Absolute path and format, top first.
-    chain: Vec<(PathBuf, String)>,
+    /// Its images, top first.
+    chain: Vec<Link>,
+    /// How many images at the top of `chain` the command line does not
+    /// define: overlays an earlier checkpoint put there.
+    above: usize,
+    /// Where the command line defines `chain[above]`; `None` when it does
+    /// not define any image of this disk (a disk added at run time).
+    top: Option<Top>,
     /// The overlay the VM goes on writing to, for a checkpoint of a VM that lives on.
     overlay: Option<PathBuf>,
+}
+
+/// One image of a disk's chain.
+#[derive(Debug, Clone)]
+struct Link {
+    /// Absolute path.
+    path: PathBuf,
+    format: String,
+    /// QEMU's node name for it, where the block graph tells it.
+    node: Option<String>,
 }
 
 /// The disks of a VM being saved, from before the pause to the manifest.
@@ -54,11 +73,19 @@ impl Freeze {
             .or_else(|_| std::env::current_dir())
             .unwrap_or_else(|_| PathBuf::from("/"));
         let devices = vm.monitor.block_devices()?;
+        // Node names tell a -blockdev chain's images apart; a QEMU whose
+        // human monitor has no `info block -n` still has its -drive disks
+        // known by file.
+        let graph = match vm.monitor.block_graph() {
+            Ok(g) => g,
+            Err(_) if vm.monitor.protocol() == qemu_monitor::Protocol::Hmp => BlockGraph::default(),
+            Err(e) => return Err(e.into()),
+        };
         let qemu_img = overlay::qemu_img(vm.binary());
         let mut disks = Vec::new();
         let mut not_files = Vec::new();
         for d in devices.iter().filter(|d| !d.read_only) {
-            match found(d, &cwd, &qemu_img) {
+            match found(d, &graph, &cwd, &qemu_img, vm.args()) {
                 Ok(Some(f)) => disks.push(f),
                 Ok(None) => {}
                 Err(why) => not_files.push(why),
@@ -70,6 +97,19 @@ impl Freeze {
                  frozen under an overlay; detach the others, or save without --with-disks and \
                  keep those disks consistent yourself",
                 not_files.join("; ")
+            )));
+        }
+        let undefined: Vec<&str> = disks
+            .iter()
+            .filter(|d| d.top.is_none())
+            .map(|d| d.name.as_str())
+            .collect();
+        if with_disks && !undefined.is_empty() {
+            return Err(Error::Disk(format!(
+                "cannot checkpoint this VM's disks: the VM's command line defines none of the \
+                 images of {} (added while it ran?), so a restore could not give it its overlay; \
+                 detach it, or save without --with-disks",
+                undefined.join(", ")
             )));
         }
         let hmp = vm.monitor.protocol() == qemu_monitor::Protocol::Hmp;
@@ -95,7 +135,9 @@ impl Freeze {
         if with_disks && lives_on {
             let name = statefile.file_name().unwrap_or_default().to_string_lossy();
             for d in &mut freeze.disks {
-                let (top, format) = &d.chain[0];
+                let Link {
+                    path: top, format, ..
+                } = &d.chain[0];
                 let dir = top.parent().unwrap_or(Path::new("/"));
                 let stem = format!(
                     "{}.after-{}",
@@ -153,21 +195,24 @@ impl Freeze {
         }
     }
 
-    /// The command line as the VM now runs: a disk whose top image is an
-    /// overlay its options do not name (a checkpoint taken earlier) is
-    /// pointed at that overlay, so a restore never writes to a frozen image.
+    /// The command line as the VM ran before this save: a disk with
+    /// overlays its options do not define (checkpoints taken earlier) gets
+    /// them put on the image they do define, so a restore never writes to a
+    /// frozen image. Every other option stays as it was.
     #[must_use]
     pub fn current_args(&self, args: &[String]) -> Vec<String> {
-        let swaps: Vec<Swap> = self
+        let lifts: Vec<Lift> = self
             .disks
             .iter()
-            .filter(|d| d.chain.len() > 1 && d.chain[0].1 == "qcow2")
-            .map(|d| Swap {
-                from: d.chain[1..].iter().map(|(p, _)| p.clone()).collect(),
-                to: d.chain[0].0.clone(),
+            .filter(|d| d.above > 0)
+            .filter_map(|d| {
+                Some(Lift {
+                    top: d.top.clone()?,
+                    overlays: d.chain[..d.above].iter().map(|l| l.path.clone()).collect(),
+                })
             })
             .collect();
-        cmdline::point_disks(args, &self.cwd, &swaps).0
+        cmdline::lift_disks(args, &self.cwd, &lifts).0
     }
 
     /// What the manifest records, read once QEMU has written its last byte
@@ -185,10 +230,18 @@ impl Freeze {
             let images = d
                 .chain
                 .iter()
-                .map(|(p, f)| Image::read(p, f))
+                .map(|l| {
+                    let mut image = Image::read(&l.path, &l.format)?;
+                    image.node = l.node.clone().filter(|n| !n.starts_with('#'));
+                    Ok(image)
+                })
                 .collect::<Result<Vec<_>>>()?;
             disks.push(Disk {
                 name: d.name.clone(),
+                node: match &d.top {
+                    Some(Top::Node(n)) => Some(n.clone()),
+                    _ => None,
+                },
                 virtual_size: d.virtual_size,
                 images,
                 source_overlay: d.overlay.clone(),
@@ -210,21 +263,26 @@ impl Freeze {
 }
 
 /// A writable disk with a medium: `Ok(None)` for an empty drive, `Err`
-/// saying why a disk is not a plain file.
+/// saying why a disk is not a plain file. Its images come from
+/// `query-block` (or `qemu-img` where the human monitor tells too little);
+/// the block graph names the node of each, walking down from the device's
+/// top node, and so tells which one the command line `args` define.
 fn found(
     d: &BlockDevice,
+    graph: &BlockGraph,
     cwd: &Path,
     qemu_img: &Path,
+    args: &[String],
 ) -> std::result::Result<Option<Found>, String> {
     let Some(image) = &d.image else {
         return Ok(None);
     };
-    let name = if d.device.is_empty() {
+    let device_name = if d.device.is_empty() {
         d.node_name.clone().unwrap_or_default()
     } else {
         d.device.clone()
     };
-    let not_file = |what: &str| format!("{name} is {what}");
+    let not_file = |what: &str| format!("{device_name} is {what}");
     let mut chain = Vec::new();
     // The human monitor tells neither sizes nor backing formats: then the images are asked.
     let ask_images =
@@ -237,24 +295,67 @@ fn found(
         if !std::fs::metadata(&p).is_ok_and(|m| m.is_file()) {
             return Err(not_file(&format!("not a regular file ({})", p.display())));
         }
-        chain.push((p, i.format.clone()));
+        chain.push(Link {
+            path: p,
+            format: i.format.clone(),
+            node: None,
+        });
     }
     let mut virtual_size = image.virtual_size;
     if ask_images {
-        let (c, size) = qemu_img_chain(qemu_img, &chain[0].0).map_err(|e| not_file(&e))?;
-        chain = c;
+        let (c, size) = qemu_img_chain(qemu_img, &chain[0].path).map_err(|e| not_file(&e))?;
+        chain = c
+            .into_iter()
+            .map(|(path, format)| Link {
+                path,
+                format,
+                node: None,
+            })
+            .collect();
         virtual_size = Some(size);
     }
+    if let Some(root) = &d.node_name {
+        // Each image's node, as long as the graph's chain and the images agree.
+        for (link, node) in chain.iter_mut().zip(graph.chain(root)) {
+            let path = node
+                .path()
+                .map(|p| cmdline::absolute(cwd, &p.display().to_string()));
+            if path.as_ref() != Some(&link.path) {
+                break;
+            }
+            link.node = Some(node.node_name.clone());
+        }
+    }
+    let names = cmdline::blockdev_names(args);
+    let files = cmdline::drive_files(args, cwd);
+    let defined = chain.iter().enumerate().find_map(|(i, l)| {
+        if let Some(n) = l.node.as_ref().filter(|n| names.contains(n)) {
+            return Some((i, Top::Node(n.clone())));
+        }
+        files
+            .contains(&l.path)
+            .then(|| (i, Top::File(l.path.clone())))
+    });
+    let (above, top) = match defined {
+        Some((i, top)) => (i, Some(top)),
+        None => (0, None),
+    };
     let target = if d.device.is_empty() {
-        SnapshotTarget::Node(name.clone())
+        SnapshotTarget::Node(device_name.clone())
     } else {
-        SnapshotTarget::Device(name.clone())
+        SnapshotTarget::Device(device_name.clone())
+    };
+    let name = match &top {
+        Some(Top::Node(n)) => n.clone(),
+        _ => device_name,
     };
     Ok(Some(Found {
         name,
         target,
         virtual_size: virtual_size.unwrap_or(0),
         chain,
+        above,
+        top,
         overlay: None,
     }))
 }

@@ -3,8 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use super::cmdline::{self, Swap};
+use super::cmdline::{self, Lift, Top};
 use super::overlay::{self, Made};
+use super::record::DiskRecord;
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
 
@@ -57,37 +58,59 @@ pub fn thaw(
             .unwrap_or(Path::new("."))
             .to_path_buf(),
     };
+    let tops = tops(record, statefile, args)?;
     let name = statefile.file_name().unwrap_or_default().to_string_lossy();
     let mut made = Made::default();
-    let mut swaps = Vec::new();
-    for d in &record.disks {
-        let top = &d.images[0];
+    let mut lifts = Vec::new();
+    for (d, top) in record.disks.iter().zip(tops) {
+        let frozen = &d.images[0];
         let stem = format!("{}.{}", overlay::label(&name), overlay::label(&d.name));
         let path = overlay::reserve(&dir, &stem)?;
         let path = std::path::absolute(&path).unwrap_or(path);
         made.paths.push(path.clone());
-        overlay::create(&path, &top.path, &top.format, d.virtual_size)?;
-        swaps.push(Swap {
-            from: d.images.iter().map(|i| i.path.clone()).collect(),
-            to: path,
+        overlay::create(&path, &frozen.path, &frozen.format, d.virtual_size)?;
+        lifts.push(Lift {
+            top,
+            overlays: vec![path],
         });
     }
-    let (args, found) = cmdline::point_disks(args, &record.cwd, &swaps);
-    let missing: Vec<String> = record
-        .disks
-        .iter()
-        .zip(found)
-        .filter(|(_, f)| !f)
-        .map(|(d, _)| format!("{} ({})", d.name, d.images[0].path.display()))
-        .collect();
+    let (args, _) = cmdline::lift_disks(args, &record.cwd, &lifts);
+    Ok(Thawed { args, made })
+}
+
+/// Where `args` define each frozen disk's top image, the one its fresh
+/// overlay goes on: its `-blockdev` node, else the `-drive` or `-hda`
+/// naming the file.
+///
+/// # Errors
+/// [`Error::Disk`] naming each disk `args` do not define, before anything
+/// is made or stopped.
+pub fn tops(record: &DiskRecord, statefile: &Path, args: &[String]) -> Result<Vec<Top>> {
+    let names = cmdline::blockdev_names(args);
+    let mut tops = Vec::new();
+    let mut missing = Vec::new();
+    for d in &record.disks {
+        let node = d
+            .node
+            .clone()
+            .or_else(|| names.contains(&d.name).then(|| d.name.clone()));
+        let top = match node {
+            Some(n) => Top::Node(n),
+            None => Top::File(d.images[0].path.clone()),
+        };
+        if !cmdline::defines(args, &record.cwd, &top) {
+            missing.push(format!("{} ({})", d.name, d.images[0].path.display()));
+        }
+        tops.push(top);
+    }
     if !missing.is_empty() {
         return Err(Error::Disk(format!(
-            "{}: these options name none of the images of the checkpoint's disk {}: it \
-             cannot be given its overlay (a -drive file=, -blockdev filename= or -hda naming \
-             the frozen image is expected)",
+            "{}: these options do not define the top image of the checkpoint's disk {}: it \
+             cannot be given its overlay (a -blockdev node of that name, or a -drive file= or \
+             -hda naming the frozen image, is expected)",
             statefile.display(),
             missing.join(", ")
         )));
     }
-    Ok(Thawed { args, made })
+    Ok(tops)
 }

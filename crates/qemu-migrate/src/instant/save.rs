@@ -140,8 +140,13 @@ pub(crate) fn save(
     let report = outcome.expect("run_migration returns only successful splits");
     // Disks are flushed and let go by QEMU at completion: what they are now
     // is what the saved memory describes.
-    let guarded = match crate::guard::record(vm) {
-        Ok(f) => f,
+    // The options as the VM runs: with the overlays of an earlier checkpoint.
+    let recorded = crate::guard::record(vm).and_then(|g| {
+        let disks = crate::checkpoint::freeze::Freeze::prepare(vm, path, false, false)?;
+        Ok((g, disks.current_args(vm.args())))
+    });
+    let (guarded, args) = match recorded {
+        Ok(r) => r,
         Err(e) => {
             cleanup();
             if was_running && !options.live {
@@ -153,7 +158,7 @@ pub(crate) fn save(
 
     let plain = crate::save::manifest_of(
         vm,
-        vm.args().to_vec(),
+        args,
         &head,
         (stream_bytes, stream_crc),
         ram_bytes,
