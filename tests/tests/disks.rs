@@ -1,0 +1,386 @@
+//! Disks as launchers give them, against a real QEMU: a libvirt-style
+//! `-blockdev` chain (base ← mid ← top, each a `file` node under a `qcow2`
+//! node), `-drive` with `if=none` and a device, `if=virtio`, `-hda`, IDE,
+//! AHCI and SCSI disks, read-only disks, CD-ROMs, `file.locking=off`,
+//! pflash firmware and its variables, `snapshot=on`, and qcow2 images that
+//! name their backing file relative to themselves.
+//!
+//! The contract: a save then a restore carries on (the test guest keeps
+//! ticking from where it was, with no second `BOOT` banner), the restored
+//! QEMU opens each image once (`query-named-block-nodes` shows every node
+//! on its own file), the manifest names the right file for each node, and a
+//! checkpoint restores and reverts on a chain; what cannot be restored is
+//! refused in words while the VM still runs. The test guest has no disk
+//! driver: QEMU still creates, locks and migrates every disk device, which is
+//! what the chains and the locks are about.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use qemu_monitor::BlockGraph;
+use recipe_tests::{bin, guest_logged_to, log_ticks, qemus, wait_log, wait_tick_above, Vm};
+use serde_json::Value;
+
+fn migrate() -> Command {
+    Command::new(bin("qemu-migrate"))
+}
+
+fn ok(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{err}");
+    err
+}
+
+/// `qemu-img create -f qcow2 [-b BACKING -F qcow2] NAME 16M` in `dir`,
+/// the backing file named as given (relative to the new image).
+fn qcow2(dir: &Path, name: &str, backing: Option<&str>) -> PathBuf {
+    let mut cmd = Command::new("qemu-img");
+    cmd.current_dir(dir).args(["create", "-q", "-f", "qcow2"]);
+    if let Some(b) = backing {
+        cmd.args(["-b", b, "-F", "qcow2"]);
+    }
+    let out = cmd
+        .args([name, "16M"])
+        .output()
+        .expect("qemu-img (package qemu-utils)");
+    ok(&out);
+    dir.join(name)
+}
+
+/// A raw file of `len` bytes.
+fn raw(dir: &Path, name: &str, len: u64) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::File::create(&path).unwrap().set_len(len).unwrap();
+    path
+}
+
+/// base ← mid ← top in `dir`, each naming the one below relative to itself.
+fn chain(dir: &Path) -> [PathBuf; 3] {
+    [
+        qcow2(dir, "base.qcow2", None),
+        qcow2(dir, "mid.qcow2", Some("base.qcow2")),
+        qcow2(dir, "top.qcow2", Some("mid.qcow2")),
+    ]
+}
+
+/// libvirt's options for the chain: a `file` node and a `qcow2` node per
+/// image, each format node given the one below by name, the device on top.
+fn libvirt_options(images: &[PathBuf; 3]) -> Vec<String> {
+    let mut o = Vec::new();
+    for (n, image) in [(3, &images[0]), (2, &images[1]), (1, &images[2])] {
+        o.push("-blockdev".to_string());
+        o.push(format!(
+            r#"{{"driver":"file","filename":"{}","node-name":"libvirt-{n}-storage","auto-read-only":true,"discard":"unmap"}}"#,
+            image.display()
+        ));
+        let backing = if n == 3 {
+            "null".to_string()
+        } else {
+            format!("\"libvirt-{}-format\"", n + 1)
+        };
+        o.push("-blockdev".to_string());
+        o.push(format!(
+            r#"{{"node-name":"libvirt-{n}-format","read-only":{},"driver":"qcow2","file":"libvirt-{n}-storage","backing":{backing}}}"#,
+            n != 1
+        ));
+    }
+    o.extend(
+        [
+            "-device",
+            "virtio-blk-pci,drive=libvirt-1-format,id=virtio-disk0",
+        ]
+        .map(String::from),
+    );
+    o
+}
+
+fn monitor_options() -> qemu_monitor::Options {
+    qemu_monitor::Options {
+        timeout: Duration::from_secs(30),
+        wait_socket: None,
+    }
+}
+
+/// The block graph of the QEMU behind the QMP socket `qmp`.
+fn graph(qmp: &Path) -> BlockGraph {
+    let mut m = qemu_monitor::connect(qmp.to_path_buf(), &monitor_options()).expect("monitor");
+    m.block_graph().expect("the block graph")
+}
+
+/// The files the graph's protocol nodes read, each once: a file opened twice
+/// fails the test.
+fn files_opened_once(g: &BlockGraph, what: &str) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = g
+        .nodes
+        .iter()
+        .filter(|n| n.driver == "file")
+        .filter_map(|n| n.path())
+        .collect();
+    files.sort();
+    let mut unique = files.clone();
+    unique.dedup();
+    assert_eq!(files, unique, "{what}: a file opened twice: {g:#?}");
+    files
+}
+
+/// The file node `name` of the graph reads.
+fn file_of(g: &BlockGraph, name: &str) -> PathBuf {
+    g.node(name)
+        .and_then(|n| n.path())
+        .unwrap_or_else(|| panic!("no node {name} with a file: {g:#?}"))
+}
+
+/// The manifest written beside `state`.
+fn manifest(state: &Path) -> Value {
+    let text = std::fs::read_to_string(format!("{}.manifest.json", state.display())).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// How many times the guest booted, by its banners in the log.
+fn boots(log: &Path) -> usize {
+    String::from_utf8_lossy(&std::fs::read(log).unwrap())
+        .lines()
+        .filter(|l| l.starts_with("BOOT "))
+        .count()
+}
+
+/// A QEMU a restore left running in the background, ended when dropped.
+struct Restored {
+    pid: i32,
+}
+
+impl Restored {
+    /// `qemu-migrate ARGS --daemonize --pidfile P STATE`, which must succeed.
+    fn start(args: &[&str], state: &Path, dir: &Path) -> Restored {
+        let pidfile = dir.join("restored.pid");
+        let _ = std::fs::remove_file(&pidfile);
+        ok(&migrate()
+            .args(args)
+            .args(["--daemonize", "--pidfile"])
+            .arg(&pidfile)
+            .arg(state)
+            .output()
+            .unwrap());
+        let pid = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        Restored { pid }
+    }
+}
+
+impl Drop for Restored {
+    fn drop(&mut self) {
+        // SAFETY: a signal to the QEMU this test restored.
+        unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        testkit::wait_gone(self.pid.unsigned_abs(), Duration::from_secs(30));
+    }
+}
+
+/// The guest carried on in the log after a restore of a state saved at
+/// tick `last`: more ticks, and still one banner.
+fn carries_on(log: &Path, last: u64, what: &str) {
+    wait_tick_above(log, last + 2);
+    assert_eq!(boots(log), 1, "{what}: the guest booted again");
+    let t = log_ticks(log);
+    let after: Vec<u64> = t.iter().copied().skip_while(|&n| n <= last).collect();
+    assert!(
+        after.windows(2).all(|w| w[1] == w[0] + 1),
+        "{what}: the count did not carry on: {t:?}"
+    );
+}
+
+/// The last tick in the log once the VM is gone.
+fn last_tick(log: &Path) -> u64 {
+    *log_ticks(log).last().expect("ticks before the save")
+}
+
+#[test]
+fn a_libvirt_chain_is_saved_and_restored_with_each_node_on_its_own_file() {
+    for qemu in qemus() {
+        let what = format!("{}", qemu.display());
+        let dir = tempfile::tempdir().unwrap();
+        let images = chain(dir.path());
+        let log = dir.path().join("serial.log");
+        let mut options = guest_logged_to(&log);
+        options.extend(libvirt_options(&images));
+        let mut source = Vm::start(&qemu, &options);
+        wait_log(&log, "tick 3", |t| t.contains(&3));
+        let state = dir.path().join("state");
+        ok(&migrate()
+            .args(["save", "--then", "quit", "--monitor"])
+            .arg(&source.qmp_path)
+            .arg(&state)
+            .output()
+            .unwrap());
+        source.wait_exit();
+        let last = last_tick(&log);
+
+        // The options are recorded as they were given, and the disk guarded
+        // is the one the guest writes to: the top image.
+        let m = manifest(&state);
+        let recorded: Vec<&str> = m["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        for given in libvirt_options(&images) {
+            assert!(
+                recorded.contains(&given.as_str()),
+                "{what}: {given} not in {recorded:?}"
+            );
+        }
+        let disks: Vec<&str> = m["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["role"] == "disk")
+            .map(|f| f["path"].as_str().unwrap())
+            .collect();
+        assert_eq!(disks, [images[2].to_str().unwrap()], "{what}");
+
+        let _restored = Restored::start(&["restore"], &state, dir.path());
+        carries_on(&log, last, &what);
+        let g = graph(&source.qmp_path);
+        assert_eq!(files_opened_once(&g, &what).len(), 3, "{what}");
+        for (n, image) in [(3, &images[0]), (2, &images[1]), (1, &images[2])] {
+            assert_eq!(
+                file_of(&g, &format!("libvirt-{n}-storage")),
+                *image,
+                "{what}"
+            );
+            assert_eq!(
+                file_of(&g, &format!("libvirt-{n}-format")),
+                *image,
+                "{what}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_checkpoint_of_a_libvirt_chain_restores_and_reverts_on_fresh_overlays() {
+    for qemu in qemus() {
+        let what = format!("{}", qemu.display());
+        let dir = tempfile::tempdir().unwrap();
+        let images = chain(dir.path());
+        let log = dir.path().join("serial.log");
+        let mut options = guest_logged_to(&log);
+        options.extend(libvirt_options(&images));
+        let source = Vm::start(&qemu, &options);
+        wait_log(&log, "tick 3", |t| t.contains(&3));
+        let state = dir.path().join("ckpt");
+        let said = ok(&migrate()
+            .args(["checkpoint", "--then", "resume", "--monitor"])
+            .arg(&source.qmp_path)
+            .arg(&state)
+            .output()
+            .unwrap());
+        let after = dir.path().join("top.qcow2.after-ckpt.1.qcow2");
+        assert!(
+            said.contains(&format!("the VM writes to {}", after.display())),
+            "{what}: {said}"
+        );
+
+        // The frozen chain, each image under its own node.
+        let m = manifest(&state);
+        let disk = &m["checkpoint"]["disks"][0];
+        assert_eq!(disk["node"], "libvirt-1-format", "{what}: {disk}");
+        let recorded: Vec<(&str, &str)> = disk["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| (i["path"].as_str().unwrap(), i["node"].as_str().unwrap()))
+            .collect();
+        assert_eq!(
+            recorded,
+            [
+                (images[2].to_str().unwrap(), "libvirt-1-format"),
+                (images[1].to_str().unwrap(), "libvirt-2-format"),
+                (images[0].to_str().unwrap(), "libvirt-3-format"),
+            ],
+            "{what}"
+        );
+        let frozen: Vec<Vec<u8>> = images.iter().map(|i| std::fs::read(i).unwrap()).collect();
+
+        // The source runs on its overlay over the frozen chain.
+        let g = graph(&source.qmp_path);
+        let files = files_opened_once(&g, &what);
+        assert!(files.contains(&after), "{what}: {files:?}");
+        let at_checkpoint = last_tick(&log);
+        wait_tick_above(&log, at_checkpoint + 3);
+
+        // Revert: the checkpoint's chain under a fresh overlay, the VM's own gone.
+        let pidfile = dir.path().join("reverted.pid");
+        ok(&migrate()
+            .args(["revert", "--daemonize", "--pidfile"])
+            .arg(&pidfile)
+            .args(["--monitor"])
+            .arg(&source.qmp_path)
+            .arg(&state)
+            .output()
+            .unwrap());
+        let reverted = Restored {
+            pid: std::fs::read_to_string(&pidfile)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap(),
+        };
+        // The source printed this tick before the revert, the reverted guest again.
+        let again = at_checkpoint + 3;
+        wait_log(&log, "the reverted guest's ticks", |t| {
+            t.iter().filter(|&&n| n == again).count() >= 2
+        });
+        assert_eq!(boots(&log), 1, "{what}: the guest booted again");
+        assert!(
+            !after.exists(),
+            "{what}: the discarded overlay is still there"
+        );
+        let g = graph(&source.qmp_path);
+        let files = files_opened_once(&g, &what);
+        assert_eq!(files.len(), 4, "{what}: {files:?}");
+        for (n, image) in [(3, &images[0]), (2, &images[1])] {
+            assert_eq!(
+                file_of(&g, &format!("libvirt-{n}-format")),
+                *image,
+                "{what}"
+            );
+        }
+        let top = g.chain("libvirt-1-format");
+        let chain_files: Vec<PathBuf> = top.iter().filter_map(|n| n.path()).collect();
+        assert_eq!(chain_files.len(), 4, "{what}: {g:#?}");
+        assert_eq!(
+            chain_files[1..],
+            [images[2].clone(), images[1].clone(), images[0].clone()]
+        );
+        assert!(top[1].read_only, "{what}: the frozen top is written to");
+        drop(reverted);
+
+        // Restored again from the same checkpoint: the same chain, untouched.
+        let runs = dir.path().join("runs");
+        std::fs::create_dir(&runs).unwrap();
+        let restored = Restored::start(
+            &["restore", "--into", runs.to_str().unwrap()],
+            &state,
+            dir.path(),
+        );
+        wait_log(&log, "the restored guest's ticks", |t| {
+            t.iter().filter(|&&n| n == again).count() >= 3
+        });
+        assert_eq!(boots(&log), 1, "{what}: the guest booted again");
+        let g = graph(&source.qmp_path);
+        assert_eq!(files_opened_once(&g, &what).len(), 4, "{what}");
+        drop(restored);
+        for (image, before) in images.iter().zip(&frozen) {
+            assert!(
+                std::fs::read(image).unwrap() == *before,
+                "{what}: {} changed",
+                image.display()
+            );
+        }
+    }
+}
