@@ -384,3 +384,243 @@ fn a_checkpoint_of_a_libvirt_chain_restores_and_reverts_on_fresh_overlays() {
         }
     }
 }
+
+/// One way a launcher gives a VM its disks.
+struct Shape {
+    name: &'static str,
+    /// The options, the test guest's excepted, for files made in `dir`.
+    options: fn(&Path) -> Vec<String>,
+}
+
+fn strings(s: &[&str]) -> Vec<String> {
+    s.iter().map(|s| (*s).to_string()).collect()
+}
+
+fn path(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// SeaBIOS, which loads the multiboot test guest, as pflash firmware.
+fn seabios(dir: &Path) -> PathBuf {
+    let to = dir.join("bios.bin");
+    std::fs::copy("/usr/share/seabios/bios-256k.bin", &to)
+        .expect("SeaBIOS (package seabios, with qemu-system-x86)");
+    to
+}
+
+const SHAPES: &[Shape] = &[
+    Shape {
+        name: "-drive if=none with a virtio-blk-pci device, a chain named relative to each image",
+        options: |d| {
+            let [_, _, top] = chain(d);
+            strings(&[
+                "-drive",
+                &format!("file={},format=qcow2,if=none,id=d0", path(&top)),
+                "-device",
+                "virtio-blk-pci,drive=d0",
+            ])
+        },
+    },
+    Shape {
+        name: "-drive if=virtio",
+        options: |d| {
+            let disk = raw(d, "disk.img", 1 << 20);
+            strings(&[
+                "-drive",
+                &format!("file={},format=raw,if=virtio", path(&disk)),
+            ])
+        },
+    },
+    Shape {
+        name: "-hda",
+        options: |d| {
+            let disk = raw(d, "disk.img", 1 << 20);
+            strings(&["-hda", &path(&disk)])
+        },
+    },
+    Shape {
+        name: "ide-hd",
+        options: |d| {
+            let disk = qcow2(d, "disk.qcow2", None);
+            strings(&[
+                "-drive",
+                &format!("file={},format=qcow2,if=none,id=i0", path(&disk)),
+                "-device",
+                "ide-hd,drive=i0",
+            ])
+        },
+    },
+    Shape {
+        name: "ahci",
+        options: |d| {
+            let disk = raw(d, "disk.img", 1 << 20);
+            strings(&[
+                "-device",
+                "ahci,id=ahci0",
+                "-drive",
+                &format!("file={},format=raw,if=none,id=a0", path(&disk)),
+                "-device",
+                "ide-hd,drive=a0,bus=ahci0.0",
+            ])
+        },
+    },
+    Shape {
+        name: "virtio-scsi with scsi-hd",
+        options: |d| {
+            let [_, mid, _] = chain(d);
+            strings(&[
+                "-device",
+                "virtio-scsi-pci,id=scsi0",
+                "-drive",
+                &format!("file={},format=qcow2,if=none,id=s0", path(&mid)),
+                "-device",
+                "scsi-hd,drive=s0,bus=scsi0.0",
+            ])
+        },
+    },
+    Shape {
+        name: "a read-only disk beside a writable one",
+        options: |d| {
+            let ro = raw(d, "ro.img", 1 << 20);
+            let rw = qcow2(d, "rw.qcow2", None);
+            strings(&[
+                "-drive",
+                &format!("file={},format=raw,if=virtio,readonly=on", path(&ro)),
+                "-drive",
+                &format!("file={},format=qcow2,if=virtio", path(&rw)),
+            ])
+        },
+    },
+    Shape {
+        name: "-cdrom",
+        options: |d| {
+            let iso = raw(d, "cd.iso", 1 << 20);
+            strings(&["-cdrom", &path(&iso)])
+        },
+    },
+    Shape {
+        name: "-drive media=cdrom",
+        options: |d| {
+            let iso = raw(d, "cd.iso", 1 << 20);
+            let disk = qcow2(d, "disk.qcow2", None);
+            strings(&[
+                "-drive",
+                &format!("media=cdrom,file={}", path(&iso)),
+                "-drive",
+                &format!("file={},format=qcow2,if=virtio", path(&disk)),
+            ])
+        },
+    },
+    Shape {
+        name: "file.locking=off",
+        options: |d| {
+            let [_, _, top] = chain(d);
+            strings(&[
+                "-drive",
+                &format!(
+                    "file={},format=qcow2,if=virtio,file.locking=off",
+                    path(&top)
+                ),
+            ])
+        },
+    },
+    Shape {
+        name: "pflash: read-only firmware and writable variables",
+        options: |d| {
+            let code = seabios(d);
+            let vars = raw(d, "vars.fd", 256 << 10);
+            strings(&[
+                "-drive",
+                &format!(
+                    "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                    path(&code)
+                ),
+                "-drive",
+                &format!("if=pflash,format=raw,unit=1,file={}", path(&vars)),
+            ])
+        },
+    },
+    Shape {
+        name: "a key=value -blockdev chain",
+        options: |d| {
+            let [base, _, top] = chain(d);
+            strings(&[
+                "-blockdev",
+                &format!("driver=file,node-name=f-base,filename={}", path(&base)),
+                "-blockdev",
+                "driver=qcow2,node-name=base,file=f-base,read-only=on",
+                "-blockdev",
+                &format!(
+                    "driver=qcow2,node-name=top,file.driver=file,file.filename={},backing=base",
+                    path(&top)
+                ),
+                "-device",
+                "virtio-blk-pci,drive=top",
+            ])
+        },
+    },
+];
+
+/// The disks of `shape` as the saved VM had them: a save then a restore,
+/// and a checkpoint then a restore, each carrying on with each file opened once.
+fn save_and_checkpoint(qemu: &Path, shape: &Shape) {
+    let what = format!("{} {}", qemu.display(), shape.name);
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("serial.log");
+    let mut options = guest_logged_to(&log);
+    options.extend((shape.options)(dir.path()));
+    let mut source = Vm::start(qemu, &options);
+    wait_log(&log, "tick 3", |t| t.contains(&3));
+    let opened = files_opened_once(&graph(&source.qmp_path), &what);
+    let state = dir.path().join("state");
+    ok(&migrate()
+        .args(["save", "--then", "quit", "--monitor"])
+        .arg(&source.qmp_path)
+        .arg(&state)
+        .output()
+        .unwrap());
+    source.wait_exit();
+    let last = last_tick(&log);
+    let restored = Restored::start(&["restore"], &state, dir.path());
+    carries_on(&log, last, &what);
+    assert_eq!(
+        files_opened_once(&graph(&source.qmp_path), &what),
+        opened,
+        "{what}: the restored QEMU opened other files"
+    );
+
+    let ckpt = dir.path().join("ckpt");
+    let said = ok(&migrate()
+        .args(["checkpoint", "--then", "quit", "--monitor"])
+        .arg(&source.qmp_path)
+        .arg(&ckpt)
+        .output()
+        .unwrap());
+    drop(restored);
+    let last = last_tick(&log);
+    let runs = dir.path().join("runs");
+    std::fs::create_dir(&runs).unwrap();
+    let _restored = Restored::start(
+        &["restore", "--into", runs.to_str().unwrap()],
+        &ckpt,
+        dir.path(),
+    );
+    carries_on(&log, last, &what);
+    let now = files_opened_once(&graph(&source.qmp_path), &what);
+    let overlays: Vec<&PathBuf> = now.iter().filter(|f| f.starts_with(&runs)).collect();
+    let froze = said.matches("froze ").count();
+    assert_eq!(overlays.len(), froze, "{what}: {said} {now:?}");
+    assert!(
+        opened.iter().all(|f| now.contains(f)),
+        "{what}: {opened:?} {now:?}"
+    );
+}
+
+#[test]
+fn every_shape_of_disk_is_saved_checkpointed_and_restored() {
+    for qemu in qemus() {
+        for shape in SHAPES {
+            save_and_checkpoint(&qemu, shape);
+        }
+    }
+}
