@@ -109,13 +109,15 @@ fn graph(qmp: &Path) -> BlockGraph {
 }
 
 /// The files the graph's protocol nodes read, each once: a file opened twice
-/// fails the test.
+/// fails the test. A temporary overlay (`snapshot=on`), unlinked as soon as
+/// QEMU opened it, is left out.
 fn files_opened_once(g: &BlockGraph, what: &str) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = g
         .nodes
         .iter()
         .filter(|n| n.driver == "file")
         .filter_map(|n| n.path())
+        .filter(|p| p.exists())
         .collect();
     files.sort();
     let mut unique = files.clone();
@@ -541,6 +543,16 @@ const SHAPES: &[Shape] = &[
         },
     },
     Shape {
+        name: "snapshot=on",
+        options: |d| {
+            let [_, _, top] = chain(d);
+            strings(&[
+                "-drive",
+                &format!("file={},format=qcow2,if=virtio,snapshot=on", path(&top)),
+            ])
+        },
+    },
+    Shape {
         name: "a key=value -blockdev chain",
         options: |d| {
             let [base, _, top] = chain(d);
@@ -622,5 +634,54 @@ fn every_shape_of_disk_is_saved_checkpointed_and_restored() {
         for shape in SHAPES {
             save_and_checkpoint(&qemu, shape);
         }
+    }
+}
+
+#[test]
+fn a_snapshot_on_disk_the_guest_wrote_to_is_refused_in_words_and_the_vm_runs_on() {
+    for qemu in qemus() {
+        let what = format!("{}", qemu.display());
+        let dir = tempfile::tempdir().unwrap();
+        let disk = qcow2(dir.path(), "disk.qcow2", None);
+        let log = dir.path().join("serial.log");
+        let mut options = guest_logged_to(&log);
+        options.extend(strings(&[
+            "-drive",
+            &format!("file={},format=qcow2,if=virtio,snapshot=on", path(&disk)),
+        ]));
+        let mut vm = Vm::start(&qemu, &options);
+        wait_log(&log, "tick 2", |t| t.contains(&2));
+        // A write through the disk, as a guest's driver would make.
+        vm.qmp()
+            .execute(
+                "human-monitor-command",
+                Some(
+                    serde_json::json!({"command-line": "qemu-io virtio0 \"write -P 0x5a 0 64k\""}),
+                ),
+            )
+            .expect("qemu-io");
+        let before = std::fs::read(&disk).unwrap();
+        for verb in ["save", "checkpoint"] {
+            let state = dir.path().join(verb);
+            let out = migrate()
+                .args([verb, "--then", "quit", "--monitor"])
+                .arg(&vm.qmp_path)
+                .arg(&state)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{what}: {verb}: {err}");
+            assert!(
+                err.contains(&format!("the guest wrote to virtio0 ({})", disk.display()))
+                    && err.contains("snapshot=on"),
+                "{what}: {verb}: {err}"
+            );
+            assert!(!state.exists(), "{what}: {verb} left a state file");
+            assert_eq!(vm.status(), "running", "{what}: {verb}");
+        }
+        assert!(
+            std::fs::read(&disk).unwrap() == before,
+            "{what}: the image was written"
+        );
     }
 }

@@ -165,6 +165,29 @@ impl BlockGraph {
     }
 }
 
+/// What was written through one block device since QEMU started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskWrites {
+    /// The drive's id; empty for a `-blockdev` disk.
+    pub device: String,
+    /// Its top node's name, where QEMU says it.
+    pub node_name: Option<String>,
+    /// Bytes the guest's device wrote.
+    pub bytes: u64,
+    /// The end of the furthest write through its top node, from the
+    /// device or anything else (`qemu-io`, a block job); `None` where the
+    /// monitor does not tell (the human monitor).
+    pub highest_offset: Option<u64>,
+}
+
+impl DiskWrites {
+    /// Whether anything was written at all.
+    #[must_use]
+    pub fn any(&self) -> bool {
+        self.bytes > 0 || self.highest_offset.is_some_and(|o| o > 0)
+    }
+}
+
 /// Which node a snapshot goes on top of.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SnapshotTarget {
@@ -240,6 +263,33 @@ impl Monitor {
                 .collect(),
         };
         Ok(BlockGraph { nodes })
+    }
+
+    /// What was written to each block device since QEMU started
+    /// (`query-blockstats`, `info blockstats`).
+    ///
+    /// # Errors
+    /// When the monitor fails or answers something unreadable.
+    pub fn disk_writes(&mut self) -> Result<Vec<DiskWrites>> {
+        match self {
+            Monitor::Qmp(s) => {
+                s.negotiate()?;
+                let r = s.execute("query-blockstats", None)?;
+                Ok(r.as_array()
+                    .map(|a| {
+                        a.iter()
+                            .map(|v| DiskWrites {
+                                device: v["device"].as_str().unwrap_or_default().to_string(),
+                                node_name: v["node-name"].as_str().map(String::from),
+                                bytes: v["stats"]["wr_bytes"].as_u64().unwrap_or(0),
+                                highest_offset: v["stats"]["wr_highest_offset"].as_u64(),
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default())
+            }
+            Monitor::Hmp(s) => Ok(parse_info_blockstats(&s.command("info blockstats")?)),
+        }
     }
 
     /// Takes the external snapshots while the guest is paused: on QMP all
@@ -370,6 +420,27 @@ fn json_file(v: &Value) -> Option<PathBuf> {
             _ => None,
         },
     }
+}
+
+/// `info blockstats`: `NAME: rd_bytes=N wr_bytes=N ...`, one line per
+/// device, the name empty for a `-blockdev` disk.
+fn parse_info_blockstats(text: &str) -> Vec<DiskWrites> {
+    text.lines()
+        .filter_map(|line| {
+            let (name, fields) = line.split_once(':')?;
+            let bytes = fields
+                .split_whitespace()
+                .find_map(|f| f.strip_prefix("wr_bytes="))?
+                .parse()
+                .ok()?;
+            Some(DiskWrites {
+                device: name.trim().to_string(),
+                node_name: None,
+                bytes,
+                highest_offset: None,
+            })
+        })
+        .collect()
 }
 
 /// `info block`: one paragraph per device,
@@ -574,6 +645,18 @@ mod tests {
             ]
         );
         assert!(g.node("base-fmt").unwrap().read_only);
+    }
+
+    #[test]
+    fn reads_info_blockstats() {
+        let text = "virtio0: rd_bytes=512 wr_bytes=4096 rd_operations=1 wr_operations=1 flush_operations=0\r\n: rd_bytes=0 wr_bytes=0 rd_operations=0\r\n";
+        let w = parse_info_blockstats(text);
+        assert_eq!(w.len(), 2);
+        assert_eq!(
+            (w[0].device.as_str(), w[0].bytes, w[0].any()),
+            ("virtio0", 4096, true)
+        );
+        assert!(!w[1].any());
     }
 
     #[test]

@@ -173,6 +173,23 @@ pub fn defines(args: &[String], cwd: &Path, top: &Top) -> bool {
     }
 }
 
+/// Whether QEMU runs the disk whose image is `path` on a temporary overlay
+/// of its own: its `-drive` says `snapshot=on`, or the VM has `-snapshot`.
+#[must_use]
+pub fn on_temporary_overlay(args: &[String], cwd: &Path, path: &Path) -> bool {
+    let on = |v: &str| matches!(v, "on" | "yes" | "true" | "y");
+    args.iter().any(|a| a == "-snapshot" || a == "--snapshot")
+        || drive_options(args, cwd, path)
+            .is_some_and(|kv| kv.get("snapshot").is_some_and(|v| on(&v)))
+}
+
+/// The options of the `-drive` whose file is `path`.
+fn drive_options(args: &[String], cwd: &Path, path: &Path) -> Option<Keyval> {
+    options(args, "drive")
+        .map(|(_, v)| Keyval::parse(v))
+        .find(|kv| kv.get("file").is_some_and(|f| absolute(cwd, &f) == path))
+}
+
 /// Whether this `-drive` gives `path` as its top image, with nothing said
 /// of what is below it (`backing.*` options would then describe the
 /// overlay's backing, not the image's).
@@ -528,6 +545,16 @@ mod tests {
         let (out, found) = lift_disks(&args, Path::new("/"), &[file("/d/disk.img", &["/o/1"])]);
         assert_eq!(out, args);
         assert_eq!(found, [false]);
+    }
+
+    #[test]
+    fn a_drive_with_snapshot_on_runs_on_a_temporary_overlay() {
+        let cwd = Path::new("/d");
+        let args = v("-drive file=a.img,snapshot=on -drive file=b.img");
+        assert!(on_temporary_overlay(&args, cwd, Path::new("/d/a.img")));
+        assert!(!on_temporary_overlay(&args, cwd, Path::new("/d/b.img")));
+        let all = v("-snapshot -hda /d/b.img");
+        assert!(on_temporary_overlay(&all, cwd, Path::new("/d/b.img")));
     }
 
     #[test]

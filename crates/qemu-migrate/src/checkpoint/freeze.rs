@@ -31,6 +31,9 @@ struct Found {
     top: Option<Top>,
     /// The overlay the VM goes on writing to, for a checkpoint of a VM that lives on.
     overlay: Option<PathBuf>,
+    /// QEMU runs it on a temporary overlay of its own (`snapshot=on`),
+    /// which `chain` leaves out: it is deleted when QEMU ends.
+    temporary: bool,
 }
 
 /// One image of a disk's chain.
@@ -91,6 +94,10 @@ impl Freeze {
                 Err(why) => not_files.push(why),
             }
         }
+        refuse_written_temporaries(vm, &disks)?;
+        // What a temporary overlay holds goes with QEMU; a restore gets a
+        // fresh one over the same image, which QEMU never writes to.
+        disks.retain(|d| !d.temporary);
         if with_disks && !not_files.is_empty() {
             return Err(Error::Disk(format!(
                 "cannot checkpoint this VM's disks: {}. Only disks stored in files can be \
@@ -287,7 +294,20 @@ fn found(
     // The human monitor tells neither sizes nor backing formats: then the images are asked.
     let ask_images =
         image.virtual_size.is_none() || image.chain().iter().any(|i| i.format.is_empty());
-    for i in image.chain() {
+    let images = image.chain();
+    // `snapshot=on`: QEMU's temporary overlay, already unlinked, over the drive's image.
+    let temporary = images.len() > 1
+        && images[0]
+            .path()
+            .is_some_and(|p| !cmdline::absolute(cwd, &p.display().to_string()).is_file())
+        && images[1].path().is_some_and(|p| {
+            cmdline::on_temporary_overlay(
+                args,
+                cwd,
+                &cmdline::absolute(cwd, &p.display().to_string()),
+            )
+        });
+    for i in images.iter().skip(usize::from(temporary)) {
         let Some(p) = i.path() else {
             return Err(not_file(&format!("not a file ({})", i.filename)));
         };
@@ -302,7 +322,7 @@ fn found(
         });
     }
     let mut virtual_size = image.virtual_size;
-    if ask_images {
+    if ask_images && !temporary {
         let (c, size) = qemu_img_chain(qemu_img, &chain[0].path).map_err(|e| not_file(&e))?;
         chain = c
             .into_iter()
@@ -314,7 +334,7 @@ fn found(
             .collect();
         virtual_size = Some(size);
     }
-    if let Some(root) = &d.node_name {
+    if let Some(root) = d.node_name.as_ref().filter(|_| !temporary) {
         // Each image's node, as long as the graph's chain and the images agree.
         for (link, node) in chain.iter_mut().zip(graph.chain(root)) {
             let path = node
@@ -357,7 +377,40 @@ fn found(
         above,
         top,
         overlay: None,
+        temporary,
     }))
+}
+
+/// Refuses, before anything changes, to save a VM whose disk runs on a
+/// temporary overlay (`snapshot=on`) the guest has written to: those
+/// writes go with QEMU, and a restore would give the guest its disk as it
+/// was at boot, under what it remembers writing.
+fn refuse_written_temporaries(vm: &mut Vm, disks: &[Found]) -> Result<()> {
+    let temporary: Vec<&Found> = disks.iter().filter(|d| d.temporary).collect();
+    if temporary.is_empty() {
+        return Ok(());
+    }
+    let writes = vm.monitor.disk_writes()?;
+    let written: Vec<String> = temporary
+        .iter()
+        .filter(|d| {
+            let SnapshotTarget::Device(name) = &d.target else {
+                return false;
+            };
+            writes.iter().any(|w| w.device == *name && w.any())
+        })
+        .map(|d| format!("{} ({})", d.name, d.chain[0].path.display()))
+        .collect();
+    if written.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Disk(format!(
+        "cannot save this VM: the guest wrote to {} since QEMU started, which runs with \
+         snapshot=on: those writes are only in QEMU's temporary overlay, deleted when QEMU ends, \
+         and a restore would give the guest its disk as it was at boot. Keep them in the image \
+         first (`commit DRIVE` on the human monitor), or start the VM without snapshot=on",
+        written.join(", ")
+    )))
 }
 
 /// `qemu-img info --backing-chain` of an image QEMU holds open (`-U`).
