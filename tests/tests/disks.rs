@@ -244,22 +244,70 @@ fn a_libvirt_chain_is_saved_and_restored_with_each_node_on_its_own_file() {
             .collect();
         assert_eq!(disks, [images[2].to_str().unwrap()], "{what}");
 
+        let restored = Restored::start(&["restore"], &state, dir.path());
+        carries_on(&log, last, &what);
+        let each_on_its_own = |what: &str| {
+            let g = graph(&source.qmp_path);
+            assert_eq!(files_opened_once(&g, what).len(), 3, "{what}");
+            for (n, image) in [(3, &images[0]), (2, &images[1]), (1, &images[2])] {
+                assert_eq!(
+                    file_of(&g, &format!("libvirt-{n}-storage")),
+                    *image,
+                    "{what}"
+                );
+                assert_eq!(
+                    file_of(&g, &format!("libvirt-{n}-format")),
+                    *image,
+                    "{what}"
+                );
+            }
+        };
+        each_on_its_own(&what);
+
+        // Moved live to a new QEMU on this host: QEMU hands the image locks
+        // over at the switch, and the chain is opened as it was.
+        let out = migrate()
+            .args(["--json", "live", "--to", "local", "--monitor"])
+            .arg(&source.qmp_path)
+            .output()
+            .unwrap();
+        ok(&out);
+        let done: Value = serde_json::from_str(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .last()
+                .expect("a result line"),
+        )
+        .unwrap();
+        assert_eq!(done["state"], "running", "{what}: {done}");
+        assert!(testkit::wait_gone(
+            restored.pid.unsigned_abs(),
+            Duration::from_secs(30)
+        ));
+        let moved = Restored {
+            pid: done["pid"].as_i64().expect("the destination's pid") as i32,
+        };
+        let before = last_tick(&log);
+        wait_tick_above(&log, before + 2);
+        assert_eq!(boots(&log), 1, "{what}: the guest booted again");
+        each_on_its_own(&format!("{what}, moved live"));
+
+        // The same through the human monitor, which lists the nodes with `info block -n`.
+        let state = dir.path().join("state-hmp");
+        ok(&migrate()
+            .args(["save", "--then", "quit", "--monitor"])
+            .arg(&source.hmp)
+            .arg(&state)
+            .output()
+            .unwrap());
+        assert!(testkit::wait_gone(
+            moved.pid.unsigned_abs(),
+            Duration::from_secs(30)
+        ));
+        let last = last_tick(&log);
         let _restored = Restored::start(&["restore"], &state, dir.path());
         carries_on(&log, last, &what);
-        let g = graph(&source.qmp_path);
-        assert_eq!(files_opened_once(&g, &what).len(), 3, "{what}");
-        for (n, image) in [(3, &images[0]), (2, &images[1]), (1, &images[2])] {
-            assert_eq!(
-                file_of(&g, &format!("libvirt-{n}-storage")),
-                *image,
-                "{what}"
-            );
-            assert_eq!(
-                file_of(&g, &format!("libvirt-{n}-format")),
-                *image,
-                "{what}"
-            );
-        }
+        each_on_its_own(&format!("{what}, through the human monitor"));
     }
 }
 
@@ -612,7 +660,7 @@ fn save_and_checkpoint(qemu: &Path, shape: &Shape) {
     let last = last_tick(&log);
     let runs = dir.path().join("runs");
     std::fs::create_dir(&runs).unwrap();
-    let _restored = Restored::start(
+    let restored = Restored::start(
         &["restore", "--into", runs.to_str().unwrap()],
         &ckpt,
         dir.path(),
@@ -625,6 +673,24 @@ fn save_and_checkpoint(qemu: &Path, shape: &Shape) {
     assert!(
         opened.iter().all(|f| now.contains(f)),
         "{what}: {opened:?} {now:?}"
+    );
+
+    // The restored checkpoint saved instantly (its RAM mapped back at restore).
+    let instant = dir.path().join("instant");
+    ok(&migrate()
+        .args(["save", "--instant", "--then", "quit", "--monitor"])
+        .arg(&source.qmp_path)
+        .arg(&instant)
+        .output()
+        .unwrap());
+    drop(restored);
+    let last = last_tick(&log);
+    let _restored = Restored::start(&["restore"], &instant, dir.path());
+    carries_on(&log, last, &what);
+    assert_eq!(
+        files_opened_once(&graph(&source.qmp_path), &what),
+        now,
+        "{what}: the instant restore opened other files"
     );
 }
 
