@@ -751,3 +751,126 @@ fn a_snapshot_on_disk_the_guest_wrote_to_is_refused_in_words_and_the_vm_runs_on(
         );
     }
 }
+
+/// Waits, up to two minutes, for the log to hold `text` `times` times. A
+/// file has no event for "a line was appended": it is read again every 20 ms.
+fn wait_text(log: &Path, text: &str, times: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let now = String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).into_owned();
+        if now.matches(text).count() >= times {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{text:?} not {times} times in the log: {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// UEFI firmware as Debian's ovmf package installs it.
+const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
+#[test]
+fn uefi_firmware_and_its_variables_on_pflash_are_saved_checkpointed_and_restored() {
+    assert!(
+        Path::new(OVMF_CODE).is_file(),
+        "{OVMF_CODE} is missing: install Debian's ovmf package (.ci/install-deps does)"
+    );
+    for qemu in qemus() {
+        let what = format!("{}", qemu.display());
+        let dir = tempfile::tempdir().unwrap();
+        let vars = dir.path().join("VARS.fd");
+        std::fs::copy(OVMF_VARS, &vars).unwrap();
+        let log = dir.path().join("serial.log");
+        let options = strings(&[
+            "-accel",
+            "tcg",
+            "-m",
+            "64",
+            "-nodefaults",
+            "-serial",
+            &format!("file:{}", path(&log)),
+            "-drive",
+            &format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"),
+            "-drive",
+            &format!("if=pflash,format=raw,unit=1,file={}", path(&vars)),
+        ]);
+        let mut source = Vm::start(&qemu, &options);
+        // Saved while the shell counts down to its start-up script.
+        wait_text(&log, "in 4 seconds", 1);
+        let state = dir.path().join("state");
+        ok(&migrate()
+            .args(["save", "--then", "quit", "--monitor"])
+            .arg(&source.qmp_path)
+            .arg(&state)
+            .output()
+            .unwrap());
+        source.wait_exit();
+        let m = manifest(&state);
+        let guarded: Vec<&str> = m["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["role"] == "disk")
+            .map(|f| f["path"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            guarded,
+            [path(&vars)],
+            "{what}: the writable flash is guarded"
+        );
+
+        // The restored firmware counts on to its prompt, without starting again.
+        let restored = Restored::start(&["restore"], &state, dir.path());
+        wait_text(&log, "Shell>", 1);
+        assert_eq!(
+            String::from_utf8_lossy(&std::fs::read(&log).unwrap())
+                .matches("UEFI Interactive Shell")
+                .count(),
+            1,
+            "{what}: the firmware started again"
+        );
+        let g = graph(&source.qmp_path);
+        let files = files_opened_once(&g, &what);
+        let mut expected = vec![PathBuf::from(OVMF_CODE), vars.clone()];
+        expected.sort();
+        assert_eq!(files, expected, "{what}");
+
+        // A checkpoint puts the variables under an overlay; its restore runs on a fresh one.
+        let ckpt = dir.path().join("ckpt");
+        let said = ok(&migrate()
+            .args(["checkpoint", "--then", "quit", "--monitor"])
+            .arg(&source.qmp_path)
+            .arg(&ckpt)
+            .output()
+            .unwrap());
+        assert!(
+            said.contains(&format!("froze pflash1: {}", vars.display())),
+            "{what}: {said}"
+        );
+        drop(restored);
+        let frozen = std::fs::read(&vars).unwrap();
+        let runs = dir.path().join("runs");
+        std::fs::create_dir(&runs).unwrap();
+        let _restored = Restored::start(
+            &["restore", "--into", runs.to_str().unwrap()],
+            &ckpt,
+            dir.path(),
+        );
+        let mut m = qemu_monitor::connect(source.qmp_path.clone(), &monitor_options()).unwrap();
+        assert!(m.status().unwrap().is_running(), "{what}");
+        let files = files_opened_once(&m.block_graph().unwrap(), &what);
+        assert_eq!(files.len(), 3, "{what}: {files:?}");
+        assert!(
+            files.contains(&vars) && files.iter().any(|f| f.starts_with(&runs)),
+            "{what}: {files:?}"
+        );
+        assert!(
+            std::fs::read(&vars).unwrap() == frozen,
+            "{what}: the frozen variables changed"
+        );
+    }
+}
