@@ -62,6 +62,20 @@ pub fn drive_files(args: &[String], cwd: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// The files `args` give `-blockdev` nodes (`filename=`, or a format
+/// node's inline `file.filename=`), absolute.
+#[must_use]
+pub fn blockdev_files(args: &[String], cwd: &Path) -> Vec<PathBuf> {
+    options(args, "blockdev")
+        .flat_map(|(_, v)| {
+            let node = Node::parse(v);
+            [node.get("filename"), node.get("file.filename")]
+        })
+        .flatten()
+        .map(|f| absolute(cwd, &f))
+        .collect()
+}
+
 /// Each `-OPTION VALUE` pair of `args` for one option name, with its index.
 fn options<'a>(args: &'a [String], name: &'a str) -> impl Iterator<Item = (usize, &'a String)> {
     args.windows(2)
@@ -571,6 +585,17 @@ mod tests {
         assert_eq!(
             drive_files(&args, Path::new("/w")),
             [PathBuf::from("/w/rel.img"), PathBuf::from("/d/h.img")]
+        );
+        let inline = v("-blockdev driver=qcow2,node-name=q,file.driver=file,file.filename=q.qcow2");
+        assert_eq!(
+            blockdev_files(&[args, inline].concat(), Path::new("/w")),
+            [
+                "/d/base.qcow2",
+                "/d/mid.qcow2",
+                "/d/top.qcow2",
+                "/w/q.qcow2"
+            ]
+            .map(PathBuf::from)
         );
     }
 }

@@ -34,6 +34,10 @@ struct Found {
     /// QEMU runs it on a temporary overlay of its own (`snapshot=on`),
     /// which `chain` leaves out: it is deleted when QEMU ends.
     temporary: bool,
+    /// Its top image is an overlay the command line does not name, over
+    /// images it does, and the block graph does not tell which node to
+    /// put it on: a restore could not be pointed at it.
+    unplaceable: bool,
 }
 
 /// One image of a disk's chain.
@@ -95,6 +99,19 @@ impl Freeze {
             }
         }
         refuse_written_temporaries(vm, &disks)?;
+        let unplaceable: Vec<String> = disks
+            .iter()
+            .filter(|d| d.unplaceable)
+            .map(|d| format!("{} ({})", d.name, d.chain[0].path.display()))
+            .collect();
+        if !unplaceable.is_empty() {
+            return Err(Error::Disk(format!(
+                "cannot save this VM: {} runs on an overlay its -blockdev options do not name, and \
+                 this monitor does not say which of their nodes it sits on (`info block -n`), so a \
+                 restore could not be given it; save through the VM's QMP socket",
+                unplaceable.join(", ")
+            )));
+        }
         // What a temporary overlay holds goes with QEMU; a restore gets a
         // fresh one over the same image, which QEMU never writes to.
         disks.retain(|d| !d.temporary);
@@ -114,8 +131,9 @@ impl Freeze {
         if with_disks && !undefined.is_empty() {
             return Err(Error::Disk(format!(
                 "cannot checkpoint this VM's disks: the VM's command line defines none of the \
-                 images of {} (added while it ran?), so a restore could not give it its overlay; \
-                 detach it, or save without --with-disks",
+                 images of {} as a -drive, -hda or a -blockdev node the monitor names (added \
+                 while it ran?), so a restore could not give it its overlay; detach it, or save \
+                 without --with-disks",
                 undefined.join(", ")
             )));
         }
@@ -360,6 +378,10 @@ fn found(
         Some((i, top)) => (i, Some(top)),
         None => (0, None),
     };
+    let named = cmdline::blockdev_files(args, cwd);
+    let unplaceable = top.is_none()
+        && !named.contains(&chain[0].path)
+        && chain[1..].iter().any(|l| named.contains(&l.path));
     let target = if d.device.is_empty() {
         SnapshotTarget::Node(device_name.clone())
     } else {
@@ -378,6 +400,7 @@ fn found(
         top,
         overlay: None,
         temporary,
+        unplaceable,
     }))
 }
 
