@@ -354,6 +354,15 @@ fn a_checkpoint_of_a_libvirt_chain_restores_and_reverts_on_fresh_overlays() {
             ],
             "{what}"
         );
+        let inspect = migrate().arg("inspect").arg(&state).output().unwrap();
+        let text = String::from_utf8_lossy(&inspect.stdout);
+        assert!(
+            text.contains(&format!(
+                "libvirt-1-format backing {} (qcow2, ",
+                images[1].display()
+            )) && text.contains(", node libvirt-2-format): intact"),
+            "{what}: {text}"
+        );
         let frozen: Vec<Vec<u8>> = images.iter().map(|i| std::fs::read(i).unwrap()).collect();
 
         // The source runs on its overlay over the frozen chain.
