@@ -883,3 +883,90 @@ fn uefi_firmware_and_its_variables_on_pflash_are_saved_checkpointed_and_restored
         );
     }
 }
+
+/// A VM that went on after a checkpoint, saved again: the restore runs on
+/// the overlay the VM wrote to, over the frozen chain opened read-only, and
+/// the checkpoint still restores.
+fn saved_after_a_checkpoint(qemu: &Path, drive: bool) {
+    let what = format!("{} drive={drive}", qemu.display());
+    let dir = tempfile::tempdir().unwrap();
+    let images = chain(dir.path());
+    let log = dir.path().join("serial.log");
+    let mut options = guest_logged_to(&log);
+    if drive {
+        options.extend(strings(&[
+            "-drive",
+            &format!("file={},format=qcow2,if=virtio", path(&images[2])),
+        ]));
+    } else {
+        options.extend(libvirt_options(&images));
+    }
+    let mut source = Vm::start(qemu, &options);
+    wait_log(&log, "tick 3", |t| t.contains(&3));
+    let ckpt = dir.path().join("ckpt");
+    ok(&migrate()
+        .args(["checkpoint", "--then", "resume", "--monitor"])
+        .arg(&source.qmp_path)
+        .arg(&ckpt)
+        .output()
+        .unwrap());
+    let after = dir.path().join("top.qcow2.after-ckpt.1.qcow2");
+    let frozen: Vec<Vec<u8>> = images.iter().map(|i| std::fs::read(i).unwrap()).collect();
+    let state = dir.path().join("state");
+    ok(&migrate()
+        .args(["save", "--then", "quit", "--monitor"])
+        .arg(&source.qmp_path)
+        .arg(&state)
+        .output()
+        .unwrap());
+    source.wait_exit();
+    let last = last_tick(&log);
+    let restored = Restored::start(&["restore"], &state, dir.path());
+    carries_on(&log, last, &what);
+    let g = graph(&source.qmp_path);
+    assert_eq!(files_opened_once(&g, &what).len(), 4, "{what}: {g:#?}");
+    let device = qemu_monitor::connect(source.qmp_path.clone(), &monitor_options())
+        .unwrap()
+        .block_devices()
+        .unwrap();
+    let root = device
+        .iter()
+        .find_map(|d| d.node_name.clone().filter(|_| d.image.is_some()))
+        .expect("the disk");
+    let chain: Vec<(PathBuf, bool)> = g
+        .chain(&root)
+        .iter()
+        .map(|n| (n.path().unwrap(), n.read_only))
+        .collect();
+    assert_eq!(
+        chain,
+        [
+            (after.clone(), false),
+            (images[2].clone(), true),
+            (images[1].clone(), true),
+            (images[0].clone(), true)
+        ],
+        "{what}"
+    );
+    drop(restored);
+    for (image, before) in images.iter().zip(&frozen) {
+        assert!(
+            std::fs::read(image).unwrap() == *before,
+            "{what}: {} changed",
+            image.display()
+        );
+    }
+    let last = last_tick(&log);
+    let _restored = Restored::start(&["restore"], &ckpt, dir.path());
+    wait_log(&log, "the checkpoint's ticks again", |t| {
+        t.last().is_some_and(|&n| n < last)
+    });
+}
+
+#[test]
+fn a_vm_saved_after_a_checkpoint_restores_onto_its_own_overlay() {
+    for qemu in qemus() {
+        saved_after_a_checkpoint(&qemu, false);
+        saved_after_a_checkpoint(&qemu, true);
+    }
+}
