@@ -1,5 +1,6 @@
 //! The restore's side: the recorded images checked, and for a checkpoint a
-//! fresh overlay on each frozen image with the command line pointed at it.
+//! fresh overlay on each frozen disk's top image, given to the node or
+//! drive that defines it.
 
 use std::path::{Path, PathBuf};
 
@@ -31,8 +32,9 @@ impl Thawed {
 /// file), named `STATEFILE.DISK.N.qcow2`.
 ///
 /// # Errors
-/// [`Error::Disk`] when an image changed since the save, or the options name
-/// none of a frozen disk's images; [`Error::File`] when an overlay cannot be written.
+/// [`Error::Disk`] when an image changed since the save, or the options do
+/// not define a frozen disk's top image (see [`tops`]), before any overlay
+/// is made; [`Error::File`] when an overlay cannot be written.
 pub fn thaw(
     manifest: Option<&Manifest>,
     statefile: &Path,
