@@ -610,6 +610,10 @@ const SHAPES: &[Shape] = &[
         },
     },
     Shape {
+        name: "libvirt's -blockdev chain",
+        options: |d| libvirt_options(&chain(d)),
+    },
+    Shape {
         name: "a key=value -blockdev chain",
         options: |d| {
             let [base, _, top] = chain(d);
