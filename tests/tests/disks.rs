@@ -740,23 +740,24 @@ fn a_snapshot_on_disk_the_guest_wrote_to_is_refused_in_words_and_the_vm_runs_on(
             )
             .expect("qemu-io");
         let before = std::fs::read(&disk).unwrap();
-        for verb in ["save", "checkpoint"] {
-            let state = dir.path().join(verb);
+        for verb in [&["save"][..], &["checkpoint"], &["save", "--instant"]] {
+            let state = dir.path().join(verb.join(""));
             let out = migrate()
-                .args([verb, "--then", "quit", "--monitor"])
+                .args(verb)
+                .args(["--then", "quit", "--monitor"])
                 .arg(&vm.qmp_path)
                 .arg(&state)
                 .output()
                 .unwrap();
             let err = String::from_utf8_lossy(&out.stderr);
-            assert_eq!(out.status.code(), Some(2), "{what}: {verb}: {err}");
+            assert_eq!(out.status.code(), Some(2), "{what}: {verb:?}: {err}");
             assert!(
                 err.contains(&format!("the guest wrote to virtio0 ({})", disk.display()))
                     && err.contains("snapshot=on"),
-                "{what}: {verb}: {err}"
+                "{what}: {verb:?}: {err}"
             );
-            assert!(!state.exists(), "{what}: {verb} left a state file");
-            assert_eq!(vm.status(), "running", "{what}: {verb}");
+            assert!(!state.exists(), "{what}: {verb:?} left a state file");
+            assert_eq!(vm.status(), "running", "{what}: {verb:?}");
         }
         assert!(
             std::fs::read(&disk).unwrap() == before,

@@ -64,6 +64,8 @@ pub(crate) fn save(
     let image = image_path(path);
     os::remove_stale_partials(&image);
     let ram_bytes = vm.monitor.ram_size()?;
+    // Its disks, and the refusals they call for, before anything changes.
+    let disks = crate::checkpoint::freeze::Freeze::prepare(vm, path, false, false)?;
     let old_bandwidth = vm.monitor.migration_parameter("max-bandwidth")?;
 
     // From here on this process changes the VM; if it dies, the watchdog
@@ -141,12 +143,9 @@ pub(crate) fn save(
     // Disks are flushed and let go by QEMU at completion: what they are now
     // is what the saved memory describes.
     // The options as the VM runs: with the overlays of an earlier checkpoint.
-    let recorded = crate::guard::record(vm).and_then(|g| {
-        let disks = crate::checkpoint::freeze::Freeze::prepare(vm, path, false, false)?;
-        Ok((g, disks.current_args(vm.args())))
-    });
-    let (guarded, args) = match recorded {
-        Ok(r) => r,
+    let args = disks.current_args(vm.args());
+    let guarded = match crate::guard::record(vm) {
+        Ok(f) => f,
         Err(e) => {
             cleanup();
             if was_running && !options.live {
