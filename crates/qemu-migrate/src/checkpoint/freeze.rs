@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use qemu_monitor::{BlockDevice, BlockGraph, DiskSnapshot, SnapshotTarget};
+use qemu_monitor::{BlockDevice, BlockGraph, DiskSnapshot, ImageInfo, SnapshotTarget};
 
 use super::cmdline::{self, Lift, Top};
 use super::overlay::{self, Made};
@@ -313,18 +313,15 @@ fn found(
     let ask_images =
         image.virtual_size.is_none() || image.chain().iter().any(|i| i.format.is_empty());
     let images = image.chain();
-    // `snapshot=on`: QEMU's temporary overlay, already unlinked, over the drive's image.
+    let absolute = |i: &ImageInfo| {
+        i.path()
+            .map(|p| cmdline::absolute(cwd, &p.display().to_string()))
+    };
+    // `snapshot=on`: QEMU's temporary overlay (unlinked as soon as it is
+    // open, in /var/tmp or $TMPDIR) over the image the drive names.
     let temporary = images.len() > 1
-        && images[0]
-            .path()
-            .is_some_and(|p| !cmdline::absolute(cwd, &p.display().to_string()).is_file())
-        && images[1].path().is_some_and(|p| {
-            cmdline::on_temporary_overlay(
-                args,
-                cwd,
-                &cmdline::absolute(cwd, &p.display().to_string()),
-            )
-        });
+        && absolute(images[0]).is_some_and(|p| !cmdline::drive_files(args, cwd).contains(&p))
+        && absolute(images[1]).is_some_and(|p| cmdline::on_temporary_overlay(args, cwd, &p));
     for i in images.iter().skip(usize::from(temporary)) {
         let Some(p) = i.path() else {
             return Err(not_file(&format!("not a file ({})", i.filename)));
@@ -471,4 +468,134 @@ fn qemu_img_chain(
         })
         .collect();
     Ok((chain, size))
+}
+
+#[cfg(test)]
+mod tests {
+    use qemu_monitor::BlockNode;
+
+    use super::*;
+
+    fn image(dir: &Path, names: &[&str]) -> Option<ImageInfo> {
+        let (first, rest) = names.split_first()?;
+        Some(ImageInfo {
+            filename: dir.join(first).display().to_string(),
+            format: "qcow2".into(),
+            virtual_size: Some(16 << 20),
+            backing: image(dir, rest).map(Box::new),
+        })
+    }
+
+    /// A format node over a file, as QEMU lists a -blockdev chain's nodes
+    /// (the protocol nodes left out: the walk never takes them).
+    fn node(dir: &Path, name: &str, file: &str, backing: Option<&str>) -> BlockNode {
+        BlockNode {
+            node_name: name.into(),
+            driver: "qcow2".into(),
+            filename: dir.join(file).display().to_string(),
+            read_only: false,
+            backing: backing.map(|b| dir.join(b).display().to_string()),
+        }
+    }
+
+    fn strings(s: &[&str]) -> Vec<String> {
+        s.iter().map(|s| (*s).to_string()).collect()
+    }
+
+    #[test]
+    fn an_earlier_overlay_above_a_blockdev_chain_is_put_on_the_node_the_device_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for f in ["after.qcow2", "top.qcow2", "base.qcow2"] {
+            std::fs::write(d.join(f), b"").unwrap();
+        }
+        let device = BlockDevice {
+            device: String::new(),
+            node_name: Some("overlay-1".into()),
+            read_only: false,
+            image: image(d, &["after.qcow2", "top.qcow2", "base.qcow2"]),
+        };
+        let graph = BlockGraph {
+            nodes: vec![
+                node(d, "overlay-1", "after.qcow2", Some("top.qcow2")),
+                node(d, "top-fmt", "top.qcow2", Some("base.qcow2")),
+                node(d, "base-fmt", "base.qcow2", None),
+            ],
+        };
+        let top = format!(
+            "driver=file,node-name=top-file,filename={}",
+            d.join("top.qcow2").display()
+        );
+        let base = format!(
+            "driver=file,node-name=base-file,filename={}",
+            d.join("base.qcow2").display()
+        );
+        let args = strings(&[
+            "-blockdev",
+            &base,
+            "-blockdev",
+            "driver=qcow2,node-name=base-fmt,file=base-file,read-only=on",
+            "-blockdev",
+            &top,
+            "-blockdev",
+            "driver=qcow2,node-name=top-fmt,file=top-file,backing=base-fmt",
+            "-device",
+            "virtio-blk-pci,drive=top-fmt",
+        ]);
+        let f = found(&device, &graph, d, Path::new("qemu-img"), &args)
+            .unwrap()
+            .unwrap();
+        assert_eq!(f.name, "top-fmt");
+        assert_eq!(f.target, SnapshotTarget::Node("overlay-1".into()));
+        assert_eq!(
+            (f.above, f.top.clone()),
+            (1, Some(Top::Node("top-fmt".into())))
+        );
+        let nodes: Vec<Option<&str>> = f.chain.iter().map(|l| l.node.as_deref()).collect();
+        assert_eq!(
+            nodes,
+            [Some("overlay-1"), Some("top-fmt"), Some("base-fmt")]
+        );
+        assert!(!f.temporary && !f.unplaceable);
+
+        // Without the graph (a human monitor that cannot list nodes), the
+        // overlay cannot be placed: the save says so instead of guessing.
+        let f = found(
+            &device,
+            &BlockGraph::default(),
+            d,
+            Path::new("qemu-img"),
+            &args,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(f.top.is_none() && f.unplaceable);
+    }
+
+    #[test]
+    fn a_drive_on_snapshot_on_is_its_own_image_under_a_temporary_overlay() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("disk.qcow2"), b"").unwrap();
+        let device = BlockDevice {
+            device: "virtio0".into(),
+            node_name: Some("#block1".into()),
+            read_only: false,
+            image: image(d, &["vl.ABC", "disk.qcow2"]),
+        };
+        let args = strings(&["-drive", "file=disk.qcow2,if=virtio,snapshot=on"]);
+        let f = found(
+            &device,
+            &BlockGraph::default(),
+            d,
+            Path::new("qemu-img"),
+            &args,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(f.temporary);
+        assert_eq!(f.chain.len(), 1);
+        assert_eq!(f.chain[0].path, d.join("disk.qcow2"));
+        assert_eq!(f.top, Some(Top::File(d.join("disk.qcow2"))));
+    }
 }
