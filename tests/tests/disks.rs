@@ -264,6 +264,26 @@ fn a_libvirt_chain_is_saved_and_restored_with_each_node_on_its_own_file() {
         };
         each_on_its_own(&what);
 
+        // The options checked by a probe QEMU beside the running VM (another
+        // path to the same QEMU, so the probe runs): it takes no image lock.
+        let other = dir.path().join("qemu-system-x86_64");
+        std::os::unix::fs::symlink(&qemu, &other).unwrap();
+        let said = String::from_utf8_lossy(
+            &migrate()
+                .args(["inspect", "--check", "--qemu"])
+                .arg(&other)
+                .arg(&state)
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .into_owned();
+        assert!(
+            said.contains("these options can restore it"),
+            "{what}: {said}"
+        );
+        each_on_its_own(&format!("{what}, after the probe"));
+
         // Moved live to a new QEMU on this host: QEMU hands the image locks
         // over at the switch, and the chain is opened as it was.
         let out = migrate()
