@@ -453,6 +453,34 @@ fn a_checkpoint_of_a_libvirt_chain_restores_and_reverts_on_fresh_overlays() {
         assert_eq!(boots(&log), 1, "{what}: the guest booted again");
         let g = graph(&source.qmp_path);
         assert_eq!(files_opened_once(&g, &what).len(), 4, "{what}");
+
+        // A clone beside it, on a fresh overlay of its own: both read the
+        // frozen chain, neither locks the other out.
+        let pidfile = dir.path().join("clone.pid");
+        ok(&migrate()
+            .args(["restore", "--clone", "--into"])
+            .arg(&runs)
+            .args(["--daemonize", "--pidfile"])
+            .arg(&pidfile)
+            .arg(&state)
+            .output()
+            .unwrap());
+        let _clone = Restored {
+            pid: std::fs::read_to_string(&pidfile)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap(),
+        };
+        let clone_qmp = PathBuf::from(format!("{}.clone1", source.qmp_path.display()));
+        let mut m = qemu_monitor::connect(clone_qmp.clone(), &monitor_options()).unwrap();
+        assert!(m.status().unwrap().is_running(), "{what}");
+        let theirs = files_opened_once(&m.block_graph().unwrap(), &what);
+        drop(m);
+        let ours = files_opened_once(&graph(&source.qmp_path), &what);
+        assert_eq!(theirs.len(), 4, "{what}: {theirs:?}");
+        let shared: Vec<&PathBuf> = theirs.iter().filter(|f| ours.contains(f)).collect();
+        assert_eq!(shared, [&images[0], &images[1], &images[2]], "{what}");
         drop(restored);
         for (image, before) in images.iter().zip(&frozen) {
             assert!(

@@ -91,8 +91,15 @@ impl BlockNode {
     /// rather than interpreting a file below it.
     #[must_use]
     pub fn is_protocol(&self) -> bool {
-        PROTOCOLS.contains(&self.driver.as_str())
+        is_protocol(&self.driver)
     }
+}
+
+/// Whether `driver` is one of QEMU's protocol drivers: a node of it
+/// reaches storage itself rather than interpreting a node below it.
+#[must_use]
+pub fn is_protocol(driver: &str) -> bool {
+    PROTOCOLS.contains(&driver)
 }
 
 /// QEMU's protocol drivers (`block/*.c`, those with a `protocol_name`, and

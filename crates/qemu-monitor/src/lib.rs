@@ -37,8 +37,8 @@ use std::time::Duration;
 
 pub use addr::MonitorAddr;
 pub use block::{
-    overlay_node_name, BlockDevice, BlockGraph, BlockNode, DiskSnapshot, DiskWrites, ImageInfo,
-    SnapshotTarget,
+    is_protocol, overlay_node_name, BlockDevice, BlockGraph, BlockNode, DiskSnapshot, DiskWrites,
+    ImageInfo, SnapshotTarget,
 };
 pub use commands::migration_event_status;
 pub use conn::Socket;

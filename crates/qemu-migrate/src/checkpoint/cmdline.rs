@@ -76,6 +76,46 @@ pub fn blockdev_files(args: &[String], cwd: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The files `args`' `-blockdev` nodes open for writing: a format node's
+/// (its inline `file`, or that of the `file` node it names) unless it is
+/// read-only, and a protocol node's that no node reads through (a disk
+/// given to its device as it is) unless read-only. Absolute, from `cwd`.
+#[must_use]
+pub fn writable_blockdev_files(args: &[String], cwd: &Path) -> Vec<PathBuf> {
+    let nodes: Vec<Node> = options(args, "blockdev")
+        .map(|(_, v)| Node::parse(v))
+        .collect();
+    let is_protocol = |n: &Node| {
+        n.get("driver")
+            .is_some_and(|d| qemu_monitor::is_protocol(&d))
+    };
+    let file_of = |name: &str| {
+        nodes
+            .iter()
+            .find(|n| n.get("node-name").as_deref() == Some(name))
+            .and_then(|n| n.get("filename"))
+    };
+    let referenced: Vec<String> = nodes.iter().filter_map(|n| n.get("file")).collect();
+    let mut out = Vec::new();
+    for n in &nodes {
+        if n.flag("read-only") == Some(true) {
+            continue;
+        }
+        let file = if is_protocol(n) {
+            let name = n.get("node-name").unwrap_or_default();
+            if referenced.contains(&name) {
+                continue;
+            }
+            n.get("filename")
+        } else {
+            n.get("file.filename")
+                .or_else(|| n.get("file").and_then(|f| file_of(&f)))
+        };
+        out.extend(file.map(|f| absolute(cwd, &f)));
+    }
+    out
+}
+
 /// Each `-OPTION VALUE` pair of `args` for one option name, with its index.
 fn options<'a>(args: &'a [String], name: &'a str) -> impl Iterator<Item = (usize, &'a String)> {
     args.windows(2)
@@ -350,6 +390,26 @@ impl Node {
         }
     }
 
+    /// A boolean option, in either form (`on`, `true`, `yes`, JSON `true`).
+    fn flag(&self, key: &str) -> Option<bool> {
+        let word = match self {
+            Node::Keyval(kv) => kv.get(key)?,
+            Node::Json(m) => {
+                let (parent, last) = json_parent(m, key)?;
+                match parent.get(last)? {
+                    Value::Bool(b) => return Some(*b),
+                    Value::String(s) => s.clone(),
+                    _ => return None,
+                }
+            }
+        };
+        match word.as_str() {
+            "on" | "true" | "yes" | "y" => Some(true),
+            "off" | "false" | "no" | "n" => Some(false),
+            _ => None,
+        }
+    }
+
     /// Sets a boolean option: `on`/`off` in key=value form, `true`/`false` in JSON.
     fn set_flag(&mut self, key: &str, value: bool) {
         match self {
@@ -569,6 +629,16 @@ mod tests {
         assert!(!on_temporary_overlay(&args, cwd, Path::new("/d/b.img")));
         let all = v("-snapshot -hda /d/b.img");
         assert!(on_temporary_overlay(&all, cwd, Path::new("/d/b.img")));
+    }
+
+    #[test]
+    fn blockdev_files_written_are_those_of_writable_format_nodes_and_bare_file_nodes() {
+        let mut args = libvirt_chain();
+        args.extend(v("-blockdev driver=file,node-name=raw0,filename=raw.img -blockdev driver=qcow2,node-name=q,read-only=on,file.driver=file,file.filename=/d/ro.qcow2 -blockdev driver=qcow2,node-name=w,file.driver=file,file.filename=/d/w.qcow2"));
+        assert_eq!(
+            writable_blockdev_files(&args, Path::new("/w")),
+            ["/d/top.qcow2", "/w/raw.img", "/d/w.qcow2"].map(PathBuf::from)
+        );
     }
 
     #[test]

@@ -20,6 +20,12 @@ pub struct Thawed {
 }
 
 impl Thawed {
+    /// The overlays made for this restore alone.
+    #[must_use]
+    pub fn overlays(&self) -> &[PathBuf] {
+        &self.made.paths
+    }
+
     /// The overlays, kept: the restored VM writes to them.
     #[must_use]
     pub fn keep(self) -> Vec<PathBuf> {
