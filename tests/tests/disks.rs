@@ -966,9 +966,11 @@ fn saved_after_a_checkpoint(qemu: &Path, drive: bool) {
     let after = dir.path().join("top.qcow2.after-ckpt.1.qcow2");
     let frozen: Vec<Vec<u8>> = images.iter().map(|i| std::fs::read(i).unwrap()).collect();
     let state = dir.path().join("state");
+    // Saved through the human monitor: its `info block -n` tells which node
+    // the overlay sits on.
     ok(&migrate()
         .args(["save", "--then", "quit", "--monitor"])
-        .arg(&source.qmp_path)
+        .arg(&source.hmp)
         .arg(&state)
         .output()
         .unwrap());
