@@ -122,3 +122,60 @@ pub fn tops(record: &DiskRecord, statefile: &Path, args: &[String]) -> Result<Ve
     }
     Ok(tops)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::record::{Disk, Image};
+    use super::*;
+
+    fn record(name: &str, node: Option<&str>) -> DiskRecord {
+        DiskRecord {
+            frozen: true,
+            cwd: PathBuf::from("/d"),
+            disks: vec![Disk {
+                name: name.into(),
+                node: node.map(String::from),
+                virtual_size: 1 << 20,
+                images: vec![Image {
+                    path: PathBuf::from("/d/top.qcow2"),
+                    node: node.map(String::from),
+                    format: "qcow2".into(),
+                    size: 0,
+                    mtime_ns: 0,
+                    fingerprint: String::new(),
+                }],
+                source_overlay: None,
+            }],
+        }
+    }
+
+    fn v(s: &str) -> Vec<String> {
+        s.split(' ').map(String::from).collect()
+    }
+
+    #[test]
+    fn a_disk_is_found_by_its_node_else_by_its_file() {
+        let blockdev = v("-blockdev driver=file,node-name=s,filename=/d/top.qcow2 -blockdev driver=qcow2,node-name=t,file=s");
+        let state = Path::new("/s/ck");
+        assert_eq!(
+            tops(&record("t", Some("t")), state, &blockdev).unwrap(),
+            [Top::Node("t".into())]
+        );
+        // A manifest from before nodes were recorded: the disk's name is its node's.
+        assert_eq!(
+            tops(&record("t", None), state, &blockdev).unwrap(),
+            [Top::Node("t".into())]
+        );
+        let drive = v("-drive file=top.qcow2,if=virtio");
+        assert_eq!(
+            tops(&record("virtio0", None), state, &drive).unwrap(),
+            [Top::File(PathBuf::from("/d/top.qcow2"))]
+        );
+        let err = tops(&record("t", Some("t")), state, &drive).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("do not define the top image of the checkpoint's disk t (/d/top.qcow2)"),
+            "{err}"
+        );
+    }
+}
