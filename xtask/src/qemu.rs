@@ -7,6 +7,9 @@ use anyhow::{bail, Context};
 
 pub use testkit::qemu::{installed, probe, qemu10_launcher, which, Qemu};
 
+/// UEFI firmware's code, from Debian's `ovmf` (the disk tests' pflash drives).
+const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+
 /// Runs `.ci/install-deps` unless every QEMU and peer tool is already there.
 pub fn install_deps(root: &Path) -> anyhow::Result<()> {
     let have_all = probe(Path::new("qemu-system-x86_64")).is_some()
@@ -22,14 +25,16 @@ pub fn install_deps(root: &Path) -> anyhow::Result<()> {
             "swtpm",
         ]
         .iter()
-        .all(|t| which(t));
+        .all(|t| which(t))
+        && Path::new(OVMF_CODE).is_file();
     if have_all {
         return Ok(());
     }
     if !which("apt-get") {
         bail!(
             "QEMU or a tool the tests use is missing and this is not a Debian machine: install \
-             qemu-system-x86, qemu-utils, socat, netcat-openbsd, strace, util-linux, e2fsprogs and swtpm by hand"
+             qemu-system-x86, qemu-utils, socat, netcat-openbsd, strace, util-linux, e2fsprogs, \
+             ovmf and swtpm by hand"
         );
     }
     let script = root.join(".ci/install-deps");

@@ -178,8 +178,13 @@ fn disks_text(r: &checkpoint::DiskRecord) -> String {
                 None => "intact".to_string(),
                 Some(why) => format!("CHANGED: {why}"),
             };
+            // The node, where it is not the disk's own name already.
+            let node = match &i.node {
+                Some(n) if *n != d.name => format!(", node {n}"),
+                _ => String::new(),
+            };
             out.push(format!(
-                "  {}{} {} ({}, {} bytes): {state}",
+                "  {}{} {} ({}, {} bytes{node}): {state}",
                 d.name,
                 if level == 0 { "" } else { " backing" },
                 i.path.display(),
@@ -198,6 +203,7 @@ fn disks_json(r: &checkpoint::DiskRecord) -> serde_json::Value {
         .map(|(d, i)| {
             serde_json::json!({
                 "disk": d.name,
+                "node": i.node,
                 "path": i.path,
                 "format": i.format,
                 "size": i.size,

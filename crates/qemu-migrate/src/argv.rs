@@ -206,6 +206,10 @@ fn appending(option: &str, value: &str, index: usize) -> Option<Vec<String>> {
 /// chardev becomes a `null` one (its id kept), short-form ones `null`;
 /// drives are opened read-only, unlocked, with writes going to a throwaway
 /// overlay (`snapshot=on`), since a device needs its drive to exist.
+/// `-blockdev` nodes have no such overlay and stay as writable as given
+/// (an IDE disk refuses a read-only one), but unlocked: the probe, which
+/// never runs the guest, writes nothing to them and does not stand in the
+/// way of the VM that holds them.
 pub fn probe_options(args: &[String]) -> Vec<String> {
     let args = vm_options(args);
     let mut out = Vec::with_capacity(args.len());
@@ -227,6 +231,7 @@ pub fn probe_options(args: &[String]) -> Vec<String> {
             "-drive" if value.split(',').any(|p| p.starts_with("file=")) => {
                 Some(format!("{value},snapshot=on,file.locking=off"))
             }
+            "-blockdev" => Some(unlocked(value)),
             "-hda" | "-hdb" | "-hdc" | "-hdd" => {
                 let index = a.as_bytes()[3] - b'a';
                 out.push("-drive".to_string());
@@ -318,6 +323,48 @@ pub fn without_host_forwards(args: &[String]) -> (Vec<String>, Vec<HostForward>)
         i += 2;
     }
     (out, forwards)
+}
+
+/// Protocol drivers with image locking (QEMU's block/file-posix.c).
+const LOCKING_DRIVERS: &[&str] = &["file", "host_device", "host_cdrom"];
+
+/// A `-blockdev` value (key=value or JSON) with image locking off for its
+/// node, when a locking protocol node, and for an inline `file` child.
+fn unlocked(value: &str) -> String {
+    if value.trim_start().starts_with('{') {
+        if let Ok(serde_json::Value::Object(mut m)) = serde_json::from_str(value) {
+            let locks = |m: &serde_json::Map<String, serde_json::Value>| {
+                m.get("driver")
+                    .and_then(|d| d.as_str())
+                    .is_some_and(|d| LOCKING_DRIVERS.contains(&d))
+            };
+            if locks(&m) {
+                m.insert("locking".into(), "off".into());
+            }
+            if let Some(serde_json::Value::Object(file)) = m.get_mut("file") {
+                if locks(file) {
+                    file.insert("locking".into(), "off".into());
+                }
+            }
+            return serde_json::Value::Object(m).to_string();
+        }
+        return value.to_string();
+    }
+    let get = |key: &str| {
+        value
+            .split(',')
+            .find_map(|p| p.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+    };
+    let mut out = value.to_string();
+    if get("driver").is_some_and(|d| LOCKING_DRIVERS.contains(&d)) {
+        out.push_str(",locking=off");
+    }
+    if get("file.filename").is_some()
+        && get("file.driver").is_none_or(|d| LOCKING_DRIVERS.contains(&d))
+    {
+        out.push_str(",file.locking=off");
+    }
+    out
 }
 
 /// The value of the last `-name VALUE` (QEMU lets later options win).
@@ -492,6 +539,31 @@ mod tests {
             probe_options(&v("-m 32 -serial file:/l/s.log -chardev socket,id=c,path=/s,server=on -debugcon stdio -serial chardev:c -drive file=/d.qcow2,format=qcow2,if=virtio -hda /h.img -monitor unix:/m,server")),
             v("-m 32 -serial null -chardev null,id=c -debugcon null -serial chardev:c -drive file=/d.qcow2,format=qcow2,if=virtio,snapshot=on,file.locking=off -drive file=/h.img,index=0,media=disk,snapshot=on,file.locking=off")
         );
+    }
+
+    #[test]
+    fn the_probe_takes_no_lock_on_blockdev_images() {
+        let args = vec![
+            "-blockdev".to_string(),
+            r#"{"driver":"file","filename":"/d/top.qcow2","node-name":"s1","auto-read-only":true}"#.to_string(),
+            "-blockdev".to_string(),
+            r#"{"node-name":"f1","driver":"qcow2","file":"s1"}"#.to_string(),
+            "-blockdev".to_string(),
+            r#"{"node-name":"o","driver":"qcow2","file":{"driver":"file","filename":"/o.qcow2"},"backing":"f1"}"#.to_string(),
+            "-blockdev".to_string(),
+            "driver=qcow2,node-name=k,file.driver=file,file.filename=/k.qcow2".to_string(),
+            "-blockdev".to_string(),
+            "driver=nbd,node-name=n,server.type=unix,server.path=/s".to_string(),
+        ];
+        let out = probe_options(&args);
+        let json = |i: usize| -> serde_json::Value { serde_json::from_str(&out[i]).unwrap() };
+        assert_eq!(json(1)["locking"], "off");
+        assert_eq!(json(1)["filename"], "/d/top.qcow2");
+        assert!(json(3).get("locking").is_none());
+        assert_eq!(json(5)["file"]["locking"], "off");
+        assert_eq!(json(5)["backing"], "f1");
+        assert_eq!(out[7], format!("{},file.locking=off", args[7]));
+        assert_eq!(out[9], args[9]);
     }
 
     #[test]

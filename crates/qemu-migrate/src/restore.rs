@@ -327,8 +327,13 @@ pub fn restore_checked(
     let probe_args = if unchanged { &args } else { &disks.args };
     preflight::check(&checked, &binary, probe_args, &env)?;
     // An instant save's RAM image is mapped, not loaded; a clone gets paths of its own.
-    let (args, renamed) =
-        crate::instant::launch_args(&checked, disks.args.clone(), options, progress)?;
+    let (args, renamed) = crate::instant::launch_args(
+        &checked,
+        disks.args.clone(),
+        disks.overlays(),
+        options,
+        progress,
+    )?;
 
     let backends = match &checked.manifest {
         Some(m) => crate::replay::start_backends(&m.backends)?,

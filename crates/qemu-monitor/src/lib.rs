@@ -37,7 +37,10 @@ mod telnet;
 use std::time::Duration;
 
 pub use addr::MonitorAddr;
-pub use block::{BlockDevice, DiskSnapshot, ImageInfo, SnapshotTarget};
+pub use block::{
+    is_protocol, overlay_node_name, BlockDevice, BlockGraph, BlockNode, DiskSnapshot, DiskWrites,
+    ImageInfo, SnapshotTarget,
+};
 pub use commands::migration_event_status;
 pub use conn::Socket;
 pub use error::{Error, ErrorKind, Result};

@@ -1,117 +1,258 @@
-//! Pointing a QEMU command line's disks at other images: `-drive file=`,
-//! `-blockdev` (key=value and JSON forms) and `-hda`..`-hdd`, the rest
-//! left exactly as it was.
+//! Putting overlays on a QEMU command line's disks: `-drive file=`,
+//! `-hda`..`-hdd`, and `-blockdev` chains (key=value and JSON forms), the
+//! rest left exactly as it was.
+//!
+//! Only the image the command line gives the disk's device is touched:
+//! the images below it stay defined as they were, each node reading its
+//! own file once. A `-drive` (whose lower images QEMU opens from each
+//! image's header) is pointed at the new top image. A `-blockdev` node
+//! keeps its name for the new top, which every user of the disk refers to
+//! (as QEMU's snapshot put it under the same users), and is itself defined
+//! read-only under a new name below it.
 
 use std::path::{Path, PathBuf};
 
-use serde_json::{Map, Value};
+use serde_json::{json, Map, Value};
 
-/// One disk to point elsewhere: whichever of `from` (absolute paths, any
-/// image of its chain) the command line names becomes `to`, a qcow2 image.
+/// Where a command line defines a disk's top image.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Swap {
-    /// The paths the command line may name the disk by.
-    pub from: Vec<PathBuf>,
-    /// The image it is to use now.
-    pub to: PathBuf,
+pub enum Top {
+    /// A `-blockdev` node, by its node name.
+    Node(String),
+    /// A `-drive` or `-hda`..`-hdd`, by the file it names (absolute).
+    File(PathBuf),
 }
 
-/// `args` with each swap applied; the second value lists, for each swap,
-/// whether the command line named its disk at all.
+/// Overlays to put on one disk: `overlays`, top first, each a qcow2 image
+/// whose header names the next as its backing file, the last naming the
+/// image at `top`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lift {
+    /// The disk's top image as the command line defines it.
+    pub top: Top,
+    /// The new images above it, top first.
+    pub overlays: Vec<PathBuf>,
+}
+
+/// The node names `args` define with `-blockdev`.
 #[must_use]
-pub fn point_disks(args: &[String], cwd: &Path, swaps: &[Swap]) -> (Vec<String>, Vec<bool>) {
-    let mut out = args.to_vec();
-    let mut found = vec![false; swaps.len()];
-    let matches = |value: &str| -> Option<usize> {
-        let p = absolute(cwd, value);
-        swaps.iter().position(|s| s.from.contains(&p))
-    };
-    // Protocol nodes named by -blockdev whose format node is to become qcow2.
-    let mut protocol_nodes: Vec<String> = Vec::new();
+pub fn blockdev_names(args: &[String]) -> Vec<String> {
+    options(args, "blockdev")
+        .filter_map(|(_, v)| Node::parse(v).get("node-name"))
+        .collect()
+}
+
+/// The files `args` give a `-drive` (`file=`) or `-hda`..`-hdd`, absolute.
+#[must_use]
+pub fn drive_files(args: &[String], cwd: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
     let mut i = 0;
-    while i + 1 < out.len() {
-        let option = out[i].trim_start_matches('-');
-        match option {
+    while i + 1 < args.len() {
+        match args[i].trim_start_matches('-') {
             "drive" => {
-                let mut kv = Keyval::parse(&out[i + 1]);
-                if let Some(s) = kv.get("file").and_then(|v| matches(&v)) {
-                    kv.set("file", &swaps[s].to.display().to_string());
-                    kv.set("format", "qcow2");
-                    out[i + 1] = kv.render();
-                    found[s] = true;
+                if let Some(f) = Keyval::parse(&args[i + 1]).get("file") {
+                    out.push(absolute(cwd, &f));
                 }
             }
-            "hda" | "hdb" | "hdc" | "hdd" => {
-                if let Some(s) = matches(&out[i + 1]) {
-                    let index = usize::from(option.as_bytes()[2] - b'a');
-                    out[i] = "-drive".into();
-                    out[i + 1] = format!(
-                        "file={},format=qcow2,index={index},media=disk",
-                        escape(&swaps[s].to.display().to_string())
-                    );
-                    found[s] = true;
-                }
-            }
-            "blockdev" => {
-                let mut node = Node::parse(&out[i + 1]);
-                let keys: Vec<String> = node
-                    .keys()
-                    .into_iter()
-                    .filter(|k| k == "filename" || k.ends_with(".filename"))
-                    .collect();
-                for key in keys {
-                    let Some(s) = node.get(&key).and_then(|v| matches(&v)) else {
-                        continue;
-                    };
-                    node.set(&key, &swaps[s].to.display().to_string());
-                    found[s] = true;
-                    let prefix = &key[..key.len() - "filename".len()];
-                    match prefix.strip_suffix("file.") {
-                        // The format node holds its protocol inline.
-                        Some(format_prefix) => to_qcow2(&mut node, format_prefix),
-                        None if prefix.is_empty() => {
-                            if let Some(name) = node.get("node-name") {
-                                protocol_nodes.push(name);
-                            }
-                        }
-                        None => {}
-                    }
-                }
-                out[i + 1] = node.render();
-            }
+            "hda" | "hdb" | "hdc" | "hdd" => out.push(absolute(cwd, &args[i + 1])),
             _ => {}
         }
         i += 1;
     }
-    if !protocol_nodes.is_empty() {
-        let mut i = 0;
-        while i + 1 < out.len() {
-            if out[i].trim_start_matches('-') == "blockdev" {
-                let mut node = Node::parse(&out[i + 1]);
-                let refs: Vec<String> = node
-                    .keys()
-                    .into_iter()
-                    .filter(|k| k == "file" || k.ends_with(".file"))
-                    .filter(|k| node.get(k).is_some_and(|v| protocol_nodes.contains(&v)))
-                    .collect();
-                for key in &refs {
-                    to_qcow2(&mut node, &key[..key.len() - "file".len()]);
-                }
-                if !refs.is_empty() {
-                    out[i + 1] = node.render();
+    out
+}
+
+/// The files `args` give `-blockdev` nodes (`filename=`, or a format
+/// node's inline `file.filename=`), absolute.
+#[must_use]
+pub fn blockdev_files(args: &[String], cwd: &Path) -> Vec<PathBuf> {
+    options(args, "blockdev")
+        .flat_map(|(_, v)| {
+            let node = Node::parse(v);
+            [node.get("filename"), node.get("file.filename")]
+        })
+        .flatten()
+        .map(|f| absolute(cwd, &f))
+        .collect()
+}
+
+/// The files `args`' `-blockdev` nodes open for writing: a format node's
+/// (its inline `file`, or that of the `file` node it names) unless it is
+/// read-only, and a protocol node's that no node reads through (a disk
+/// given to its device as it is) unless read-only. Absolute, from `cwd`.
+#[must_use]
+pub fn writable_blockdev_files(args: &[String], cwd: &Path) -> Vec<PathBuf> {
+    let nodes: Vec<Node> = options(args, "blockdev")
+        .map(|(_, v)| Node::parse(v))
+        .collect();
+    let is_protocol = |n: &Node| {
+        n.get("driver")
+            .is_some_and(|d| qemu_monitor::is_protocol(&d))
+    };
+    let file_of = |name: &str| {
+        nodes
+            .iter()
+            .find(|n| n.get("node-name").as_deref() == Some(name))
+            .and_then(|n| n.get("filename"))
+    };
+    let referenced: Vec<String> = nodes.iter().filter_map(|n| n.get("file")).collect();
+    let mut out = Vec::new();
+    for n in &nodes {
+        if n.flag("read-only") == Some(true) {
+            continue;
+        }
+        let file = if is_protocol(n) {
+            let name = n.get("node-name").unwrap_or_default();
+            if referenced.contains(&name) {
+                continue;
+            }
+            n.get("filename")
+        } else {
+            n.get("file.filename")
+                .or_else(|| n.get("file").and_then(|f| file_of(&f)))
+        };
+        out.extend(file.map(|f| absolute(cwd, &f)));
+    }
+    out
+}
+
+/// Each `-OPTION VALUE` pair of `args` for one option name, with its index.
+fn options<'a>(args: &'a [String], name: &'a str) -> impl Iterator<Item = (usize, &'a String)> {
+    args.windows(2)
+        .enumerate()
+        .filter(move |(_, w)| w[0].trim_start_matches('-') == name)
+        .map(|(i, w)| (i, &w[1]))
+}
+
+/// `args` with each lift applied; the second value lists, for each lift,
+/// whether the command line defines its top (a lift whose top it does not
+/// define changes nothing).
+#[must_use]
+pub fn lift_disks(args: &[String], cwd: &Path, lifts: &[Lift]) -> (Vec<String>, Vec<bool>) {
+    let mut out = args.to_vec();
+    let mut found = vec![false; lifts.len()];
+    for (k, lift) in lifts.iter().enumerate() {
+        let Some(top) = lift.overlays.first() else {
+            found[k] = defines(&out, cwd, &lift.top);
+            continue;
+        };
+        let top = top.display().to_string();
+        match &lift.top {
+            Top::File(path) => {
+                let mut i = 0;
+                while i + 1 < out.len() && !found[k] {
+                    let option = out[i].trim_start_matches('-').to_string();
+                    match option.as_str() {
+                        "drive" => {
+                            let mut kv = Keyval::parse(&out[i + 1]);
+                            if drive_names(&kv, cwd, path) {
+                                kv.set("file", &top);
+                                let key = if kv.get("driver").is_some() {
+                                    "driver"
+                                } else {
+                                    "format"
+                                };
+                                kv.set(key, "qcow2");
+                                out[i + 1] = kv.render();
+                                found[k] = true;
+                            }
+                        }
+                        "hda" | "hdb" | "hdc" | "hdd" if absolute(cwd, &out[i + 1]) == *path => {
+                            let index = usize::from(option.as_bytes()[2] - b'a');
+                            out[i] = "-drive".into();
+                            out[i + 1] = format!(
+                                "file={},format=qcow2,index={index},media=disk",
+                                escape(&top)
+                            );
+                            found[k] = true;
+                        }
+                        _ => {}
+                    }
+                    i += 1;
                 }
             }
-            i += 1;
+            Top::Node(name) => {
+                let at = options(&out, "blockdev")
+                    .find(|(_, v)| Node::parse(v).get("node-name").as_deref() == Some(name))
+                    .map(|(i, _)| i);
+                if let Some(i) = at {
+                    let below = format!(
+                        "under-{}",
+                        &qemu_monitor::overlay_node_name(&lift.overlays[lift.overlays.len() - 1])
+                            ["overlay-".len()..]
+                    );
+                    let mut node = Node::parse(&out[i + 1]);
+                    node.set("node-name", &below);
+                    node.set_flag("read-only", true);
+                    out[i + 1] = node.render();
+                    // Bottom first: a node's backing must be defined before it.
+                    let mut backing = below;
+                    let mut added = Vec::new();
+                    for (j, overlay) in lift.overlays.iter().enumerate().rev() {
+                        let node_name = if j == 0 {
+                            name.clone()
+                        } else {
+                            qemu_monitor::overlay_node_name(overlay)
+                        };
+                        added.push("-blockdev".to_string());
+                        added.push(
+                            json!({
+                                "driver": "qcow2",
+                                "node-name": node_name,
+                                "file": {"driver": "file", "filename": overlay.display().to_string()},
+                                "backing": backing,
+                            })
+                            .to_string(),
+                        );
+                        backing = node_name;
+                    }
+                    out.splice(i + 2..i + 2, added);
+                    found[k] = true;
+                }
+            }
         }
     }
     (out, found)
 }
 
-/// The format node at `prefix` reads a qcow2 overlay now, whose own header
-/// names its backing image.
-fn to_qcow2(node: &mut Node, prefix: &str) {
-    node.set(&format!("{prefix}driver"), "qcow2");
-    node.remove(&format!("{prefix}backing"));
+/// Whether `args` define `top`.
+#[must_use]
+pub fn defines(args: &[String], cwd: &Path, top: &Top) -> bool {
+    match top {
+        Top::Node(name) => blockdev_names(args).contains(name),
+        Top::File(path) => {
+            options(args, "drive").any(|(_, v)| drive_names(&Keyval::parse(v), cwd, path))
+                || drive_files(args, cwd).contains(path)
+        }
+    }
+}
+
+/// Whether QEMU runs the disk whose image is `path` on a temporary overlay
+/// of its own: its `-drive` says `snapshot=on`, or the VM has `-snapshot`.
+#[must_use]
+pub fn on_temporary_overlay(args: &[String], cwd: &Path, path: &Path) -> bool {
+    let on = |v: &str| matches!(v, "on" | "yes" | "true" | "y");
+    args.iter().any(|a| a == "-snapshot" || a == "--snapshot")
+        || drive_options(args, cwd, path)
+            .is_some_and(|kv| kv.get("snapshot").is_some_and(|v| on(&v)))
+}
+
+/// The options of the `-drive` whose file is `path`.
+fn drive_options(args: &[String], cwd: &Path, path: &Path) -> Option<Keyval> {
+    options(args, "drive")
+        .map(|(_, v)| Keyval::parse(v))
+        .find(|kv| kv.get("file").is_some_and(|f| absolute(cwd, &f) == path))
+}
+
+/// Whether this `-drive` gives `path` as its top image, with nothing said
+/// of what is below it (`backing.*` options would then describe the
+/// overlay's backing, not the image's).
+fn drive_names(kv: &Keyval, cwd: &Path, path: &Path) -> bool {
+    kv.get("file").is_some_and(|f| absolute(cwd, &f) == path)
+        && !kv
+            .0
+            .iter()
+            .any(|(k, _)| k == "backing" || k.starts_with("backing."))
 }
 
 /// `value` as an absolute path, relative ones taken from `cwd`.
@@ -195,10 +336,6 @@ impl Keyval {
         });
     }
 
-    fn remove(&mut self, key: &str) {
-        self.0.retain(|(k, _)| k != key);
-    }
-
     fn render(&self) -> String {
         self.0
             .iter()
@@ -232,17 +369,6 @@ impl Node {
         Node::Keyval(Keyval::parse(s))
     }
 
-    fn keys(&self) -> Vec<String> {
-        match self {
-            Node::Keyval(kv) => kv.0.iter().map(|(k, _)| k.clone()).collect(),
-            Node::Json(m) => {
-                let mut out = Vec::new();
-                json_keys(m, "", &mut out);
-                out
-            }
-        }
-    }
-
     fn get(&self, key: &str) -> Option<String> {
         match self {
             Node::Keyval(kv) => kv.get(key),
@@ -264,13 +390,32 @@ impl Node {
         }
     }
 
-    fn remove(&mut self, key: &str) {
-        match self {
-            Node::Keyval(kv) => kv.remove(key),
+    /// A boolean option, in either form (`on`, `true`, `yes`, JSON `true`).
+    fn flag(&self, key: &str) -> Option<bool> {
+        let word = match self {
+            Node::Keyval(kv) => kv.get(key)?,
             Node::Json(m) => {
-                if let Some((parent, last)) = json_parent_mut(m, key) {
-                    parent.remove(last);
+                let (parent, last) = json_parent(m, key)?;
+                match parent.get(last)? {
+                    Value::Bool(b) => return Some(*b),
+                    Value::String(s) => s.clone(),
+                    _ => return None,
                 }
+            }
+        };
+        match word.as_str() {
+            "on" | "true" | "yes" | "y" => Some(true),
+            "off" | "false" | "no" | "n" => Some(false),
+            _ => None,
+        }
+    }
+
+    /// Sets a boolean option: `on`/`off` in key=value form, `true`/`false` in JSON.
+    fn set_flag(&mut self, key: &str, value: bool) {
+        match self {
+            Node::Keyval(kv) => kv.set(key, if value { "on" } else { "off" }),
+            Node::Json(m) => {
+                m.insert(key.to_string(), Value::Bool(value));
             }
         }
     }
@@ -279,17 +424,6 @@ impl Node {
         match self {
             Node::Keyval(kv) => kv.render(),
             Node::Json(m) => Value::Object(m.clone()).to_string(),
-        }
-    }
-}
-
-fn json_keys(m: &Map<String, Value>, prefix: &str, out: &mut Vec<String>) {
-    for (k, v) in m {
-        let key = format!("{prefix}{k}");
-        if let Value::Object(inner) = v {
-            json_keys(inner, &format!("{key}."), out);
-        } else {
-            out.push(key);
         }
     }
 }
@@ -328,22 +462,46 @@ mod tests {
         s.split(' ').map(String::from).collect()
     }
 
-    fn swap(from: &str, to: &str) -> Swap {
-        Swap {
-            from: vec![PathBuf::from(from)],
-            to: PathBuf::from(to),
+    fn file(top: &str, overlays: &[&str]) -> Lift {
+        Lift {
+            top: Top::File(PathBuf::from(top)),
+            overlays: overlays.iter().map(PathBuf::from).collect(),
         }
+    }
+
+    /// libvirt's way: base <- mid <- top, each a `file` node under a `qcow2` node.
+    fn libvirt_chain() -> Vec<String> {
+        let mut args = Vec::new();
+        for (n, image, backing) in [
+            (3, "base", "null".to_string()),
+            (2, "mid", "\"libvirt-3-format\"".to_string()),
+            (1, "top", "\"libvirt-2-format\"".to_string()),
+        ] {
+            args.push("-blockdev".to_string());
+            args.push(format!(
+                r#"{{"driver":"file","filename":"/d/{image}.qcow2","node-name":"libvirt-{n}-storage","auto-read-only":true,"discard":"unmap"}}"#
+            ));
+            args.push("-blockdev".to_string());
+            args.push(format!(
+                r#"{{"node-name":"libvirt-{n}-format","read-only":{},"driver":"qcow2","file":"libvirt-{n}-storage","backing":{backing}}}"#,
+                n != 1
+            ));
+        }
+        args.extend(v(
+            "-device virtio-blk-pci,drive=libvirt-1-format,id=virtio-disk0",
+        ));
+        args
     }
 
     #[test]
     fn drive_and_hda_point_at_the_overlay() {
         let args = v("-m 64 -drive file=disk.img,format=raw,if=virtio -hdb /d/b,x.img -kernel k");
-        let (out, found) = point_disks(
+        let (out, found) = lift_disks(
             &args,
             Path::new("/d"),
             &[
-                swap("/d/disk.img", "/o/1.qcow2"),
-                swap("/d/b,x.img", "/o/2.qcow2"),
+                file("/d/disk.img", &["/o/1.qcow2"]),
+                file("/d/b,x.img", &["/o/2.qcow2"]),
             ],
         );
         assert_eq!(
@@ -354,30 +512,160 @@ mod tests {
     }
 
     #[test]
-    fn blockdev_protocol_and_format_nodes_follow() {
-        let args = v("-blockdev driver=file,node-name=f0,filename=/d/disk.img -blockdev driver=raw,node-name=d0,file=f0 -device virtio-blk,drive=d0 -blockdev {\"driver\":\"qcow2\",\"node-name\":\"d1\",\"backing\":null,\"file\":{\"driver\":\"file\",\"filename\":\"/d/q.qcow2\"}}");
-        let (out, found) = point_disks(
+    fn a_drive_given_its_driver_keeps_that_key_and_one_saying_what_is_below_is_not_touched() {
+        let args = v("-drive driver=raw,file=/d/a.img,if=none,id=d0 -drive file=/d/b.qcow2,backing.file.filename=/d/c.img");
+        let (out, found) = lift_disks(
             &args,
             Path::new("/"),
             &[
-                swap("/d/disk.img", "/o/1.qcow2"),
-                swap("/d/q.qcow2", "/o/2.qcow2"),
+                file("/d/a.img", &["/o/1.qcow2"]),
+                file("/d/b.qcow2", &["/o/2.qcow2"]),
             ],
         );
-        assert_eq!(found, [true, true]);
-        assert_eq!(out[1], "driver=file,node-name=f0,filename=/o/1.qcow2");
-        assert_eq!(out[3], "driver=qcow2,node-name=d0,file=f0");
-        let json: Value = serde_json::from_str(&out[7]).unwrap();
-        assert_eq!(json["driver"], "qcow2");
-        assert_eq!(json["file"]["filename"], "/o/2.qcow2");
-        assert!(json.get("backing").is_none());
+        assert_eq!(out[1], "driver=qcow2,file=/o/1.qcow2,if=none,id=d0");
+        assert_eq!(out[3], args[3]);
+        assert_eq!(found, [true, false]);
+    }
+
+    #[test]
+    fn only_the_top_of_a_blockdev_chain_is_lifted_every_node_keeping_its_own_file() {
+        let args = libvirt_chain();
+        let lift = Lift {
+            top: Top::Node("libvirt-1-format".into()),
+            overlays: vec![PathBuf::from("/o/new.qcow2"), PathBuf::from("/o/old.qcow2")],
+        };
+        let (out, found) = lift_disks(&args, Path::new("/"), &[lift]);
+        assert_eq!(found, [true]);
+        // Nothing before the top's format node changed, nor the device.
+        assert_eq!(out[..10], args[..10]);
+        assert_eq!(out.last(), args.last());
+        let nodes: Vec<Value> = out
+            .windows(2)
+            .filter(|w| w[0] == "-blockdev")
+            .map(|w| serde_json::from_str(&w[1]).unwrap())
+            .collect();
+        assert_eq!(nodes.len(), 8);
+        // Each file once, under its own node.
+        let files: Vec<&str> = nodes
+            .iter()
+            .filter_map(|n| n["filename"].as_str().or(n["file"]["filename"].as_str()))
+            .collect();
+        assert_eq!(
+            files,
+            [
+                "/d/base.qcow2",
+                "/d/mid.qcow2",
+                "/d/top.qcow2",
+                "/o/old.qcow2",
+                "/o/new.qcow2"
+            ]
+        );
+        // The old top, read-only under a new name, below the overlays; the
+        // device's node name now the newest overlay's.
+        let under = nodes[5]["node-name"].as_str().unwrap();
+        assert!(under.starts_with("under-") && under.len() <= 31, "{under}");
+        assert_eq!(nodes[5]["read-only"], true);
+        assert_eq!(nodes[5]["backing"], "libvirt-2-format");
+        assert_eq!(nodes[5]["file"], "libvirt-1-storage");
+        assert_eq!(nodes[6]["backing"], under);
+        assert_eq!(nodes[7]["node-name"], "libvirt-1-format");
+        assert_eq!(nodes[7]["backing"], nodes[6]["node-name"]);
+        assert_eq!(nodes[7]["driver"], "qcow2");
+    }
+
+    #[test]
+    fn a_key_value_blockdev_is_lifted_too() {
+        let args = v("-blockdev driver=file,node-name=f0,filename=/d/disk.img -blockdev driver=raw,node-name=d0,file=f0 -device virtio-blk,drive=d0");
+        let lift = Lift {
+            top: Top::Node("d0".into()),
+            overlays: vec![PathBuf::from("/o/1.qcow2")],
+        };
+        let (out, found) = lift_disks(&args, Path::new("/"), &[lift]);
+        assert_eq!(found, [true]);
+        assert_eq!(out[1], args[1]);
+        assert!(
+            out[3].starts_with("driver=raw,node-name=under-")
+                && out[3].ends_with(",file=f0,read-only=on"),
+            "{}",
+            out[3]
+        );
+        let top: Value = serde_json::from_str(&out[5]).unwrap();
+        assert_eq!(top["node-name"], "d0");
+        assert_eq!(top["file"]["filename"], "/o/1.qcow2");
+        assert_eq!(out[6..], args[4..]);
+    }
+
+    #[test]
+    fn nothing_to_put_on_a_disk_changes_nothing() {
+        let args = libvirt_chain();
+        let lifts = [
+            Lift {
+                top: Top::Node("libvirt-1-format".into()),
+                overlays: vec![],
+            },
+            Lift {
+                top: Top::Node("libvirt-9-format".into()),
+                overlays: vec![],
+            },
+        ];
+        let (out, found) = lift_disks(&args, Path::new("/"), &lifts);
+        assert_eq!(out, args);
+        assert_eq!(found, [true, false]);
     }
 
     #[test]
     fn other_disks_stay_and_unknown_ones_are_reported() {
         let args = v("-drive file=/d/other.img,format=raw");
-        let (out, found) = point_disks(&args, Path::new("/"), &[swap("/d/disk.img", "/o/1")]);
+        let (out, found) = lift_disks(&args, Path::new("/"), &[file("/d/disk.img", &["/o/1"])]);
         assert_eq!(out, args);
         assert_eq!(found, [false]);
+    }
+
+    #[test]
+    fn a_drive_with_snapshot_on_runs_on_a_temporary_overlay() {
+        let cwd = Path::new("/d");
+        let args = v("-drive file=a.img,snapshot=on -drive file=b.img");
+        assert!(on_temporary_overlay(&args, cwd, Path::new("/d/a.img")));
+        assert!(!on_temporary_overlay(&args, cwd, Path::new("/d/b.img")));
+        let all = v("-snapshot -hda /d/b.img");
+        assert!(on_temporary_overlay(&all, cwd, Path::new("/d/b.img")));
+    }
+
+    #[test]
+    fn blockdev_files_written_are_those_of_writable_format_nodes_and_bare_file_nodes() {
+        let mut args = libvirt_chain();
+        args.extend(v("-blockdev driver=file,node-name=raw0,filename=raw.img -blockdev driver=qcow2,node-name=q,read-only=on,file.driver=file,file.filename=/d/ro.qcow2 -blockdev driver=qcow2,node-name=w,file.driver=file,file.filename=/d/w.qcow2"));
+        assert_eq!(
+            writable_blockdev_files(&args, Path::new("/w")),
+            ["/d/top.qcow2", "/w/raw.img", "/d/w.qcow2"].map(PathBuf::from)
+        );
+    }
+
+    #[test]
+    fn names_and_files_the_command_line_defines() {
+        let mut args = libvirt_chain();
+        args.extend(v("-drive file=rel.img,if=virtio -hda /d/h.img"));
+        assert_eq!(
+            blockdev_names(&args)
+                .iter()
+                .filter(|n| n.ends_with("format"))
+                .count(),
+            3
+        );
+        assert_eq!(
+            drive_files(&args, Path::new("/w")),
+            [PathBuf::from("/w/rel.img"), PathBuf::from("/d/h.img")]
+        );
+        let inline = v("-blockdev driver=qcow2,node-name=q,file.driver=file,file.filename=q.qcow2");
+        assert_eq!(
+            blockdev_files(&[args, inline].concat(), Path::new("/w")),
+            [
+                "/d/base.qcow2",
+                "/d/mid.qcow2",
+                "/d/top.qcow2",
+                "/w/q.qcow2"
+            ]
+            .map(PathBuf::from)
+        );
     }
 }

@@ -29,6 +29,10 @@ pub struct DiskRecord {
 pub struct Disk {
     /// QEMU's name for it: the drive id (`virtio0`) or the `-blockdev` node name.
     pub name: String,
+    /// The `-blockdev` node the saved command line defines its top image
+    /// with (`images[0]`); `None` for a `-drive` or `-hda`, known by file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// The guest-visible size in bytes.
     pub virtual_size: u64,
     /// Its image chain at the save, top first. A restore of a checkpoint
@@ -45,6 +49,10 @@ pub struct Disk {
 pub struct Image {
     /// Absolute path.
     pub path: PathBuf,
+    /// The block node that read it, when it had a name of its own
+    /// (a `-blockdev` node, or one of the overlays a checkpoint made).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// QEMU's format driver: `raw`, `qcow2`.
     pub format: String,
     /// The file's size in bytes.
@@ -103,6 +111,7 @@ impl Image {
         let meta = std::fs::metadata(path).map_err(Error::file(path, "reading a disk image"))?;
         Ok(Image {
             path: path.to_path_buf(),
+            node: None,
             format: format.to_string(),
             size: meta.len(),
             mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),

@@ -47,6 +47,15 @@ pub fn revert(
             ))
         })?;
     record.verify(statefile)?;
+    // The new QEMU's options must give each frozen disk its overlay: known
+    // now, while the VM still runs.
+    let args = options
+        .args
+        .as_ref()
+        .or(checked.manifest.as_ref().map(|m| &m.args))
+        .cloned()
+        .unwrap_or_default();
+    super::thaw::tops(record, statefile, &args)?;
     let cwd = std::fs::read_link(format!("/proc/{}/cwd", vm.pid()))
         .unwrap_or_else(|_| PathBuf::from("/"));
 

@@ -26,8 +26,9 @@ fn canonical(a: &str) -> &str {
     }
 }
 
-/// The first writable disk `args` attach, in words.
-fn writable_disk(args: &[String]) -> Option<String> {
+/// The first writable disk `args` attach, in words, other than the files
+/// in `own` (a checkpoint's fresh overlays, made for this clone alone).
+fn writable_disk(args: &[String], own: &[PathBuf]) -> Option<String> {
     if args.iter().any(|a| canonical(a) == "-snapshot") {
         // Every write goes to a temporary overlay.
         return None;
@@ -50,25 +51,23 @@ fn writable_disk(args: &[String]) -> Option<String> {
         }
         if opt == "-drive" {
             let o = opts(value);
-            let has_file = o.iter().any(|o| o.starts_with("file="));
+            let file = o.iter().find_map(|o| o.strip_prefix("file="));
             let read_only = on(&o, "readonly")
                 || on(&o, "read-only")
                 || on(&o, "snapshot")
                 || o.iter().any(|o| o == "media=cdrom");
-            if has_file && !read_only {
+            if file.is_some_and(|f| !own.iter().any(|p| p.as_os_str() == f)) && !read_only {
                 return Some(format!("-drive {value}"));
             }
         }
-        if opt == "-blockdev" {
-            let json_ro = value.replace(' ', "").contains("\"read-only\":true");
-            let o = opts(value);
-            let has_file = value.contains("filename");
-            if has_file && !json_ro && !on(&o, "read-only") {
-                return Some(format!("-blockdev {value}"));
-            }
-        }
     }
-    None
+    // A -blockdev chain's nodes below its top and their file nodes are
+    // read-only to the VM: only what it writes counts.
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    crate::checkpoint::cmdline::writable_blockdev_files(args, &cwd)
+        .into_iter()
+        .find(|f| !own.contains(f))
+        .map(|f| format!("-blockdev … {}", f.display()))
 }
 
 /// The files a VM run with `args` creates or writes by path, other than
@@ -143,9 +142,13 @@ fn reserve(paths: &[(usize, PathBuf)]) -> Result<u32, String> {
 }
 
 /// `args` for a clone: its own paths (`PATH.cloneN`, the first N whose paths
-/// are all free) and the renames made; or why it cannot be cloned.
-pub(super) fn clone_args(args: &[String]) -> Result<(Vec<String>, super::Renamed), String> {
-    if let Some(disk) = writable_disk(args) {
+/// are all free) and the renames made; or why it cannot be cloned. The
+/// files in `own` are the clone's alone (a checkpoint's fresh overlays).
+pub(super) fn clone_args(
+    args: &[String],
+    own: &[PathBuf],
+) -> Result<(Vec<String>, super::Renamed), String> {
+    if let Some(disk) = writable_disk(args, own) {
         return Err(format!(
             "a clone would share the writable disk of `{disk}` with the VM that runs from the \
              same state; give the clone a copy (or add -snapshot, or make the disk read-only)"
@@ -186,24 +189,41 @@ mod tests {
         let given = format!(
             "-m 32 -monitor unix:{d}/qemu-sock,server,nowait -serial file:{d}/serial.log -chardev socket,id=c,path={d}/c.sock,server=on,wait=off"
         );
-        let (args, renamed) = clone_args(&v(&given)).expect("no disks");
+        let (args, renamed) = clone_args(&v(&given), &[]).expect("no disks");
         assert_eq!(
             args,
             v(&format!("-m 32 -monitor unix:{d}/qemu-sock.clone1,server,nowait -serial file:{d}/serial.log.clone1 -chardev socket,id=c,path={d}/c.sock.clone1,server=on,wait=off"))
         );
         assert_eq!(renamed.len(), 3);
         // The next one, while the first is reserved, gets its own number.
-        let (args, _) = clone_args(&v(&given)).expect("no disks");
+        let (args, _) = clone_args(&v(&given), &[]).expect("no disks");
         assert!(args[3].contains("qemu-sock.clone2"), "{args:?}");
     }
 
     #[test]
     fn a_writable_disk_refuses_a_clone_and_a_read_only_one_does_not() {
-        assert!(clone_args(&v("-m 32 -drive file=disk.qcow2,if=virtio")).is_err());
-        assert!(clone_args(&v("-m 32 -hda disk.img")).is_err());
-        assert!(clone_args(&v("-m 32 -blockdev driver=file,filename=d.img,node-name=f")).is_err());
-        assert!(clone_args(&v("-m 32 -drive file=disk.qcow2,if=virtio,readonly=on")).is_ok());
-        assert!(clone_args(&v("-m 32 -cdrom x.iso -drive file=a.iso,media=cdrom")).is_ok());
-        assert!(clone_args(&v("-m 32 -hda disk.img -snapshot")).is_ok());
+        let clone = |s: &str| clone_args(&v(s), &[]);
+        assert!(clone("-m 32 -drive file=disk.qcow2,if=virtio").is_err());
+        assert!(clone("-m 32 -hda disk.img").is_err());
+        assert!(clone("-m 32 -blockdev driver=file,filename=d.img,node-name=f").is_err());
+        assert!(clone("-m 32 -drive file=disk.qcow2,if=virtio,readonly=on").is_ok());
+        assert!(clone("-m 32 -cdrom x.iso -drive file=a.iso,media=cdrom").is_ok());
+        assert!(clone("-m 32 -hda disk.img -snapshot").is_ok());
+        assert!(clone("-m 32 -blockdev driver=file,filename=/d.img,node-name=f -blockdev driver=raw,node-name=r,file=f,read-only=on").is_ok());
+    }
+
+    #[test]
+    fn a_checkpoints_fresh_overlay_is_the_clones_own() {
+        let own = [PathBuf::from("/o/ck.virtio0.2.qcow2")];
+        assert!(clone_args(
+            &v("-m 32 -drive file=/o/ck.virtio0.2.qcow2,format=qcow2"),
+            &own
+        )
+        .is_ok());
+        let blockdev = v(
+            r#"-m 32 -blockdev {"driver":"file","filename":"/d/top.qcow2","node-name":"s"} -blockdev {"driver":"qcow2","node-name":"under-1","file":"s","read-only":true} -blockdev {"driver":"qcow2","node-name":"top","file":{"driver":"file","filename":"/o/ck.virtio0.2.qcow2"},"backing":"under-1"}"#,
+        );
+        assert!(clone_args(&blockdev, &own).is_ok());
+        assert!(clone_args(&blockdev, &[]).is_err());
     }
 }

@@ -273,6 +273,7 @@ pub fn check_image(
 pub(crate) fn launch_args(
     checked: &Checked,
     args: Vec<String>,
+    own: &[PathBuf],
     options: &RestoreOptions,
     progress: &dyn Progress,
 ) -> Result<(Vec<String>, Renamed)> {
@@ -282,7 +283,7 @@ pub(crate) fn launch_args(
     };
     let with_clone = |args: Vec<String>| {
         if options.clone {
-            clone::clone_args(&args).map_err(refuse)
+            clone::clone_args(&args, own).map_err(refuse)
         } else {
             Ok((args, Vec::new()))
         }

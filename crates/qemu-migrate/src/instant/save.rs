@@ -64,6 +64,8 @@ pub(crate) fn save(
     let image = image_path(path);
     os::remove_stale_partials(&image);
     let ram_bytes = vm.monitor.ram_size()?;
+    // Its disks, and the refusals they call for, before anything changes.
+    let disks = crate::checkpoint::freeze::Freeze::prepare(vm, path, false, false)?;
     let old_bandwidth = vm.monitor.migration_parameter("max-bandwidth")?;
 
     // From here on this process changes the VM; if it dies, the watchdog
@@ -140,6 +142,8 @@ pub(crate) fn save(
     let report = outcome.expect("run_migration returns only successful splits");
     // Disks are flushed and let go by QEMU at completion: what they are now
     // is what the saved memory describes.
+    // The options as the VM runs: with the overlays of an earlier checkpoint.
+    let args = disks.current_args(vm.args());
     let guarded = match crate::guard::record(vm) {
         Ok(f) => f,
         Err(e) => {
@@ -153,7 +157,7 @@ pub(crate) fn save(
 
     let plain = crate::save::manifest_of(
         vm,
-        vm.args().to_vec(),
+        args,
         &head,
         (stream_bytes, stream_crc),
         ram_bytes,
