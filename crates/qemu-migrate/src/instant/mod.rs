@@ -338,9 +338,8 @@ pub fn export(statefile: &Path, out: impl Write) -> Result<qemu_stream::split::S
     let mut out = std::io::BufWriter::with_capacity(1 << 20, out);
     let report = qemu_stream::split::join(
         std::io::BufReader::with_capacity(1 << 20, stream),
-        &layout.block,
+        vec![(&layout.block, &mut source)],
         &mut out,
-        &mut source,
     )
     .map_err(|e| match e {
         qemu_stream::split::SplitError::Write(e) => {

@@ -162,19 +162,20 @@ pub(crate) fn save(
     );
     // No pc.ram in the stream (another machine), or nothing moved: the
     // stream is whole by itself, and is kept as a plain save.
-    let fallback = match &report.block {
-        None => Some(format!(
+    let moved = &report.blocks[0];
+    let fallback = match moved.announced {
+        false => Some(format!(
             "the VM has no RAM block named {BLOCK} (only x86 pc and q35 machines are laid out \
              this way): saved as a plain stream"
         )),
-        Some(_) if report.pages + report.zero_pages == 0 => Some(format!(
+        true if moved.pages + moved.zero_pages == 0 => Some(format!(
             "the stream could not be split ({}): saved as a plain stream",
             report
                 .passed_through
                 .as_ref()
                 .map_or("no page was moved".to_string(), |(_, why)| why.clone())
         )),
-        Some(_) => None,
+        true => None,
     };
 
     let sync = !options.no_sync;
@@ -203,11 +204,11 @@ pub(crate) fn save(
                 Layout {
                     image: image_name.clone(),
                     block: BLOCK.to_string(),
-                    block_bytes: report.block_bytes,
+                    block_bytes: moved.bytes,
                     page_size: report.page_size,
                     data_pages: image_sum.data_pages,
                     zero_pages: image_sum.zero_pages,
-                    pages_in_stream: report.pages_kept,
+                    pages_in_stream: moved.pages_kept,
                     image_crc32: format!("{:08x}", image_sum.crc),
                     identity,
                 },
@@ -322,7 +323,7 @@ fn copy(pipe: PipeReader, (stream, image): (File, File), read: &AtomicU64, sync:
     let mut sink = ImageWriter::new(image, sync);
     // The pipe is dropped when `split` returns: a failed split makes
     // QEMU's next write fail, so the migration fails rather than blocks.
-    let outcome = split::split(pipe, BLOCK, &mut out, &mut sink, &mut |n| {
+    let outcome = split::split(pipe, vec![(BLOCK, &mut sink)], &mut out, &mut |n| {
         read.store(n, Ordering::Relaxed)
     });
     let outcome = outcome.and_then(|r| {
