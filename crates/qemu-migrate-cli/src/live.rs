@@ -121,11 +121,21 @@ pub(crate) fn live(args: &LiveArgs, cli: &Cli, cancel: Arc<AtomicBool>) -> Resul
                 "state": r.destination_state,
                 "source_sockets": r.source_sockets,
                 "pinned_machine": r.pinned,
+                "paused_for": r.paused_for,
             })
         );
+        if let Some(why) = &r.paused_for {
+            eprintln!("qemu-migrate: the guest was paused while it moved: {why}");
+        }
     } else {
         if let Some(p) = &r.pinned {
             eprintln!("qemu-migrate: {p}");
+        }
+        if let Some(why) = &r.paused_for {
+            eprintln!(
+                "qemu-migrate: the guest was paused while it moved, and resumed on the \
+                 destination: {why}"
+            );
         }
         eprintln!(
             "migrated to {} in {:.2} s: downtime {} ms, {:.1} MB sent; the guest is {} \

@@ -348,6 +348,25 @@ impl Monitor {
             .ok_or_else(|| unexpected(self.addr().clone(), "info memory_size_summary", text))
     }
 
+    /// Whether the VM runs under KVM (`query-kvm`; else TCG or another accelerator).
+    ///
+    /// # Errors
+    /// When the monitor fails or does not say.
+    pub fn kvm_enabled(&mut self) -> Result<bool> {
+        if let Some(r) = self.qmp("query-kvm", None) {
+            let r = r?;
+            return r["enabled"]
+                .as_bool()
+                .ok_or_else(|| unexpected(self.addr().clone(), "query-kvm", r.to_string()));
+        }
+        // `kvm support: enabled`, `disabled` or `not compiled`.
+        let text = self.human_command("info kvm")?;
+        match field(&text, "kvm support") {
+            Some(v) => Ok(v == "enabled"),
+            None => Err(unexpected(self.addr().clone(), "info kvm", text)),
+        }
+    }
+
     /// The VM's RAM blocks as QEMU names them in its migration stream, with
     /// their used size in bytes (`info ramblock`; QMP has no such query).
     ///

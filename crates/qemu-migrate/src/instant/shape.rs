@@ -263,6 +263,22 @@ pub(crate) struct Target {
     pub backend: Option<String>,
 }
 
+/// The blocks of guest RAM among `blocks` (QEMU's names) of a VM run with
+/// `args`: the machine's `pc.ram` and those of its memory backends.
+pub(crate) fn guest_blocks<'b>(args: &[String], blocks: &'b [(String, u64)]) -> Vec<&'b str> {
+    let backends = backends(args);
+    blocks
+        .iter()
+        .map(|(name, _)| name.as_str())
+        .filter(|name| {
+            *name == super::BLOCK
+                || backends
+                    .iter()
+                    .any(|b| b.block_names().iter().any(|n| n == name))
+        })
+        .collect()
+}
+
 /// The blocks of a VM run with `args`, whose RAM blocks QEMU names `blocks`,
 /// that a save moves into images; or why its RAM cannot be laid out so.
 pub(crate) fn targets(args: &[String], blocks: &[(String, u64)]) -> Result<Vec<Target>, String> {
