@@ -406,3 +406,66 @@ fn with_a_balloon_qemu_8_2_and_later_keep_the_image_read_only() {
         assert!(restored.0.wait().unwrap().success());
     }
 }
+
+#[test]
+fn a_damaged_second_image_is_refused_and_a_save_of_fewer_blocks_takes_the_rest_away() {
+    let nodes = [
+        "-object",
+        "memory-backend-ram,id=m0,size=16M",
+        "-object",
+        "memory-backend-ram,id=m1,size=16M",
+        "-numa",
+        "node,memdev=m0",
+        "-numa",
+        "node,memdev=m1",
+    ];
+    for qemu in qemus() {
+        let dir = tempfile::tempdir().unwrap();
+        let (statefile, _, _, _source) = saved(&qemu, dir.path(), &nodes);
+        let second = dir.path().join("state.ram.1");
+        let good = std::fs::read(&second).unwrap();
+        let refused = || {
+            let out = migrate().arg("restore").arg(&statefile).output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            assert_eq!(out.status.code(), Some(2), "{err}");
+            err
+        };
+        // One byte of the second node's RAM changed (a new file, so it is read whole).
+        let mut flipped = good.clone();
+        flipped[4096] ^= 0x40;
+        std::fs::write(&second, &flipped).unwrap();
+        let err = refused();
+        assert!(
+            err.contains("state.ram.1") && err.contains("damaged: its checksum is"),
+            "{err}"
+        );
+        std::fs::remove_file(&second).unwrap();
+        let err = refused();
+        assert!(
+            err.contains("state.ram.1") && err.contains("is missing"),
+            "{err}"
+        );
+
+        // The same file saved again from a -m VM: one image, the other gone.
+        std::fs::write(&second, &good).unwrap();
+        let (source, _) = Vm::start_ticking(&qemu, &recipe_options(dir.path()));
+        ok(migrate()
+            .args([
+                "save",
+                "--instant",
+                "--force",
+                "--then",
+                "quit",
+                "--monitor",
+            ])
+            .arg(&source.hmp)
+            .arg(&statefile)
+            .output()
+            .unwrap());
+        assert_eq!(
+            images(&manifest(&statefile)),
+            vec![("state.ram".to_string(), "pc.ram".to_string(), None)]
+        );
+        assert!(!second.exists(), "the old second image is removed");
+    }
+}
