@@ -146,6 +146,13 @@ impl Backend {
         self.get(key).map(|v| is_on(&v))
     }
 
+    /// Whether its memory is shared with other processes: `share=on`, the
+    /// default of a memfd backend.
+    fn shared(&self) -> bool {
+        self.flag("share")
+            .unwrap_or(self.kind == "memory-backend-memfd")
+    }
+
     /// The two names QEMU may give this backend's block.
     pub fn block_names(&self) -> [String; 2] {
         [self.id.clone(), format!("/objects/{}", self.id)]
@@ -300,6 +307,19 @@ pub(crate) fn targets(args: &[String], blocks: &[(String, u64)]) -> Result<Vec<T
             });
         }
     }
+    // vhost-user backends map guest RAM from the descriptors QEMU passes
+    // them, which a private mapping of an image cannot serve.
+    let vhost_user = args.iter().find(|a| a.contains("vhost-user"));
+    let shared = out
+        .iter()
+        .filter_map(|t| t.backend.as_ref())
+        .find(|id| backends.iter().any(|b| &b.id == *id && b.shared()));
+    if let (Some(arg), Some(id)) = (vhost_user, shared) {
+        return Err(format!(
+            "the VM shares memory backend {id} with a vhost-user backend ({arg}), which maps \
+             guest RAM itself; a private mapping of an image cannot be shared"
+        ));
+    }
     if out.is_empty() {
         return Err(format!(
             "the VM has no RAM block named {} nor one from a memory backend (only x86 pc and q35 \
@@ -418,5 +438,11 @@ mod tests {
             .unwrap_err()
             .contains("hugepages"));
         assert!(targets(&v("-M microvm"), &blocks(&["microvm.ram"])).is_err());
+        let virtiofs = v("-object memory-backend-memfd,id=mem,size=64M -machine memory-backend=mem -chardev socket,id=fs,path=/f -device vhost-user-fs-pci,chardev=fs,tag=t");
+        assert!(targets(&virtiofs, &blocks(&["mem"]))
+            .unwrap_err()
+            .contains("vhost-user"));
+        let private = v("-object memory-backend-memfd,id=mem,size=64M,share=off -machine memory-backend=mem -device vhost-user-fs-pci,chardev=fs");
+        assert!(targets(&private, &blocks(&["mem"])).is_ok());
     }
 }
