@@ -462,10 +462,14 @@ fn a_damaged_second_image_is_refused_and_a_save_of_fewer_blocks_takes_the_rest_a
             .arg(&statefile)
             .output()
             .unwrap());
+        let m = manifest(&statefile);
         assert_eq!(
-            images(&manifest(&statefile)),
+            images(&m),
             vec![("state.ram".to_string(), "pc.ram".to_string(), None)]
         );
+        // Recorded as saves before several images were: fields inline.
+        assert_eq!(m["instant"]["image"], "state.ram", "{m}");
+        assert!(m["instant"]["images"].is_null(), "{m}");
         assert!(!second.exists(), "the old second image is removed");
     }
 }
