@@ -7,7 +7,7 @@
 //! offset, zero pages as holes; `FILE` is a valid QEMU stream of everything
 //! else (the configuration, the RAM block list, the other RAM blocks such as
 //! ROMs and ACPI tables, device state) whose guest RAM blocks carry no pages.
-//! Which blocks are guest RAM, and how each is mapped back, is [`shape`]'s
+//! Which blocks are guest RAM, and how each is mapped back, is `shape`'s
 //! business. For a VM started with `-m` only, a restore starts QEMU with
 //!
 //! ```text
@@ -27,7 +27,7 @@
 //! comes from memory backends (`-object memory-backend-*`, as libvirt
 //! always starts one) keeps its own options, but each backend that holds a
 //! block becomes a `memory-backend-file` of its image with the same id,
-//! size and block name (see [`shape`]).
+//! size and block name (see `shape`).
 //!
 //! With QEMU 8.2 or later the images are opened read-only
 //! (`readonly=on,rom=off`: still a private, writable mapping), so nothing
@@ -57,10 +57,11 @@
 //! starts, as `restore --verify` and `inspect` always do.
 //!
 //! **Where the layout cannot serve**, the save writes a plain stream and says
-//! why ([`unsuitable`], [`shape::targets`]): `-mem-path` or a backend on
-//! hugepages, a file backend mapped shared (its file already is the RAM),
-//! NUMA nodes without `memdev=`, virtio-mem, a balloon before QEMU 8.2, or a
-//! machine with neither `pc.ram` nor a memory backend.
+//! why ([`unsuitable`], `shape::targets`): `-mem-path` or a backend on
+//! hugepages, a file backend mapped shared (its file already is the RAM), a
+//! backend shared with a vhost-user backend, NUMA nodes without `memdev=`,
+//! virtio-mem, a balloon before QEMU 8.2, or a machine with neither `pc.ram`
+//! nor a memory backend.
 //!
 //! **Clones** (`restore --clone`): another VM from the same image while the first
 //! runs, with its own sockets and logs; refused when the VM has a writable
@@ -225,7 +226,7 @@ fn read_only_images(qemu: QemuVersion) -> bool {
 
 /// Why a VM run with `args` by QEMU `qemu` cannot use the instant layout, in
 /// words; `None` when it can, as far as its options tell (its memory
-/// backends are [`shape::targets`]' to judge).
+/// backends are `shape::targets`' to judge).
 pub fn unsuitable(args: &[String], qemu: QemuVersion) -> Option<String> {
     let has = |opt: &str| args.iter().any(|a| a == opt || *a == format!("-{opt}"));
     let values = |opt: &str| -> Vec<&str> {
