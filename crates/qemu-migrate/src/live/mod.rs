@@ -334,7 +334,7 @@ pub fn live(
         options,
         progress,
     );
-    let outcome = outcome.map_err(|e| source_died(vm, source_stderr.as_ref()).unwrap_or(e));
+    let outcome = outcome.map_err(|e| source_died(vm, &e, source_stderr.as_ref()).unwrap_or(e));
 
     let (migration, dest_pid, dest_state) = match outcome {
         Ok(done) => done,
@@ -387,11 +387,15 @@ pub fn live(
 }
 
 /// When the source QEMU has died (the monitor broke because its process
-/// ended): an error that names its death. `None` while it lives.
-fn source_died(vm: &mut Vm, stderr: Option<&os::StderrTap>) -> Option<Error> {
+/// ended) and `e` is what that looked like: an error that names its death.
+/// `None` while it lives.
+fn source_died(vm: &mut Vm, e: &Error, stderr: Option<&os::StderrTap>) -> Option<Error> {
     let pid = vm.pid();
     let alive = |pid: u32| std::path::Path::new(&format!("/proc/{pid}")).exists();
     if alive(pid) && !os::is_exiting(pid) {
+        if !matches!(e, Error::Monitor(_)) {
+            return None;
+        }
         // A monitor that just broke: the process may be on its way out.
         os::wait_gone(pid, Duration::from_millis(500));
         if alive(pid) && !os::is_exiting(pid) {
