@@ -24,6 +24,11 @@ pub fn qemu_version(bin: &Path) -> String {
     testkit::qemu::probe(bin).map_or_else(|| "unknown".to_string(), |q| q.version.to_string())
 }
 
+/// Whether QEMU `bin` is version `major.minor` or later.
+pub fn at_least(bin: &Path, major: u32, minor: u32) -> bool {
+    testkit::qemu::probe(bin).is_some_and(|q| (q.version.major, q.version.minor) >= (major, minor))
+}
+
 /// A path to one of the workspace's binaries. Cargo builds another
 /// package's binaries for its own tests only, so `cargo xtask test` builds
 /// them first (`cargo build --workspace --bins`).

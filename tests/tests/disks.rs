@@ -99,6 +99,7 @@ fn monitor_options() -> qemu_monitor::Options {
     qemu_monitor::Options {
         timeout: Duration::from_secs(30),
         wait_socket: None,
+        mux_escape: false,
     }
 }
 

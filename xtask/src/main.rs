@@ -123,6 +123,10 @@ enum Task {
         /// Only the instant-restore rows (1, 4 and 8 GiB guests, clones).
         #[arg(long)]
         instant_only: bool,
+        /// Only the instant restore of the 1 GiB guest by the shape of its
+        /// RAM (`-m`, libvirt-shaped, two NUMA nodes).
+        #[arg(long)]
+        shapes_only: bool,
     },
     /// Build the test guest (fixtures/guest) into target/guest.
     BuildGuest,
@@ -144,6 +148,7 @@ fn main() -> ExitCode {
             ram,
             fill,
             instant_only,
+            shapes_only,
         } => bench::run(
             &root,
             &bench::Args {
@@ -152,6 +157,7 @@ fn main() -> ExitCode {
                 ram_mib: ram,
                 fill_mib: fill,
                 instant_only,
+                shapes_only,
             },
         ),
         Task::Fuzz { seconds } => fuzz::run(&root, seconds),

@@ -114,16 +114,26 @@ fn show(
             }
         }
         if let Some(l) = &layout {
+            for i in &l.images {
+                let from = i
+                    .backend
+                    .as_ref()
+                    .map(|id| format!(" (memory backend {id})"))
+                    .unwrap_or_default();
+                say!(
+                    "layout: instant: RAM block {}{from} ({} MiB) in {}: {} pages of data, {} \
+                     zero (holes), {} left in the stream",
+                    i.block,
+                    i.block_bytes >> 20,
+                    i.image,
+                    i.data_pages,
+                    i.zero_pages,
+                    i.pages_in_stream,
+                );
+            }
             say!(
-                "layout: instant: RAM block {} ({} MiB) in {}: {} pages of data, {} zero (holes), \
-                 {} left in the stream; restore it with qemu-migrate, or by hand with \
-                 -incoming \"exec: qemu-migrate export {}\"",
-                l.block,
-                l.block_bytes >> 20,
-                l.image,
-                l.data_pages,
-                l.zero_pages,
-                l.pages_in_stream,
+                "  restore it with qemu-migrate, or by hand with -incoming \"exec: qemu-migrate \
+                 export {}\"",
                 statefile.display()
             );
             if let Some(w) = image_words {

@@ -122,14 +122,24 @@ pub(crate) fn live(args: &LiveArgs, cli: &Cli, cancel: Arc<AtomicBool>) -> Resul
                 "source_sockets": r.source_sockets,
                 "pinned_machine": r.pinned,
                 "warnings": r.warnings,
+                "paused_for": r.paused_for,
             })
         );
+        if let Some(why) = &r.paused_for {
+            eprintln!("qemu-migrate: the guest was paused while it moved: {why}");
+        }
     } else {
         for w in &r.warnings {
             eprintln!("qemu-migrate: warning: {w}");
         }
         if let Some(p) = &r.pinned {
             eprintln!("qemu-migrate: {p}");
+        }
+        if let Some(why) = &r.paused_for {
+            eprintln!(
+                "qemu-migrate: the guest was paused while it moved, and resumed on the \
+                 destination: {why}"
+            );
         }
         eprintln!(
             "migrated to {} in {:.2} s: downtime {} ms, {:.1} MB sent; the guest is {} \

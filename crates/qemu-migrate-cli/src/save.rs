@@ -100,13 +100,14 @@ pub(crate) fn save(args: &SaveArgs, cli: &Cli, cancel: Arc<AtomicBool>) -> Resul
             m.machine.as_deref().unwrap_or("machine unknown"),
             m.ram_bytes >> 20
         );
-        if let Some(l) = &m.instant {
+        for i in m.instant.iter().flat_map(|l| &l.images) {
             eprintln!(
-                "  RAM image {}: {} MiB, {:.1} MB of data ({} pages), the rest holes",
-                l.image,
-                l.block_bytes >> 20,
-                (l.data_pages * l.page_size) as f64 / 1e6,
-                l.data_pages
+                "  RAM image {} (block {}): {} MiB, {:.1} MB of data ({} pages), the rest holes",
+                i.image,
+                i.block,
+                i.block_bytes >> 20,
+                (i.data_pages * i.page_size) as f64 / 1e6,
+                i.data_pages
             );
         }
         checkpoint_said(m);

@@ -134,6 +134,25 @@ pub enum Error {
         /// What QEMU printed on stderr.
         stderr: String,
     },
+    /// The source QEMU died while its guest was being migrated: the guest
+    /// went with it.
+    #[error(
+        "the source QEMU (pid {pid}) died {during} ({how}){}; its guest is gone with it",
+        qemu_said(.stderr)
+    )]
+    SourceDied {
+        /// Its pid.
+        pid: u32,
+        /// When, in words (`during the live migration`).
+        during: String,
+        /// How it ended, as far as can be known (`killed by signal 6 (SIGABRT)`).
+        how: String,
+        /// The last of what it printed on stderr, where that could be read.
+        stderr: String,
+    },
+    /// The operation would hit a known QEMU bug that loses the guest; the text says which and what to do.
+    #[error("{0}")]
+    KnownQemuBug(String),
     /// The operation was cancelled (a signal, the caller's flag).
     #[error("cancelled: {0}")]
     Cancelled(String),
@@ -256,11 +275,13 @@ impl Error {
             | Error::StillHeld { .. }
             | Error::OlderDestination { .. }
             | Error::DestinationMachine { .. }
+            | Error::KnownQemuBug(_)
             | Error::Disk(_) => ErrorKind::Refused,
             Error::MigrationFailed(_)
             | Error::File { .. }
             | Error::Os { .. }
-            | Error::QemuExited { .. } => ErrorKind::Failed,
+            | Error::QemuExited { .. }
+            | Error::SourceDied { .. } => ErrorKind::Failed,
             Error::Cancelled(_) => ErrorKind::Cancelled,
             Error::Monitor(_)
             | Error::Launch { .. }

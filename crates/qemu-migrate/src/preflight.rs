@@ -17,7 +17,8 @@ use crate::UNCAPPED;
 /// QEMU's default `-m` when none is given.
 const DEFAULT_RAM_MIB: u64 = 128;
 
-/// Refuses, in words, a QEMU or options that cannot restore `checked`.
+/// Refuses, in words, a QEMU or options that cannot restore `checked`;
+/// says which version that QEMU is.
 ///
 /// # Errors
 /// [`Error::Mismatch`] listing every difference; errors of starting the probe QEMU.
@@ -26,7 +27,7 @@ pub fn check(
     binary: &Path,
     args: &[String],
     env: &BTreeMap<String, String>,
-) -> Result<()> {
+) -> Result<QemuVersion> {
     let mut differences = Vec::new();
     let dest_version = binary_version(binary, env)?;
     if let Some(m) = &checked.manifest {
@@ -46,7 +47,7 @@ pub fn check(
             && m.qemu_version == dest_version.to_string()
             && m.vm_options == argv::vm_options(args)
         {
-            return verdict(checked, differences);
+            return verdict(checked, differences).map(|()| dest_version);
         }
     }
     let read;
@@ -62,7 +63,7 @@ pub fn check(
     };
     let given = probe(binary, args, env)?;
     differences.extend(compare(saved, &given, args));
-    verdict(checked, differences)
+    verdict(checked, differences).map(|()| dest_version)
 }
 
 fn verdict(checked: &Checked, differences: Vec<String>) -> Result<()> {

@@ -325,12 +325,13 @@ pub fn restore_checked(
         .as_ref()
         .is_some_and(|m| m.qemu == binary && m.vm_options == crate::argv::vm_options(&args));
     let probe_args = if unchanged { &args } else { &disks.args };
-    preflight::check(&checked, &binary, probe_args, &env)?;
-    // An instant save's RAM image is mapped, not loaded; a clone gets paths of its own.
+    let qemu = preflight::check(&checked, &binary, probe_args, &env)?;
+    // An instant save's RAM images are mapped, not loaded; a clone gets paths of its own.
     let (args, renamed) = crate::instant::launch_args(
         &checked,
         disks.args.clone(),
         disks.overlays(),
+        qemu,
         options,
         progress,
     )?;

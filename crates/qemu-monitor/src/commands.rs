@@ -384,6 +384,39 @@ impl Monitor {
             .ok_or_else(|| unexpected(self.addr().clone(), "info memory_size_summary", text))
     }
 
+    /// Whether the VM runs under KVM (`query-kvm`; else TCG or another accelerator).
+    ///
+    /// # Errors
+    /// When the monitor fails or does not say.
+    pub fn kvm_enabled(&mut self) -> Result<bool> {
+        if let Some(r) = self.qmp("query-kvm", None) {
+            let r = r?;
+            return r["enabled"]
+                .as_bool()
+                .ok_or_else(|| unexpected(self.addr().clone(), "query-kvm", r.to_string()));
+        }
+        // `kvm support: enabled`, `disabled` or `not compiled`.
+        let text = self.human_command("info kvm")?;
+        match field(&text, "kvm support") {
+            Some(v) => Ok(v == "enabled"),
+            None => Err(unexpected(self.addr().clone(), "info kvm", text)),
+        }
+    }
+
+    /// The VM's RAM blocks as QEMU names them in its migration stream, with
+    /// their used size in bytes (`info ramblock`; QMP has no such query).
+    ///
+    /// # Errors
+    /// When the monitor fails or the reply has no block table.
+    pub fn ram_blocks(&mut self) -> Result<Vec<(String, u64)>> {
+        let text = self.human_command("info ramblock")?;
+        let blocks = parse_ramblocks(&text);
+        if blocks.is_empty() {
+            return Err(unexpected(self.addr().clone(), "info ramblock", text));
+        }
+        Ok(blocks)
+    }
+
     /// The next QMP event, waiting up to `timeout`; `None` when none came
     /// (and always, after waiting, on the human monitor, which has no events).
     ///
@@ -421,6 +454,19 @@ pub fn migration_event_status(event: &Event) -> Option<MigrationStatus> {
         .flatten()
 }
 
+/// `info ramblock`'s table: a header line, then per block its name, page
+/// size (`4 KiB`, two words), offset, used and total bytes in hex (QEMU 9+
+/// adds the host address and `ro`/`rw`).
+fn parse_ramblocks(text: &str) -> Vec<(String, u64)> {
+    text.lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let used = w.get(4)?.strip_prefix("0x")?;
+            Some((w[0].to_string(), u64::from_str_radix(used, 16).ok()?))
+        })
+        .collect()
+}
+
 fn unexpected(addr: MonitorAddr, command: &str, detail: impl Into<String>) -> Error {
     Error::Unexpected {
         addr,
@@ -446,5 +492,26 @@ mod tests {
     fn quotes_uris_for_hmp() {
         assert_eq!(hmp_quote("fd:save"), "fd:save");
         assert_eq!(hmp_quote("exec:cat > f"), "\"exec:cat > f\"");
+    }
+
+    #[test]
+    fn reads_the_ramblock_table_of_both_versions() {
+        // QEMU 7.2, then 10.0 (with the host address and ro/rw columns).
+        let old = "              Block Name    PSize              Offset               Used              Total\n\
+                            m0    4 KiB  0x0000000000000000 0x0000000002000000 0x0000000002000000\n\
+              /rom@etc/acpi/tables    4 KiB  0x0000000004080000 0x0000000000020000 0x0000000000200000\n";
+        assert_eq!(
+            parse_ramblocks(old),
+            vec![
+                ("m0".to_string(), 32 << 20),
+                ("/rom@etc/acpi/tables".to_string(), 128 << 10)
+            ]
+        );
+        let new = "              Block Name    PSize              Offset               Used              Total                HVA  RO\n\
+                   /objects/d0    4 KiB  0x0000000000000000 0x0000000004000000 0x0000000004000000 0x00007ff55fe00000  rw\n";
+        assert_eq!(
+            parse_ramblocks(new),
+            vec![("/objects/d0".to_string(), 64 << 20)]
+        );
     }
 }

@@ -1,7 +1,7 @@
-//! Rewriting a stream on the fly: [`split`] moves one RAM block's pages out
-//! of the stream (into a [`PageSink`], e.g. a sparse image at the pages'
-//! offsets) and leaves a valid stream of everything else; [`join`] puts them
-//! back from a [`PageSource`], giving a plain stream again.
+//! Rewriting a stream on the fly: [`split`] moves RAM blocks' pages out of
+//! the stream (each block into its own [`PageSink`], e.g. a sparse image at
+//! the pages' offsets) and leaves a valid stream of everything else; [`join`]
+//! puts them back from a [`PageSource`] each, giving a plain stream again.
 //!
 //! The stream's own rules (migration/ram.c) that the rewrite keeps:
 //! - A page record is `be64(offset | flags)`, then the block's name unless
@@ -13,7 +13,8 @@
 //!   the last one wins. Records of the block are moved out in order, and once
 //!   one of them has to stay in the stream (an XBZRLE delta, a compressed
 //!   page), every later one stays too, so the stream's copies are always the
-//!   newer ones and are loaded over the image.
+//!   newer ones and are loaded over the image. This holds for each moved
+//!   block on its own.
 //! - Sections whose extent cannot be known without the VM description that
 //!   QEMU writes last (device state) are passed through with everything
 //!   after them. QEMU sends all RAM before the non-iterative device sections
@@ -74,21 +75,30 @@ pub trait PageSource {
     fn pages(&mut self, page_size: u64, f: &mut PageFn<'_>) -> io::Result<()>;
 }
 
-/// What a split or join did.
+/// What a split or join did with one of the blocks it was asked to move.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
-pub struct SplitReport {
-    /// The block whose pages were moved, once the stream announced it.
-    pub block: Option<String>,
+pub struct MovedBlock {
+    /// The block's name, as asked for.
+    pub name: String,
+    /// Whether the stream's block list announced it (else nothing was moved).
+    pub announced: bool,
     /// Its size in bytes.
-    pub block_bytes: u64,
-    /// Target page size.
-    pub page_size: u64,
+    pub bytes: u64,
     /// Page records of the block moved out (split) or put in (join) with data.
     pub pages: u64,
     /// Zero-page records of the block moved out or put in.
     pub zero_pages: u64,
     /// Records of the block that stayed in the stream (see the module docs).
     pub pages_kept: u64,
+}
+
+/// What a split or join did.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct SplitReport {
+    /// The blocks asked for, in the order asked.
+    pub blocks: Vec<MovedBlock>,
+    /// Target page size.
+    pub page_size: u64,
     /// Bytes read.
     pub bytes_in: u64,
     /// Bytes written to the output stream.
@@ -140,53 +150,56 @@ pub enum SplitError {
     },
 }
 
-/// Moves the pages of RAM block `block` out of the stream read from `input`:
-/// into `sink`, and everything else to `out` as a valid stream.
-/// `progress` is called with the bytes read so far after every read.
+/// Moves the pages of the RAM blocks named in `blocks` out of the stream
+/// read from `input`, each into its own sink, and everything else to `out`
+/// as a valid stream. A block the stream does not announce is left alone
+/// (the report says so). `progress` is called with the bytes read so far
+/// after every read.
 ///
 /// # Errors
 /// [`SplitError`] saying what failed and where; a stream that simply ends
 /// early (a cancelled migration) is not an error: the report says so.
 pub fn split<R: Read, W: Write>(
     input: R,
-    block: &str,
+    blocks: Vec<(&str, &mut dyn PageSink)>,
     out: W,
-    sink: &mut dyn PageSink,
     progress: &mut dyn FnMut(u64),
 ) -> Result<SplitReport, SplitError> {
-    let mut rw = Rewriter::new(input, block, out, Mode::Split(sink), progress);
+    let (names, sinks): (Vec<&str>, Vec<_>) = blocks.into_iter().unzip();
+    let mut rw = Rewriter::new(input, &names, out, Mode::Split(sinks), progress);
     rw.run()?;
     Ok(rw.finish())
 }
 
 /// Writes the stream read from `input` (a split's output) to `out` with the
-/// pages of `block` put back from `pages`, right after the block list: a
-/// plain stream QEMU loads into an ordinary VM.
+/// pages of every block in `blocks` put back from its source, right after
+/// the block list: a plain stream QEMU loads into an ordinary VM.
 ///
 /// # Errors
-/// As [`split`]; also when the input never announces `block`.
+/// As [`split`]; also when the input never announces one of the blocks.
 pub fn join<R: Read, W: Write>(
     input: R,
-    block: &str,
+    blocks: Vec<(&str, &mut dyn PageSource)>,
     out: W,
-    pages: &mut dyn PageSource,
 ) -> Result<SplitReport, SplitError> {
     let mut noop = |_| {};
-    let mut rw = Rewriter::new(input, block, out, Mode::Join(pages, false), &mut noop);
+    let (names, sources): (Vec<&str>, Vec<_>) = blocks.into_iter().unzip();
+    let mut rw = Rewriter::new(input, &names, out, Mode::Join(sources, false), &mut noop);
     rw.run()?;
-    if !matches!(rw.mode, Mode::Join(_, true)) {
+    if let Some(b) = rw.report.blocks.iter().find(|b| !b.announced) {
         return Err(SplitError::Format {
             offset: rw.src.pos,
-            what: format!("the stream never announces RAM block {block:?}"),
+            what: format!("the stream never announces RAM block {:?}", b.name),
         });
     }
     Ok(rw.finish())
 }
 
 enum Mode<'m> {
-    Split(&'m mut dyn PageSink),
-    /// The source, and whether its pages went in already.
-    Join(&'m mut dyn PageSource, bool),
+    /// A sink per block asked for.
+    Split(Vec<&'m mut dyn PageSink>),
+    /// A source per block asked for, and whether their pages went in already.
+    Join(Vec<&'m mut dyn PageSource>, bool),
 }
 
 /// A buffered, forward-only reader that knows its offset.
@@ -255,22 +268,21 @@ struct Rewriter<'m, 'p, R, W> {
     src: Src<'p, R>,
     out: W,
     mode: Mode<'m>,
-    want: String,
     page_size: u64,
     ignore_shared: bool,
-    /// Blocks from the block list: name and size.
-    blocks: Vec<(String, u64)>,
-    main: Option<usize>,
+    /// Blocks from the block list: name, size, and which block asked for
+    /// it is (an index into the report's blocks and the mode's sinks).
+    blocks: Vec<(String, u64, Option<usize>)>,
     ram_section: Option<u32>,
     ram_ended: bool,
     footers: Option<bool>,
     /// The block the input named last, and the one the output did.
     src_last: Option<usize>,
     out_last: Option<usize>,
-    /// The block's last moved-out page, for a resync.
-    last_moved: Option<u64>,
-    /// Records of the block stay in the stream from now on.
-    keep_main: bool,
+    /// Each moved block's last moved-out page, for a resync.
+    last_moved: Vec<Option<u64>>,
+    /// Records of each moved block stay in the stream from now on.
+    keep: Vec<bool>,
     report: SplitReport,
 }
 
@@ -285,7 +297,7 @@ fn be64(b: &[u8]) -> u64 {
 }
 
 impl<'m, 'p, R: Read, W: Write> Rewriter<'m, 'p, R, W> {
-    fn new(r: R, want: &str, out: W, mode: Mode<'m>, progress: &'p mut dyn FnMut(u64)) -> Self {
+    fn new(r: R, want: &[&str], out: W, mode: Mode<'m>, progress: &'p mut dyn FnMut(u64)) -> Self {
         Rewriter {
             src: Src {
                 r,
@@ -299,19 +311,26 @@ impl<'m, 'p, R: Read, W: Write> Rewriter<'m, 'p, R, W> {
             },
             out,
             mode,
-            want: want.to_owned(),
             page_size: DEFAULT_TARGET_PAGE_SIZE,
             ignore_shared: false,
             blocks: Vec::new(),
-            main: None,
             ram_section: None,
             ram_ended: false,
             footers: None,
             src_last: None,
             out_last: None,
-            last_moved: None,
-            keep_main: false,
-            report: SplitReport::default(),
+            last_moved: vec![None; want.len()],
+            keep: vec![false; want.len()],
+            report: SplitReport {
+                blocks: want
+                    .iter()
+                    .map(|n| MovedBlock {
+                        name: (*n).to_owned(),
+                        ..MovedBlock::default()
+                    })
+                    .collect(),
+                ..SplitReport::default()
+            },
         }
     }
 
@@ -438,21 +457,25 @@ impl<'m, 'p, R: Read, W: Write> Rewriter<'m, 'p, R, W> {
     /// section of one page, the block's last moved-out page as it is now
     /// (what the image holds for it, so loading it changes nothing).
     fn resync(&mut self) -> Result<(), SplitError> {
-        let (Some(id), Some(main), Some(offset)) = (self.ram_section, self.main, self.last_moved)
-        else {
+        let (Some(id), Some(last)) = (self.ram_section, self.src_last) else {
             return Ok(());
         };
-        if self.src_last != Some(main) {
+        let Some(w) = self.blocks[last].2 else {
             return Ok(());
-        }
+        };
+        let Some(offset) = self.last_moved[w] else {
+            return Ok(());
+        };
         let mut page = vec![0u8; self.page_size as usize];
-        if let Mode::Split(sink) = &mut self.mode {
-            sink.current(offset, &mut page).map_err(SplitError::Pages)?;
+        if let Mode::Split(sinks) = &mut self.mode {
+            sinks[w]
+                .current(offset, &mut page)
+                .map_err(SplitError::Pages)?;
         }
         let mut rec = vec![QEMU_VM_SECTION_PART];
         rec.extend_from_slice(&id.to_be_bytes());
         rec.extend_from_slice(&(offset | RAM_SAVE_FLAG_PAGE).to_be_bytes());
-        let name = self.blocks[main].0.as_bytes();
+        let name = self.blocks[last].0.as_bytes();
         rec.push(name.len() as u8);
         rec.extend_from_slice(name);
         rec.extend_from_slice(&page);
@@ -462,7 +485,7 @@ impl<'m, 'p, R: Read, W: Write> Rewriter<'m, 'p, R, W> {
             rec.extend_from_slice(&id.to_be_bytes());
         }
         self.emit(&rec)?;
-        self.out_last = Some(main);
+        self.out_last = Some(last);
         self.report.resyncs += 1;
         Ok(())
     }
@@ -597,7 +620,7 @@ impl<'m, 'p, R: Read, W: Write> Rewriter<'m, 'p, R, W> {
                 let i = self
                     .blocks
                     .iter()
-                    .position(|(b, _)| b.as_bytes() == name)
+                    .position(|(b, _, _)| b.as_bytes() == name)
                     .ok_or_else(|| {
                         let name = String::from_utf8_lossy(&name).into_owned();
                         self.format(format!("RAM block {name:?}, not in the block list"))
@@ -611,10 +634,12 @@ impl<'m, 'p, R: Read, W: Write> Rewriter<'m, 'p, R, W> {
                 )));
             }
             self.src_last = Some(block);
-            let is_main = Some(block) == self.main;
+            let moved = self.blocks[block].2;
             let ps = self.page_size as usize;
-            if is_main && !self.keep_main {
-                if let Mode::Split(sink) = &mut self.mode {
+            if let Some(w) = moved.filter(|&w| !self.keep[w]) {
+                if let Mode::Split(sinks) = &mut self.mode {
+                    let sink = &mut sinks[w];
+                    let report = &mut self.report.blocks[w];
                     match kind {
                         RAM_SAVE_FLAG_ZERO => {
                             let fill = self.src.peek(head_len + 1, "a zero page")?[head_len];
@@ -625,26 +650,26 @@ impl<'m, 'p, R: Read, W: Write> Rewriter<'m, 'p, R, W> {
                                 sink.page(addr, &vec![fill; ps])
                                     .map_err(SplitError::Pages)?;
                             }
-                            self.report.zero_pages += 1;
-                            self.last_moved = Some(addr);
+                            report.zero_pages += 1;
+                            self.last_moved[w] = Some(addr);
                             continue;
                         }
                         RAM_SAVE_FLAG_PAGE => {
                             let b = self.src.peek(head_len + ps, "a page of RAM")?;
                             sink.page(addr, &b[head_len..]).map_err(SplitError::Pages)?;
                             self.src.consume(head_len + ps);
-                            self.report.pages += 1;
-                            self.last_moved = Some(addr);
+                            report.pages += 1;
+                            self.last_moved[w] = Some(addr);
                             continue;
                         }
                         // A delta or compressed page: from here on the
                         // block's records stay in the stream.
-                        _ => self.keep_main = true,
+                        _ => self.keep[w] = true,
                     }
                 }
             }
-            if is_main {
-                self.report.pages_kept += 1;
+            if let Some(w) = moved {
+                self.report.blocks[w].pages_kept += 1;
             }
             // The header, named where the output last named another block.
             if self.out_last == Some(block) || !cont {
@@ -711,79 +736,88 @@ impl<'m, 'p, R: Read, W: Write> Rewriter<'m, 'p, R, W> {
             } else {
                 self.pass(8, "a RAM block address")?;
             }
-            if name == self.want && self.main.is_none() {
-                self.main = Some(self.blocks.len());
-                self.report.block = Some(name.clone());
-                self.report.block_bytes = size;
-                if let Mode::Split(sink) = &mut self.mode {
-                    sink.block(&name, size, self.page_size)
+            let wanted = self
+                .report
+                .blocks
+                .iter()
+                .position(|b| b.name == name && !b.announced);
+            if let Some(w) = wanted {
+                let b = &mut self.report.blocks[w];
+                b.announced = true;
+                b.bytes = size;
+                if let Mode::Split(sinks) = &mut self.mode {
+                    sinks[w]
+                        .block(&name, size, self.page_size)
                         .map_err(SplitError::Pages)?;
                 }
             }
-            self.blocks.push((name, size));
+            self.blocks.push((name, size, wanted));
         }
         Ok(())
     }
 
-    /// Join: every page of the block, right after the block list.
+    /// Join: every page of every block asked for, right after the block list.
     fn inject(&mut self) -> Result<(), SplitError> {
-        let Some(main) = self.main else {
-            return Ok(());
-        };
-        let Mode::Join(source, done) = &mut self.mode else {
+        let Mode::Join(sources, done) = &mut self.mode else {
             return Ok(());
         };
         *done = true;
-        let name = self.blocks[main].0.clone();
-        let size = self.blocks[main].1;
         let ps = self.page_size;
-        let out = &mut self.out;
-        let report = &mut self.report;
-        let mut named = false;
-        let mut expected = 0u64;
-        let mut rec = Vec::with_capacity(ps as usize + 300);
-        source
-            .pages(ps, &mut |offset, data| {
-                if offset != expected || offset >= size {
-                    return Err(io::Error::other(format!(
-                        "page at 0x{offset:x} where 0x{expected:x} was due"
-                    )));
-                }
-                expected += ps;
-                rec.clear();
-                let kind = if data.is_some() {
-                    RAM_SAVE_FLAG_PAGE
-                } else {
-                    RAM_SAVE_FLAG_ZERO
-                };
-                let cont = if named { RAM_SAVE_FLAG_CONTINUE } else { 0 };
-                rec.extend_from_slice(&(offset | kind | cont).to_be_bytes());
-                if !named {
-                    rec.push(name.len() as u8);
-                    rec.extend_from_slice(name.as_bytes());
-                    named = true;
-                }
-                match data {
-                    Some(d) => {
-                        rec.extend_from_slice(d);
-                        report.pages += 1;
+        for (i, (name, size, wanted)) in self.blocks.iter().enumerate() {
+            let Some(w) = *wanted else {
+                continue;
+            };
+            let out = &mut self.out;
+            let report = &mut self.report;
+            let mut named = false;
+            let mut expected = 0u64;
+            let mut rec = Vec::with_capacity(ps as usize + 300);
+            let (mut pages, mut zero_pages) = (0u64, 0u64);
+            sources[w]
+                .pages(ps, &mut |offset, data| {
+                    if offset != expected || offset >= *size {
+                        return Err(io::Error::other(format!(
+                            "page at 0x{offset:x} where 0x{expected:x} was due"
+                        )));
                     }
-                    None => {
-                        rec.push(0);
-                        report.zero_pages += 1;
+                    expected += ps;
+                    rec.clear();
+                    let kind = if data.is_some() {
+                        RAM_SAVE_FLAG_PAGE
+                    } else {
+                        RAM_SAVE_FLAG_ZERO
+                    };
+                    let cont = if named { RAM_SAVE_FLAG_CONTINUE } else { 0 };
+                    rec.extend_from_slice(&(offset | kind | cont).to_be_bytes());
+                    if !named {
+                        rec.push(name.len() as u8);
+                        rec.extend_from_slice(name.as_bytes());
+                        named = true;
                     }
-                }
-                report.bytes_out += rec.len() as u64;
-                out.write_all(&rec)
-            })
-            .map_err(SplitError::Pages)?;
-        if expected != size {
-            return Err(SplitError::Pages(io::Error::other(format!(
-                "the image gave {expected} of the block's {size} bytes"
-            ))));
-        }
-        if named {
-            self.out_last = Some(main);
+                    match data {
+                        Some(d) => {
+                            rec.extend_from_slice(d);
+                            pages += 1;
+                        }
+                        None => {
+                            rec.push(0);
+                            zero_pages += 1;
+                        }
+                    }
+                    report.bytes_out += rec.len() as u64;
+                    out.write_all(&rec)
+                })
+                .map_err(SplitError::Pages)?;
+            if expected != *size {
+                return Err(SplitError::Pages(io::Error::other(format!(
+                    "the image of {name} gave {expected} of the block's {size} bytes"
+                ))));
+            }
+            report.blocks[w].pages += pages;
+            report.blocks[w].zero_pages += zero_pages;
+            if named {
+                self.out_last = Some(i);
+            }
         }
         Ok(())
     }

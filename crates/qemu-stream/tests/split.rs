@@ -54,7 +54,7 @@ impl PageSource for Image {
 fn split_all(stream: &[u8]) -> (Vec<u8>, Image, SplitReport) {
     let mut out = Vec::new();
     let mut image = Image::default();
-    let r = split(stream, "pc.ram", &mut out, &mut image, &mut |_| {}).expect("splits");
+    let r = split(stream, vec![("pc.ram", &mut image)], &mut out, &mut |_| {}).expect("splits");
     (out, image, r)
 }
 
@@ -68,13 +68,14 @@ fn a_split_and_its_join_are_complete_streams_and_split_again_the_same() {
             "pc-10.0-mapped-ram" | "microvm-7.2-exec" => {
                 // Nothing the layout can serve: the stream passes whole.
                 assert_eq!(rest, original, "{name}");
-                assert_eq!(report.pages + report.zero_pages, 0, "{name}");
+                let b = &report.blocks[0];
+                assert_eq!(b.pages + b.zero_pages, 0, "{name}");
                 continue;
             }
             _ => {}
         }
-        assert_eq!(report.block.as_deref(), Some("pc.ram"), "{name}");
-        assert_eq!(report.pages_kept, 0, "{name}");
+        assert!(report.blocks[0].announced, "{name}");
+        assert_eq!(report.blocks[0].pages_kept, 0, "{name}");
         assert_eq!(report.resyncs, 0, "{name}");
         let s = qemu_stream::inspect(&rest[..]).unwrap();
         assert!(
@@ -99,10 +100,10 @@ fn a_split_and_its_join_are_complete_streams_and_split_again_the_same() {
         );
 
         let mut joined = Vec::new();
-        let j = join(&rest[..], "pc.ram", &mut joined, &mut image).expect("joins");
-        let size = report.block_bytes / report.page_size;
+        let j = join(&rest[..], vec![("pc.ram", &mut image)], &mut joined).expect("joins");
+        let size = report.blocks[0].bytes / report.page_size;
         assert_eq!(
-            j.pages + j.zero_pages,
+            j.blocks[0].pages + j.blocks[0].zero_pages,
             size,
             "{name}: every page is put back"
         );
@@ -117,6 +118,95 @@ fn a_split_and_its_join_are_complete_streams_and_split_again_the_same() {
     }
 }
 
+/// Several blocks at once (a VM whose RAM is NUMA nodes or DIMMs): each
+/// goes to its own sink, the others keep their pages, the join puts every
+/// one back, and a block the stream does not have is reported, not an error.
+#[test]
+fn several_blocks_split_into_their_own_sinks_and_join_back() {
+    for name in ["pc-7.2-exec", "q35-10.0-rng-file"] {
+        let original = fixture(name);
+        let whole = qemu_stream::inspect(&original[..]).unwrap();
+        let wanted = ["pc.ram", "pc.bios", "/objects/absent"];
+        let mut images: Vec<Image> = (0..wanted.len()).map(|_| Image::default()).collect();
+        let mut rest = Vec::new();
+        let report = split(
+            &original[..],
+            wanted
+                .iter()
+                .copied()
+                .zip(images.iter_mut().map(|i| i as &mut dyn PageSink))
+                .collect(),
+            &mut rest,
+            &mut |_| {},
+        )
+        .expect("splits");
+        assert!(report.blocks[0].announced && report.blocks[1].announced);
+        assert!(!report.blocks[2].announced, "{name}: no such block");
+        let s = qemu_stream::inspect(&rest[..]).unwrap();
+        assert!(s.complete, "{name}: {:?}", s.stopped);
+        for b in &s.ram_blocks {
+            let before = whole.ram_blocks.iter().find(|w| w.name == b.name).unwrap();
+            if wanted.contains(&b.name.as_str()) {
+                assert_eq!(b.normal_pages + b.zero_pages, 0, "{name}: {}", b.name);
+            } else {
+                assert_eq!(
+                    (b.normal_pages, b.zero_pages),
+                    (before.normal_pages, before.zero_pages),
+                    "{name}: {} keeps its pages",
+                    b.name
+                );
+            }
+        }
+        let bios = whole
+            .ram_blocks
+            .iter()
+            .find(|b| b.name == "pc.bios")
+            .unwrap();
+        assert!(
+            images[1].bytes.iter().any(|&b| b != 0),
+            "{name}: the BIOS image holds the BIOS"
+        );
+        assert_eq!(images[1].bytes.len() as u64, bios.size, "{name}");
+
+        // The join needs every block it is given: two of them here.
+        let mut joined = Vec::new();
+        let (a, b) = images.split_at_mut(1);
+        let j = join(
+            &rest[..],
+            vec![
+                ("pc.ram", &mut a[0] as &mut dyn PageSource),
+                ("pc.bios", &mut b[0]),
+            ],
+            &mut joined,
+        )
+        .expect("joins");
+        let s = qemu_stream::inspect(&joined[..]).unwrap();
+        assert!(s.complete, "{name}: the join is complete: {:?}", s.stopped);
+        for (i, block) in ["pc.ram", "pc.bios"].iter().enumerate() {
+            let got = s.ram_blocks.iter().find(|b| b.name == *block).unwrap();
+            let pages = report.blocks[i].bytes / report.page_size;
+            assert_eq!(got.normal_pages + got.zero_pages, pages, "{name}: {block}");
+            assert_eq!(
+                j.blocks[i].pages + j.blocks[i].zero_pages,
+                pages,
+                "{name}: {block}"
+            );
+        }
+        let missing = join(
+            &rest[..],
+            vec![(
+                "/objects/absent",
+                &mut Image::default() as &mut dyn PageSource,
+            )],
+            &mut Vec::new(),
+        );
+        assert!(
+            missing.is_err(),
+            "{name}: a join of a block the stream lacks"
+        );
+    }
+}
+
 #[test]
 fn a_cut_stream_never_panics_and_says_where() {
     let original = fixture("pc-7.2-exec");
@@ -125,9 +215,8 @@ fn a_cut_stream_never_panics_and_says_where() {
         let mut image = Image::default();
         match split(
             &original[..cut],
-            "pc.ram",
+            vec![("pc.ram", &mut image)],
             &mut out,
-            &mut image,
             &mut |_| {},
         ) {
             Ok(r) => assert!(r.bytes_in <= cut as u64),
@@ -147,8 +236,13 @@ fn a_damaged_stream_never_panics() {
                 bytes[at] ^= flip;
                 let mut out = Vec::new();
                 let mut image = Image::default();
-                let _ = split(&bytes[..], "pc.ram", &mut out, &mut image, &mut |_| {});
-                let _ = join(&out[..], "pc.ram", &mut Vec::new(), &mut image);
+                let _ = split(
+                    &bytes[..],
+                    vec![("pc.ram", &mut image)],
+                    &mut out,
+                    &mut |_| {},
+                );
+                let _ = join(&out[..], vec![("pc.ram", &mut image)], &mut Vec::new());
             }
         }
     }

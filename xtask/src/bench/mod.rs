@@ -26,6 +26,8 @@ pub struct Args {
     pub fill_mib: u32,
     /// Only the instant-restore rows.
     pub instant_only: bool,
+    /// Only the instant restore by RAM shape.
+    pub shapes_only: bool,
 }
 
 pub fn run(root: &Path, args: &Args) -> anyhow::Result<()> {
@@ -50,17 +52,34 @@ pub fn run(root: &Path, args: &Args) -> anyhow::Result<()> {
         bail!(qemu::INSTALL_HINT);
     }
     let mut report = String::new();
-    for q in qemus.iter().filter(|_| args.instant_only) {
-        let section = instant::instant_speed(q, &migrate, &guest)?;
+    for q in qemus.iter().filter(|_| args.shapes_only) {
+        let section = instant::instant_shapes(q, &migrate, &guest)?;
         print!("{section}");
         report.push_str(&section);
     }
-    for q in qemus.iter().filter(|_| !args.instant_only) {
+    for q in qemus
+        .iter()
+        .filter(|_| args.instant_only && !args.shapes_only)
+    {
+        let section = instant::instant_speed(q, &migrate, &guest)?;
+        print!("{section}");
+        report.push_str(&section);
+        let section = instant::instant_shapes(q, &migrate, &guest)?;
+        print!("{section}");
+        report.push_str(&section);
+    }
+    for q in qemus
+        .iter()
+        .filter(|_| !args.instant_only && !args.shapes_only)
+    {
         let section = monitor::monitor_round_trips(q, &send, args)?;
         print!("{section}");
         report.push_str(&section);
     }
-    for q in qemus.iter().filter(|_| !args.instant_only) {
+    for q in qemus
+        .iter()
+        .filter(|_| !args.instant_only && !args.shapes_only)
+    {
         let section = save::save_speed(q, &send, &migrate, &guest, args)?;
         print!("{section}");
         report.push_str(&section);
@@ -68,6 +87,9 @@ pub fn run(root: &Path, args: &Args) -> anyhow::Result<()> {
         print!("{section}");
         report.push_str(&section);
         let section = instant::instant_speed(q, &migrate, &guest)?;
+        print!("{section}");
+        report.push_str(&section);
+        let section = instant::instant_shapes(q, &migrate, &guest)?;
         print!("{section}");
         report.push_str(&section);
         let section = checkpoint::checkpoint_speed(q, &migrate, &guest, args)?;
@@ -120,11 +142,16 @@ pub(super) fn timed_child(cmd: &mut Command) -> anyhow::Result<(Duration, u64)> 
     Ok((took, usage.ru_maxrss as u64))
 }
 
-/// Removes a save (its state file, manifest and instant image), unmeasured,
+/// Removes a save (its state file, manifest and instant images), unmeasured,
 /// before a timed save of the same name: a save refuses to replace one
 /// without --force, and replacing would add the removal to its time.
 fn remove_save(state: &Path) {
-    for suffix in ["", ".manifest.json", ".ram"] {
+    let images = (1..16).map(|n| format!(".ram.{n}"));
+    for suffix in ["", ".manifest.json", ".ram"]
+        .map(String::from)
+        .into_iter()
+        .chain(images)
+    {
         let mut name = state.as_os_str().to_owned();
         name.push(suffix);
         let _ = std::fs::remove_file(name);

@@ -1,11 +1,14 @@
 //! Instant restore: guest RAM kept as an image that a restored QEMU maps
 //! instead of loading, so a restore costs the same for 1 GiB as for 8.
 //!
-//! `save --instant FILE` writes two files. `FILE.ram` holds the main RAM
-//! block (`pc.ram`) page for page at its offset, zero pages as holes; `FILE`
-//! is a valid QEMU stream of everything else (the configuration, the RAM
-//! block list, the other RAM blocks such as ROMs and ACPI tables, device
-//! state) whose main block carries no pages. A restore starts QEMU with
+//! `save --instant FILE` writes an image per block of guest RAM and a stream.
+//! `FILE.ram` (then `FILE.ram.1`, `FILE.ram.2`, … for a VM whose RAM is
+//! several blocks: NUMA nodes, DIMMs) holds a block page for page at its
+//! offset, zero pages as holes; `FILE` is a valid QEMU stream of everything
+//! else (the configuration, the RAM block list, the other RAM blocks such as
+//! ROMs and ACPI tables, device state) whose guest RAM blocks carry no pages.
+//! Which blocks are guest RAM, and how each is mapped back, is `shape`'s
+//! business. For a VM started with `-m` only, a restore starts QEMU with
 //!
 //! ```text
 //! -object memory-backend-file,id=pc.ram,mem-path=FILE.ram,share=off,size=N,
@@ -20,7 +23,29 @@
 //! loader writes only the pages a stream carries, and a QEMU waiting for an
 //! incoming migration does not copy its ROM blobs into RAM (`rom_reset`,
 //! hw/core/loader.c, skips them in the `inmigrate` state), so what the guest
-//! sees is exactly the image plus what the stream carries.
+//! sees is exactly the image plus what the stream carries. A VM whose RAM
+//! comes from memory backends (`-object memory-backend-*`, as libvirt
+//! always starts one) keeps its own options, but each backend that holds a
+//! block becomes a `memory-backend-file` of its image with the same id,
+//! size and block name (see `shape`).
+//!
+//! With QEMU 8.2 or later the images are opened read-only
+//! (`readonly=on,rom=off`: still a private, writable mapping), so nothing
+//! QEMU does can write to them: in particular not a balloon. QEMU gives a
+//! ballooned page back by `ram_block_discard_range` (system/physmem.c),
+//! which punches a hole into the file behind a file-backed block even when
+//! it is mapped privately (10.0 warns that this "will modify the underlying
+//! file"); from a read-only file it refuses ("Discarding RAM with readonly
+//! files is not supported") and the page stays. Measured with a Linux guest
+//! and its virtio_balloon driver, 256 MiB mapped privately from a file, the
+//! balloon inflated by 128 MiB: 7.2 and 10.0 punched 32768 page-sized holes
+//! into the file (10.0 with its warning); 10.0 with the file read-only left
+//! it unchanged, printing that refusal once per page (32768 lines), and the
+//! guest ran on. So a VM with a virtio-balloon is laid out this way on QEMU
+//! 8.2 and later, at the cost that its balloon gives no memory back to the
+//! host (and QEMU's stderr gets a line per page it was asked for); before
+//! 8.2 (no `rom` property: `readonly=on` would make guest RAM read-only) it
+//! is saved as a plain stream.
 //!
 //! **Checks.** The manifest records the stream's CRC-32, the image's
 //! checksum (a CRC-32 over the CRC-32 of every page, see [`image`]) and the
@@ -32,11 +57,11 @@
 //! starts, as `restore --verify` and `inspect` always do.
 //!
 //! **Where the layout cannot serve**, the save writes a plain stream and says
-//! why ([`unsuitable`]): RAM from user-defined memory backends, `-mem-path`
-//! (hugepages), NUMA, memory hotplug, a device that gives guest RAM back to
-//! the host (virtio-balloon, virtio-mem: with QEMU before 8.2 a discard punches
-//! holes into a file-backed block's file even when it is mapped privately,
-//! which would damage the image), or a machine whose RAM block is not `pc.ram`.
+//! why ([`unsuitable`], `shape::targets`): `-mem-path` or a backend on
+//! hugepages, a file backend mapped shared (its file already is the RAM), a
+//! backend shared with a vhost-user backend, NUMA nodes without `memdev=`,
+//! virtio-mem, a balloon before QEMU 8.2, or a machine with neither `pc.ram`
+//! nor a memory backend.
 //!
 //! **Clones** (`restore --clone`): another VM from the same image while the first
 //! runs, with its own sockets and logs; refused when the VM has a writable
@@ -45,13 +70,14 @@
 mod clone;
 pub mod image;
 mod save;
+pub(crate) mod shape;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use qemu_monitor::QemuVersion;
 use serde::{Deserialize, Serialize};
 
-use crate::argv;
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
 use crate::progress::Progress;
@@ -63,13 +89,17 @@ pub(crate) use save::save;
 /// The RAM block the layout moves into the image: x86 `pc` and `q35` guest RAM.
 pub const BLOCK: &str = "pc.ram";
 
-/// How an instant save is laid out, as its manifest records it.
+/// One RAM block's image, as the manifest records it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Layout {
-    /// The image's file name, beside the state file (`FILE.ram`).
+pub struct Image {
+    /// The image's file name, beside the state file (`FILE.ram`, `FILE.ram.1`, …).
     pub image: String,
-    /// The RAM block it holds (`pc.ram`).
+    /// The RAM block it holds, by its name in the stream (`pc.ram`, `m0`, `/objects/m0`).
     pub block: String,
+    /// The id of the memory backend (`-object memory-backend-*,id=`) the
+    /// block comes from; none for the `pc.ram` of a VM started with `-m` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
     /// The block's size, which is the image's size.
     pub block_bytes: u64,
     /// Page size of the image.
@@ -86,21 +116,86 @@ pub struct Layout {
     pub identity: Identity,
 }
 
-/// `FILE.ram`: where the RAM image of state file `FILE` lives.
+/// How an instant save is laid out, as its manifest records it: an image
+/// per RAM block. One `pc.ram` image is written as older saves wrote their
+/// only image (its fields inline), which every version reads; several are
+/// `{"images": [...]}`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(from = "LayoutRecord")]
+pub struct Layout {
+    /// The images, in the order of the stream's block list.
+    pub images: Vec<Image>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum LayoutRecord {
+    Images { images: Vec<Image> },
+    One(Image),
+}
+
+impl From<LayoutRecord> for Layout {
+    fn from(r: LayoutRecord) -> Layout {
+        match r {
+            LayoutRecord::Images { images } => Layout { images },
+            LayoutRecord::One(image) => Layout {
+                images: vec![image],
+            },
+        }
+    }
+}
+
+impl Serialize for Layout {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Images<'a> {
+            images: &'a [Image],
+        }
+        match self.images.as_slice() {
+            [one] if one.backend.is_none() => one.serialize(s),
+            images => Images { images }.serialize(s),
+        }
+    }
+}
+
+impl Layout {
+    /// Bytes of guest RAM in images.
+    pub fn bytes(&self) -> u64 {
+        self.images.iter().map(|i| i.block_bytes).sum()
+    }
+}
+
+/// `FILE.ram`: where the (first) RAM image of state file `FILE` lives.
 pub fn image_path(statefile: &Path) -> PathBuf {
+    image_path_n(statefile, 0)
+}
+
+/// Where the RAM image number `n` of state file `FILE` lives: `FILE.ram`,
+/// then `FILE.ram.1`, `FILE.ram.2`, …
+pub fn image_path_n(statefile: &Path, n: usize) -> PathBuf {
     let mut name = statefile.file_name().unwrap_or_default().to_os_string();
     name.push(".ram");
+    if n > 0 {
+        name.push(format!(".{n}"));
+    }
     statefile.with_file_name(name)
 }
 
-/// When `path` is the RAM image of an instant save (`FILE.ram` beside
+/// The state file whose RAM image `path` would be, by its name
+/// (`FILE.ram` or `FILE.ram.N` → `FILE`).
+fn image_stem(path: &Path) -> Option<PathBuf> {
+    let s = path.to_str()?;
+    let s = match s.rsplit_once('.') {
+        Some((head, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => head,
+        _ => s,
+    };
+    s.strip_suffix(".ram").map(PathBuf::from)
+}
+
+/// When `path` is a RAM image of an instant save (`FILE.ram` beside
 /// `FILE` and its manifest), an error that says to use `FILE` instead.
 pub fn not_the_image(path: &Path) -> Result<()> {
-    let Some(stem) = path
-        .to_str()
-        .and_then(|s| s.strip_suffix(".ram"))
-        .map(PathBuf::from)
-    else {
+    let Some(stem) = image_stem(path) else {
         return Ok(());
     };
     match Manifest::load(&stem) {
@@ -116,8 +211,23 @@ pub fn not_the_image(path: &Path) -> Result<()> {
     }
 }
 
-/// Why a VM run with `args` cannot use the instant layout, in words; `None` when it can.
-pub fn unsuitable(args: &[String]) -> Option<String> {
+/// The first QEMU that can open a RAM image read-only yet map it writable
+/// (`memory-backend-file`'s `rom` property).
+const READ_ONLY_IMAGES: QemuVersion = QemuVersion {
+    major: 8,
+    minor: 2,
+    micro: 0,
+};
+
+/// Whether `qemu` opens the images read-only (see the module docs).
+fn read_only_images(qemu: QemuVersion) -> bool {
+    qemu >= READ_ONLY_IMAGES
+}
+
+/// Why a VM run with `args` by QEMU `qemu` cannot use the instant layout, in
+/// words; `None` when it can, as far as its options tell (its memory
+/// backends are `shape::targets`' to judge).
+pub fn unsuitable(args: &[String], qemu: QemuVersion) -> Option<String> {
     let has = |opt: &str| args.iter().any(|a| a == opt || *a == format!("-{opt}"));
     let values = |opt: &str| -> Vec<&str> {
         args.windows(2)
@@ -125,43 +235,37 @@ pub fn unsuitable(args: &[String]) -> Option<String> {
             .map(|w| w[1].as_str())
             .collect()
     };
-    if has("-numa") {
-        return Some("the VM has NUMA nodes (-numa), whose RAM is not one pc.ram block".into());
-    }
     if has("-mem-path") {
         return Some("the VM's RAM is already file-backed (-mem-path, e.g. hugepages)".into());
     }
-    if values("-object")
-        .iter()
-        .any(|v| v.starts_with("memory-backend"))
-        || values("-machine")
-            .iter()
-            .chain(values("-M").iter())
-            .any(|v| v.contains("memory-backend="))
-    {
-        return Some(
-            "the VM's RAM comes from a user-defined memory backend (-object memory-backend-*)"
-                .into(),
-        );
-    }
-    if let Some(m) = argv::last_value(args, "-m") {
-        if m.contains("slots=") || m.contains("maxmem=") {
-            return Some("the VM has memory hotplug (-m slots=/maxmem=)".into());
+    let nodes = values("-numa")
+        .into_iter()
+        .filter(|v| v.starts_with("node") || v.contains("type=node"));
+    for node in nodes {
+        if !node.split(',').any(|o| o.starts_with("memdev=")) {
+            return Some(format!(
+                "the VM has a NUMA node without a memory backend (-numa {node}): give each node                  its own memdev="
+            ));
         }
     }
     let devices = values("-device");
-    if let Some(d) = devices
-        .iter()
-        .find(|d| d.starts_with("virtio-balloon") || d.starts_with("virtio-mem"))
-    {
+    if let Some(d) = devices.iter().find(|d| d.starts_with("virtio-mem")) {
         let name = d.split(',').next().unwrap_or(d);
         return Some(format!(
-            "the VM has a {name} device, which gives guest RAM back to the host: QEMU would punch \
-             holes into the shared RAM image"
+            "the VM has a {name} device, which plugs and unplugs guest RAM as it runs"
         ));
     }
-    if has("-balloon") {
-        return Some("the VM has a balloon device (-balloon)".into());
+    let balloon = devices
+        .iter()
+        .find(|d| d.starts_with("virtio-balloon"))
+        .map(|d| d.split(',').next().unwrap_or(d).to_string())
+        .or_else(|| has("-balloon").then(|| "balloon (-balloon)".to_string()));
+    if let Some(name) = balloon {
+        if !read_only_images(qemu) {
+            return Some(format!(
+                "the VM has a {name} device, and QEMU {qemu} gives a ballooned page back by                  punching a hole into the file behind guest RAM, even a privately mapped one: it                  would damage the RAM image (QEMU {READ_ONLY_IMAGES} and later can map the image                  read-only)"
+            ));
+        }
     }
     None
 }
@@ -169,14 +273,29 @@ pub fn unsuitable(args: &[String]) -> Option<String> {
 /// Paths a clone was given of its own: (the first VM's, the clone's).
 pub type Renamed = Vec<(PathBuf, PathBuf)>;
 
-/// `args` without the two options an instant restore adds (the image as
-/// guest RAM): a VM restored that way is the user's VM with the user's
-/// options, and is saved, migrated and restored again as such.
+/// `args` without what an instant restore changed (the images as guest
+/// RAM): a VM restored that way is the user's VM with the user's options,
+/// and is saved, migrated and restored again as such. The `pc.ram` of a
+/// `-m` VM loses the two options added for it; a backend rewritten into a
+/// file backend of an image gets back its definition from the manifest of
+/// the save that image belongs to.
 pub fn without_image_options(args: Vec<String>) -> Vec<String> {
+    let mut args = args;
+    for b in shape::backends(&args) {
+        let Some(mem_path) = b.image_path() else {
+            continue;
+        };
+        let Some(own) = saved_definition(Path::new(&mem_path), &b.id) else {
+            continue;
+        };
+        args[b.at] = own;
+    }
     let backend = |w: &[String]| {
         w[0] == "-object"
             && w[1].starts_with(&format!("memory-backend-file,id={BLOCK},"))
-            && w[1].ends_with("x-use-canonical-path-for-ramblock-id=off")
+            && shape::backends(w)
+                .first()
+                .is_some_and(|b| b.image_path().is_some())
     };
     let machine = |w: &[String]| w[0] == "-machine" && w[1] == format!("memory-backend={BLOCK}");
     let (Some(b), Some(m)) = (
@@ -190,6 +309,23 @@ pub fn without_image_options(args: Vec<String>) -> Vec<String> {
         .filter(|(i, _)| ![b, b + 1, m, m + 1].contains(i))
         .map(|(_, a)| a)
         .collect()
+}
+
+/// The `-object` value that defined backend `id` in the VM whose instant
+/// save `image` is an image of, as that save's manifest records it.
+fn saved_definition(image: &Path, id: &str) -> Option<String> {
+    let stem = image_stem(image)?;
+    let manifest = Manifest::load(&stem).ok()??;
+    let name = image.file_name()?.to_str()?;
+    manifest
+        .instant?
+        .images
+        .iter()
+        .find(|i| i.image == name && i.backend.as_deref() == Some(id))?;
+    let own = shape::backends(&manifest.args)
+        .into_iter()
+        .find(|b| b.id == id)?;
+    manifest.args.get(own.at).cloned()
 }
 
 /// The manifest's layout, when `checked` is an instant save.
@@ -207,14 +343,30 @@ pub enum ImageCheck {
     Checksum,
 }
 
-/// Checks the image of the instant save `statefile`: its size always; its
-/// identity, or, when that differs or `full`, its checksum by reading it whole.
+/// Checks the images of the instant save `statefile`: their sizes always;
+/// their identity, or, when that differs or `full`, their checksum by
+/// reading them whole. Says [`ImageCheck::Checksum`] when any was read.
 ///
 /// # Errors
-/// [`Error::BadStateFile`] saying what is wrong with it.
+/// [`Error::BadStateFile`] saying what is wrong with which image.
 pub fn check_image(
     statefile: &Path,
     layout: &Layout,
+    full: bool,
+    progress: &dyn Progress,
+) -> Result<ImageCheck> {
+    let mut how = ImageCheck::Identity;
+    for image in &layout.images {
+        if check_one(statefile, image, full, progress)? == ImageCheck::Checksum {
+            how = ImageCheck::Checksum;
+        }
+    }
+    Ok(how)
+}
+
+fn check_one(
+    statefile: &Path,
+    layout: &Image,
     full: bool,
     progress: &dyn Progress,
 ) -> Result<ImageCheck> {
@@ -227,8 +379,7 @@ pub fn check_image(
         Ok(id) => id,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(bad(format!(
-                "the RAM image of {} is missing: an instant save is two files, {} and {}",
-                statefile.display(),
+                "the RAM image of {} is missing: an instant save is the state file and its RAM                  images, {} among them",
                 statefile.display(),
                 path.display()
             )))
@@ -263,9 +414,9 @@ pub fn check_image(
     Ok(ImageCheck::Checksum)
 }
 
-/// The QEMU options a restore starts with: `args`, with the image mapped as
-/// guest RAM for an instant save, and with sockets and logs of its own for
-/// a clone. Checks the image first (see the module docs).
+/// The QEMU options a restore by QEMU `qemu` starts with: `args`, with the
+/// images mapped as guest RAM for an instant save, and with sockets and logs
+/// of its own for a clone. Checks the images first (see the module docs).
 ///
 /// # Errors
 /// [`Error::BadStateFile`] for a damaged or missing image; [`Error::Mismatch`]
@@ -274,6 +425,7 @@ pub(crate) fn launch_args(
     checked: &Checked,
     args: Vec<String>,
     own: &[PathBuf],
+    qemu: QemuVersion,
     options: &RestoreOptions,
     progress: &dyn Progress,
 ) -> Result<(Vec<String>, Renamed)> {
@@ -291,28 +443,70 @@ pub(crate) fn launch_args(
     let Some(layout) = layout(checked) else {
         return with_clone(args);
     };
-    if let Some(why) = unsuitable(&args) {
+    if let Some(why) = unsuitable(&args, qemu) {
         return Err(refuse(format!(
             "{why}; an instant save restores only without it"
         )));
     }
+    let backends = shape::backends(&args);
+    for image in &layout.images {
+        match &image.backend {
+            Some(id) => {
+                let Some(b) = backends.iter().find(|b| &b.id == id) else {
+                    return Err(refuse(format!(
+                        "the options define no memory backend {id}, whose RAM is the image {}",
+                        image.image
+                    )));
+                };
+                if let Some(why) = b.unsuitable() {
+                    return Err(refuse(format!(
+                        "{why}; an instant save restores only without it"
+                    )));
+                }
+            }
+            None if backends.iter().any(|b| b.id == BLOCK) => {
+                return Err(refuse(format!(
+                    "the options define a memory backend {BLOCK}, but the save's {BLOCK} was                      the machine's own (-m)"
+                )));
+            }
+            None => {}
+        }
+    }
     check_image(&checked.path, layout, options.verify, progress)?;
     // Last, as it reserves the clone's paths.
     let (mut args, renamed) = with_clone(args)?;
-    let image = checked.path.with_file_name(&layout.image);
-    let image = std::path::absolute(&image).unwrap_or(image);
-    // QEMU's option syntax doubles a comma that belongs to a value.
-    let mem_path = image.display().to_string().replace(',', ",,");
-    args.extend([
-        "-object".to_string(),
-        format!(
-            "memory-backend-file,id={BLOCK},mem-path={mem_path},share=off,size={},\
-             x-use-canonical-path-for-ramblock-id=off",
-            layout.block_bytes
-        ),
-        "-machine".to_string(),
-        format!("memory-backend={BLOCK}"),
-    ]);
+    let read_only = read_only_images(qemu);
+    for image in &layout.images {
+        let path = checked.path.with_file_name(&image.image);
+        let path = std::path::absolute(&path).unwrap_or(path);
+        match &image.backend {
+            Some(id) => {
+                // Found above; a clone's options keep the backend where it was.
+                if let Some(b) = shape::backends(&args).into_iter().find(|b| &b.id == id) {
+                    args[b.at] = b.as_image(&path, &image.block, read_only);
+                }
+            }
+            None => {
+                // QEMU's option syntax doubles a comma that belongs to a value.
+                let mem_path = path.display().to_string().replace(',', ",,");
+                let protect = if read_only {
+                    ",readonly=on,rom=off"
+                } else {
+                    ""
+                };
+                args.extend([
+                    "-object".to_string(),
+                    format!(
+                        "memory-backend-file,id={BLOCK},mem-path={mem_path},share=off,size={},\
+                         x-use-canonical-path-for-ramblock-id=off{protect}",
+                        image.block_bytes
+                    ),
+                    "-machine".to_string(),
+                    format!("memory-backend={BLOCK}"),
+                ]);
+            }
+        }
+    }
     Ok((args, renamed))
 }
 
@@ -331,17 +525,31 @@ pub fn export(statefile: &Path, out: impl Write) -> Result<qemu_stream::split::S
         });
     };
     check_image(statefile, layout, false, &crate::progress::Quiet)?;
-    let image = statefile.with_file_name(&layout.image);
-    let mut source =
-        image::ImageReader::open(&image).map_err(Error::file(&image, "reading the RAM image"))?;
+    let mut sources = Vec::new();
+    for i in &layout.images {
+        let image = statefile.with_file_name(&i.image);
+        sources.push(
+            image::ImageReader::open(&image)
+                .map_err(Error::file(&image, "reading the RAM image"))?,
+        );
+    }
     let stream =
         std::fs::File::open(statefile).map_err(Error::file(statefile, "reading the state file"))?;
     let mut out = std::io::BufWriter::with_capacity(1 << 20, out);
     let report = qemu_stream::split::join(
         std::io::BufReader::with_capacity(1 << 20, stream),
-        &layout.block,
+        layout
+            .images
+            .iter()
+            .zip(sources.iter_mut())
+            .map(|(i, s)| {
+                (
+                    i.block.as_str(),
+                    s as &mut dyn qemu_stream::split::PageSource,
+                )
+            })
+            .collect(),
         &mut out,
-        &mut source,
     )
     .map_err(|e| match e {
         qemu_stream::split::SplitError::Write(e) => {
@@ -379,10 +587,56 @@ mod tests {
             without_image_options(restored),
             v("-m 32 -kernel k -qmp unix:/q,server,nowait")
         );
-        // A user's own backend stays, and the layout refuses it.
+        // The same, opened read-only (QEMU 8.2+).
+        let read_only = v("-m 32 -object memory-backend-file,id=pc.ram,mem-path=/s/state.ram,share=off,size=33554432,x-use-canonical-path-for-ramblock-id=off,readonly=on,rom=off -machine memory-backend=pc.ram");
+        assert_eq!(without_image_options(read_only), v("-m 32"));
+        // A user's own backend stays.
         let own = v("-m 32 -object memory-backend-ram,id=m0,size=32M -machine memory-backend=m0");
         assert_eq!(without_image_options(own.clone()), own);
-        assert!(unsuitable(&own).is_some());
-        assert!(unsuitable(&v("-m 32 -kernel k")).is_none());
+    }
+
+    #[test]
+    fn a_balloon_is_laid_out_only_where_the_image_can_be_read_only() {
+        let old: QemuVersion = "7.2.22".parse().unwrap();
+        let new: QemuVersion = "10.0.2".parse().unwrap();
+        let balloon = v("-m 32 -device virtio-balloon-pci");
+        let why = unsuitable(&balloon, old).unwrap();
+        assert!(
+            why.contains("virtio-balloon-pci") && why.contains("punching a hole"),
+            "{why}"
+        );
+        assert!(unsuitable(&balloon, new).is_none());
+        assert!(unsuitable(&v("-m 32 -kernel k"), old).is_none());
+        let own = v("-m 32 -object memory-backend-ram,id=m0,size=32M -machine memory-backend=m0");
+        assert!(unsuitable(&own, old).is_none());
+        assert!(unsuitable(&v("-m 64 -numa node -numa node"), new).is_some());
+        assert!(unsuitable(&v("-object memory-backend-ram,id=m0,size=32M -numa node,memdev=m0 -numa dist,src=0,dst=0,val=10"), new).is_none());
+    }
+
+    #[test]
+    fn image_names_lead_back_to_their_state_file() {
+        let s = Path::new("/d/state");
+        assert_eq!(image_path_n(s, 0), Path::new("/d/state.ram"));
+        assert_eq!(image_path_n(s, 2), Path::new("/d/state.ram.2"));
+        assert_eq!(image_stem(Path::new("/d/state.ram.2")).unwrap(), s);
+        assert_eq!(image_stem(Path::new("/d/state.ram")).unwrap(), s);
+        assert_eq!(image_stem(Path::new("/d/state.1")), None);
+    }
+
+    #[test]
+    fn a_single_image_manifest_reads_and_writes_as_older_saves_did() {
+        let one = serde_json::json!({"image": "s.ram", "block": "pc.ram", "block_bytes": 4096,
+            "page_size": 4096, "data_pages": 1, "zero_pages": 0, "pages_in_stream": 0,
+            "image_crc32": "00000000",
+            "identity": {"dev": 1, "ino": 2, "size": 4096, "mtime": [0, 0], "ctime": [0, 0]}});
+        let layout: Layout = serde_json::from_value(one.clone()).unwrap();
+        assert_eq!(layout.images.len(), 1);
+        assert_eq!(serde_json::to_value(&layout).unwrap(), one);
+        let mut two = layout.clone();
+        two.images[0].backend = Some("m0".into());
+        two.images.push(two.images[0].clone());
+        let text = serde_json::to_value(&two).unwrap();
+        assert!(text["images"].is_array());
+        assert_eq!(serde_json::from_value::<Layout>(text).unwrap(), two);
     }
 }

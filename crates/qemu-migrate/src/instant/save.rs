@@ -1,15 +1,17 @@
 //! `save --instant`: the same save as [`crate::save`] (paused, uncapped,
 //! through a pipe, into private temporary files renamed only once QEMU says
 //! the migration completed, an existing save replaced by the same commit),
-//! with the copy thread splitting the stream as it flows: `pc.ram`'s pages
-//! into the image, everything else into the stream. The image is renamed
-//! into place before the stream's commit, so a crash between them leaves
-//! the previous stream beside a new image, which the image's identity in
-//! the manifest lets a restore refuse in words.
+//! with the copy thread splitting the stream as it flows: each guest RAM
+//! block's pages into its image, everything else into the stream. Which
+//! blocks those are is asked of QEMU before it starts (`info ramblock`,
+//! judged by [`super::shape::targets`]). The images are renamed into place
+//! before the stream's commit, so a crash between them leaves the previous
+//! stream beside new images, which the images' identity in the manifest
+//! lets a restore refuse in words.
 
 use std::fs::File;
 use std::io::{BufWriter, PipeReader, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -17,7 +19,8 @@ use qemu_monitor::MigrationInfo;
 use qemu_stream::split::{self, SplitReport};
 
 use super::image::{Identity, ImageWriter, Written};
-use super::{image_path, manifest_with, unsuitable, Layout, BLOCK};
+use super::shape::{self, Target};
+use super::{image_path_n, manifest_with, unsuitable, Image, Layout};
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
 use crate::os::{self, SaveFiles, VmLock};
@@ -32,7 +35,16 @@ struct Split {
     stream_crc: u32,
     stream_bytes: u64,
     head: Vec<u8>,
-    image: Option<(File, Written)>,
+    images: Option<Vec<(File, Written)>>,
+}
+
+/// The blocks a save of `vm` moves into images, or why it cannot.
+fn targets(vm: &mut Vm) -> Result<std::result::Result<Vec<Target>, String>> {
+    if let Some(why) = unsuitable(vm.args(), vm.version()) {
+        return Ok(Err(why));
+    }
+    let blocks = vm.monitor.ram_blocks()?;
+    Ok(shape::targets(vm.args(), &blocks))
 }
 
 /// Saves `vm` to `path` and `path.ram` in the instant layout, or to `path`
@@ -43,26 +55,31 @@ pub(crate) fn save(
     options: &SaveOptions,
     progress: &dyn Progress,
 ) -> Result<SaveReport> {
-    let why = if options.with_disks {
-        Some("a checkpoint (--with-disks) keeps its RAM in the stream".to_string())
+    let targets = if options.with_disks {
+        Err("a checkpoint (--with-disks) keeps its RAM in the stream".to_string())
     } else {
-        unsuitable(vm.args())
+        targets(vm)?
     };
-    if let Some(why) = why {
-        let mut plain = options.clone();
-        plain.instant = false;
-        let mut report = crate::save::save(vm, path, &plain, progress)?;
-        report.fallback = Some(format!("{why}: saved as a plain stream"));
-        return Ok(report);
-    }
+    let targets = match targets {
+        Ok(t) => t,
+        Err(why) => {
+            let mut plain = options.clone();
+            plain.instant = false;
+            let mut report = crate::save::save(vm, path, &plain, progress)?;
+            report.fallback = Some(format!("{why}: saved as a plain stream"));
+            return Ok(report);
+        }
+    };
     let started = Instant::now();
     let _lock = VmLock::take(vm.pid())?;
     let was_running = vm.check_migratable("save")?;
     vm.check_replayable(options.then)?;
     let previous = crate::save::replaced_save(path, options.force)?;
     os::remove_stale_partials(path);
-    let image = image_path(path);
-    os::remove_stale_partials(&image);
+    let images: Vec<PathBuf> = (0..targets.len()).map(|i| image_path_n(path, i)).collect();
+    for image in &images {
+        os::remove_stale_partials(image);
+    }
     let ram_bytes = vm.monitor.ram_size()?;
     // Its disks, and the refusals they call for, before anything changes.
     let disks = crate::checkpoint::freeze::Freeze::prepare(vm, path, false, false)?;
@@ -87,18 +104,25 @@ pub(crate) fn save(
 
     // Guest memory, both files: private, never through a planted link.
     let (files, stream_file) = SaveFiles::create(path)?;
-    let (image_files, image_file) = match SaveFiles::create(&image) {
-        Ok(f) => f,
-        Err(e) => {
-            files.remove();
-            return Err(e);
+    let mut image_files = Vec::new();
+    let mut image_fds = Vec::new();
+    for image in &images {
+        match SaveFiles::create(image) {
+            Ok((f, fd)) => {
+                image_files.push(f);
+                image_fds.push(fd);
+            }
+            Err(e) => {
+                files.remove();
+                image_files.iter().for_each(SaveFiles::remove);
+                return Err(e);
+            }
         }
-    };
+    }
     let partial = files.state.clone();
-    let image_partial = image_files.state.clone();
     let cleanup = || {
         files.remove();
-        image_files.remove();
+        image_files.iter().for_each(SaveFiles::remove);
     };
 
     if was_running && !options.live {
@@ -107,9 +131,11 @@ pub(crate) fn save(
             return Err(e.into());
         }
     }
+    let blocks: Vec<String> = targets.iter().map(|t| t.block.clone()).collect();
     let result = run_migration(
         vm,
-        (stream_file, image_file),
+        (stream_file, image_fds),
+        blocks,
         &partial,
         ram_bytes,
         options,
@@ -134,7 +160,7 @@ pub(crate) fn save(
         stream_crc,
         stream_bytes,
         head,
-        image: Some((image_file, image_sum)),
+        images: Some(written_images),
     } = written
     else {
         unreachable!("run_migration returns only whole copies");
@@ -164,58 +190,59 @@ pub(crate) fn save(
         was_running,
         guarded,
     );
-    // No pc.ram in the stream (another machine), or nothing moved: the
-    // stream is whole by itself, and is kept as a plain save.
-    let fallback = match &report.block {
-        None => Some(format!(
-            "the VM has no RAM block named {BLOCK} (only x86 pc and q35 machines are laid out \
-             this way): saved as a plain stream"
-        )),
-        Some(_) if report.pages + report.zero_pages == 0 => Some(format!(
+    // Nothing moved (no block announced, or a stream the split could not
+    // parse): the stream is whole by itself, and is kept as a plain save.
+    let moved_any = report
+        .blocks
+        .iter()
+        .any(|b| b.announced && b.pages + b.zero_pages > 0);
+    let fallback = (!moved_any).then(|| {
+        format!(
             "the stream could not be split ({}): saved as a plain stream",
             report
                 .passed_through
                 .as_ref()
                 .map_or("no page was moved".to_string(), |(_, why)| why.clone())
-        )),
-        Some(_) => None,
-    };
+        )
+    });
 
     let sync = !options.no_sync;
-    let image_name = image
-        .file_name()
-        .unwrap_or_default()
-        .to_string_lossy()
-        .into_owned();
     let commit = || -> Result<Manifest> {
         let manifest = if fallback.is_some() {
-            image_files.remove();
+            image_files.iter().for_each(SaveFiles::remove);
             plain.clone()
         } else {
-            if sync {
-                image_file
-                    .sync_all()
-                    .map_err(Error::file(&image_partial, "syncing the RAM image"))?;
-            }
-            std::fs::rename(&image_partial, &image)
-                .map_err(Error::file(&image, "renaming the finished RAM image"))?;
-            // After the rename, which changes the file's status time.
-            let identity =
-                Identity::of(&image).map_err(Error::file(&image, "reading the RAM image"))?;
-            manifest_with(
-                plain.clone(),
-                Layout {
-                    image: image_name.clone(),
-                    block: BLOCK.to_string(),
-                    block_bytes: report.block_bytes,
+            let mut laid_out = Vec::new();
+            for (i, ((file, sum), moved)) in written_images.iter().zip(&report.blocks).enumerate() {
+                let (partial, image) = (&image_files[i].state, &images[i]);
+                if !moved.announced {
+                    // QEMU does not migrate it (a backend nothing uses).
+                    image_files[i].remove();
+                    continue;
+                }
+                if sync {
+                    file.sync_all()
+                        .map_err(Error::file(partial, "syncing the RAM image"))?;
+                }
+                std::fs::rename(partial, image)
+                    .map_err(Error::file(image, "renaming the finished RAM image"))?;
+                // After the rename, which changes the file's status time.
+                let identity =
+                    Identity::of(image).map_err(Error::file(image, "reading the RAM image"))?;
+                laid_out.push(Image {
+                    image: file_name(image),
+                    block: targets[i].block.clone(),
+                    backend: targets[i].backend.clone(),
+                    block_bytes: moved.bytes,
                     page_size: report.page_size,
-                    data_pages: image_sum.data_pages,
-                    zero_pages: image_sum.zero_pages,
-                    pages_in_stream: report.pages_kept,
-                    image_crc32: format!("{:08x}", image_sum.crc),
+                    data_pages: sum.data_pages,
+                    zero_pages: sum.zero_pages,
+                    pages_in_stream: moved.pages_kept,
+                    image_crc32: format!("{:08x}", sum.crc),
                     identity,
-                },
-            )
+                });
+            }
+            manifest_with(plain.clone(), Layout { images: laid_out })
         };
         crate::save::commit(
             &files,
@@ -238,10 +265,14 @@ pub(crate) fn save(
             return Err(e);
         }
     };
-    if fallback.is_some() {
-        // A plain save replaces an instant one: its old image goes too.
-        let _ = std::fs::remove_file(&image);
-    }
+    // The images of a save this one replaced, that it has not: a plain
+    // save replacing an instant one, or one of fewer blocks.
+    let kept: Vec<String> = manifest
+        .instant
+        .iter()
+        .flat_map(|l| l.images.iter().map(|i| i.image.clone()))
+        .collect();
+    remove_other_images(path, &kept);
     crate::save::finish(
         vm,
         options.then,
@@ -260,7 +291,8 @@ pub(crate) fn save(
 /// streams into its file ([`crate::save::stream`]).
 fn run_migration(
     vm: &mut Vm,
-    files: (File, File),
+    files: (File, Vec<File>),
+    blocks: Vec<String>,
     partial: &Path,
     ram_bytes: u64,
     options: &SaveOptions,
@@ -272,7 +304,7 @@ fn run_migration(
         ram_bytes,
         options,
         progress,
-        move |pipe, read| copy(pipe, files, read, sync),
+        move |pipe, read| copy(pipe, files, &blocks, read, sync),
         |written: &mut Split| match &written.outcome {
             Err(split::SplitError::Write(e)) => Some(Error::File {
                 path: partial.to_path_buf(),
@@ -283,7 +315,7 @@ fn run_migration(
                 "the instant layout could not be written ({e}); nothing was kept; save without \
                  --instant"
             ))),
-            Ok(_) if written.stream.is_none() || written.image.is_none() => Some(Error::Os {
+            Ok(_) if written.stream.is_none() || written.images.is_none() => Some(Error::Os {
                 what: "writing the state file",
                 source: std::io::Error::other("a file could not be finished"),
             }),
@@ -316,26 +348,43 @@ impl Write for StreamOut {
     }
 }
 
-fn copy(pipe: PipeReader, (stream, image): (File, File), read: &AtomicU64, sync: bool) -> Split {
+fn copy(
+    pipe: PipeReader,
+    (stream, images): (File, Vec<File>),
+    blocks: &[String],
+    read: &AtomicU64,
+    sync: bool,
+) -> Split {
     let mut out = StreamOut {
         inner: BufWriter::with_capacity(1 << 20, stream),
         crc: crc32fast::Hasher::new(),
         bytes: 0,
         head: Vec::new(),
     };
-    let mut sink = ImageWriter::new(image, sync);
+    let mut sinks: Vec<ImageWriter> = images
+        .into_iter()
+        .map(|f| ImageWriter::new(f, sync))
+        .collect();
     // The pipe is dropped when `split` returns: a failed split makes
     // QEMU's next write fail, so the migration fails rather than blocks.
-    let outcome = split::split(pipe, BLOCK, &mut out, &mut sink, &mut |n| {
-        read.store(n, Ordering::Relaxed)
-    });
+    let outcome = split::split(
+        pipe,
+        blocks
+            .iter()
+            .map(String::as_str)
+            .zip(sinks.iter_mut().map(|s| s as &mut dyn split::PageSink))
+            .collect(),
+        &mut out,
+        &mut |n| read.store(n, Ordering::Relaxed),
+    );
     let outcome = outcome.and_then(|r| {
         out.flush().map_err(split::SplitError::Write)?;
         Ok(r)
     });
-    let image = sink.finish();
+    let images: std::io::Result<Vec<(File, Written)>> =
+        sinks.into_iter().map(ImageWriter::finish).collect();
     let stream = out.inner.into_inner().ok();
-    let (outcome, image) = match (outcome, image) {
+    let (outcome, images) = match (outcome, images) {
         (Ok(r), Ok(i)) => (Ok(r), Some(i)),
         (Err(e), _) => (Err(e), None),
         (Ok(_), Err(e)) => (Err(split::SplitError::Pages(e)), None),
@@ -346,6 +395,41 @@ fn copy(pipe: PipeReader, (stream, image): (File, File), read: &AtomicU64, sync:
         stream_crc: out.crc.finalize(),
         stream_bytes: out.bytes,
         head: out.head,
-        image,
+        images,
+    }
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Removes the RAM images of state file `path` (`FILE.ram`, `FILE.ram.N`)
+/// whose names are not in `keep`.
+fn remove_other_images(path: &Path, keep: &[String]) {
+    let Some(dir) = path.parent().map(|d| {
+        if d.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            d
+        }
+    }) else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let ours = file_name(&image_path_n(path, 0));
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let is_image = name == ours
+            || name
+                .strip_prefix(&format!("{ours}."))
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        if is_image && !keep.contains(&name) {
+            let _ = std::fs::remove_file(e.path());
+        }
     }
 }

@@ -16,6 +16,20 @@
 //!   (Confirm). A plain `migrate tcp:...` from a QEMU monitor still works
 //!   against a receiver; it just gets no confirmation.
 //!
+//! **QEMU 9.0 and later under TCG abort the source** of a running guest whose
+//! RAM is several blocks (NUMA nodes, DIMMs): syncing the dirty bitmap
+//! resets the TLBs for a block's range given from the block's start instead
+//! of its RAM address, and once that range runs past the first block,
+//! `tlb_reset_dirty_range_all` (system/physmem.c) fails its assertion that
+//! a range stays within one block. Reproduced with 10.0.2 (an 8 MiB node 0
+//! and a 24 MiB node 1: the source aborts in the first pass), not with 7.2.
+//! A paused guest dirties nothing, so nothing is reset and nothing aborts:
+//! such a guest is paused for its migration and resumed on the destination
+//! (its downtime is then the whole migration), and the report says why.
+//! A receiver on another host cannot be told to resume it, so that is
+//! refused in words. Whenever the source dies during the migration, the
+//! error names its death: how it ended and its last words on stderr.
+//!
 //! Unix sockets the VM listens on (the user's `-monitor unix:/tmp/qemu-sock`)
 //! are a trap on one host: the destination unlinks the path and binds its
 //! own, and the source, when it quits, unlinks the path again (QEMU cleans up
@@ -163,6 +177,35 @@ pub struct LiveReport {
     /// What the destination could not take over after the fact, in words
     /// (a host port forward whose port another process took meanwhile).
     pub warnings: Vec<String>,
+    /// Why the guest was paused while it moved (a known QEMU bug), in words.
+    pub paused_for: Option<String>,
+}
+
+/// The first QEMU whose TCG dirty-bitmap sync aborts with several RAM
+/// blocks (see the module docs); no fixed version is known.
+const DIRTY_SYNC_ABORT: qemu_monitor::QemuVersion = qemu_monitor::QemuVersion {
+    major: 9,
+    minor: 0,
+    micro: 0,
+};
+
+/// Why migrating `vm` while its guest runs would abort its QEMU, in words;
+/// `None` when it would not (see the module docs).
+fn dirty_sync_hazard(vm: &mut Vm) -> Result<Option<String>> {
+    let version = vm.version();
+    if version < DIRTY_SYNC_ABORT || vm.monitor.kvm_enabled()? {
+        return Ok(None);
+    }
+    let blocks = vm.monitor.ram_blocks()?;
+    let guest = crate::instant::shape::guest_blocks(vm.args(), &blocks);
+    if guest.len() < 2 {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "QEMU {version} under TCG aborts the source of a running guest whose RAM is several \
+         blocks ({}) as it syncs the dirty bitmap (tlb_reset_dirty_range_all), losing the guest",
+        guest.join(", ")
+    )))
 }
 
 /// Migrates `vm` while it runs; see the module docs for the steps.
@@ -188,6 +231,21 @@ pub fn live(
         });
     }
     let ram_bytes = vm.monitor.ram_size()?;
+    // -- a known QEMU bug: a running guest with several RAM blocks moves paused
+    let paused_for = if was_running {
+        dirty_sync_hazard(vm)?
+    } else {
+        None
+    };
+    if let (Some(why), Destination::Tcp { .. }) = (&paused_for, to) {
+        return Err(Error::KnownQemuBug(format!(
+            "{why}; a receiver on another host cannot be told to resume a guest paused for its \
+             migration: pause it yourself (`stop`), migrate it, and `cont` it on the destination"
+        )));
+    }
+    // --
+    // Its stderr, when that is a file: its last words if it dies.
+    let source_stderr = os::StderrTap::of(vm.pid());
 
     // Prepare: the destination exists and listens before the source changes.
     let mut local = None;
@@ -294,10 +352,12 @@ pub fn live(
         local.as_mut().map(|(d, _)| d),
         confirm.as_mut(),
         was_running,
+        paused_for.is_some(),
         ram_bytes,
         options,
         progress,
     );
+    let outcome = outcome.map_err(|e| source_died(vm, &e, source_stderr.as_ref()).unwrap_or(e));
 
     let (migration, dest_pid, dest_state) = match outcome {
         Ok(done) => done,
@@ -307,7 +367,7 @@ pub fn live(
             drop(local);
             sockets.back_to_source();
             restore_settings(&mut vm.monitor, old_bandwidth, old_auto_converge);
-            if was_running && !matches!(e, Error::QemuExited { .. }) {
+            if was_running && !matches!(e, Error::QemuExited { .. } | Error::SourceDied { .. }) {
                 vm.resume_quietly();
             }
             return Err(e);
@@ -356,6 +416,48 @@ pub fn live(
         source_sockets,
         pinned,
         warnings,
+        paused_for,
+    })
+}
+
+/// When the source QEMU has died (the monitor broke because its process
+/// ended) and `e` is what that looked like: an error that names its death.
+/// `None` while it lives.
+fn source_died(vm: &mut Vm, e: &Error, stderr: Option<&os::StderrTap>) -> Option<Error> {
+    let pid = vm.pid();
+    let alive = |pid: u32| std::path::Path::new(&format!("/proc/{pid}")).exists();
+    if alive(pid) && !os::is_exiting(pid) {
+        if !matches!(e, Error::Monitor(_)) {
+            return None;
+        }
+        // A monitor that just broke: the process may be on its way out.
+        os::wait_gone(pid, Duration::from_millis(500));
+        if alive(pid) && !os::is_exiting(pid) {
+            return None;
+        }
+    }
+    let (how, said) = match vm.launched() {
+        Some(l) => match l.wait() {
+            Ok((status, said)) => (os::status_words(status), said),
+            Err(_) => (
+                "its exit status could not be read".to_string(),
+                String::new(),
+            ),
+        },
+        None => (
+            os::zombie_status(pid).unwrap_or_else(|| {
+                "its exit status went to the process that started it".to_string()
+            }),
+            stderr.map(os::StderrTap::written).unwrap_or_default(),
+        ),
+    };
+    let lines = crate::qemu_stderr_lines(&said);
+    let last = lines[lines.len().saturating_sub(5)..].join("\n");
+    Some(Error::SourceDied {
+        pid,
+        during: "during the live migration".to_string(),
+        how,
+        stderr: last,
     })
 }
 
@@ -480,6 +582,7 @@ fn perform(
     mut local: Option<&mut Vm>,
     confirm: Option<&mut BufReader<TcpStream>>,
     was_running: bool,
+    pause_first: bool,
     ram_bytes: u64,
     options: &LiveOptions,
     progress: &dyn Progress,
@@ -492,6 +595,11 @@ fn perform(
         let ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
         src.set_migration_parameter("downtime-limit", ms)?;
     }
+    if pause_first {
+        // Paused, it moves as a whole and is resumed on the destination,
+        // as at a --timeout-suspend.
+        src.stop()?;
+    }
     src.migrate(uri)?;
     let deadline = Instant::now() + options.timeout;
 
@@ -499,7 +607,7 @@ fn perform(
     let mut dest_gone = None;
     let mut cancelled = false;
     let mut timed_out = None;
-    let mut suspended = false;
+    let mut suspended = pause_first;
     let mut receiver_gone = false;
     let info = loop {
         // Wait for something to happen: an event from whichever side has

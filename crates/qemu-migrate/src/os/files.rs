@@ -195,3 +195,21 @@ pub fn remove_stale_partials(target: &Path) {
         }
     }
 }
+
+/// Whether `path`, or the nearest directory above it that exists, is on
+/// hugetlbfs (a memory backend's `mem-path` may name a file not yet made).
+pub fn is_hugetlbfs(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Some(existing) = path.ancestors().find(|p| p.exists()) else {
+        return false;
+    };
+    let Ok(c) = std::ffi::CString::new(existing.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs fills the zeroed struct it is given from a
+    // NUL-terminated path that lives across the call.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let r = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    r == 0 && st.f_type == libc::HUGETLBFS_MAGIC
+}

@@ -2,6 +2,7 @@
 //! process is, waiting for one to be gone, reading its command line.
 
 use std::collections::BTreeMap;
+use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -257,4 +258,90 @@ pub(crate) fn pass_fds(cmd: &mut std::process::Command, fds: Vec<(OwnedFd, i32)>
             Ok(())
         });
     }
+}
+
+/// What a process writes to its standard error from now on, when that is a
+/// regular file (a QEMU started with `2>log`): the file, opened through
+/// `/proc/PID/fd/2`, and where it ended when opened. A pipe or a terminal
+/// cannot be read by anyone else, so there is no tap for those.
+#[derive(Debug)]
+pub(crate) struct StderrTap {
+    file: File,
+    from: u64,
+}
+
+impl StderrTap {
+    /// The tap on `pid`'s stderr, if it is a regular file this process may read.
+    pub(crate) fn of(pid: u32) -> Option<StderrTap> {
+        let path = format!("/proc/{pid}/fd/2");
+        let meta = std::fs::metadata(&path).ok()?;
+        if !meta.is_file() {
+            return None;
+        }
+        let file = File::open(&path).ok()?;
+        Some(StderrTap {
+            file,
+            from: meta.len(),
+        })
+    }
+
+    /// What was written since the tap was made (its last 16 KiB at most).
+    pub(crate) fn written(&self) -> String {
+        use std::os::unix::fs::FileExt;
+        let end = self.file.metadata().map_or(self.from, |m| m.len());
+        let start = self.from.max(end.saturating_sub(16 << 10));
+        let mut buf = vec![0u8; usize::try_from(end - start).unwrap_or(0)];
+        let n = self.file.read_at(&mut buf, start).unwrap_or(0);
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+}
+
+/// How a process that ended is said to have ended, from a wait status.
+pub(crate) fn status_words(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(sig)) => {
+            let core = if status.core_dumped() {
+                ", core dumped"
+            } else {
+                ""
+            };
+            format!("killed by {}{core}", signal_name(sig))
+        }
+        _ => status.to_string(),
+    }
+}
+
+fn signal_name(sig: i32) -> String {
+    let name = match sig {
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGILL => "SIGILL",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGINT => "SIGINT",
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGPIPE => "SIGPIPE",
+        _ => return format!("signal {sig}"),
+    };
+    format!("signal {sig} ({name})")
+}
+
+/// How `pid`, which is not our child, ended: readable only while it is a
+/// zombie its parent has not reaped yet (`exit_code`, the 52nd field of
+/// `/proc/PID/stat`, a wait status).
+pub(crate) fn zombie_status(pid: u32) -> Option<String> {
+    use std::os::unix::process::ExitStatusExt;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (the state).
+    if fields.first() != Some(&"Z") {
+        return None;
+    }
+    let raw: i32 = fields.get(52 - 3)?.parse().ok()?;
+    Some(status_words(std::process::ExitStatus::from_raw(raw)))
 }
