@@ -143,8 +143,9 @@ pub fn save(
     } else {
         None
     };
-    if paused_for.is_some() {
+    if let Some(why) = &paused_for {
         options.live = false;
+        progress.note(&format!("the guest is saved paused, not live: {why}"));
     }
     // --
     let report = if options.instant {

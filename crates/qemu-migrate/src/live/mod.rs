@@ -207,6 +207,11 @@ pub fn live(
              migration: pause it yourself (`stop`), migrate it, and `cont` it on the destination"
         )));
     }
+    if let Some(why) = &paused_for {
+        progress.note(&format!(
+            "the guest is paused while it moves, and resumed on the destination: {why}"
+        ));
+    }
     // --
     // Its stderr, when that is a file: its last words if it dies.
     let source_stderr = os::StderrTap::of(vm.pid());
