@@ -1,10 +1,11 @@
-//! `qemu-migrate live` of guests whose RAM is several blocks, and of a
-//! source that dies on the way. QEMU 9.0 and later under TCG abort the
-//! source of a running guest with several RAM blocks as the migration
-//! syncs the dirty bitmap (an 8 MiB node 0 and a 24 MiB node 1 abort 10.0.2
-//! in the first pass): such a guest moves paused, is resumed on the
-//! destination, and the tool says why. A source that dies anyway is named:
-//! how it ended and what it said, not a closed connection.
+//! `qemu-migrate live` and `save --live` of guests whose RAM is several
+//! blocks, and a source that dies on the way. QEMU 9.0 and later under TCG
+//! abort the source of a running guest with several RAM blocks as the
+//! migration syncs the dirty bitmap (an 8 MiB node 0 and a 24 MiB node 1
+//! abort 10.0.2 in the first pass): such a guest moves paused and is resumed
+//! on the destination, or is saved paused, and the tool says why. A source
+//! that dies anyway is named: how it ended and what it said, not a closed
+//! connection.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -120,5 +121,61 @@ fn a_source_that_dies_midway_is_named_with_its_own_words() {
         assert!(err.contains("its guest is gone with it"), "{err}");
         assert!(!err.contains("peer closed"), "{err}");
         vm.wait_exit();
+    }
+}
+
+#[test]
+fn a_live_save_of_two_numa_nodes_is_made_paused_where_qemu_would_abort() {
+    for qemu in qemus() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("serial.log");
+        let mut vm = Vm::start(&qemu, &two_nodes(&log));
+        wait_tick_above(&log, 2);
+        let state = dir.path().join("state");
+        let out = Command::new(bin("qemu-migrate"))
+            .args(["save", "--live", "--instant", "--then", "quit", "--monitor"])
+            .arg(&vm.hmp)
+            .arg(&state)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{}: {err}", qemu.display());
+        assert!(
+            vm.wait_exit().success(),
+            "the source quit, it did not abort: {}",
+            vm.stderr()
+        );
+        assert_eq!(
+            err.contains("saved with the guest paused, not live"),
+            at_least(&qemu, 9, 0),
+            "{}: {err}",
+            qemu.display()
+        );
+        assert!(!err.contains("not an instant save"), "{err}");
+
+        // Restored from its two images, the guest carries on in the same log.
+        let last = *log_ticks(&log).last().unwrap();
+        let pidfile = dir.path().join("restored.pid");
+        let out = Command::new(bin("qemu-migrate"))
+            .args(["restore", "--daemonize", "--pidfile"])
+            .arg(&pidfile)
+            .arg(&state)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        wait_tick_above(&log, last + 1);
+        let text = std::fs::read_to_string(&log).unwrap();
+        // SAFETY: a signal to the QEMU this test restored.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        assert_eq!(text.matches("BOOT ").count(), 1, "{text}");
     }
 }

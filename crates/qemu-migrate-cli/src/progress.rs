@@ -38,6 +38,10 @@ impl Progress for Bar {
         self.0.set_message(phase.to_string());
         self.0.set_position(done);
     }
+
+    fn note(&self, text: &str) {
+        self.0.println(format!("qemu-migrate: {text}"));
+    }
 }
 
 pub struct JsonLines(Mutex<()>);
@@ -52,6 +56,14 @@ impl Progress for JsonLines {
     fn update(&self, phase: &str, done: u64, total: Option<u64>) {
         let _guard = self.0.lock();
         let line = serde_json::json!({ "progress": phase, "done": done, "total": total });
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    }
+
+    fn note(&self, text: &str) {
+        let _guard = self.0.lock();
+        let line = serde_json::json!({ "note": text });
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{line}");
         let _ = out.flush();

@@ -82,13 +82,16 @@ pub(crate) fn save(args: &SaveArgs, cli: &Cli, cancel: Arc<AtomicBool>) -> Resul
     shown.done();
     let report = report?;
     let m = &report.manifest.redacted();
+    if let Some(why) = &report.paused_for {
+        eprintln!("qemu-migrate: saved with the guest paused, not live: {why}");
+    }
     if let (Some(why), false) = (&report.fallback, cli.json) {
         eprintln!("qemu-migrate: not an instant save: {why}");
     }
     if cli.json {
         say!(
             "{}",
-            serde_json::json!({ "saved": report.path, "seconds": report.elapsed.as_secs_f64(), "manifest": m, "fallback": report.fallback })
+            serde_json::json!({ "saved": report.path, "seconds": report.elapsed.as_secs_f64(), "manifest": m, "fallback": report.fallback, "paused_for": report.paused_for })
         );
     } else {
         eprintln!(

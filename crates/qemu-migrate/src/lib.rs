@@ -38,6 +38,7 @@ pub mod checkpoint;
 mod error;
 pub mod guard;
 pub mod instant;
+mod known_bugs;
 pub mod live;
 pub mod machine;
 pub mod manifest;

@@ -4,6 +4,10 @@
 pub trait Progress: Sync {
     /// `done` of `total` bytes in `phase` (`saving`, `restoring`, `migrating`).
     fn update(&self, phase: &str, done: u64, total: Option<u64>);
+
+    /// Something the person waiting should know while it runs (the report
+    /// at the end says it again); nothing by default.
+    fn note(&self, _text: &str) {}
 }
 
 /// Reports nothing.

@@ -110,6 +110,8 @@ pub struct SaveReport {
     pub migration: MigrationInfo,
     /// Why an instant save was written as a plain stream, when it was.
     pub fallback: Option<String>,
+    /// Why a live save was made with the guest paused, when it was (a known QEMU bug).
+    pub paused_for: Option<String>,
 }
 
 /// What the copy thread wrote.
@@ -134,9 +136,33 @@ pub fn save(
     options: &SaveOptions,
     progress: &dyn Progress,
 ) -> Result<SaveReport> {
-    if options.instant {
-        return crate::instant::save(vm, path, options, progress);
+    // -- a known QEMU bug: a live save of several RAM blocks is made paused
+    let mut options = options.clone();
+    let paused_for = if options.live && vm.monitor.status()?.is_running() {
+        crate::known_bugs::dirty_sync_abort(vm)?
+    } else {
+        None
+    };
+    if let Some(why) = &paused_for {
+        options.live = false;
+        progress.note(&format!("the guest is saved paused, not live: {why}"));
     }
+    // --
+    let report = if options.instant {
+        crate::instant::save(vm, path, &options, progress)
+    } else {
+        save_plain(vm, path, &options, progress)
+    };
+    report.map(|r| SaveReport { paused_for, ..r })
+}
+
+/// [`save`] as a plain stream.
+pub(crate) fn save_plain(
+    vm: &mut Vm,
+    path: &Path,
+    options: &SaveOptions,
+    progress: &dyn Progress,
+) -> Result<SaveReport> {
     let started = Instant::now();
     let _lock = VmLock::take(vm.pid())?;
 
@@ -251,6 +277,7 @@ pub fn save(
             elapsed: started.elapsed(),
             migration: info,
             fallback: None,
+            paused_for: None,
         },
     )
 }

@@ -65,7 +65,7 @@ pub(crate) fn save(
         Err(why) => {
             let mut plain = options.clone();
             plain.instant = false;
-            let mut report = crate::save::save(vm, path, &plain, progress)?;
+            let mut report = crate::save::save_plain(vm, path, &plain, progress)?;
             report.fallback = Some(format!("{why}: saved as a plain stream"));
             return Ok(report);
         }
@@ -283,6 +283,7 @@ pub(crate) fn save(
             elapsed: started.elapsed(),
             migration: info,
             fallback,
+            paused_for: None,
         },
     )
 }

@@ -16,19 +16,13 @@
 //!   (Confirm). A plain `migrate tcp:...` from a QEMU monitor still works
 //!   against a receiver; it just gets no confirmation.
 //!
-//! **QEMU 9.0 and later under TCG abort the source** of a running guest whose
-//! RAM is several blocks (NUMA nodes, DIMMs): syncing the dirty bitmap
-//! resets the TLBs for a block's range given from the block's start instead
-//! of its RAM address, and once that range runs past the first block,
-//! `tlb_reset_dirty_range_all` (system/physmem.c) fails its assertion that
-//! a range stays within one block. Reproduced with 10.0.2 (an 8 MiB node 0
-//! and a 24 MiB node 1: the source aborts in the first pass), not with 7.2.
-//! A paused guest dirties nothing, so nothing is reset and nothing aborts:
-//! such a guest is paused for its migration and resumed on the destination
-//! (its downtime is then the whole migration), and the report says why.
-//! A receiver on another host cannot be told to resume it, so that is
-//! refused in words. Whenever the source dies during the migration, the
-//! error names its death: how it ended and its last words on stderr.
+//! **A known QEMU bug** ([`crate::known_bugs`]): QEMU 9.0 and later under
+//! TCG abort the source of a running guest whose RAM is several blocks.
+//! Such a guest is paused for its migration and resumed on the destination
+//! (its downtime is then the whole migration), and the report says why; a
+//! receiver on another host cannot be told to resume it, so that is refused
+//! in words. Whenever the source dies during the migration, the error names
+//! its death: how it ended and its last words on stderr.
 //!
 //! Unix sockets the VM listens on (the user's `-monitor unix:/tmp/qemu-sock`)
 //! are a trap on one host: the destination unlinks the path and binds its
@@ -181,33 +175,6 @@ pub struct LiveReport {
     pub paused_for: Option<String>,
 }
 
-/// The first QEMU whose TCG dirty-bitmap sync aborts with several RAM
-/// blocks (see the module docs); no fixed version is known.
-const DIRTY_SYNC_ABORT: qemu_monitor::QemuVersion = qemu_monitor::QemuVersion {
-    major: 9,
-    minor: 0,
-    micro: 0,
-};
-
-/// Why migrating `vm` while its guest runs would abort its QEMU, in words;
-/// `None` when it would not (see the module docs).
-fn dirty_sync_hazard(vm: &mut Vm) -> Result<Option<String>> {
-    let version = vm.version();
-    if version < DIRTY_SYNC_ABORT || vm.monitor.kvm_enabled()? {
-        return Ok(None);
-    }
-    let blocks = vm.monitor.ram_blocks()?;
-    let guest = crate::instant::shape::guest_blocks(vm.args(), &blocks);
-    if guest.len() < 2 {
-        return Ok(None);
-    }
-    Ok(Some(format!(
-        "QEMU {version} under TCG aborts the source of a running guest whose RAM is several \
-         blocks ({}) as it syncs the dirty bitmap (tlb_reset_dirty_range_all), losing the guest",
-        guest.join(", ")
-    )))
-}
-
 /// Migrates `vm` while it runs; see the module docs for the steps.
 ///
 /// # Errors
@@ -233,7 +200,7 @@ pub fn live(
     let ram_bytes = vm.monitor.ram_size()?;
     // -- a known QEMU bug: a running guest with several RAM blocks moves paused
     let paused_for = if was_running {
-        dirty_sync_hazard(vm)?
+        crate::known_bugs::dirty_sync_abort(vm)?
     } else {
         None
     };
@@ -242,6 +209,11 @@ pub fn live(
             "{why}; a receiver on another host cannot be told to resume a guest paused for its \
              migration: pause it yourself (`stop`), migrate it, and `cont` it on the destination"
         )));
+    }
+    if let Some(why) = &paused_for {
+        progress.note(&format!(
+            "the guest is paused while it moves, and resumed on the destination: {why}"
+        ));
     }
     // --
     // Its stderr, when that is a file: its last words if it dies.
