@@ -89,6 +89,11 @@ pub(crate) use save::save;
 /// The RAM block the layout moves into the image: x86 `pc` and `q35` guest RAM.
 pub const BLOCK: &str = "pc.ram";
 
+/// The RAM block a machine makes of `-m` when no backend is given, by
+/// machine (QEMU's `default_ram_id`: `pc.ram` for pc and q35, `microvm.ram`
+/// for microvm).
+pub const MACHINE_BLOCKS: &[&str] = &[BLOCK, "microvm.ram"];
+
 /// One RAM block's image, as the manifest records it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Image {
@@ -244,7 +249,7 @@ pub fn unsuitable(args: &[String], qemu: QemuVersion) -> Option<String> {
     for node in nodes {
         if !node.split(',').any(|o| o.starts_with("memdev=")) {
             return Some(format!(
-                "the VM has a NUMA node without a memory backend (-numa {node}): give each node                  its own memdev="
+                "the VM has a NUMA node without a memory backend (-numa {node}): give each node its own memdev="
             ));
         }
     }
@@ -263,7 +268,7 @@ pub fn unsuitable(args: &[String], qemu: QemuVersion) -> Option<String> {
     if let Some(name) = balloon {
         if !read_only_images(qemu) {
             return Some(format!(
-                "the VM has a {name} device, and QEMU {qemu} gives a ballooned page back by                  punching a hole into the file behind guest RAM, even a privately mapped one: it                  would damage the RAM image (QEMU {READ_ONLY_IMAGES} and later can map the image                  read-only)"
+                "the VM has a {name} device, and QEMU {qemu} gives a ballooned page back by punching a hole into the file behind guest RAM, even a privately mapped one: it would damage the RAM image (QEMU {READ_ONLY_IMAGES} and later can map the image read-only)"
             ));
         }
     }
@@ -292,12 +297,19 @@ pub fn without_image_options(args: Vec<String>) -> Vec<String> {
     }
     let backend = |w: &[String]| {
         w[0] == "-object"
-            && w[1].starts_with(&format!("memory-backend-file,id={BLOCK},"))
+            && MACHINE_BLOCKS
+                .iter()
+                .any(|id| w[1].starts_with(&format!("memory-backend-file,id={id},")))
             && shape::backends(w)
                 .first()
                 .is_some_and(|b| b.image_path().is_some())
     };
-    let machine = |w: &[String]| w[0] == "-machine" && w[1] == format!("memory-backend={BLOCK}");
+    let machine = |w: &[String]| {
+        w[0] == "-machine"
+            && MACHINE_BLOCKS
+                .iter()
+                .any(|id| w[1] == format!("memory-backend={id}"))
+    };
     let (Some(b), Some(m)) = (
         args.windows(2).position(backend),
         args.windows(2).position(machine),
@@ -379,7 +391,7 @@ fn check_one(
         Ok(id) => id,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(bad(format!(
-                "the RAM image of {} is missing: an instant save is the state file and its RAM                  images, {} among them",
+                "the RAM image of {} is missing: an instant save is the state file and its RAM images, {} among them",
                 statefile.display(),
                 path.display()
             )))
@@ -464,9 +476,10 @@ pub(crate) fn launch_args(
                     )));
                 }
             }
-            None if backends.iter().any(|b| b.id == BLOCK) => {
+            None if backends.iter().any(|b| b.id == image.block) => {
                 return Err(refuse(format!(
-                    "the options define a memory backend {BLOCK}, but the save's {BLOCK} was                      the machine's own (-m)"
+                    "the options define a memory backend {0}, but the save's {0} was the machine's own (-m)",
+                    image.block
                 )));
             }
             None => {}
@@ -494,15 +507,16 @@ pub(crate) fn launch_args(
                 } else {
                     ""
                 };
+                // The machine's own block (`pc.ram`, `microvm.ram`) under its name.
                 args.extend([
                     "-object".to_string(),
                     format!(
-                        "memory-backend-file,id={BLOCK},mem-path={mem_path},share=off,size={},\
+                        "memory-backend-file,id={},mem-path={mem_path},share=off,size={},\
                          x-use-canonical-path-for-ramblock-id=off{protect}",
-                        image.block_bytes
+                        image.block, image.block_bytes
                     ),
                     "-machine".to_string(),
-                    format!("memory-backend={BLOCK}"),
+                    format!("memory-backend={}", image.block),
                 ]);
             }
         }

@@ -278,7 +278,7 @@ pub(crate) fn guest_blocks<'b>(args: &[String], blocks: &'b [(String, u64)]) -> 
         .iter()
         .map(|(name, _)| name.as_str())
         .filter(|name| {
-            *name == super::BLOCK
+            super::MACHINE_BLOCKS.contains(name)
                 || backends
                     .iter()
                     .any(|b| b.block_names().iter().any(|n| n == name))
@@ -300,7 +300,7 @@ pub(crate) fn targets(args: &[String], blocks: &[(String, u64)]) -> Result<Vec<T
                 block: name.clone(),
                 backend: Some(b.id.clone()),
             });
-        } else if name == super::BLOCK {
+        } else if super::MACHINE_BLOCKS.contains(&name.as_str()) {
             out.push(Target {
                 block: name.clone(),
                 backend: None,
@@ -322,9 +322,9 @@ pub(crate) fn targets(args: &[String], blocks: &[(String, u64)]) -> Result<Vec<T
     }
     if out.is_empty() {
         return Err(format!(
-            "the VM has no RAM block named {} nor one from a memory backend (only x86 pc and q35 \
-             machines are laid out this way)",
-            super::BLOCK
+            "the VM has no RAM block named {} nor one from a memory backend (only x86 pc, q35 \
+             and microvm machines are laid out this way)",
+            super::MACHINE_BLOCKS.join(" or ")
         ));
     }
     Ok(out)
