@@ -437,7 +437,15 @@ mod tests {
         assert!(targets(&huge, &blocks(&["h"]))
             .unwrap_err()
             .contains("hugepages"));
-        assert!(targets(&v("-M microvm"), &blocks(&["microvm.ram"])).is_err());
+        // microvm's -m RAM is its own block, moved as pc.ram is.
+        assert_eq!(
+            targets(&v("-M microvm"), &blocks(&["microvm.ram"])).unwrap(),
+            [Target {
+                block: "microvm.ram".into(),
+                backend: None
+            }]
+        );
+        assert!(targets(&v("-M virt"), &blocks(&["mach-virt.ram"])).is_err());
         let virtiofs = v("-object memory-backend-memfd,id=mem,size=64M -machine memory-backend=mem -chardev socket,id=fs,path=/f -device vhost-user-fs-pci,chardev=fs,tag=t");
         assert!(targets(&virtiofs, &blocks(&["mem"]))
             .unwrap_err()
