@@ -242,12 +242,14 @@ impl Freeze {
 
     /// What the manifest records, read once QEMU has written its last byte
     /// to the images (after the snapshot, or once the migration completed
-    /// and QEMU let go of its disks); `None` for a VM without file disks.
+    /// and QEMU let go of its disks); `None` for a plain save of a VM
+    /// without file disks.
     ///
     /// # Errors
     /// [`Error::File`] when an image cannot be read.
     pub fn record(&self) -> Result<Option<DiskRecord>> {
-        if self.disks.is_empty() {
+        // A checkpoint says so even with no disk to freeze.
+        if self.disks.is_empty() && !self.frozen {
             return Ok(None);
         }
         let mut disks = Vec::new();
