@@ -364,14 +364,12 @@ fn found(
         }
     }
     let names = cmdline::blockdev_names(args);
-    let files = cmdline::drive_files(args, cwd);
     let defined = chain.iter().enumerate().find_map(|(i, l)| {
         if let Some(n) = l.node.as_ref().filter(|n| names.contains(n)) {
             return Some((i, Top::Node(n.clone())));
         }
-        files
-            .contains(&l.path)
-            .then(|| (i, Top::File(l.path.clone())))
+        let file = Top::File(l.path.clone());
+        cmdline::defines(args, cwd, &file).then_some((i, file))
     });
     let (above, top) = match defined {
         Some((i, top)) => (i, Some(top)),
