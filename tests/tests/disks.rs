@@ -187,11 +187,16 @@ impl Drop for Restored {
 fn carries_on(log: &Path, last: u64, what: &str) {
     wait_tick_above(log, last + 2);
     assert_eq!(boots(log), 1, "{what}: the guest booted again");
+    // From the last tick before the save (the count may have gone back
+    // before it, at a revert), one step at a time.
     let t = log_ticks(log);
-    let after: Vec<u64> = t.iter().copied().skip_while(|&n| n <= last).collect();
+    let at = t
+        .iter()
+        .rposition(|&n| n == last)
+        .expect("the last tick saved");
     assert!(
-        after.windows(2).all(|w| w[1] == w[0] + 1),
-        "{what}: the count did not carry on: {t:?}"
+        t[at..].windows(2).all(|w| w[1] == w[0] + 1),
+        "{what}: the count did not carry on from {last}: {t:?}"
     );
 }
 
@@ -683,8 +688,9 @@ const SHAPES: &[Shape] = &[
     },
 ];
 
-/// The disks of `shape` as the saved VM had them: a save then a restore,
-/// and a checkpoint then a restore, each carrying on with each file opened once.
+/// The disks of `shape` as the saved VM had them: a save then a restore, a
+/// checkpoint then a restore and a revert, and an instant save then a
+/// restore, each carrying on with each file opened once.
 fn save_and_checkpoint(qemu: &Path, shape: &Shape) {
     let what = format!("{} {}", qemu.display(), shape.name);
     let dir = tempfile::tempdir().unwrap();
@@ -737,7 +743,67 @@ fn save_and_checkpoint(qemu: &Path, shape: &Shape) {
         "{what}: {opened:?} {now:?}"
     );
 
-    // The restored checkpoint saved instantly (its RAM mapped back at restore).
+    if froze == 0 {
+        // Nothing frozen tells the checkpoint's VM from another: refused in words.
+        let out = migrate()
+            .args(["revert", "--monitor"])
+            .arg(&source.qmp_path)
+            .arg(&ckpt)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{what}: {err}");
+        assert!(
+            err.contains("this checkpoint froze no disk"),
+            "{what}: {err}"
+        );
+        let mut m = qemu_monitor::connect(source.qmp_path.clone(), &monitor_options()).unwrap();
+        assert!(m.status().unwrap().is_running(), "{what}");
+        return;
+    }
+    // Reverted to the checkpoint: a new QEMU on fresh overlays, the count
+    // going back to the checkpoint's.
+    wait_tick_above(&log, last + 3);
+    let seen = log_ticks(&log).len();
+    let pidfile = dir.path().join("reverted.pid");
+    ok(&migrate()
+        .args(["revert", "--daemonize", "--pidfile"])
+        .arg(&pidfile)
+        .args(["--monitor"])
+        .arg(&source.qmp_path)
+        .arg(&ckpt)
+        .output()
+        .unwrap());
+    drop(restored);
+    let reverted = Restored {
+        pid: std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap(),
+    };
+    wait_log(&log, "the reverted guest's ticks", |t| {
+        t[seen - 1..]
+            .windows(2)
+            .position(|w| w[1] < w[0])
+            .is_some_and(|back| t.len() > seen + back + 2)
+    });
+    assert_eq!(boots(&log), 1, "{what}: the guest booted again");
+    let reverted_files = files_opened_once(&graph(&source.qmp_path), &what);
+    assert_eq!(
+        reverted_files
+            .iter()
+            .filter(|f| f.starts_with(&runs))
+            .count(),
+        froze,
+        "{what}: {reverted_files:?}"
+    );
+    assert!(
+        opened.iter().all(|f| reverted_files.contains(f)),
+        "{what}: {opened:?} {reverted_files:?}"
+    );
+
+    // The reverted VM saved instantly (its RAM mapped back at restore).
     let instant = dir.path().join("instant");
     ok(&migrate()
         .args(["save", "--instant", "--then", "quit", "--monitor"])
@@ -745,19 +811,19 @@ fn save_and_checkpoint(qemu: &Path, shape: &Shape) {
         .arg(&instant)
         .output()
         .unwrap());
-    drop(restored);
+    drop(reverted);
     let last = last_tick(&log);
     let _restored = Restored::start(&["restore"], &instant, dir.path());
     carries_on(&log, last, &what);
     assert_eq!(
         files_opened_once(&graph(&source.qmp_path), &what),
-        now,
+        reverted_files,
         "{what}: the instant restore opened other files"
     );
 }
 
 #[test]
-fn every_shape_of_disk_is_saved_checkpointed_and_restored() {
+fn every_shape_of_disk_is_saved_checkpointed_reverted_and_restored() {
     for qemu in qemus() {
         for shape in SHAPES {
             save_and_checkpoint(&qemu, shape);

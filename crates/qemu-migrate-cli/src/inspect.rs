@@ -177,7 +177,9 @@ fn show(
 }
 /// `inspect`: the images a state needs, and whether each is as it was.
 fn disks_text(r: &checkpoint::DiskRecord) -> String {
-    let mut out = vec![if r.frozen {
+    let mut out = vec![if r.frozen && r.disks.is_empty() {
+        "checkpoint: the VM had no writable disk stored in a file to freeze".to_string()
+    } else if r.frozen {
         "checkpoint: disks frozen at the save; each restore gets fresh overlays on:".to_string()
     } else {
         "disks at the save (a restore refuses them once changed):".to_string()

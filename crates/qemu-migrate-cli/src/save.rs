@@ -136,6 +136,9 @@ fn checkpoint_said(m: &Manifest) {
     let Some(r) = m.checkpoint.as_ref().filter(|r| r.frozen) else {
         return;
     };
+    if r.disks.is_empty() {
+        eprintln!("  no writable disk stored in a file: nothing to freeze");
+    }
     for d in &r.disks {
         eprintln!(
             "  froze {}: {}{}",

@@ -222,7 +222,9 @@ pub fn defines(args: &[String], cwd: &Path, top: &Top) -> bool {
         Top::Node(name) => blockdev_names(args).contains(name),
         Top::File(path) => {
             options(args, "drive").any(|(_, v)| drive_names(&Keyval::parse(v), cwd, path))
-                || drive_files(args, cwd).contains(path)
+                || ["hda", "hdb", "hdc", "hdd"]
+                    .iter()
+                    .any(|o| options(args, o).any(|(_, v)| absolute(cwd, v) == *path))
         }
     }
 }
@@ -525,6 +527,11 @@ mod tests {
         assert_eq!(out[1], "driver=qcow2,file=/o/1.qcow2,if=none,id=d0");
         assert_eq!(out[3], args[3]);
         assert_eq!(found, [true, false]);
+        assert!(!defines(
+            &args,
+            Path::new("/"),
+            &Top::File(PathBuf::from("/d/b.qcow2"))
+        ));
     }
 
     #[test]

@@ -242,12 +242,14 @@ impl Freeze {
 
     /// What the manifest records, read once QEMU has written its last byte
     /// to the images (after the snapshot, or once the migration completed
-    /// and QEMU let go of its disks); `None` for a VM without file disks.
+    /// and QEMU let go of its disks); `None` for a plain save of a VM
+    /// without file disks.
     ///
     /// # Errors
     /// [`Error::File`] when an image cannot be read.
     pub fn record(&self) -> Result<Option<DiskRecord>> {
-        if self.disks.is_empty() {
+        // A checkpoint says so even with no disk to freeze.
+        if self.disks.is_empty() && !self.frozen {
             return Ok(None);
         }
         let mut disks = Vec::new();
@@ -362,14 +364,12 @@ fn found(
         }
     }
     let names = cmdline::blockdev_names(args);
-    let files = cmdline::drive_files(args, cwd);
     let defined = chain.iter().enumerate().find_map(|(i, l)| {
         if let Some(n) = l.node.as_ref().filter(|n| names.contains(n)) {
             return Some((i, Top::Node(n.clone())));
         }
-        files
-            .contains(&l.path)
-            .then(|| (i, Top::File(l.path.clone())))
+        let file = Top::File(l.path.clone());
+        cmdline::defines(args, cwd, &file).then_some((i, file))
     });
     let (above, top) = match defined {
         Some((i, top)) => (i, Some(top)),

@@ -47,6 +47,15 @@ pub fn revert(
             ))
         })?;
     record.verify(statefile)?;
+    if record.disks.is_empty() {
+        return Err(Error::Disk(format!(
+            "{}: this checkpoint froze no disk (its VM had none written to a file), so nothing \
+             tells its VM from another at that socket; the VM was left as it is. End it and \
+             `qemu-migrate restore {}` puts it back",
+            statefile.display(),
+            statefile.display()
+        )));
+    }
     // The new QEMU's options must give each frozen disk its overlay: known
     // now, while the VM still runs.
     let args = options

@@ -82,7 +82,14 @@ pub fn thaw(
             overlays: vec![path],
         });
     }
-    let (args, _) = cmdline::lift_disks(args, &record.cwd, &lifts);
+    let (args, found) = cmdline::lift_disks(args, &record.cwd, &lifts);
+    // `tops` found each one; never start on a frozen image all the same.
+    if found.contains(&false) {
+        return Err(Error::Disk(format!(
+            "{}: the options could not be given every disk's overlay",
+            statefile.display()
+        )));
+    }
     Ok(Thawed { args, made })
 }
 
