@@ -274,16 +274,17 @@ fn a_libvirt_chain_is_saved_and_restored_with_each_node_on_its_own_file() {
         // path to the same QEMU, so the probe runs): it takes no image lock.
         let other = dir.path().join("qemu-system-x86_64");
         std::os::unix::fs::symlink(&qemu, &other).unwrap();
-        let said = String::from_utf8_lossy(
-            &migrate()
-                .args(["inspect", "--check", "--qemu"])
-                .arg(&other)
-                .arg(&state)
-                .output()
-                .unwrap()
-                .stdout,
-        )
-        .into_owned();
+        let out = migrate()
+            .args(["inspect", "--check", "--qemu"])
+            .arg(&other)
+            .arg(&state)
+            .output()
+            .unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(
             said.contains("these options can restore it"),
             "{what}: {said}"
