@@ -148,6 +148,18 @@ impl Case {
                 .output()
                 .unwrap_or_else(|e| panic!("{b}: {e}"));
             assert!(out.status.success(), "{b}: {}", said(&out));
+            // A backend that went into the background listens soon after:
+            // wait for the sockets its command line names.
+            let dir = case.dir.path().display().to_string();
+            for word in b.split([' ', ',', '=', ':']) {
+                if word.starts_with(&dir) && word.ends_with(".sock") {
+                    let deadline = Instant::now() + WAIT;
+                    while !Path::new(word).exists() {
+                        assert!(Instant::now() < deadline, "{b}: {word} never appeared");
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            }
         }
         for s in &e.setup {
             let s = case.fill(s);

@@ -479,6 +479,45 @@ pub fn is_mux_socket(args: &[String], addr: &qemu_monitor::MonitorAddr) -> bool 
     })
 }
 
+/// What the source of a live migration on one host listens on that the
+/// destination can neither share nor be handed, in words: a SPICE server's
+/// ports (`-spice port=N`, `tls-port=N`; SPICE takes no listening
+/// descriptor) and a VNC server's websocket or port range.
+#[must_use]
+pub fn ports_kept_by_the_source(args: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    for w in args.windows(2) {
+        match canonical(&w[0]) {
+            "-spice" => {
+                for part in w[1].split(',') {
+                    if let Some((key @ ("port" | "tls-port"), port)) = part.split_once('=') {
+                        if port != "0" {
+                            out.push(format!(
+                                "the VM's SPICE server listens on TCP port {port} (-spice {key}={port}), \
+                                 which a second QEMU on this host cannot take while the first holds it; \
+                                 save and restore the VM instead"
+                            ));
+                        }
+                    }
+                }
+            }
+            "-vnc" => {
+                if let Some(o) = w[1]
+                    .split(',')
+                    .find(|o| o.starts_with("websocket") || o.starts_with("to="))
+                {
+                    out.push(format!(
+                        "the VM's VNC server has {o}, whose ports a second QEMU on this host cannot \
+                         take while the first holds them; save and restore the VM instead"
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
 /// Keys whose values are secrets in QEMU options: `-object secret,data=…`,
 /// spice's `password=…`.
 const SECRET_KEYS: &[&str] = &["data", "password", "passwd"];
@@ -631,6 +670,17 @@ mod tests {
             restart_options(&v("-qmp unix:/tmp/a,server,wait -qmp unix:/tmp/b,server -monitor unix:/tmp/c,server,nowait -chardev socket,id=s,path=/tmp/d,server=on -chardev socket,id=t,path=/tmp/e,server=on,wait=off -serial unix:/tmp/f,server,nowait,logfile=/l/f.log -chardev socket,id=u,path=/tmp/g -qmp tcp:127.0.0.1:1,server=on,wait=on")),
             v("-qmp unix:/tmp/a,server,wait=off -qmp unix:/tmp/b,server,wait=off -monitor unix:/tmp/c,server,nowait -chardev socket,id=s,path=/tmp/d,server=on,wait=off -chardev socket,id=t,path=/tmp/e,server=on,wait=off -serial unix:/tmp/f,server,nowait,logfile=/l/f.log,logappend=on -qmp tcp:127.0.0.1:1,server=on,wait=off")
         );
+    }
+
+    #[test]
+    fn spice_ports_and_vnc_websockets_are_kept_by_the_source() {
+        let said = ports_kept_by_the_source(&v(
+            "-spice disable-ticketing=on,port=5930,addr=127.0.0.1 -vnc 127.0.0.1:1,websocket=on -spice port=0,unix=on",
+        ));
+        assert_eq!(said.len(), 2, "{said:?}");
+        assert!(said[0].contains("SPICE") && said[0].contains("5930"));
+        assert!(said[1].contains("websocket"));
+        assert!(ports_kept_by_the_source(&v("-vnc :1 -display none")).is_empty());
     }
 
     #[test]

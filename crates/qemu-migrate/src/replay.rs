@@ -140,8 +140,13 @@ pub fn plan(pid: u32, args: &[String]) -> Plan {
                 }),
             }
         }
-        if option == "chardev" {
-            if let Some(b) = backend(pid, &parts, &sockets) {
+        let client_path = match option.as_str() {
+            "chardev" => socket_client_path(&parts),
+            "netdev" => stream_client_path(&parts),
+            _ => None,
+        };
+        if let Some(path) = client_path {
+            if let Some(b) = backend(pid, &path, &sockets) {
                 plan.backends.push(b);
             }
         }
@@ -298,20 +303,39 @@ fn recreate(
 
 /// A `-chardev socket` QEMU connected to, with another process listening
 /// (or having accepted) at its path: a backend the VM depends on.
-fn backend(qemu: u32, parts: &[String], sockets: &[os::UnixSocket]) -> Option<Backend> {
-    if parts.first().map(String::as_str) != Some("socket") {
-        return None;
-    }
-    let server = parts.iter().any(|p| {
+fn is_server(parts: &[String]) -> bool {
+    parts.iter().any(|p| {
         matches!(
             p.as_str(),
             "server" | "server=on" | "server=yes" | "server=true"
         )
-    });
-    let path = parts.iter().find_map(|p| p.strip_prefix("path="))?;
-    if server || path.is_empty() {
+    })
+}
+
+/// The unix path a `-chardev socket` connects to (not one it listens on).
+fn socket_client_path(parts: &[String]) -> Option<String> {
+    if parts.first().map(String::as_str) != Some("socket") || is_server(parts) {
         return None;
     }
+    let path = parts.iter().find_map(|p| p.strip_prefix("path="))?;
+    (!path.is_empty()).then(|| path.to_string())
+}
+
+/// The unix path a `-netdev stream` connects to (a user-mode network
+/// daemon such as gvproxy or passt, as podman machine wires it).
+fn stream_client_path(parts: &[String]) -> Option<String> {
+    let kind = parts.first()?;
+    if kind != "stream" && kind != "type=stream" || is_server(parts) {
+        return None;
+    }
+    if !parts.iter().any(|p| p == "addr.type=unix") {
+        return None;
+    }
+    let path = parts.iter().find_map(|p| p.strip_prefix("addr.path="))?;
+    (!path.is_empty()).then(|| path.to_string())
+}
+
+fn backend(qemu: u32, path: &str, sockets: &[os::UnixSocket]) -> Option<Backend> {
     let inodes: Vec<u64> = sockets
         .iter()
         .filter(|s| s.name == path)
@@ -477,6 +501,33 @@ pub fn replace(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_the_paths_a_vm_connects_to() {
+        let parts = |v: &str| split_opts(v);
+        assert_eq!(
+            stream_client_path(&parts(
+                "stream,id=vlan,server=off,addr.type=unix,addr.path=/run/gvproxy.sock"
+            )),
+            Some("/run/gvproxy.sock".into())
+        );
+        assert_eq!(
+            stream_client_path(&parts("stream,id=n,server=on,addr.type=unix,addr.path=/x")),
+            None
+        );
+        assert_eq!(
+            stream_client_path(&parts("stream,id=n,addr.type=inet,addr.host=h,addr.port=1")),
+            None
+        );
+        assert_eq!(
+            socket_client_path(&parts("socket,id=chrtpm,path=/run/swtpm.sock")),
+            Some("/run/swtpm.sock".into())
+        );
+        assert_eq!(
+            socket_client_path(&parts("socket,id=m,path=/m,server=on,wait=off")),
+            None
+        );
+    }
     use std::os::fd::AsRawFd;
 
     fn v(s: &str) -> Vec<String> {

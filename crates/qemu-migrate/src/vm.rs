@@ -463,6 +463,9 @@ impl Vm {
     /// [`Error::NotReplayable`] with each part and what to do.
     pub fn check_live_replayable(&mut self, local: bool) -> Result<()> {
         let mut items = unreplayable_words(&self.replay.unreplayable);
+        if local {
+            items.extend(crate::argv::ports_kept_by_the_source(&self.args));
+        }
         for b in &self.replay.backends {
             if local {
                 items.push(format!(
