@@ -518,6 +518,39 @@ pub fn ports_kept_by_the_source(args: &[String]) -> Vec<String> {
     out
 }
 
+/// How [`option_parts`] gives a comma of a value, which QEMU's option
+/// syntax writes doubled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Commas {
+    /// `,,` stays `,,`: a part can be written back as it was.
+    KeepDoubled,
+    /// `,,` becomes `,`: the value itself.
+    Undoubled,
+}
+
+/// The parts of an option value (`socket,id=c,path=/a,,b`): `,` separates,
+/// `,,` is a comma of a value.
+pub(crate) fn option_parts(value: &str, commas: Commas) -> Vec<String> {
+    let mut out = vec![String::new()];
+    let mut chars = value.chars().peekable();
+    while let Some(c) = chars.next() {
+        let part = out.last_mut().expect("never empty");
+        match c {
+            ',' if chars.peek() == Some(&',') => {
+                chars.next();
+                part.push_str(if commas == Commas::KeepDoubled {
+                    ",,"
+                } else {
+                    ","
+                });
+            }
+            ',' => out.push(String::new()),
+            c => part.push(c),
+        }
+    }
+    out
+}
+
 /// Keys whose values are secrets in QEMU options: `-object secret,data=…`,
 /// spice's `password=…`.
 const SECRET_KEYS: &[&str] = &["data", "password", "passwd"];

@@ -81,23 +81,10 @@ pub struct Plan {
     pub backends: Vec<Backend>,
 }
 
-/// One `key=value` of an option (`,,` is a literal comma, as QEMU reads it).
+/// The `key=value` parts of an option, a value's doubled commas kept
+/// doubled, so that a part written back stays as QEMU reads it.
 fn split_opts(value: &str) -> Vec<String> {
-    let mut out = vec![String::new()];
-    let mut chars = value.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                out.last_mut().expect("one").push_str(",,");
-            } else {
-                out.push(String::new());
-            }
-        } else {
-            out.last_mut().expect("one").push(c);
-        }
-    }
-    out
+    crate::argv::option_parts(value, crate::argv::Commas::KeepDoubled)
 }
 
 fn key_of(part: &str) -> Option<(&str, &str)> {

@@ -62,21 +62,7 @@ fn is_on(v: &str) -> bool {
 
 /// QEMU's option syntax: `,` separates, `,,` is a comma in a value.
 fn split_opts(s: &str) -> Vec<String> {
-    let mut out = vec![String::new()];
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                out.last_mut().expect("never empty").push(',');
-            } else {
-                out.push(String::new());
-            }
-        } else {
-            out.last_mut().expect("never empty").push(c);
-        }
-    }
-    out
+    crate::argv::option_parts(s, crate::argv::Commas::Undoubled)
 }
 
 fn escape(v: &str) -> String {

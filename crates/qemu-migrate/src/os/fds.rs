@@ -75,16 +75,21 @@ pub fn copy_fd_of(pid: u32, fd: i32) -> std::io::Result<std::os::fd::OwnedFd> {
 /// their addresses.
 #[must_use]
 pub fn tcp_listening_fds(pid: u32) -> Vec<(i32, SocketAddr)> {
-    let listeners = tcp_listeners();
+    fds_among(pid, &tcp_listeners())
+}
+
+/// The descriptors of process `pid` whose socket is one of `sockets` (by
+/// inode), with what `sockets` says of it, in descriptor order.
+fn fds_among<T: Clone>(pid: u32, sockets: &BTreeMap<u64, T>) -> Vec<(i32, T)> {
     let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
         return Vec::new();
     };
-    let mut out: Vec<(i32, SocketAddr)> = fds
+    let mut out: Vec<(i32, T)> = fds
         .flatten()
         .filter_map(|e| {
             let fd: i32 = e.file_name().to_str()?.parse().ok()?;
             match fd_target(pid, fd)? {
-                FdTarget::Socket(inode) => listeners.get(&inode).map(|a| (fd, *a)),
+                FdTarget::Socket(inode) => sockets.get(&inode).map(|a| (fd, a.clone())),
                 _ => None,
             }
         })
@@ -102,21 +107,7 @@ pub fn abstract_listening_fds(pid: u32) -> Vec<(i32, String)> {
         .filter(|s| s.listening)
         .filter_map(|s| Some((s.inode, s.name.strip_prefix('@')?.to_string())))
         .collect();
-    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return Vec::new();
-    };
-    let mut out: Vec<(i32, String)> = fds
-        .flatten()
-        .filter_map(|e| {
-            let fd: i32 = e.file_name().to_str()?.parse().ok()?;
-            match fd_target(pid, fd)? {
-                FdTarget::Socket(inode) => names.get(&inode).map(|n| (fd, n.clone())),
-                _ => None,
-            }
-        })
-        .collect();
-    out.sort_unstable_by_key(|(fd, _)| *fd);
-    out
+    fds_among(pid, &names)
 }
 
 /// Whether descriptor `fd` of process `pid` is a terminal.
