@@ -273,7 +273,17 @@ fn a_libvirt_chain_is_saved_and_restored_with_each_node_on_its_own_file() {
         // The options checked by a probe QEMU beside the running VM (another
         // path to the same QEMU, so the probe runs): it takes no image lock.
         let other = dir.path().join("qemu-system-x86_64");
-        std::os::unix::fs::symlink(&qemu, &other).unwrap();
+        // A QEMU named bare (found on PATH) is linked by its full path: a
+        // relative link of that name would point at itself.
+        let target = if qemu.is_absolute() {
+            qemu.clone()
+        } else {
+            std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+                .map(|d| d.join(&qemu))
+                .find(|p| p.is_file())
+                .unwrap_or_else(|| panic!("{} is not on PATH", qemu.display()))
+        };
+        std::os::unix::fs::symlink(&target, &other).unwrap();
         let out = migrate()
             .args(["inspect", "--check", "--qemu"])
             .arg(&other)
