@@ -50,6 +50,21 @@ pub enum Error {
         /// qemu-migrate holds the VM's lock.
         migration: Option<MigrationStatus>,
     },
+    /// QEMU itself will not migrate this VM now (`blocked-reasons`: a device
+    /// without migration support such as vhost-user-fs, a 9p export in use).
+    #[error(
+        "QEMU will not {verb} this VM (pid {pid}) as it is, so nothing was changed and the guest \
+         runs on:{}",
+        .reasons.iter().map(|r| format!("\n  - {r}")).collect::<String>()
+    )]
+    Blocked {
+        /// What was asked: `save`, `live migration`.
+        verb: &'static str,
+        /// QEMU's pid.
+        pid: u32,
+        /// QEMU's reasons, as it gives them.
+        reasons: Vec<String>,
+    },
     /// A TCP monitor answered, but its QEMU is not a process of this host
     /// (or one this user may see): a VM is saved on the host it runs on.
     #[error(
@@ -267,6 +282,7 @@ impl Error {
             | Error::NotMigratable { .. }
             | Error::Busy { .. }
             | Error::UsesTerminal
+            | Error::Blocked { .. }
             | Error::NotReplayable { .. }
             | Error::Exists { .. }
             | Error::FilesChanged { .. }

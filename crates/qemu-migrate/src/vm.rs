@@ -435,6 +435,16 @@ impl Vm {
                 migration: Some(before.status),
             });
         }
+        // Asked before the guest is paused: a migration QEMU blocks would
+        // only fail once started (QMP says why; HMP has no such query).
+        let reasons = self.monitor.migration_blockers().unwrap_or_default();
+        if !reasons.is_empty() {
+            return Err(Error::Blocked {
+                verb: if verb == "save" { "save" } else { "migrate" },
+                pid: self.pid,
+                reasons,
+            });
+        }
         Ok(state.is_running())
     }
 
