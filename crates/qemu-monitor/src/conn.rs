@@ -438,6 +438,21 @@ impl Connection {
         found
     }
 
+    /// Drops the first `n` buffered bytes: a caller that parsed them.
+    pub fn consume(&mut self, n: usize) {
+        self.buf.drain(..n);
+        self.scanned = 0;
+    }
+
+    /// The error for a stream that ended while waiting for `wait`.
+    pub fn closed(&self, wait: &Wait) -> Error {
+        Error::Closed {
+            addr: self.addr.clone(),
+            what: wait.what.to_string(),
+            received: String::from_utf8_lossy(&self.buf).into_owned(),
+        }
+    }
+
     /// Reads more into the buffer (for callers deciding on partial data).
     pub fn read_more(&mut self, wait: &Wait) -> Result<bool> {
         if self.eof {

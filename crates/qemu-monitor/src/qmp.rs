@@ -134,24 +134,55 @@ const MAX_MESSAGE: usize = 64 << 20;
 /// Reads one JSON message: a line, or several where the monitor prints
 /// them pretty (`-mon …,mode=control,pretty=on`, `-qmp-pretty`), one value
 /// spread over lines. Returns the text as it came and what it parses to.
+/// Nothing is taken from the buffer until a whole message is there: a
+/// wait that runs out mid-message leaves it for the next read.
 fn read_json(
     conn: &mut Connection,
     wait: &Wait,
 ) -> Result<(String, std::result::Result<Value, serde_json::Error>)> {
-    let mut raw = String::new();
     loop {
-        let line = conn.read_through(b"\n", wait)?;
-        raw.push_str(&String::from_utf8_lossy(&line));
-        let text = raw.trim_end();
-        if text.is_empty() {
-            raw.clear();
+        if let Some((used, found)) = complete_message(conn.buffered()) {
+            conn.consume(used);
+            if let Some(found) = found {
+                return Ok(found);
+            }
             continue;
         }
-        match serde_json::from_str::<Value>(text) {
-            Err(e) if e.is_eof() && raw.len() < MAX_MESSAGE => continue,
-            parsed => return Ok((text.to_string(), parsed)),
+        if !conn.read_more(wait)? {
+            return Err(conn.closed(wait));
         }
     }
+}
+
+/// The first whole message in `buf`: how many bytes it takes, and its text
+/// and value (`None` for blank lines, which are only skipped). `None` while
+/// the message is still incomplete.
+#[allow(clippy::type_complexity)]
+fn complete_message(
+    buf: &[u8],
+) -> Option<(
+    usize,
+    Option<(String, std::result::Result<Value, serde_json::Error>)>,
+)> {
+    let mut from = 0;
+    while let Some(at) = buf[from..].iter().position(|&b| b == b'\n') {
+        let end = from + at + 1;
+        let text = String::from_utf8_lossy(&buf[..end]);
+        let text = text.trim();
+        if text.is_empty() {
+            return Some((end, None));
+        }
+        // A value can only end on a line that closes one.
+        let closes = text.ends_with('}') || text.ends_with(']');
+        if closes || end >= MAX_MESSAGE {
+            match serde_json::from_str::<Value>(text) {
+                Err(e) if e.is_eof() && end < MAX_MESSAGE => {}
+                parsed => return Some((end, Some((text.to_string(), parsed)))),
+            }
+        }
+        from = end;
+    }
+    None
 }
 
 enum Message {
@@ -432,5 +463,31 @@ impl QmpSession {
     pub fn close(self) -> Result<Vec<u8>> {
         let timeout = self.timeout;
         self.conn.finish(&Wait::new(timeout, "end of the session"))
+    }
+}
+
+#[cfg(test)]
+mod pretty_tests {
+    use super::*;
+
+    #[test]
+    fn a_pretty_message_is_whole_or_not_taken() {
+        let pretty = b"{\n    \"timestamp\": {\n        \"seconds\": 1\n    },\n    \"event\": \"STOP\"\n}\n{\"return\": {}}\n";
+        for cut in 0..pretty.len() {
+            let part = &pretty[..cut];
+            match complete_message(part) {
+                None => assert!(cut < 71, "cut {cut}: the event was whole"),
+                Some((used, Some((_, value)))) => {
+                    assert_eq!(used, 71, "cut {cut}");
+                    assert_eq!(value.unwrap()["event"], "STOP");
+                }
+                Some((_, None)) => panic!("no blank line here"),
+            }
+        }
+        let (used, found) = complete_message(pretty).unwrap();
+        let (used2, found2) = complete_message(&pretty[used..]).unwrap();
+        assert!(found.unwrap().1.is_ok());
+        assert_eq!(found2.unwrap().1.unwrap()["return"], serde_json::json!({}));
+        assert_eq!(used + used2, pretty.len());
     }
 }
