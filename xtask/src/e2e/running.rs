@@ -118,7 +118,13 @@ pub fn probe_accel(qemu: &Qemu, guest: &Path) -> Accel {
         Ok(run)
             if run
                 .serial
-                .try_wait_for(0, Duration::from_secs(2), |l| tick(l) == Some(1))
+                // Tick 1 is printed before the timer runs; a KVM that
+                // starts the guest but cannot deliver its interrupts (seen
+                // with kvm-pvm) stops there, so KVM counts only once the
+                // guest ticks on.
+                .try_wait_for(0, Duration::from_secs(3), |l| {
+                    tick(l).is_some_and(|t| t >= 3)
+                })
                 .is_ok() =>
         {
             Accel::Kvm
