@@ -225,3 +225,35 @@ pub fn has_exited(pid: u32) -> bool {
             .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
     })
 }
+
+/// `qemu-migrate --json live --to local` of the VM at monitor `hmp`, capped
+/// at 1 MiB/s so that it cannot converge, returned once its progress says
+/// RAM is moving: a live migration caught midway, for fault tests. Its
+/// stdout (further progress lines) is left in the child.
+pub fn slow_live_midway(hmp: &Path) -> Child {
+    use std::io::{BufRead, BufReader};
+    let mut live = Command::new(bin("qemu-migrate"))
+        .args(["--json", "live", "--monitor"])
+        .arg(hmp)
+        .args(["--to", "local", "--bandwidth", "1", "--no-auto-converge"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running qemu-migrate live");
+    let mut out = BufReader::new(live.stdout.take().expect("piped"));
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(
+            out.read_line(&mut line).expect("reading live's progress") > 0,
+            "live ended early"
+        );
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["done"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+    }
+    // The rest of its progress is not read: it stays in the pipe's buffer.
+    live.stdout = Some(out.into_inner());
+    live
+}

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use recipe_tests::{bin, free_port, guest, log_ticks, qemus};
+use recipe_tests::{bin, free_port, guest, has_exited, log_ticks, qemus};
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -477,13 +477,9 @@ fn processes_naming(needle: &str) -> Vec<i32> {
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
         .filter(|&pid| pid != me)
-        .filter(|pid| {
+        .filter(|&pid| {
             let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-                s.rsplit_once(')')
-                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
-            });
-            !zombie && String::from_utf8_lossy(&cmd).contains(needle)
+            !has_exited(pid as u32) && String::from_utf8_lossy(&cmd).contains(needle)
         })
         .collect()
 }

@@ -3,13 +3,11 @@
 //! source back the user's socket paths, cancels the migration, puts QEMU's
 //! settings back and resumes the guest, within seconds.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use qemu_monitor::Options;
-use recipe_tests::{bin, guest_logged_to, log_ticks, qemus, wait_tick_above, Vm};
+use recipe_tests::{guest_logged_to, log_ticks, qemus, wait_tick_above, Vm};
 
 /// Who answers on a monitor path, and in what state.
 fn who(path: &Path) -> (u32, String) {
@@ -36,24 +34,7 @@ fn a_local_live_migration_killed_midway_leaves_the_source_as_it_was() {
         let cap =
             vm.qmp().execute("query-migrate-parameters", None).unwrap()["max-bandwidth"].clone();
 
-        let mut live = Command::new(bin("qemu-migrate"))
-            .args(["--json", "live", "--monitor"])
-            .arg(&vm.hmp)
-            .args(["--to", "local", "--bandwidth", "1", "--no-auto-converge"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut out = BufReader::new(live.stdout.take().unwrap());
-        let mut line = String::new();
-        loop {
-            line.clear();
-            assert!(out.read_line(&mut line).unwrap() > 0, "live ended early");
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            if v["done"].as_u64().unwrap_or(0) > 0 {
-                break;
-            }
-        }
+        let mut live = recipe_tests::slow_live_midway(&vm.hmp);
         let killed_at = Instant::now();
         live.kill().unwrap();
         // Its stderr ends when the watchdog, which shares it, is done.

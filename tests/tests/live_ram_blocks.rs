@@ -7,9 +7,8 @@
 //! that dies anyway is named: how it ended and what it said, not a closed
 //! connection.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use recipe_tests::{at_least, bin, guest_logged_to, log_ticks, qemus, wait_tick_above, Vm};
 
@@ -85,24 +84,7 @@ fn a_source_that_dies_midway_is_named_with_its_own_words() {
         let log = dir.path().join("serial.log");
         let mut vm = Vm::start(&qemu, &guest_logged_to(&log));
         wait_tick_above(&log, 1);
-        let mut live = Command::new(bin("qemu-migrate"))
-            .args(["--json", "live", "--monitor"])
-            .arg(&vm.hmp)
-            .args(["--to", "local", "--bandwidth", "1", "--no-auto-converge"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut out = BufReader::new(live.stdout.take().unwrap());
-        let mut line = String::new();
-        loop {
-            line.clear();
-            assert!(out.read_line(&mut line).unwrap() > 0, "live ended early");
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            if v["done"].as_u64().unwrap_or(0) > 0 {
-                break;
-            }
-        }
+        let live = recipe_tests::slow_live_midway(&vm.hmp);
         // QEMU ends itself on SIGTERM, saying so on stderr.
         // SAFETY: a signal to the QEMU this test started.
         unsafe { libc::kill(vm.pid() as libc::pid_t, libc::SIGTERM) };

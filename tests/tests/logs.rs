@@ -162,30 +162,12 @@ fn qemu_children(pid: u32) -> Vec<u32> {
 
 #[test]
 fn a_failed_local_live_migration_leaves_the_sources_log_intact() {
-    use std::io::{BufRead, BufReader};
     for qemu in qemus() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("serial.log");
         let vm = Vm::start(&qemu, &logged_options(dir.path(), &log, &[]));
         wait_log(&log, "tick 2", |t| t.contains(&2));
-        let mut live = migrate()
-            .args(["--json", "live", "--monitor"])
-            .arg(&vm.hmp)
-            .args(["--to", "local", "--bandwidth", "1", "--no-auto-converge"])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut out = BufReader::new(live.stdout.take().unwrap());
-        let mut line = String::new();
-        loop {
-            line.clear();
-            assert!(out.read_line(&mut line).unwrap() > 0, "live ended early");
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            if v["done"].as_u64().unwrap_or(0) > 0 {
-                break;
-            }
-        }
+        let live = recipe_tests::slow_live_midway(&vm.hmp);
         // The destination has the log open now; it dies mid-migration.
         let before = std::fs::read(&log).unwrap();
         let dest = qemu_children(live.id());
