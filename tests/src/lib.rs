@@ -257,3 +257,8 @@ pub fn slow_live_midway(hmp: &Path) -> Child {
     live.stdout = Some(out.into_inner());
     live
 }
+
+/// The `qemu-migrate` binary, as a command to give arguments to.
+pub fn migrate() -> Command {
+    Command::new(bin("qemu-migrate"))
+}

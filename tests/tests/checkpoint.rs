@@ -19,15 +19,11 @@ use std::process::{Child, Command};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use recipe_tests::{bin, qemus, save_then_quit, spawn_lines, tick, Lines, Vm};
+use recipe_tests::{migrate, qemus, save_then_quit, spawn_lines, tick, Lines, Vm};
 
 const WAIT: Duration = Duration::from_secs(120);
 /// The disk's size: enough for ext4 and hours of ticks, small to copy.
 const DISK_MIB: u64 = 32;
-
-fn migrate() -> Command {
-    Command::new(bin("qemu-migrate"))
-}
 
 fn guest() -> &'static linux_guest::LinuxGuest {
     static GUEST: OnceLock<linux_guest::LinuxGuest> = OnceLock::new();

@@ -19,12 +19,8 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use qemu_monitor::BlockGraph;
-use recipe_tests::{bin, guest_logged_to, log_ticks, qemus, wait_log, wait_tick_above, Vm};
+use recipe_tests::{guest_logged_to, log_ticks, migrate, qemus, wait_log, wait_tick_above, Vm};
 use serde_json::Value;
-
-fn migrate() -> Command {
-    Command::new(bin("qemu-migrate"))
-}
 
 fn ok(out: &Output) -> String {
     let err = String::from_utf8_lossy(&out.stderr).into_owned();

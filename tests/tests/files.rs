@@ -8,11 +8,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use recipe_tests::{bin, qemus, recipe_options, Vm};
-
-fn migrate() -> Command {
-    Command::new(bin("qemu-migrate"))
-}
+use recipe_tests::{bin, migrate, qemus, recipe_options, Vm};
 
 fn ok(out: &Output) -> String {
     let err = String::from_utf8_lossy(&out.stderr).into_owned();

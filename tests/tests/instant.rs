@@ -10,13 +10,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use recipe_tests::{assert_carries_on, bin, qemus, recipe_options, spawn_lines, tick, Lines, Vm};
+use recipe_tests::{
+    assert_carries_on, bin, migrate, qemus, recipe_options, spawn_lines, tick, Lines, Vm,
+};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn migrate() -> Command {
-    Command::new(bin("qemu-migrate"))
-}
 
 fn ok(out: std::process::Output) -> String {
     assert!(

@@ -7,11 +7,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command;
 
-use recipe_tests::{bin, guest_logged_to, log_ticks, qemus, save_then_quit, wait_log, Vm};
-
-fn migrate() -> Command {
-    Command::new(bin("qemu-migrate"))
-}
+use recipe_tests::{guest_logged_to, log_ticks, migrate, qemus, save_then_quit, wait_log, Vm};
 
 /// The recipe guest with its serial console in `log` instead of stdio.
 fn logged_options(dir: &Path, log: &Path, extra: &[String]) -> Vec<String> {

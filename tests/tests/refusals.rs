@@ -8,11 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use recipe_tests::{bin, qemus, recipe_options, save_then_quit, Vm};
-
-fn migrate() -> Command {
-    Command::new(bin("qemu-migrate"))
-}
+use recipe_tests::{bin, migrate, qemus, recipe_options, save_then_quit, Vm};
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()

@@ -8,15 +8,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use recipe_tests::{
-    assert_carries_on, bin, guest, has_exited, qemus, recipe_options, save_then_quit, spawn_lines,
-    tick, Vm,
+    assert_carries_on, bin, guest, has_exited, migrate, qemus, recipe_options, save_then_quit,
+    spawn_lines, tick, Vm,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn migrate() -> Command {
-    Command::new(bin("qemu-migrate"))
-}
 
 /// A save of a guest with `fill_mib` of RAM written, running in the background
 /// with `--json` progress; returns once the first bytes have been saved.

@@ -10,13 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use recipe_tests::{bin, qemus, recipe_options, save_then_quit, Vm};
+use recipe_tests::{migrate, qemus, recipe_options, save_then_quit, Vm};
 
 const NOBODY: u32 = 65534;
-
-fn migrate() -> Command {
-    Command::new(bin("qemu-migrate"))
-}
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use qemu_monitor::{Options, QemuVersion};
 use recipe_tests::{
-    bin, free_port, qemu_version, qemus, recipe_options, save_then_quit, spawn_lines, tick, Vm,
+    bin, free_port, migrate, qemu_version, qemus, recipe_options, save_then_quit, spawn_lines,
+    tick, Vm,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -29,10 +30,6 @@ fn oldest_and_newest() -> (PathBuf, PathBuf) {
 fn minor(qemu: &Path) -> String {
     let v: QemuVersion = qemu_version(qemu).parse().unwrap();
     format!("{}.{}", v.major, v.minor)
-}
-
-fn migrate() -> Command {
-    Command::new(bin("qemu-migrate"))
 }
 
 /// Saves a ticking test guest started on `qemu` with `machine` (`-M` value,
