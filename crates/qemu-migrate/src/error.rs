@@ -171,6 +171,16 @@ pub enum Error {
     /// The operation was cancelled (a signal, the caller's flag).
     #[error("cancelled: {0}")]
     Cancelled(String),
+    /// A save that could not be put in place; the target is as it was.
+    #[error("{source}; {}", crate::commit::kept_words(.target, *.had_save))]
+    NotSaved {
+        /// The state file the save was for.
+        target: PathBuf,
+        /// Whether an earlier save is there (and stays).
+        had_save: bool,
+        /// What failed.
+        source: Box<Error>,
+    },
     /// A state file or its manifest is incomplete, damaged or unreadable.
     #[error("{}: {reason}", .path.display())]
     BadStateFile {
@@ -295,6 +305,7 @@ impl Error {
             | Error::Disk(_) => ErrorKind::Refused,
             Error::MigrationFailed(_)
             | Error::File { .. }
+            | Error::NotSaved { .. }
             | Error::Os { .. }
             | Error::QemuExited { .. }
             | Error::SourceDied { .. } => ErrorKind::Failed,

@@ -178,22 +178,68 @@ pub fn image_path(statefile: &Path) -> PathBuf {
 /// Where the RAM image number `n` of state file `FILE` lives: `FILE.ram`,
 /// then `FILE.ram.1`, `FILE.ram.2`, …
 pub fn image_path_n(statefile: &Path, n: usize) -> PathBuf {
+    image_path_in(statefile, "", n)
+}
+
+/// The second set of names: `FILE.ram-b`, `FILE.ram-b.1`, …
+const SECOND_SET: &str = "-b";
+
+fn image_path_in(statefile: &Path, set: &str, n: usize) -> PathBuf {
     let mut name = statefile.file_name().unwrap_or_default().to_os_string();
     name.push(".ram");
+    name.push(set);
     if n > 0 {
         name.push(format!(".{n}"));
     }
     statefile.with_file_name(name)
 }
 
+/// The names of the `count` RAM images of a new save of `statefile`: the
+/// set of names the save there now (images `in_use`) does not use, so
+/// that it stays whole until the new one is committed
+/// ([`crate::commit`]). Saves alternate between `FILE.ram`, `FILE.ram.1`…
+/// and `FILE.ram-b`, `FILE.ram-b.1`…
+#[must_use]
+pub fn image_names(statefile: &Path, count: usize, in_use: &[String]) -> Vec<PathBuf> {
+    let names = |set: &str| -> Vec<PathBuf> {
+        (0..count)
+            .map(|n| image_path_in(statefile, set, n))
+            .collect()
+    };
+    let first = names("");
+    let clash = first.iter().any(|p| {
+        p.file_name()
+            .is_some_and(|f| in_use.iter().any(|u| f.to_string_lossy() == *u))
+    });
+    if clash {
+        names(SECOND_SET)
+    } else {
+        first
+    }
+}
+
+/// Both sets of names an image of `statefile` may have, for `count` images.
+#[must_use]
+pub fn all_image_names(statefile: &Path, count: usize) -> Vec<PathBuf> {
+    (0..count)
+        .flat_map(|n| {
+            [
+                image_path_in(statefile, "", n),
+                image_path_in(statefile, SECOND_SET, n),
+            ]
+        })
+        .collect()
+}
+
 /// The state file whose RAM image `path` would be, by its name
-/// (`FILE.ram` or `FILE.ram.N` → `FILE`).
+/// (`FILE.ram`, `FILE.ram.N`, `FILE.ram-b` or `FILE.ram-b.N` → `FILE`).
 fn image_stem(path: &Path) -> Option<PathBuf> {
     let s = path.to_str()?;
     let s = match s.rsplit_once('.') {
         Some((head, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => head,
         _ => s,
     };
+    let s = s.strip_suffix(SECOND_SET).unwrap_or(s);
     s.strip_suffix(".ram").map(PathBuf::from)
 }
 
@@ -632,6 +678,14 @@ mod tests {
         let s = Path::new("/d/state");
         assert_eq!(image_path_n(s, 0), Path::new("/d/state.ram"));
         assert_eq!(image_path_n(s, 2), Path::new("/d/state.ram.2"));
+        let in_use = ["state.ram".to_string(), "state.ram.1".to_string()];
+        assert_eq!(
+            image_names(s, 2, &in_use),
+            [Path::new("/d/state.ram-b"), Path::new("/d/state.ram-b.1")]
+        );
+        let in_use = ["state.ram-b".to_string()];
+        assert_eq!(image_names(s, 1, &in_use), [Path::new("/d/state.ram")]);
+        assert_eq!(image_stem(Path::new("/d/state.ram-b.1")).unwrap(), s);
         assert_eq!(image_stem(Path::new("/d/state.ram.2")).unwrap(), s);
         assert_eq!(image_stem(Path::new("/d/state.ram")).unwrap(), s);
         assert_eq!(image_stem(Path::new("/d/state.1")), None);

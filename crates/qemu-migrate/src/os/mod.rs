@@ -7,11 +7,11 @@
 use std::fs::File;
 use std::io::{PipeReader, PipeWriter};
 use std::os::fd::{AsFd, AsRawFd};
-use std::path::Path;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
 
+pub mod durable;
 mod fds;
 mod files;
 mod lock;
@@ -44,20 +44,6 @@ pub(crate) fn pipe() -> Result<(PipeReader, PipeWriter)> {
         );
     }
     Ok((r, w))
-}
-
-/// Makes a rename durable: the directory entry itself is synced.
-pub(crate) fn sync_dir(path: &Path) {
-    if let Some(dir) = path.parent() {
-        let dir = if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        };
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
 }
 
 /// Asks the kernel to start writing `len` bytes at `offset` to disk now, so
@@ -179,7 +165,7 @@ mod tests {
         assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
         std::os::unix::fs::symlink("/nonexistent-target", dir.path().join("b")).unwrap();
         assert!(create_private(&dir.path().join("b")).is_err());
-        assert!(!Path::new("/nonexistent-target").exists());
+        assert!(!std::path::Path::new("/nonexistent-target").exists());
     }
 
     #[test]
