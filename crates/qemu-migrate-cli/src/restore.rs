@@ -141,7 +141,7 @@ pub(crate) fn restore(
     if cli.json {
         say!(
             "{}",
-            serde_json::json!({ "restored": statefile, "pid": pid, "seconds": restored.elapsed.as_secs_f64(), "renamed": restored.renamed, "pinned_machine": restored.pinned, "overlays": restored.overlays })
+            serde_json::json!({ "restored": statefile, "pid": pid, "seconds": restored.elapsed.as_secs_f64(), "renamed": restored.renamed, "pinned_machine": restored.pinned, "overlays": restored.overlays, "ram_images_checking_in_background": restored.checking_in_background })
         );
     } else if let Some(p) = &restored.pinned {
         eprintln!("qemu-migrate: {p}");

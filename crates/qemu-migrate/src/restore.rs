@@ -203,6 +203,9 @@ pub struct Restored {
     pub pinned: Option<crate::machine::Pinned>,
     /// The fresh overlays a checkpoint's disks were given (the VM writes to them).
     pub overlays: Vec<PathBuf>,
+    /// An instant save's RAM images whose content is being checked in the
+    /// background, as the guest runs (see [`crate::instant::check`]).
+    pub checking_in_background: Vec<PathBuf>,
 }
 
 /// Checks `path`, starts QEMU with the recorded (or given) options and loads it.
@@ -327,7 +330,7 @@ pub fn restore_checked(
     let probe_args = if unchanged { &args } else { &disks.args };
     let qemu = preflight::check(&checked, &binary, probe_args, &env)?;
     // An instant save's RAM images are mapped, not loaded; a clone gets paths of its own.
-    let (args, renamed) = crate::instant::launch_args(
+    let (args, renamed, unread) = crate::instant::launch_args(
         &checked,
         disks.args.clone(),
         disks.overlays(),
@@ -358,6 +361,8 @@ pub fn restore_checked(
     }
     watchdog.dismiss();
     backends.keep();
+    // The images not read before the start: read now, beside the guest.
+    let image_checks = crate::instant::check::in_background(&vm, path, unread)?;
     // Launchers find their VM by its -pidfile (QEMU removed it when the
     // saved one quit): it names the restored QEMU now. A clone is another VM.
     if !options.clone {
@@ -374,6 +379,7 @@ pub fn restore_checked(
         renamed,
         pinned,
         overlays,
+        checking_in_background: image_checks,
     })
 }
 

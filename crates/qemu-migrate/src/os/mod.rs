@@ -12,16 +12,20 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 
+mod background;
 mod fds;
 mod files;
 mod lock;
 mod process;
+mod verity;
 mod watchdog;
 
+pub(crate) use background::*;
 pub use fds::*;
 pub use files::*;
 pub use lock::*;
 pub use process::*;
+pub(crate) use verity::*;
 pub use watchdog::*;
 
 /// The pipe's buffer: large, so QEMU and the copying thread rarely wait on each other.
