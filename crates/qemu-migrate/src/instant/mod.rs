@@ -79,6 +79,7 @@ mod clone;
 pub mod image;
 mod save;
 pub(crate) mod shape;
+mod storage;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -152,7 +153,7 @@ pub struct Layout {
 #[serde(untagged)]
 enum LayoutRecord {
     Images { images: Vec<Image> },
-    One(Image),
+    One(Box<Image>),
 }
 
 impl From<LayoutRecord> for Layout {
@@ -160,7 +161,7 @@ impl From<LayoutRecord> for Layout {
         match r {
             LayoutRecord::Images { images } => Layout { images },
             LayoutRecord::One(image) => Layout {
-                images: vec![image],
+                images: vec![*image],
             },
         }
     }
@@ -234,7 +235,7 @@ pub fn not_the_image(path: &Path) -> Result<()> {
 
 /// The first QEMU that can open a RAM image read-only yet map it writable
 /// (`memory-backend-file`'s `rom` property).
-const READ_ONLY_IMAGES: QemuVersion = QemuVersion {
+pub(crate) const READ_ONLY_IMAGES: QemuVersion = QemuVersion {
     major: 8,
     minor: 2,
     micro: 0,
@@ -494,6 +495,18 @@ fn check_one(
     Ok(ImageCheck::Checksum)
 }
 
+/// How a restore starts its QEMU.
+pub(crate) struct Launch {
+    /// The options.
+    pub args: Vec<String>,
+    /// Paths a clone was given of its own.
+    pub renamed: Renamed,
+    /// Images whose content was not read, for [`check::in_background`].
+    pub unread: Vec<Image>,
+    /// The copy of the save made with `--into` and mapped (see [`storage`]).
+    pub copy: Option<PathBuf>,
+}
+
 /// The QEMU options a restore by QEMU `qemu` starts with: `args`, with the
 /// images mapped as guest RAM for an instant save, and with sockets and logs
 /// of its own for a clone. Checks the images first (see the module docs),
@@ -509,7 +522,7 @@ pub(crate) fn launch_args(
     qemu: QemuVersion,
     options: &RestoreOptions,
     progress: &dyn Progress,
-) -> Result<(Vec<String>, Renamed, Vec<Image>)> {
+) -> Result<Launch> {
     let refuse = |why: String| Error::Mismatch {
         path: checked.path.clone(),
         differences: vec![why],
@@ -523,7 +536,12 @@ pub(crate) fn launch_args(
     };
     let Some(layout) = layout(checked) else {
         let (args, renamed) = with_clone(args)?;
-        return Ok((args, renamed, Vec::new()));
+        return Ok(Launch {
+            args,
+            renamed,
+            unread: Vec::new(),
+            copy: None,
+        });
     };
     if let Some(why) = unsuitable(&args, qemu) {
         return Err(refuse(format!(
@@ -555,9 +573,17 @@ pub(crate) fn launch_args(
             None => {}
         }
     }
+    // Where QEMU can map them from: in place, or a copy made with --into.
+    let (base, copied) = storage::mappable(
+        &checked.path,
+        layout,
+        qemu,
+        options.into.as_deref(),
+        progress,
+    )?;
     let mut unread = Vec::new();
     for image in &layout.images {
-        let how = check_one(&checked.path, image, options.verify, Some(qemu), progress)?;
+        let how = check_one(&base, image, options.verify, Some(qemu), progress)?;
         if how == ImageCheck::Identity {
             unread.push(image.clone());
         }
@@ -566,7 +592,7 @@ pub(crate) fn launch_args(
     let (mut args, renamed) = with_clone(args)?;
     let read_only = read_only_images(qemu);
     for image in &layout.images {
-        let path = checked.path.with_file_name(&image.image);
+        let path = base.with_file_name(&image.image);
         let path = std::path::absolute(&path).unwrap_or(path);
         match &image.backend {
             Some(id) => {
@@ -597,7 +623,12 @@ pub(crate) fn launch_args(
             }
         }
     }
-    Ok((args, renamed, unread))
+    Ok(Launch {
+        args,
+        renamed,
+        unread,
+        copy: copied.then_some(base),
+    })
 }
 
 /// Writes the instant save `statefile` to `out` as one plain stream, which

@@ -64,6 +64,16 @@ pub(crate) fn sync_dir(path: &Path) {
     }
 }
 
+/// Why this process cannot create files in directory `dir` (a read-only
+/// file system, no permission), where it cannot.
+pub(crate) fn not_writable_dir(dir: &Path) -> Option<std::io::Error> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: access reads the NUL-terminated path, which lives across the call.
+    let r = unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) };
+    (r != 0).then(std::io::Error::last_os_error)
+}
+
 /// Asks the kernel to start writing `len` bytes at `offset` to disk now, so
 /// a later fsync has less to wait for.
 pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) {
