@@ -19,7 +19,8 @@ use crate::restore::previous_save_note;
 #[derive(Debug, clap::Args)]
 pub(crate) struct InspectArgs {
     pub(crate) statefile: PathBuf,
-    /// Also say whether these QEMU options (after --) would restore it.
+    /// Also read an instant save's RAM images whole (every chunk checked), and say
+    /// whether these QEMU options (after --) would restore it.
     #[arg(long)]
     check: bool,
     /// With --check: the QEMU that would restore it (default: qemu-system-x86_64).

@@ -38,9 +38,10 @@ pub(crate) struct RestoreArgs {
     /// As root, restore a VM that another user's QEMU ran (it will run as root).
     #[arg(long)]
     as_root: bool,
-    /// For an instant save: read the whole RAM image and check its checksum first
-    /// (by default its size and identity are checked, and it is read whole only
-    /// when it is not the very file the save wrote).
+    /// For an instant save: read the whole RAM image and check every chunk before QEMU
+    /// starts (by default a sealed image's fs-verity digest is checked, or the very file
+    /// the save wrote is read in the background as the guest runs, the VM stopped on a
+    /// damaged chunk; any other file is read whole first).
     #[arg(long)]
     verify: bool,
     /// Start another VM from this state while the first runs: its own monitor and

@@ -645,7 +645,9 @@ pub fn export(statefile: &Path, out: impl Write) -> Result<qemu_stream::split::S
             reason: "not an instant save (it is a plain stream already: use it as it is)".into(),
         });
     };
-    check_image(statefile, layout, false, &crate::progress::Quiet)?;
+    // Every chunk checked first: what is exported is run by hand, with no
+    // check of ours behind it.
+    check_image(statefile, layout, true, &crate::progress::Quiet)?;
     let mut sources = Vec::new();
     for i in &layout.images {
         let image = statefile.with_file_name(&i.image);
