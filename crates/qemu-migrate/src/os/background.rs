@@ -11,8 +11,8 @@ use super::watchdog::close_all_but;
 
 /// Runs `task` in a process of its own (forked twice, so that it is
 /// nobody's zombie and outlives this one), at the lowest CPU and I/O
-/// priority, holding none of this process's descriptors but stdin, stdout,
-/// stderr and `socket`, which it gets as its own. It ignores SIGINT and
+/// priority, holding none of this process's descriptors but stderr and
+/// `socket`, which it gets as its own (stdin and stdout are `/dev/null`). It ignores SIGINT and
 /// SIGHUP (the terminal's, meant for the VM), not SIGTERM.
 ///
 /// The task runs in a forked child of a process that may have threads: it
@@ -49,6 +49,20 @@ pub(crate) fn spawn_background(socket: RawFd, task: impl FnOnce(UnixStream)) -> 
         }
     }
     close_all_but(socket);
+    // Its words go to stderr (the terminal of a restore in the foreground);
+    // stdin and stdout, which a caller may be reading to their end, are let go.
+    // SAFETY: open and dup2 on this process's own descriptors; the path is
+    // a NUL-terminated literal.
+    unsafe {
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        if null >= 0 {
+            libc::dup2(null, 0);
+            libc::dup2(null, 1);
+            if null > 2 {
+                libc::close(null);
+            }
+        }
+    }
     super::lower_priority();
     // SAFETY: `socket` is a descriptor this process inherited and, with
     // every other closed, the only owner of.
