@@ -127,11 +127,15 @@ pub(crate) fn measure_verity(file: &File) -> io::Result<Option<String>> {
 /// `None` where the file system has no fs-verity.
 ///
 /// # Errors
-/// When the file cannot be opened again, or the kernel refuses to seal a
-/// file system that has fs-verity.
+/// When the kernel refuses to seal the file on a file system that has
+/// fs-verity.
 pub(crate) fn seal(writable: File) -> io::Result<(File, Option<String>)> {
     let fd = writable.as_raw_fd();
-    let read_only = File::open(format!("/proc/self/fd/{fd}"))?;
+    let Ok(read_only) = File::open(format!("/proc/self/fd/{fd}")) else {
+        // No /proc to open it again by: left unsealed, as on a file
+        // system without fs-verity (the chunk checksums still cover it).
+        return Ok((writable, None));
+    };
     drop(writable);
     // The save's lock on its unfinished file, now on this descriptor: a
     // sweep of dead saves' leftovers must still see it as live.
