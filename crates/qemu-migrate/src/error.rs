@@ -335,7 +335,7 @@ impl Error {
 /// A `Result` whose error is this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-fn os_message(e: &io::Error) -> String {
+pub(crate) fn os_message(e: &io::Error) -> String {
     let s = e.to_string();
     match s.find(" (os error") {
         Some(i) => s[..i].to_string(),

@@ -258,6 +258,11 @@ pub(crate) fn save(
                     pages_in_stream: moved.pages_kept,
                     image_crc32: format!("{:08x}", sum.crc),
                     identity,
+                    chunks: Some(super::Chunks::of(
+                        super::image::chunk_bytes(report.page_size),
+                        &sum.chunks,
+                    )),
+                    verity: sum.verity.clone(),
                 });
             }
             manifest_with(plain.clone(), Layout { images: laid_out })
@@ -310,12 +315,14 @@ fn run_migration(
     progress: &dyn Progress,
 ) -> Result<(Split, MigrationInfo)> {
     let sync = !options.no_sync;
+    // Sealed with fs-verity only for a QEMU that can map a sealed file.
+    let seal = super::read_only_images(vm.version());
     crate::save::stream(
         vm,
         ram_bytes,
         options,
         progress,
-        move |pipe, read| copy(pipe, files, &blocks, read, sync),
+        move |pipe, read| copy(pipe, files, &blocks, read, (sync, seal)),
         |written: &mut Split| match &written.outcome {
             Err(split::SplitError::Write(e)) => Some(Error::File {
                 path: partial.to_path_buf(),
@@ -364,7 +371,7 @@ fn copy(
     (stream, images): (File, Vec<File>),
     blocks: &[String],
     read: &AtomicU64,
-    sync: bool,
+    (sync, seal): (bool, bool),
 ) -> Split {
     let mut out = StreamOut {
         inner: BufWriter::with_capacity(1 << 20, stream),
@@ -374,7 +381,7 @@ fn copy(
     };
     let mut sinks: Vec<ImageWriter> = images
         .into_iter()
-        .map(|f| ImageWriter::new(f, sync))
+        .map(|f| ImageWriter::new(f, sync, seal))
         .collect();
     // The pipe is dropped when `split` returns: a failed split makes
     // QEMU's next write fail, so the migration fails rather than blocks.

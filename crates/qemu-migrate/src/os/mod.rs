@@ -7,21 +7,26 @@
 use std::fs::File;
 use std::io::{PipeReader, PipeWriter};
 use std::os::fd::{AsFd, AsRawFd};
+use std::path::Path;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
 
+mod background;
 pub mod durable;
 mod fds;
 mod files;
 mod lock;
 mod process;
+mod verity;
 mod watchdog;
 
+pub(crate) use background::*;
 pub use fds::*;
 pub use files::*;
 pub use lock::*;
 pub use process::*;
+pub(crate) use verity::*;
 pub use watchdog::*;
 
 /// The pipe's buffer: large, so QEMU and the copying thread rarely wait on each other.
@@ -44,6 +49,16 @@ pub(crate) fn pipe() -> Result<(PipeReader, PipeWriter)> {
         );
     }
     Ok((r, w))
+}
+
+/// Why this process cannot create files in directory `dir` (a read-only
+/// file system, no permission), where it cannot.
+pub(crate) fn not_writable_dir(dir: &Path) -> Option<std::io::Error> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: access reads the NUL-terminated path, which lives across the call.
+    let r = unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) };
+    (r != 0).then(std::io::Error::last_os_error)
 }
 
 /// Asks the kernel to start writing `len` bytes at `offset` to disk now, so
