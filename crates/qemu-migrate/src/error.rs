@@ -171,6 +171,14 @@ pub enum Error {
     /// The operation was cancelled (a signal, the caller's flag).
     #[error("cancelled: {0}")]
     Cancelled(String),
+    /// An error, and what it left changed that its own words do not say.
+    #[error("{source}; {note}")]
+    Noted {
+        /// What failed.
+        source: Box<Error>,
+        /// What stays changed.
+        note: String,
+    },
     /// A save that could not be put in place; the target is as it was.
     #[error("{source}; {}", crate::commit::kept_words(.target, *.had_save))]
     NotSaved {
@@ -287,6 +295,7 @@ impl Error {
     #[must_use]
     pub fn kind(&self) -> ErrorKind {
         match self {
+            Error::Noted { source, .. } => source.kind(),
             Error::BadStateFile { .. }
             | Error::Mismatch { .. }
             | Error::NotMigratable { .. }

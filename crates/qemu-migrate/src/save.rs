@@ -199,6 +199,13 @@ pub(crate) fn save_plain(
         return Err(e);
     }
     disks.keep_overlays();
+    let noted = |e: Error| match disks.left_on_overlays() {
+        Some(note) => Error::Noted {
+            source: Box::new(e),
+            note,
+        },
+        None => e,
+    };
     let result = run_migration(vm, file, path, ram_bytes, options, progress);
     // Put QEMU's own setting back whatever happened.
     let _ = vm
@@ -212,7 +219,7 @@ pub(crate) fn save_plain(
             if was_running && !live && !matches!(e, Error::QemuExited { .. }) {
                 let _ = vm.monitor.cont();
             }
-            return Err(e);
+            return Err(noted(e));
         }
     };
 
@@ -228,7 +235,7 @@ pub(crate) fn save_plain(
             if was_running && !live {
                 let _ = vm.monitor.cont_after_migration();
             }
-            return Err(e);
+            return Err(noted(e));
         }
     };
     if checkpoint.is_some() {
@@ -265,7 +272,7 @@ pub(crate) fn save_plain(
             if was_running && !live {
                 let _ = vm.monitor.cont_after_migration();
             }
-            return Err(e);
+            return Err(noted(e));
         }
     };
     finish(
