@@ -193,7 +193,9 @@ mod tests {
             "disk.qcow2"
         );
         assert_eq!(
-            base_name(Path::new("/d/disk.qcow2.after-state.1.qcow2.after-state.1.qcow2")),
+            base_name(Path::new(
+                "/d/disk.qcow2.after-state.1.qcow2.after-state.1.qcow2"
+            )),
             "disk.qcow2"
         );
     }
