@@ -111,14 +111,19 @@ fn restores(target: &Path, vm: &Vm, what: &str) {
 /// Walks every step of the commit of a save of `kind` for both faults,
 /// over an earlier save (`replacing`) or to a new target each time.
 fn walk(kind: &[&str], label: &str) {
+    walk_over(kind, kind, label, &[true, false]);
+}
+
+/// [`walk`], the earlier save made as `first` (another kind of save).
+fn walk_over(first: &[&str], kind: &[&str], label: &str, replacing_or_not: &[bool]) {
     for qemu in qemus() {
         let dir = tempfile::tempdir().unwrap();
         let (mut vm, _serial) = Vm::start_ticking(&qemu, &recipe_options(dir.path()));
-        for replacing in [true, false] {
+        for &replacing in replacing_or_not {
             for how in ["error", "kill"] {
                 let over = dir.path().join(format!("over-{how}"));
                 if replacing {
-                    let out = save_with_fault(&vm, &over, kind, None);
+                    let out = save_with_fault(&vm, &over, first, None);
                     assert!(
                         out.status.success(),
                         "{}",
@@ -132,6 +137,15 @@ fn walk(kind: &[&str], label: &str) {
                     } else {
                         dir.path().join(format!("new-{how}-{step}"))
                     };
+                    if replacing && step > 1 && first != kind {
+                        // Each step replaces a save of the first kind.
+                        let out = save_with_fault(&vm, &over, first, None);
+                        assert!(
+                            out.status.success(),
+                            "{}",
+                            String::from_utf8_lossy(&out.stderr)
+                        );
+                    }
                     let before = replacing.then(|| inspect(&target)["manifest"]["crc32"].clone());
                     let fault = format!("{step}:{how}");
                     let out = save_with_fault(&vm, &target, kind, Some(&fault));
@@ -232,4 +246,12 @@ fn an_instant_save_is_the_earlier_save_or_the_new_one_at_every_step_of_its_commi
 #[test]
 fn a_checkpoint_is_the_earlier_one_or_the_new_one_at_every_step_of_its_commit() {
     walk(&["--with-disks"], "checkpoint");
+}
+
+#[test]
+fn a_plain_save_over_an_instant_one_and_back_is_one_or_the_other_at_every_step() {
+    // The plain save removes the instant save's images after its commit;
+    // the instant save over a plain one adds images the old one lacks.
+    walk_over(&["--instant"], &[], "plain over instant", &[true]);
+    walk_over(&[], &["--instant"], "instant over plain", &[true]);
 }
