@@ -37,6 +37,7 @@ const AFTER_HELP: &str = "\
 Examples:
   qemu-migrate save --monitor /tmp/qemu-sock /tmp/statefile
   qemu-migrate save --with-disks --monitor /tmp/qemu-sock /tmp/ckpt   (or: qemu-migrate checkpoint ...)
+  qemu-migrate save --snapshot --monitor /tmp/qemu-sock /tmp/snap    (or: qemu-migrate snapshot ...; the guest runs on)
   qemu-migrate restore --into /tmp/runs /tmp/ckpt   (again and again: each run on a fresh disk overlay)
   qemu-migrate revert --monitor /tmp/qemu-sock /tmp/ckpt
   qemu-migrate restore /tmp/statefile
@@ -118,6 +119,10 @@ fn main() -> ExitCode {
     let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if argv.get(1).is_some_and(|a| a == "checkpoint") {
         argv.splice(1..2, ["save".into(), "--with-disks".into()]);
+    }
+    // `snapshot` is `save --snapshot`.
+    if argv.get(1).is_some_and(|a| a == "snapshot") {
+        argv.splice(1..2, ["save".into(), "--snapshot".into()]);
     }
     let cli = Cli::parse_from(argv);
     let cancel = Arc::new(AtomicBool::new(false));

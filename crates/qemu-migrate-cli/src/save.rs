@@ -24,11 +24,11 @@ pub(crate) struct SaveArgs {
     /// Save without pausing the guest first.
     #[arg(long)]
     live: bool,
-    /// What becomes of the VM after the save.
-    #[arg(long, default_value = "stop",
+    /// What becomes of the VM after the save [default: stop; resume for --snapshot].
+    #[arg(long,
               value_parser = PossibleValuesParser::new(["stop", "quit", "resume"])
                   .map(|s| s.parse::<Then>().expect("a listed value")))]
-    then: Then,
+    then: Option<Then>,
     /// Bandwidth cap in MiB/s (default: none).
     #[arg(long)]
     bandwidth: Option<u64>,
@@ -52,6 +52,12 @@ pub(crate) struct SaveArgs {
     /// same pause, so the state can be restored again and again.
     #[arg(long, conflicts_with = "live")]
     with_disks: bool,
+    /// A point-in-time snapshot (`qemu-migrate snapshot`): the guest runs on while
+    /// RAM is written, paused only while QEMU takes the device state, and the state
+    /// is that instant's. Falls back in words to a paused save where QEMU or the
+    /// kernel cannot (QEMU before 6.0, no userfaultfd write-protection).
+    #[arg(long, conflicts_with = "live")]
+    snapshot: bool,
 }
 
 pub(crate) fn save(args: &SaveArgs, cli: &Cli, cancel: Arc<AtomicBool>) -> Result<ExitCode, Error> {
@@ -66,12 +72,15 @@ pub(crate) fn save(args: &SaveArgs, cli: &Cli, cancel: Arc<AtomicBool>) -> Resul
         force,
         instant,
         with_disks,
+        snapshot,
     } = args;
+    let then = &then.unwrap_or(if *snapshot { Then::Resume } else { Then::Stop });
     let mut vm = Vm::attach(monitor.clone(), Duration::from_secs(*timeout))?;
     let mut options = SaveOptions::default();
     options.instant = *instant;
     options.with_disks = *with_disks;
     options.live = *live;
+    options.snapshot = *snapshot;
     options.bandwidth = bandwidth.map(|m| m << 20);
     options.then = *then;
     options.no_sync = *no_sync;
@@ -86,7 +95,17 @@ pub(crate) fn save(args: &SaveArgs, cli: &Cli, cancel: Arc<AtomicBool>) -> Resul
         eprintln!("qemu-migrate: saved with the guest paused, not live: {why}");
     }
     if let (Some(why), false) = (&report.fallback, cli.json) {
-        eprintln!("qemu-migrate: not an instant save: {why}");
+        let what = if *snapshot {
+            "not a snapshot"
+        } else {
+            "not an instant save"
+        };
+        eprintln!("qemu-migrate: {what}: {why}");
+    }
+    if let (true, None, Some(ms)) = (*snapshot, &report.fallback, report.migration.downtime_ms) {
+        if !cli.json {
+            eprintln!("snapshot: the guest was paused {ms} ms for its device state and ran on while RAM was written");
+        }
     }
     for w in &report.warnings {
         eprintln!("qemu-migrate: saved, but: {w}");
@@ -94,7 +113,7 @@ pub(crate) fn save(args: &SaveArgs, cli: &Cli, cancel: Arc<AtomicBool>) -> Resul
     if cli.json {
         say!(
             "{}",
-            serde_json::json!({ "saved": report.path, "seconds": report.elapsed.as_secs_f64(), "manifest": m, "fallback": report.fallback, "paused_for": report.paused_for, "warnings": report.warnings })
+            serde_json::json!({ "saved": report.path, "seconds": report.elapsed.as_secs_f64(), "manifest": m, "fallback": report.fallback, "paused_for": report.paused_for, "warnings": report.warnings, "downtime_ms": report.migration.downtime_ms })
         );
     } else {
         eprintln!(

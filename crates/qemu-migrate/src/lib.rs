@@ -50,6 +50,7 @@ pub mod replay;
 pub mod restore;
 pub mod roundtrip;
 pub mod save;
+mod snapshot;
 pub mod trust;
 pub mod vm;
 pub mod vmrunner;

@@ -86,6 +86,13 @@ pub struct SaveOptions {
     /// A checkpoint: freeze every writable disk under a qcow2 overlay in the
     /// same pause (implies a paused save); see [`crate::checkpoint`].
     pub with_disks: bool,
+    /// A point-in-time snapshot: the guest runs throughout and the state is
+    /// the instant the save began ([`crate::snapshot`]); a paused save
+    /// where QEMU cannot make one (the report says why).
+    pub snapshot: bool,
+    /// Resume the guest (paused for a checkpoint's disks) as soon as QEMU
+    /// has taken the device state of a snapshot.
+    pub(crate) resume_when_captured: bool,
 }
 
 /// What a finished save wrote.
@@ -142,12 +149,55 @@ pub fn save(
         progress.note(&format!("the guest is saved paused, not live: {why}"));
     }
     // --
-    let report = if options.instant {
-        crate::instant::save(vm, path, &options, progress)
-    } else {
-        save_plain(vm, path, &options, progress)
+    let mut not_snapshot = None;
+    if options.snapshot {
+        if let Err(why) = crate::snapshot::enable(vm)? {
+            not_snapshot = Some(why);
+        }
+    }
+    let run = |vm: &mut Vm, options: &SaveOptions| {
+        if options.instant {
+            crate::instant::save(vm, path, options, progress)
+        } else {
+            save_plain(vm, path, options, progress)
+        }
     };
-    report.map(|r| SaveReport { paused_for, ..r })
+    let mut report = if not_snapshot.is_none() {
+        run(vm, &options)
+    } else {
+        Err(Error::MigrationFailed(String::new()))
+    };
+    if options.snapshot && not_snapshot.is_none() {
+        crate::snapshot::disable(vm);
+        // What QEMU can track only shows once the migration starts.
+        if let Err(Error::MigrationFailed(why)) = &report {
+            if crate::snapshot::refused_at_start(why) {
+                not_snapshot = Some(format!("QEMU could not start a background snapshot: {why}"));
+            }
+        }
+    }
+    if let Some(why) = &not_snapshot {
+        progress.note(&format!("not a snapshot, saved paused: {why}"));
+        let mut paused = options.clone();
+        paused.snapshot = false;
+        paused.live = false;
+        report = run(vm, &paused);
+    }
+    let mut report = report?;
+    if let Some(why) = not_snapshot {
+        let why = format!("{why}: saved with the guest paused, as a plain save is");
+        report.fallback = Some(match report.fallback.take() {
+            Some(other) => format!("{why}; {other}"),
+            None => why,
+        });
+    } else if options.snapshot && options.then == Then::Stop {
+        // The snapshot let the guest run; a save leaves it paused if asked.
+        vm.monitor.stop()?;
+    }
+    Ok(SaveReport {
+        paused_for,
+        ..report
+    })
 }
 
 /// [`save`] as a plain stream.
@@ -165,8 +215,9 @@ pub(crate) fn save_plain(
     settle(path, &[]);
     let previous = replaced_save(path, options.force)?;
     let ram_bytes = vm.monitor.ram_size()?;
-    // A checkpoint freezes the disks at one instant: the memory's too.
-    let live = options.live && !options.with_disks;
+    // A checkpoint freezes the disks at one instant: the memory's too (a
+    // snapshot's, once QEMU has taken the device state, runs on).
+    let live = (options.live || options.snapshot) && !options.with_disks;
     let mut disks = Freeze::prepare(vm, path, options.with_disks, options.then != Then::Quit)?;
 
     let old_bandwidth = vm.monitor.migration_parameter("max-bandwidth")?;
@@ -206,6 +257,9 @@ pub(crate) fn save_plain(
         },
         None => e,
     };
+    let mut options = options.clone();
+    options.resume_when_captured = options.snapshot && options.with_disks && was_running;
+    let options = &options;
     let result = run_migration(vm, file, path, ram_bytes, options, progress);
     // Put QEMU's own setting back whatever happened.
     let _ = vm
@@ -545,6 +599,38 @@ pub(crate) fn start_outgoing(vm: &mut Vm) -> Result<PipeReader> {
     Ok(PipeReader::from(std::os::fd::OwnedFd::from(stream)))
 }
 
+/// How long a snapshot of a checkpoint may take to capture device state.
+const CAPTURE_WAIT: Duration = Duration::from_secs(30);
+
+/// Resumes the guest of a checkpoint's snapshot, paused for its disks, once
+/// QEMU has taken the device state: RAM is sent only after that, so the
+/// first growth of what was sent once the migration is active says so.
+/// (QEMU 7.2 resumes the guest itself then; later ones keep the state it
+/// had, paused.)
+fn resume_once_captured(vm: &mut Vm) -> Result<()> {
+    let deadline = Instant::now() + CAPTURE_WAIT;
+    let mut first_active = None;
+    while Instant::now() < deadline {
+        let m = vm.monitor.migration()?;
+        if m.status.is_final() {
+            break;
+        }
+        if m.status == MigrationStatus::Active {
+            match first_active {
+                None => first_active = Some(m.transferred),
+                Some(sent) if m.transferred > sent => break,
+                Some(_) => {}
+            }
+        }
+        // Polling QEMU, whose only word for it is the counter.
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    if !vm.monitor.status()?.is_running() {
+        vm.monitor.cont_after_migration()?;
+    }
+    Ok(())
+}
+
 /// The one way a save streams: QEMU's bandwidth cap set, the VM's state sent
 /// through a pipe to `writer` on a thread of its own (which counts what it
 /// read in its second argument), progress reported and a cancellation
@@ -562,6 +648,9 @@ pub(crate) fn stream<T: Send + 'static>(
     vm.monitor
         .set_migration_parameter("max-bandwidth", options.bandwidth.unwrap_or(UNCAPPED))?;
     let read_end = start_outgoing(vm)?;
+    if options.resume_when_captured {
+        resume_once_captured(vm)?;
+    }
 
     let read = Arc::new(AtomicU64::new(0));
     let (tx, rx) = mpsc::channel();

@@ -70,6 +70,8 @@ pub(crate) fn save(
         }
     };
     let started = Instant::now();
+    // The guest runs on through a live save and a snapshot.
+    let running = options.live || options.snapshot;
     let _lock = VmLock::take(vm.pid())?;
     let was_running = vm.check_migratable("save")?;
     vm.check_replayable(options.then)?;
@@ -92,7 +94,7 @@ pub(crate) fn save(
     // puts it back, as for a plain save.
     let watchdog = {
         let addr = vm.monitor.addr().clone();
-        let resume = was_running && !options.live;
+        let resume = was_running && !running;
         let then = options.then;
         let target = path.to_path_buf();
         let placed = images.clone();
@@ -131,7 +133,7 @@ pub(crate) fn save(
         image_files.iter().for_each(SaveFiles::remove);
     };
 
-    if was_running && !options.live {
+    if was_running && !running {
         if let Err(e) = vm.monitor.stop() {
             cleanup();
             return Err(e.into());
@@ -154,7 +156,7 @@ pub(crate) fn save(
         Ok(r) => r,
         Err(e) => {
             cleanup();
-            if was_running && !options.live && !matches!(e, Error::QemuExited { .. }) {
+            if was_running && !running && !matches!(e, Error::QemuExited { .. }) {
                 let _ = vm.monitor.cont();
             }
             return Err(e);
@@ -180,7 +182,7 @@ pub(crate) fn save(
         Ok(f) => f,
         Err(e) => {
             cleanup();
-            if was_running && !options.live {
+            if was_running && !running {
                 let _ = vm.monitor.cont_after_migration();
             }
             return Err(e);
@@ -274,7 +276,7 @@ pub(crate) fn save(
         Ok(m) => m,
         Err(e) => {
             cleanup();
-            if was_running && !options.live {
+            if was_running && !running {
                 let _ = vm.monitor.cont_after_migration();
             }
             return Err(e);
