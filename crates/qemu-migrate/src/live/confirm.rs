@@ -1,6 +1,8 @@
-//! The confirm channel between a migrating source and its receiver: one
-//! JSON line each way on the receiver's TCP port (Prepare: who listens;
-//! Confirm: where the guest is), told apart from QEMU's stream by its first bytes.
+//! The confirm channel between a migrating source and its receiver, on the
+//! receiver's TCP port, told apart from QEMU's stream by its first bytes:
+//! the client's hello with its nonce, the receiver's nonce and proof, the
+//! client's proof (see `tls`), then signed lines from the receiver
+//! (Prepare: who listens; Confirm: where the guest is).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpStream, ToSocketAddrs};

@@ -8,13 +8,15 @@
 //! - `Local`: a new QEMU on this host with the same command line, loading
 //!   through a private unix socket. Its QMP socket tells when the guest runs.
 //! - `Tcp`: a QEMU on another host started by [`receive`]. The receiver owns
-//!   the TCP port: the first bytes of a connection tell QEMU's stream
-//!   (`QEVM`) from a confirm channel, so one port serves both. The source's
-//!   `qemu-migrate` opens the confirm channel before the migration (the
+//!   the TCP port: the first bytes of a connection tell QEMU's stream (a TLS
+//!   handshake, or `QEVM` with `--insecure`) from a confirm channel, so one
+//!   port serves both. The source's `qemu-migrate` opens the confirm channel
+//!   before the migration (both sides prove they hold the key, then the
 //!   receiver answers with its QEMU version: Prepare) and reads the
 //!   destination's final state on it after QEMU reports `completed`
-//!   (Confirm). A plain `migrate tcp:...` from a QEMU monitor still works
-//!   against a receiver; it just gets no confirmation.
+//!   (Confirm). A plain `migrate tcp:...` from a QEMU monitor with the right
+//!   TLS credentials still works against a receiver; it just gets no
+//!   confirmation. How both channels are secured is in [`Security`].
 //!
 //! **A known QEMU bug** ([`crate::known_bugs`]): QEMU 9.0 and later under
 //! TCG abort the source of a running guest whose RAM is several blocks.
