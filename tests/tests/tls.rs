@@ -29,6 +29,9 @@ struct Receiver {
     stderr: PathBuf,
     /// Everything it printed on stdout.
     stdout: Arc<Mutex<String>>,
+    /// Its QEMU, once it said which: it outlives a receiver killed after
+    /// the guest arrived (the guest is no longer the receiver's to end).
+    qemu: Option<u32>,
 }
 
 impl Receiver {
@@ -72,7 +75,15 @@ impl Receiver {
             lines,
             stderr,
             stdout,
+            qemu: None,
         }
+    }
+
+    /// Waits for its `listening` line; the pid of its QEMU.
+    fn listening(&mut self) -> u32 {
+        let pid = self.wait_for("listening")["pid"].as_u64().unwrap() as u32;
+        self.qemu = Some(pid);
+        pid
     }
 
     fn wait_for(&self, key: &str) -> Value {
@@ -103,6 +114,9 @@ impl Drop for Receiver {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(pid) = self.qemu.filter(|p| !has_exited(*p)) {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+        }
     }
 }
 
@@ -229,9 +243,9 @@ fn only_the_sender_with_the_key_gets_its_vm_in_and_the_key_is_never_shown() {
 
         let port = free_port();
         let right_arg = right.to_str().unwrap();
-        let receiver = Receiver::start(&qemu, dir.path(), &["--tls-psk", right_arg], port, &guest);
-        let listening = receiver.wait_for("listening");
-        let dest_pid = listening["pid"].as_u64().unwrap() as u32;
+        let mut receiver =
+            Receiver::start(&qemu, dir.path(), &["--tls-psk", right_arg], port, &guest);
+        let dest_pid = receiver.listening();
 
         // Intruders, one after the other, and one that stays silent throughout.
         let _silent = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -392,8 +406,9 @@ fn with_certificates_only_a_sender_of_the_same_ca_gets_in() {
         wait_tick_above(&log, 1);
         let port = free_port();
         let pki_arg = pki.to_str().unwrap();
-        let receiver = Receiver::start(&qemu, dir.path(), &["--tls-x509", pki_arg], port, &guest);
-        let dest_pid = receiver.wait_for("listening")["pid"].as_u64().unwrap() as u32;
+        let mut receiver =
+            Receiver::start(&qemu, dir.path(), &["--tls-x509", pki_arg], port, &guest);
+        let dest_pid = receiver.listening();
 
         let end = qemu_migrates_with(&mut src, "tls-creds-x509", &other, port);
         assert_eq!(

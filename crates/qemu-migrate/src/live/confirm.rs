@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::destination::tcp_uri;
-use super::tls::Session;
+use super::tls::{Conn, Credentials, Session};
 use crate::error::{Error, Result};
 
 /// How long a new connection to the receiver may take to say what it is.
@@ -35,7 +35,7 @@ pub(super) enum Incoming {
 /// A confirm client the receiver answers, with the MAC session of its lines.
 #[derive(Debug)]
 pub(super) struct Peer {
-    pub(super) stream: TcpStream,
+    pub(super) stream: Conn,
     pub(super) session: Session,
 }
 
@@ -51,19 +51,22 @@ impl Peer {
 /// The source's end of the confirm channel: the receiver's lines, checked.
 #[derive(Debug)]
 pub(super) struct Channel {
-    reader: BufReader<TcpStream>,
+    reader: BufReader<Conn>,
     session: Session,
 }
 
 impl Channel {
     /// The socket, to see whether the receiver went away.
     pub(super) fn stream(&self) -> &TcpStream {
-        self.reader.get_ref()
+        self.reader.get_ref().tcp()
     }
 
     /// One line from the receiver, waiting up to `timeout`.
     pub(super) fn read_said(&mut self, timeout: Duration) -> std::io::Result<Said> {
-        self.reader.get_ref().set_read_timeout(Some(timeout))?;
+        self.reader
+            .get_ref()
+            .tcp()
+            .set_read_timeout(Some(timeout))?;
         let mut line = String::new();
         if self.reader.read_line(&mut line)? == 0 {
             return Err(std::io::Error::new(
@@ -116,7 +119,7 @@ pub(super) struct Said {
 
 /// Prepare: connects to the receiver, proves we hold the key and checks it
 /// does, and reads its state and QEMU version.
-pub(super) fn open_confirm(host: &str, port: u16, key: &[u8; 32]) -> Result<(Channel, Said)> {
+pub(super) fn open_confirm(host: &str, port: u16, creds: &Credentials) -> Result<(Channel, Said)> {
     let unreachable = |e: std::io::Error| Error::Receiver {
         addr: tcp_uri(host, port),
         detail: format!("no receiver there ({e}); start one on that host first"),
@@ -127,9 +130,16 @@ pub(super) fn open_confirm(host: &str, port: u16, key: &[u8; 32]) -> Result<(Cha
         .next()
         .ok_or_else(|| unreachable(std::io::ErrorKind::NotFound.into()))?;
     let mut stream = TcpStream::connect_timeout(&addr, HELLO_TIMEOUT).map_err(unreachable)?;
-    let (hello, pending) = super::tls::client_hello(key)?;
+    let tls = creds.server_tls().is_some() || creds.has_client_tls();
+    let (hello, pending) = super::tls::client_hello(creds.auth_key(), tls)?;
     stream.write_all(hello.as_bytes()).map_err(unreachable)?;
-    let mut reader = BufReader::new(stream);
+    let conn = creds
+        .client_conn(stream, host, HELLO_TIMEOUT)
+        .map_err(|detail| Error::NotAuthenticated {
+            addr: tcp_uri(host, port),
+            detail: format!("the receiver was not authenticated: {detail}"),
+        })?;
+    let mut reader = BufReader::new(conn);
     let session = pending
         .finish(&mut reader, HELLO_TIMEOUT)
         .map_err(|detail| Error::NotAuthenticated {

@@ -287,8 +287,8 @@ pub fn live(
             }
         }
         Destination::Tcp { host, port } => {
-            let key = creds.as_ref().expect("loaded for TCP").auth_key();
-            let (stream, said) = confirm::open_confirm(host, *port, key)?;
+            let creds = creds.as_ref().expect("loaded for TCP");
+            let (stream, said) = confirm::open_confirm(host, *port, creds)?;
             if let Ok(theirs) = said.qemu.parse::<qemu_monitor::QemuVersion>() {
                 if theirs < vm.version() {
                     return Err(Error::OlderDestination {

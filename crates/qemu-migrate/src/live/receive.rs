@@ -196,9 +196,10 @@ impl Receiver {
         let thread = {
             let stop = Arc::clone(&stop);
             let key = *creds.auth_key();
+            let server_tls = creds.server_tls();
             std::thread::Builder::new()
                 .name("receive-accept".into())
-                .spawn(move || accept_loop(listener, tx, &stop, listening, key, to))
+                .spawn(move || accept_loop(listener, tx, &stop, listening, key, server_tls, to))
                 .map_err(Error::os("starting the thread that accepts connections"))?
         };
         Ok(Receiver {
@@ -386,6 +387,7 @@ fn accept_loop(
     stop: &AtomicBool,
     listening: Said,
     key: [u8; 32],
+    server_tls: Option<Arc<rustls::ServerConfig>>,
     to: StreamTo,
 ) {
     let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -403,12 +405,13 @@ fn accept_loop(
             continue;
         }
         pending.fetch_add(1, Ordering::Relaxed);
-        let (tx, listening, to, mine, handed) = (
+        let (tx, listening, to, mine, handed, server_tls) = (
             tx.clone(),
             listening.clone(),
             to.clone(),
             Arc::clone(&pending),
             Arc::clone(&handed),
+            server_tls.clone(),
         );
         let spawned = std::thread::Builder::new()
             .name("receive-sort".into())
@@ -418,12 +421,24 @@ fn accept_loop(
                 };
                 match (classify(&stream), &to) {
                     (Some(Kind::Hello), _) => {
-                        let session = read_hello(&stream).and_then(|hello| {
-                            tls::server_handshake(&stream, &hello, &key, HELLO_TIMEOUT)
+                        let authenticated = read_hello(&stream).and_then(|hello| {
+                            // x509: the channel runs through TLS, and only then.
+                            let wants_tls =
+                                hello.get("tls") == Some(&serde_json::Value::Bool(true));
+                            let mut conn = match (&server_tls, wants_tls) {
+                                (Some(config), true) => {
+                                    tls::server_conn(stream, config, HELLO_TIMEOUT)?
+                                }
+                                (None, false) => tls::Conn::Plain(stream),
+                                _ => return None,
+                            };
+                            let session =
+                                tls::server_handshake(&mut conn, &hello, &key, HELLO_TIMEOUT)?;
+                            Some((conn, session))
                         });
                         mine.fetch_sub(1, Ordering::Relaxed);
-                        match session {
-                            Some(session) => {
+                        match authenticated {
+                            Some((stream, session)) => {
                                 let mut peer = Peer { stream, session };
                                 // Prepare: the client learns who listens before QEMU sends anything.
                                 peer.say(&listening);

@@ -17,17 +17,21 @@
 //!   not secret, only their origin matters.
 //!
 //! With x509 certificates the hosts share no secret (each holds its own
-//! private key), so the confirm channel is keyed from the CA certificate:
-//! that proves both sides trust the same CA, not who they are; the stream
-//! itself is authenticated by QEMU's TLS with the certificates.
+//! private key), so the confirm channel itself runs through TLS with the
+//! same certificates (rustls, after the hello line): the receiver proves
+//! its certificate for the host name in `--to` and verifies the sender's,
+//! both against `ca-cert.pem`, as QEMU does for the stream.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::Sha256;
@@ -106,8 +110,15 @@ pub(super) struct Credentials {
 }
 
 enum Kind {
-    Psk { identity: String, key: Vec<u8> },
-    X509 { dir: PathBuf },
+    Psk {
+        identity: String,
+        key: Vec<u8>,
+    },
+    X509 {
+        dir: PathBuf,
+        server: Option<Arc<rustls::ServerConfig>>,
+        client: Option<Arc<rustls::ClientConfig>>,
+    },
     Insecure,
 }
 
@@ -115,7 +126,7 @@ impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let kind = match &self.kind {
             Kind::Psk { identity, .. } => format!("psk (identity {identity}, key redacted)"),
-            Kind::X509 { dir } => format!("x509 {}", dir.display()),
+            Kind::X509 { dir, .. } => format!("x509 {}", dir.display()),
             Kind::Insecure => "insecure".to_string(),
         };
         f.debug_struct("Credentials").field("kind", &kind).finish()
@@ -161,11 +172,21 @@ impl Credentials {
                     dir.join("ca-cert.pem"),
                     "reading the CA certificate",
                 ))?;
+                // Inside the channel's TLS, which is what authenticates it,
+                // the lines keep one protocol, keyed from the CA both name.
                 let auth = derive(&ca, b"qemu-migrate confirm channel, x509 CA");
                 let dir = std::fs::canonicalize(dir)
                     .map_err(Error::file(dir, "resolving the certificate directory"))?;
+                let (server, client) = match endpoint {
+                    Endpoint::Server => (Some(server_config(&dir)?), None),
+                    Endpoint::Client => (None, Some(client_config(&dir)?)),
+                };
                 Ok(Credentials {
-                    kind: Kind::X509 { dir },
+                    kind: Kind::X509 {
+                        dir,
+                        server,
+                        client,
+                    },
                     auth,
                 })
             }
@@ -210,7 +231,7 @@ impl Credentials {
                 }
                 ("tls-creds-psk", Some(dir))
             }
-            Kind::X509 { dir } => {
+            Kind::X509 { dir, .. } => {
                 props.insert("dir".into(), path_value(dir));
                 if endpoint == Endpoint::Server {
                     props.insert("verify-peer".into(), Value::Bool(true));
@@ -232,6 +253,214 @@ impl Credentials {
     /// The confirm channel's key.
     pub(super) fn auth_key(&self) -> &[u8; 32] {
         &self.auth
+    }
+
+    /// Whether the sender's confirm channel runs through TLS (x509).
+    pub(super) fn has_client_tls(&self) -> bool {
+        matches!(
+            self.kind,
+            Kind::X509 {
+                client: Some(_),
+                ..
+            }
+        )
+    }
+
+    /// The receiver's TLS for its confirm channel (x509 only).
+    pub(super) fn server_tls(&self) -> Option<Arc<rustls::ServerConfig>> {
+        match &self.kind {
+            Kind::X509 { server, .. } => server.clone(),
+            _ => None,
+        }
+    }
+
+    /// The sender's end of the confirm channel: TLS to `host` with the
+    /// certificates (x509), else the socket as it is.
+    ///
+    /// # Errors
+    /// What failed in the handshake: the receiver's certificate, or ours.
+    pub(super) fn client_conn(
+        &self,
+        tcp: TcpStream,
+        host: &str,
+        timeout: Duration,
+    ) -> std::result::Result<Conn, String> {
+        let Kind::X509 {
+            client: Some(config),
+            ..
+        } = &self.kind
+        else {
+            return Ok(Conn::Plain(tcp));
+        };
+        let name = ServerName::try_from(host.to_string())
+            .map_err(|e| format!("{host} is not a host name for a certificate ({e})"))?;
+        let mut conn =
+            rustls::ClientConnection::new(Arc::clone(config), name).map_err(|e| e.to_string())?;
+        let mut tcp = tcp;
+        tcp.set_read_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
+        while conn.is_handshaking() {
+            conn.complete_io(&mut tcp)
+                .map_err(|e| format!("the TLS handshake failed: {e}"))?;
+        }
+        Ok(Conn::Client(Box::new(rustls::StreamOwned::new(conn, tcp))))
+    }
+}
+
+/// The crypto the confirm channel's TLS uses: ring, which builds with a
+/// C compiler alone (aws-lc needs more). Its lack of post-quantum key
+/// exchange is why rustls deprecates it as the default; the channel's
+/// lines are not secret, only their origin matters.
+#[allow(deprecated)]
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read_pem<T>(path: &Path, what: &str, parse: impl Fn(&[u8]) -> Option<T>) -> Result<T> {
+    let bytes = std::fs::read(path).map_err(Error::file(path, "reading a certificate file"))?;
+    parse(&bytes).ok_or_else(|| Error::BadCredentials {
+        path: path.to_path_buf(),
+        reason: format!("no {what} in PEM form in it"),
+    })
+}
+
+fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    read_pem(path, "certificate", |b| {
+        let v: Vec<_> = CertificateDer::pem_slice_iter(b)
+            .collect::<std::result::Result<_, _>>()
+            .ok()?;
+        (!v.is_empty()).then_some(v)
+    })
+}
+
+fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
+    read_pem(path, "private key", |b| {
+        PrivateKeyDer::from_pem_slice(b).ok()
+    })
+}
+
+fn roots(dir: &Path) -> Result<Arc<rustls::RootCertStore>> {
+    let path = dir.join("ca-cert.pem");
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs(&path)? {
+        roots.add(c).map_err(|e| Error::BadCredentials {
+            path: path.clone(),
+            reason: format!("not a usable CA certificate: {e}"),
+        })?;
+    }
+    Ok(Arc::new(roots))
+}
+
+fn bad_config(dir: &Path) -> impl Fn(rustls::Error) -> Error + '_ {
+    move |e| Error::BadCredentials {
+        path: dir.to_path_buf(),
+        reason: format!("the certificates cannot be used: {e}"),
+    }
+}
+
+fn server_config(dir: &Path) -> Result<Arc<rustls::ServerConfig>> {
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots(dir)?, provider())
+            .build()
+            .map_err(|e| Error::BadCredentials {
+                path: dir.join("ca-cert.pem"),
+                reason: format!("cannot verify clients with it: {e}"),
+            })?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(bad_config(dir))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            certs(&dir.join("server-cert.pem"))?,
+            private_key(&dir.join("server-key.pem"))?,
+        )
+        .map_err(bad_config(dir))?;
+    // Nothing may follow the handshake but our own lines.
+    config.send_tls13_tickets = 0;
+    Ok(Arc::new(config))
+}
+
+fn client_config(dir: &Path) -> Result<Arc<rustls::ClientConfig>> {
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(bad_config(dir))?
+        .with_root_certificates(roots(dir)?)
+        .with_client_auth_cert(
+            certs(&dir.join("client-cert.pem"))?,
+            private_key(&dir.join("client-key.pem"))?,
+        )
+        .map_err(bad_config(dir))?;
+    Ok(Arc::new(config))
+}
+
+/// The receiver's end of a confirm channel that asked for TLS.
+pub(super) fn server_conn(
+    tcp: TcpStream,
+    config: &Arc<rustls::ServerConfig>,
+    timeout: Duration,
+) -> Option<Conn> {
+    let mut conn = rustls::ServerConnection::new(Arc::clone(config)).ok()?;
+    let mut tcp = tcp;
+    tcp.set_read_timeout(Some(timeout)).ok()?;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).ok()?;
+    }
+    Some(Conn::Server(Box::new(rustls::StreamOwned::new(conn, tcp))))
+}
+
+/// A confirm channel's connection: the socket, or TLS over it (x509).
+pub(super) enum Conn {
+    Plain(TcpStream),
+    Client(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+    Server(Box<rustls::StreamOwned<rustls::ServerConnection, TcpStream>>),
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let tls = !matches!(self, Conn::Plain(_));
+        f.debug_struct("Conn")
+            .field("tcp", self.tcp())
+            .field("tls", &tls)
+            .finish()
+    }
+}
+
+impl Conn {
+    /// The socket underneath.
+    pub(super) fn tcp(&self) -> &TcpStream {
+        match self {
+            Conn::Plain(s) => s,
+            Conn::Client(s) => &s.sock,
+            Conn::Server(s) => &s.sock,
+        }
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.read(buf),
+            Conn::Client(s) => s.read(buf),
+            Conn::Server(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.write(buf),
+            Conn::Client(s) => s.write(buf),
+            Conn::Server(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.flush(),
+            Conn::Client(s) => s.flush(),
+            Conn::Server(s) => s.flush(),
+        }
     }
 }
 
@@ -426,10 +655,11 @@ impl Session {
     }
 }
 
-/// The hello a confirm client opens with: its role and its nonce.
-pub(super) fn client_hello(key: &[u8; 32]) -> Result<(String, ClientPending)> {
+/// The hello a confirm client opens with: its role, its nonce, and whether
+/// TLS follows (x509).
+pub(super) fn client_hello(key: &[u8; 32], tls: bool) -> Result<(String, ClientPending)> {
     let client = nonce()?;
-    let hello = json!({ "qemu-migrate": "confirm", "nonce": encode_hex(&client) });
+    let hello = json!({ "qemu-migrate": "confirm", "nonce": encode_hex(&client), "tls": tls });
     Ok((format!("{hello}\n"), ClientPending { key: *key, client }))
 }
 
@@ -447,11 +677,12 @@ impl ClientPending {
     /// A description of what the receiver failed to prove or say.
     pub(super) fn finish(
         self,
-        reader: &mut BufReader<TcpStream>,
+        reader: &mut BufReader<Conn>,
         timeout: Duration,
     ) -> std::result::Result<Session, String> {
         reader
             .get_ref()
+            .tcp()
             .set_read_timeout(Some(timeout))
             .map_err(|e| e.to_string())?;
         let mut line = String::new();
@@ -498,7 +729,7 @@ impl ClientPending {
 /// and the client's proof checked; `None` for a client that cannot prove it
 /// holds the key (it is dropped without a word).
 pub(super) fn server_handshake(
-    stream: &TcpStream,
+    stream: &mut Conn,
     hello: &Value,
     key: &[u8; 32],
     timeout: Duration,
@@ -514,13 +745,13 @@ pub(super) fn server_handshake(
         ),
     };
     let text = format!("{}\n", serde_json::to_string(&challenge).ok()?);
-    (&*stream).write_all(text.as_bytes()).ok()?;
-    stream.set_read_timeout(Some(timeout)).ok()?;
+    stream.write_all(text.as_bytes()).ok()?;
+    stream.tcp().set_read_timeout(Some(timeout)).ok()?;
     // Read byte by byte: nothing after the line may be taken from the socket.
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
     while line.len() < 1024 {
-        match (&*stream).read(&mut byte) {
+        match stream.read(&mut byte) {
             Ok(1) if byte[0] == b'\n' => break,
             Ok(1) => line.push(byte[0]),
             _ => return None,
