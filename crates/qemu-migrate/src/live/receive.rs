@@ -349,7 +349,7 @@ enum StreamTo {
     Relay(PathBuf),
 }
 
-/// At most this many connections are sorted at once; more are dropped.
+/// At most this many connections are sorted or relayed at once; more are dropped.
 const MAX_PENDING: usize = 64;
 
 /// Sorts what the listener thread sent: confirm clients kept, refusals said.
@@ -456,10 +456,11 @@ fn accept_loop(
                         }
                     }
                     (Some(Kind::Tls), StreamTo::Relay(socket)) => {
-                        mine.fetch_sub(1, Ordering::Relaxed);
+                        // Counted while it lasts: QEMU gives a handshake no deadline.
                         if relay(stream, socket).is_ok() {
                             let _ = tx.send(Incoming::Ended(peer));
                         }
+                        mine.fetch_sub(1, Ordering::Relaxed);
                     }
                     (Some(Kind::PlainStream), StreamTo::Relay(_)) => {
                         mine.fetch_sub(1, Ordering::Relaxed);
@@ -503,7 +504,7 @@ fn relay(stream: TcpStream, socket: &std::path::Path) -> std::io::Result<()> {
 
 /// Copies until the end, in large chunks (the stream is most of guest RAM).
 fn copy(from: &mut impl std::io::Read, to: &mut impl Write) -> std::io::Result<u64> {
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; 256 << 10];
     let mut total = 0;
     loop {
         let n = match from.read(&mut buf) {
