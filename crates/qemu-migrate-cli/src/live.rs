@@ -1,5 +1,6 @@
 //! `qemu-migrate live` and `receive`: a VM moved while it runs.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
@@ -210,6 +211,28 @@ pub(crate) fn live(args: &LiveArgs, cli: &Cli, cancel: Arc<AtomicBool>) -> Resul
     Ok(ExitCode::SUCCESS)
 }
 
+/// A receiver's progress whose notes (connections it refused) reach stderr
+/// also where no progress is shown: a receiver run by a service manager
+/// must still say whom it turned away.
+struct Refusals<'a> {
+    inner: &'a dyn qemu_migrate::progress::Progress,
+    to_stderr: bool,
+}
+
+impl qemu_migrate::progress::Progress for Refusals<'_> {
+    fn update(&self, phase: &str, done: u64, total: Option<u64>) {
+        self.inner.update(phase, done, total);
+    }
+
+    fn note(&self, text: &str) {
+        if self.to_stderr {
+            eprintln!("qemu-migrate: {text}");
+        } else {
+            self.inner.note(text);
+        }
+    }
+}
+
 pub(crate) fn receive(
     args: &ReceiveArgs,
     cli: &Cli,
@@ -250,7 +273,11 @@ pub(crate) fn receive(
         );
     }
     let shown = Shown::new(cli);
-    let received = receiver.finish(&options, shown.progress());
+    let progress = Refusals {
+        inner: shown.progress(),
+        to_stderr: !cli.json && !cli.quiet && !std::io::stderr().is_terminal(),
+    };
+    let received = receiver.finish(&options, &progress);
     shown.done();
     let received = received?;
     let pid = received.vm.pid();
