@@ -487,11 +487,12 @@ fn accept_loop(
 fn relay(stream: TcpStream, socket: &std::path::Path) -> std::io::Result<()> {
     let qemu = std::os::unix::net::UnixStream::connect(socket)?;
     stream.set_read_timeout(None)?;
-    let (mut from_peer, mut to_qemu) = (stream.try_clone()?, qemu.try_clone()?);
+    let (from_peer, to_qemu) = (stream.try_clone()?, qemu.try_clone()?);
     let up = std::thread::Builder::new()
         .name("receive-relay".into())
         .spawn(move || {
-            let _ = copy(&mut from_peer, &mut to_qemu);
+            // The stream itself: through a pipe, never copied into this process.
+            let _ = os::splice_all(from_peer.as_fd(), to_qemu.as_fd());
             let _ = to_qemu.shutdown(std::net::Shutdown::Write);
         })?;
     let (mut from_qemu, mut to_peer) = (qemu, stream);
@@ -502,9 +503,9 @@ fn relay(stream: TcpStream, socket: &std::path::Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Copies until the end, in large chunks (the stream is most of guest RAM).
+/// Copies until the end (QEMU's side of the handshake: a few KB).
 fn copy(from: &mut impl std::io::Read, to: &mut impl Write) -> std::io::Result<u64> {
-    let mut buf = vec![0u8; 256 << 10];
+    let mut buf = vec![0u8; 64 << 10];
     let mut total = 0;
     loop {
         let n = match from.read(&mut buf) {

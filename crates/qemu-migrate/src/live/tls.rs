@@ -144,7 +144,11 @@ impl Credentials {
         match security.ok_or(Error::NoSecurity)? {
             Security::Psk(path) => {
                 let (identity, key) = read_psk(path)?;
-                let auth = derive(&key, b"qemu-migrate confirm channel, psk");
+                // The identity too: QEMU looks the key up by it, so two
+                // files that differ in it are refused here, in words.
+                let mut label = b"qemu-migrate confirm channel, psk, identity ".to_vec();
+                label.extend_from_slice(identity.as_bytes());
+                let auth = derive(&key, &label);
                 Ok(Credentials {
                     kind: Kind::Psk { identity, key },
                     auth,
@@ -700,8 +704,8 @@ impl ClientPending {
         proof(&self.key, b"receiver", &self.client, &server)
             .verify_slice(&theirs)
             .map_err(|_| {
-                "it could not prove it holds the same key or CA: the key files differ (or it is \
-                 not the receiver you meant)"
+                "it could not prove it holds the same key: the key files differ (key or identity), \
+                 or it is not the receiver you meant"
                     .to_string()
             })?;
         let ours = proof(&self.key, b"sender", &self.client, &server).finalize();

@@ -16,12 +16,14 @@ mod fds;
 mod files;
 mod lock;
 mod process;
+mod relay;
 mod watchdog;
 
 pub use fds::*;
 pub use files::*;
 pub use lock::*;
 pub use process::*;
+pub use relay::*;
 pub use watchdog::*;
 
 /// The pipe's buffer: large, so QEMU and the copying thread rarely wait on each other.
