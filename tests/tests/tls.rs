@@ -120,14 +120,19 @@ impl Drop for Receiver {
     }
 }
 
-/// The destination's `info status`, through its human monitor.
-fn dest_status(dir: &Path) -> String {
+/// What the destination's human monitor answers to `command`.
+fn hmp(dir: &Path, command: &str) -> String {
     let out = Command::new(bin("monitor-send"))
         .arg(dir.join("dest.hmp"))
-        .arg("info status")
+        .arg(command)
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The destination's `info status`.
+fn dest_status(dir: &Path) -> String {
+    hmp(dir, "info status")
 }
 
 /// Sends `bytes` on a new connection and waits for the receiver to close it.
@@ -274,6 +279,13 @@ fn only_the_sender_with_the_key_gets_its_vm_in_and_the_key_is_never_shown() {
         );
         assert!(!receiver.received_anything());
 
+        // QEMU reads the key from a private directory, which goes with the migration.
+        let key_dir = hmp(dir.path(), "qom-get /objects/qemu-migrate-tls dir");
+        let key_dir = PathBuf::from(key_dir.trim().trim_matches('"'));
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&key_dir), 0o700, "{}", key_dir.display());
+        assert_eq!(mode(&key_dir.join("keys.psk")), 0o600);
+
         // The key is nowhere a user or another process could read it.
         let mut seen = String::new();
         for pid in [receiver.child.id(), dest_pid, src.pid()] {
@@ -292,6 +304,11 @@ fn only_the_sender_with_the_key_gets_its_vm_in_and_the_key_is_never_shown() {
         assert_eq!(received["state"], "running", "{received}");
         assert_eq!(received["pid"].as_u64(), Some(u64::from(dest_pid)));
         wait_tick_above(&log, before + 2);
+        assert!(
+            !key_dir.exists(),
+            "{} outlived the migration",
+            key_dir.display()
+        );
         seen += &String::from_utf8_lossy(&out.stdout);
         seen += &stderr;
         // It said whom it refused, and why (QEMU's words on stderr, ours as notes).
