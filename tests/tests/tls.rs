@@ -518,3 +518,39 @@ fn without_a_key_a_tcp_migration_is_refused_and_insecure_says_so() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_receiver_killed_while_waiting_leaves_neither_its_qemu_nor_the_key_behind() {
+    for qemu in qemus() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = key_file(dir.path());
+        let none = ["-M".to_string(), "none".to_string()];
+        let mut receiver = Receiver::start(
+            &qemu,
+            dir.path(),
+            &["--tls-psk", key.to_str().unwrap()],
+            free_port(),
+            &none,
+        );
+        let dest_pid = receiver.listening();
+        let key_dir = hmp(dir.path(), "qom-get /objects/qemu-migrate-tls dir");
+        let key_dir = PathBuf::from(key_dir.trim().trim_matches('"'));
+        assert!(key_dir.join("keys.psk").exists(), "{}", key_dir.display());
+        receiver.child.kill().unwrap();
+        let _ = receiver.child.wait();
+        let deadline = Instant::now() + LONG;
+        while (!has_exited(dest_pid) || key_dir.exists()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            has_exited(dest_pid),
+            "{}: its QEMU outlived it",
+            qemu.display()
+        );
+        assert!(
+            !key_dir.exists(),
+            "{} outlived the receiver",
+            key_dir.display()
+        );
+    }
+}

@@ -80,6 +80,8 @@ pub struct Receiver {
     _creds: Option<tls::Installed>,
     /// Where QEMU's TLS socket is.
     _socket_dir: Option<tempfile::TempDir>,
+    /// Removes both directories if this process dies before it does.
+    _sweeper: Option<crate::os::Watchdog>,
 }
 
 /// A received VM: running (or paused, as it was on the source).
@@ -184,6 +186,24 @@ impl Receiver {
         } else {
             (None, StreamTo::Fd)
         };
+        // Killed (kill -9 included) before the end, this process leaves no
+        // copy of the key behind: QEMU's watchdog ends QEMU, this one the files.
+        let private: Vec<PathBuf> = installed
+            .as_ref()
+            .and_then(tls::Installed::key_dir)
+            .into_iter()
+            .chain(socket_dir.as_ref().map(tempfile::TempDir::path))
+            .map(PathBuf::from)
+            .collect();
+        let sweeper = if private.is_empty() {
+            None
+        } else {
+            Some(crate::os::Watchdog::spawn(move |_| {
+                for d in private {
+                    let _ = std::fs::remove_dir_all(d);
+                }
+            })?)
+        };
         let (tx, incoming) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let listening = Said {
@@ -214,6 +234,7 @@ impl Receiver {
             tls: creds.is_tls(),
             _creds: installed,
             _socket_dir: socket_dir,
+            _sweeper: sweeper,
         })
     }
 

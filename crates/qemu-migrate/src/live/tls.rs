@@ -474,6 +474,13 @@ pub(super) struct Installed {
     _dir: Option<tempfile::TempDir>,
 }
 
+impl Installed {
+    /// The private directory holding QEMU's copy of the key, if any.
+    pub(super) fn key_dir(&self) -> Option<&Path> {
+        self._dir.as_ref().map(tempfile::TempDir::path)
+    }
+}
+
 /// Unsets `tls-creds` and deletes the credentials object, so that a later
 /// save of that QEMU (through a pipe) is not wrapped in TLS.
 pub(super) fn remove(monitor: &mut qemu_monitor::Monitor) {
