@@ -207,9 +207,9 @@ impl Credentials {
     }
 
     /// Creates the credentials in QEMU (pid `qemu_pid`) and sets its
-    /// `tls-creds`; a key goes through a private directory that lives
-    /// as long as the returned value (the receiving QEMU reads it at each
-    /// handshake). Nothing for `--insecure`.
+    /// `tls-creds`; a key goes through a private directory, removed at once
+    /// for a sending QEMU and with the returned value for a receiving one.
+    /// Nothing for `--insecure`.
     ///
     /// # Errors
     /// The private directory cannot be made, or QEMU refuses the object.
@@ -251,6 +251,10 @@ impl Credentials {
             let _ = monitor.object_del(CREDS_ID);
             return Err(e.into());
         }
+        // A sending QEMU read its key when the object was made
+        // (crypto/tlscredspsk.c); only a receiving one reads it at each
+        // handshake, so only its copy lives on.
+        let dir = dir.filter(|_| endpoint == Endpoint::Server);
         Ok(Some(Installed { _dir: dir }))
     }
 
