@@ -4,17 +4,20 @@
 //!   `tls-creds-x509` object created through each QEMU's monitor (never on a
 //!   command line) and named by the `tls-creds` migration parameter. The
 //!   pre-shared key reaches QEMU as a `keys.psk` file in a private `0700`
-//!   directory, `0600`, removed when the migration ends; certificates are
-//!   read by QEMU from the user's directory, where they stay.
+//!   directory, `0600`, removed as soon as the sending QEMU read it and
+//!   when the migration ends on the receiving side (or by a watchdog if
+//!   the receiver is killed); certificates are read by QEMU from the
+//!   user's directory, where they stay.
 //! - **Our confirm channel** (who listens, then where the guest is) is
 //!   authenticated with an HMAC-SHA256 challenge-response over nonces from
 //!   both sides, keyed from the same pre-shared key, and every line the
 //!   receiver sends after it carries a MAC over both nonces and its
 //!   sequence number: a client without the key learns nothing, and nobody
 //!   between the hosts can forge the "the guest runs here" that makes the
-//!   source quit. It needs no second secret and no TLS library, and QEMU's
-//!   TLS already keeps the guest's RAM secret; what the confirm lines say is
-//!   not secret, only their origin matters.
+//!   source quit (or, worse, a "failed" that makes it resume while the
+//!   guest runs on the destination too). It needs no second secret, and
+//!   QEMU's TLS already keeps the guest's RAM secret; what the confirm
+//!   lines say is not secret, only their origin matters.
 //!
 //! With x509 certificates the hosts share no secret (each holds its own
 //! private key), so the confirm channel itself runs through TLS with the
