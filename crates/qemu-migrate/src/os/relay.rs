@@ -8,7 +8,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use super::PIPE_BUFFER;
 
 /// Moves everything `from` sends into `to`, until `from` ends, with
-/// splice(2) through a pipe of [`PIPE_BUFFER`] bytes; returns how many
+/// splice(2) through a pipe of `PIPE_BUFFER` bytes; returns how many
 /// bytes moved. Both are blocking sockets.
 ///
 /// # Errors
