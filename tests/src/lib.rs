@@ -264,3 +264,24 @@ pub fn slow_live_midway(hmp: &Path) -> Child {
 pub fn migrate() -> Command {
     Command::new(bin("qemu-migrate"))
 }
+
+/// A fresh pre-shared key file for `--tls-psk` in `dir` (`key.psk`, mode
+/// 600, the hex key alone), as both hosts of a migration would hold it.
+pub fn key_file(dir: &Path) -> PathBuf {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut key = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut key))
+        .expect("reading /dev/urandom");
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    let path = dir.join("key.psk");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .expect("creating the key file");
+    std::io::Write::write_all(&mut f, format!("{hex}\n").as_bytes()).expect("writing the key");
+    path
+}

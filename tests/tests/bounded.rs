@@ -8,7 +8,9 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use recipe_tests::{bin, free_port, guest_logged_to, log_ticks, qemus, wait_tick_above, Vm};
+use recipe_tests::{
+    bin, free_port, guest_logged_to, key_file, log_ticks, qemus, wait_tick_above, Vm,
+};
 
 fn live(vm: &Vm, extra: &[&str]) -> (std::process::Output, Duration) {
     let started = Instant::now();
@@ -128,9 +130,14 @@ fn the_death_of_the_receiving_side_is_noticed_within_seconds() {
         let mut vm = Vm::start(&qemu, &options);
         wait_tick_above(&log, 1);
         let addr = format!("tcp:127.0.0.1:{}", free_port());
+        let key = key_file(dir.path());
         let mut receiver = Killed(
             Command::new(bin("qemu-migrate"))
-                .args(["--json", "receive", "--listen", &addr, "--qemu"])
+                .arg("--json")
+                .arg("receive")
+                .arg("--tls-psk")
+                .arg(&key)
+                .args(["--listen", &addr, "--qemu"])
                 .arg(&qemu)
                 .arg("--")
                 .args(&options)
@@ -148,6 +155,8 @@ fn the_death_of_the_receiving_side_is_noticed_within_seconds() {
             Command::new(bin("qemu-migrate"))
                 .args(["--json", "live", "--monitor"])
                 .arg(&vm.hmp)
+                .arg("--tls-psk")
+                .arg(&key)
                 .args(["--to", &addr, "--bandwidth", "1", "--no-auto-converge"])
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())

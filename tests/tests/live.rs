@@ -9,7 +9,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use qemu_monitor::Options;
-use recipe_tests::{bin, qemus, Vm};
+use recipe_tests::{bin, key_file, qemus, Vm};
 use serde_json::Value;
 
 /// A 256 MiB guest that boots without downloads (SeaBIOS, no disk).
@@ -382,6 +382,8 @@ impl Drop for Namespaces {
 #[test]
 fn live_migration_over_tcp_between_namespaces() {
     let ns = Namespaces::create();
+    let keys = tempfile::tempdir().expect("tempdir");
+    let key = key_file(keys.path());
     for (i, qemu) in qemus().into_iter().enumerate() {
         let port = (4444 + i).to_string();
         // The source QEMU runs in namespace A: QEMU itself opens the TCP stream.
@@ -399,7 +401,9 @@ fn live_migration_over_tcp_between_namespaces() {
         let dest_qmp = dest_dir.path().join("qmp.sock");
         let mut receiver_cmd = ns.exec(&ns.b, &bin("qemu-migrate"));
         receiver_cmd
-            .args(["--json", "receive", "--listen"])
+            .args(["--json", "receive", "--tls-psk"])
+            .arg(&key)
+            .arg("--listen")
             .arg(format!("tcp:10.77.0.2:{port}"))
             .arg("--qemu")
             .arg(&qemu)
@@ -413,7 +417,9 @@ fn live_migration_over_tcp_between_namespaces() {
         receiver.wait_for("the receiver listening", |v| v.get("listening").is_some());
 
         let mut live = ns.exec(&ns.a, &bin("qemu-migrate"));
-        live.args(["--json", "live", "--monitor"])
+        live.args(["--json", "live", "--tls-psk"])
+            .arg(&key)
+            .arg("--monitor")
             .arg(&src.hmp)
             .arg("--to")
             .arg(format!("tcp:10.77.0.2:{port}"));

@@ -186,7 +186,7 @@ fn a_live_migration_to_a_receiver_on_a_newer_qemu_without_the_machine_type_is_re
     // The receiver is given the source's options, which name no machine type:
     // QEMU 10 would make them pc-i440fx-10.0.
     let mut receiver = Command::new(bin("qemu-migrate"))
-        .args(["--json", "receive", "--listen"])
+        .args(["--json", "receive", "--insecure", "--listen"])
         .arg(format!("tcp:127.0.0.1:{port}"))
         .arg("--qemu")
         .arg(&newest)
@@ -204,7 +204,7 @@ fn a_live_migration_to_a_receiver_on_a_newer_qemu_without_the_machine_type_is_re
     assert!(line.contains("listening"), "the receiver said {line:?}");
 
     let live = migrate()
-        .args(["live", "--monitor"])
+        .args(["live", "--insecure", "--monitor"])
         .arg(&src.hmp)
         .arg("--to")
         .arg(format!("tcp:127.0.0.1:{port}"))
@@ -245,7 +245,7 @@ fn a_receiver_on_a_newer_qemu_started_from_a_manifest_pins_the_saved_machine_typ
     let (statefile, _) = save_ticking(&oldest, dir.path(), None);
     let port = free_port();
     let mut receiver = Command::new(bin("qemu-migrate"))
-        .args(["--json", "receive", "--listen"])
+        .args(["--json", "receive", "--insecure", "--listen"])
         .arg(format!("tcp:127.0.0.1:{port}"))
         .arg("--qemu")
         .arg(&newest)

@@ -127,6 +127,9 @@ enum Task {
         /// RAM (`-m`, libvirt-shaped, two NUMA nodes).
         #[arg(long)]
         shapes_only: bool,
+        /// Only the live migration rows (local, TCP in clear, TCP with TLS).
+        #[arg(long)]
+        live_only: bool,
     },
     /// Build the test guest (fixtures/guest) into target/guest.
     BuildGuest,
@@ -149,6 +152,7 @@ fn main() -> ExitCode {
             fill,
             instant_only,
             shapes_only,
+            live_only,
         } => bench::run(
             &root,
             &bench::Args {
@@ -158,6 +162,7 @@ fn main() -> ExitCode {
                 fill_mib: fill,
                 instant_only,
                 shapes_only,
+                live_only,
             },
         ),
         Task::Fuzz { seconds } => fuzz::run(&root, seconds),

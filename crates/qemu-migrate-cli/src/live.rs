@@ -1,5 +1,6 @@
 //! `qemu-migrate live` and `receive`: a VM moved while it runs.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
@@ -12,11 +13,46 @@ use crate::progress::Shown;
 use crate::Cli;
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use qemu_migrate::live::{
-    self as library, AfterLive, Destination, LiveOptions, ReceiveOptions, VmSpec,
+    self as library, AfterLive, Destination, LiveOptions, ReceiveOptions, Security, VmSpec,
 };
 use qemu_migrate::Vm;
 
 use crate::restore::{console, hand_over};
+
+/// How a migration over TCP is secured: one of the three, on both hosts.
+#[derive(Debug, clap::Args)]
+#[group(multiple = false)]
+pub(crate) struct SecurityArgs {
+    /// QEMU's TLS with a pre-shared key from FILE, which both hosts hold:
+    /// one line `IDENTITY:HEXKEY` (QEMU's keys.psk form) or the hex key
+    /// alone, mode 600; make one with `head -c 32 /dev/urandom | xxd -p -c 64`.
+    #[arg(long, value_name = "FILE")]
+    tls_psk: Option<PathBuf>,
+    /// QEMU's TLS with x509 certificates in DIR, laid out as libvirt's
+    /// /etc/pki/qemu: ca-cert.pem, server-cert.pem and server-key.pem for
+    /// `receive`, ca-cert.pem, client-cert.pem and client-key.pem for `live`.
+    #[arg(long, value_name = "DIR")]
+    tls_x509: Option<PathBuf>,
+    /// Migrate over TCP in clear, unauthenticated: guest RAM crosses the
+    /// network readable by anyone on the way, and anyone who reaches the
+    /// port can send a VM.
+    #[arg(long)]
+    insecure: bool,
+}
+
+impl SecurityArgs {
+    /// The choice made, saying on stderr what `--insecure` means.
+    fn security(&self) -> Option<Security> {
+        if self.insecure {
+            eprintln!("{}", library::INSECURE_WARNING);
+            return Some(Security::Insecure);
+        }
+        if let Some(f) = &self.tls_psk {
+            return Some(Security::Psk(f.clone()));
+        }
+        self.tls_x509.clone().map(Security::X509)
+    }
+}
 
 /// The options of `qemu-migrate live`.
 #[derive(Debug, clap::Args)]
@@ -56,6 +92,8 @@ pub(crate) struct LiveArgs {
     /// Deadline for each monitor reply, in seconds.
     #[arg(long, value_name = "SECS", default_value = "30")]
     reply_timeout: u64,
+    #[command(flatten)]
+    security: SecurityArgs,
 }
 
 /// The options of `qemu-migrate receive`.
@@ -76,6 +114,8 @@ pub(crate) struct ReceiveArgs {
     /// With --daemonize: write QEMU's pid here.
     #[arg(long, requires = "daemonize")]
     pidfile: Option<PathBuf>,
+    #[command(flatten)]
+    security: SecurityArgs,
     /// QEMU options, exactly as the source VM runs.
     #[arg(last = true, required_unless_present = "manifest")]
     qemu_args: Vec<String>,
@@ -93,6 +133,7 @@ pub(crate) fn live(args: &LiveArgs, cli: &Cli, cancel: Arc<AtomicBool>) -> Resul
         qemu,
         timeout_suspend,
         reply_timeout,
+        security,
     } = args;
     let mut vm = Vm::attach(monitor.clone(), Duration::from_secs(*reply_timeout))?;
     let mut options = LiveOptions::default();
@@ -104,6 +145,11 @@ pub(crate) fn live(args: &LiveArgs, cli: &Cli, cancel: Arc<AtomicBool>) -> Resul
     options.auto_converge = !*no_auto_converge;
     options.then = *then;
     options.cancel = cancel;
+    if matches!(to, Destination::Tcp { .. }) {
+        options.security = security.security();
+    } else if security.insecure || security.tls_psk.is_some() || security.tls_x509.is_some() {
+        options.security = Some(Security::Insecure);
+    }
     let shown = Shown::new(cli);
     let report = library::live(&mut vm, to, &options, shown.progress());
     shown.done();
@@ -165,6 +211,28 @@ pub(crate) fn live(args: &LiveArgs, cli: &Cli, cancel: Arc<AtomicBool>) -> Resul
     Ok(ExitCode::SUCCESS)
 }
 
+/// A receiver's progress whose notes (connections it refused) reach stderr
+/// also where no progress is shown: a receiver run by a service manager
+/// must still say whom it turned away.
+struct Refusals<'a> {
+    inner: &'a dyn qemu_migrate::progress::Progress,
+    to_stderr: bool,
+}
+
+impl qemu_migrate::progress::Progress for Refusals<'_> {
+    fn update(&self, phase: &str, done: u64, total: Option<u64>) {
+        self.inner.update(phase, done, total);
+    }
+
+    fn note(&self, text: &str) {
+        if self.to_stderr {
+            eprintln!("qemu-migrate: {text}");
+        } else {
+            self.inner.note(text);
+        }
+    }
+}
+
 pub(crate) fn receive(
     args: &ReceiveArgs,
     cli: &Cli,
@@ -177,6 +245,7 @@ pub(crate) fn receive(
         daemonize,
         pidfile,
         qemu_args,
+        security,
     } = args;
     let spec = match manifest {
         Some(m) => VmSpec::Manifest(m.clone()),
@@ -186,6 +255,7 @@ pub(crate) fn receive(
     options.qemu.clone_from(qemu);
     options.console = console(*daemonize);
     options.cancel = Arc::clone(&cancel);
+    options.security = security.security();
     let receiver = library::Receiver::start(listen, &spec, &options)?;
     if cli.json {
         say!(
@@ -203,7 +273,11 @@ pub(crate) fn receive(
         );
     }
     let shown = Shown::new(cli);
-    let received = receiver.finish(&options, shown.progress());
+    let progress = Refusals {
+        inner: shown.progress(),
+        to_stderr: !cli.json && !cli.quiet && !std::io::stderr().is_terminal(),
+    };
+    let received = receiver.finish(&options, &progress);
     shown.done();
     let received = received?;
     let pid = received.vm.pid();

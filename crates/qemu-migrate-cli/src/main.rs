@@ -47,8 +47,8 @@ Examples:
   qemu-migrate restore --clone /tmp/statefile     (another VM from it, its own sockets)
   qemu-migrate export /tmp/statefile > plain-stream   (an instant save as one stream)
   qemu-migrate live --monitor /tmp/qemu-sock --to local
-  qemu-migrate receive --listen tcp:0.0.0.0:4444 -- -m 256 ...   (on the other host, then:)
-  qemu-migrate live --monitor /tmp/qemu-sock --to tcp:otherhost:4444
+  qemu-migrate receive --tls-psk /etc/qemu-migrate.key --listen tcp:0.0.0.0:4444 -- -m 256 ...   (on the other host, then:)
+  qemu-migrate live --tls-psk /etc/qemu-migrate.key --monitor /tmp/qemu-sock --to tcp:otherhost:4444
   qemu-migrate roundtrip --ready 'tick 3' --counter '^tick ([0-9]+)' --reject '^BOOT' -- -m 32 -serial stdio -kernel k
 
 Exit status:

@@ -271,6 +271,29 @@ pub enum Error {
     /// A disk that cannot be checkpointed, or an image that changed since the save.
     #[error("{0}")]
     Disk(String),
+    /// A migration over TCP was asked for without saying how it is secured.
+    #[error(
+        "a migration over TCP needs a key or certificates: give --tls-psk FILE (a key both \
+         hosts hold), --tls-x509 DIR (certificates as libvirt lays them out), or --insecure \
+         (guest RAM then crosses the network in clear)"
+    )]
+    NoSecurity,
+    /// A key file or certificate directory that cannot be used.
+    #[error("{}: {reason}", .path.display())]
+    BadCredentials {
+        /// The key file or directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The other side of the confirm channel did not prove it holds the secret.
+    #[error("{addr}: {detail}")]
+    NotAuthenticated {
+        /// Its address, `tcp:HOST:PORT`.
+        addr: String,
+        /// What it failed to prove.
+        detail: String,
+    },
 }
 
 /// What kind of failure an [`Error`] is, for callers that map failures to
@@ -311,6 +334,7 @@ impl Error {
             | Error::OlderDestination { .. }
             | Error::DestinationMachine { .. }
             | Error::KnownQemuBug(_)
+            | Error::NotAuthenticated { .. }
             | Error::Disk(_) => ErrorKind::Refused,
             Error::MigrationFailed(_)
             | Error::File { .. }
@@ -324,6 +348,8 @@ impl Error {
             | Error::BadAddress { .. }
             | Error::NotLocal { .. }
             | Error::Receiver { .. }
+            | Error::NoSecurity
+            | Error::BadCredentials { .. }
             | Error::Listen { .. } => ErrorKind::Unreachable,
         }
     }

@@ -225,6 +225,66 @@ impl Monitor {
             .map(drop)
     }
 
+    /// Sets a text migration parameter (`tls-creds`, `tls-hostname`,
+    /// `tls-authz`); an empty value unsets it.
+    ///
+    /// # Errors
+    /// When QEMU refuses the value (no such object) or the monitor fails.
+    pub fn set_migration_text_parameter(&mut self, name: &str, value: &str) -> Result<()> {
+        if let Some(r) = self.qmp("migrate-set-parameters", Some(json!({ name: value }))) {
+            return r.map(drop);
+        }
+        let value = if value.is_empty() {
+            "\"\"".to_string()
+        } else {
+            hmp_quote(value)
+        };
+        self.human_command(&format!("migrate_set_parameter {name} {value}"))
+            .map(drop)
+    }
+
+    /// Creates a QOM object (`object-add`): TLS credentials, secrets.
+    /// `props` are QEMU's property names with string or boolean values.
+    ///
+    /// # Errors
+    /// When QEMU refuses (an unknown type, a missing file, an id in use).
+    pub fn object_add(
+        &mut self,
+        qom_type: &str,
+        id: &str,
+        props: &serde_json::Map<String, Value>,
+    ) -> Result<()> {
+        let mut args = props.clone();
+        args.insert("qom-type".into(), qom_type.into());
+        args.insert("id".into(), id.into());
+        if let Some(r) = self.qmp("object-add", Some(Value::Object(args))) {
+            return r.map(drop);
+        }
+        // HMP takes QemuOpts: a comma inside a value is written twice.
+        let mut line = format!("object_add {qom_type},id={id}");
+        for (k, v) in props {
+            let v = match v {
+                Value::Bool(true) => "on".to_string(),
+                Value::Bool(false) => "off".to_string(),
+                Value::String(s) => s.replace(',', ",,"),
+                other => other.to_string(),
+            };
+            line.push_str(&format!(",{k}={v}"));
+        }
+        self.human_command(&line).map(drop)
+    }
+
+    /// Deletes a QOM object created by [`Monitor::object_add`].
+    ///
+    /// # Errors
+    /// When there is no such object, it is in use, or the monitor fails.
+    pub fn object_del(&mut self, id: &str) -> Result<()> {
+        if let Some(r) = self.qmp("object-del", Some(json!({ "id": id }))) {
+            return r.map(drop);
+        }
+        self.human_command(&format!("object_del {id}")).map(drop)
+    }
+
     /// Hands QEMU a file descriptor under `name`, for a `fd:NAME` URI.
     ///
     /// # Errors

@@ -11,10 +11,16 @@ use super::Args;
 use crate::qemu::Qemu;
 
 /// `qemu-migrate live --json --to DEST`; returns its result line.
-fn run_live(migrate: &Path, monitor: &Path, to: &str) -> anyhow::Result<serde_json::Value> {
+fn run_live(
+    migrate: &Path,
+    monitor: &Path,
+    to: &str,
+    security: &[String],
+) -> anyhow::Result<serde_json::Value> {
     let output = Command::new(migrate)
         .args(["live", "--json", "--to", to, "--monitor"])
         .arg(monitor)
+        .args(security)
         .stderr(Stdio::piped())
         .output()?;
     if !output.status.success() {
@@ -43,7 +49,7 @@ pub(super) fn live_speed(
         args.ram_mib, args.fill_mib, q.version
     );
     let vm = FilledVm::start(q, guest, args.ram_mib, args.fill_mib)?;
-    let result = run_live(migrate, &vm.hmp, "local")?;
+    let result = run_live(migrate, &vm.hmp, "local", &[])?;
     if let Some(pid) = result["pid"].as_i64() {
         // SAFETY: a signal to the destination QEMU the migration started.
         unsafe { libc::kill(pid as i32, libc::SIGTERM) };
@@ -56,7 +62,50 @@ pub(super) fn live_speed(
     ));
     drop(vm);
 
-    // Over TCP on 127.0.0.1: a receiver with the same options (its own sockets).
+    // Over TCP on 127.0.0.1: in clear, and through QEMU's TLS with a key.
+    let keys = tempfile::tempdir()?;
+    let key = key_file(keys.path())?.display().to_string();
+    for (route, security) in [
+        (
+            "TCP on 127.0.0.1 in clear, `receive` + `live --to tcp: --insecure`",
+            vec!["--insecure".to_string()],
+        ),
+        (
+            "TCP on 127.0.0.1 with TLS, `receive` + `live --to tcp: --tls-psk KEY`",
+            vec!["--tls-psk".to_string(), key.clone()],
+        ),
+    ] {
+        out.push_str(&tcp_row(q, migrate, guest, args, route, &security)?);
+    }
+    Ok(out)
+}
+
+/// A fresh pre-shared key file (hex, mode 600) in `dir`.
+fn key_file(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut key = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
+    let path = dir.join("key.psk");
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)?
+        .write_all(format!("{hex}\n").as_bytes())?;
+    Ok(path)
+}
+
+/// One TCP row: a receiver with the same options (its own sockets), secured as `security` says.
+fn tcp_row(
+    q: &Qemu,
+    migrate: &Path,
+    guest: &Path,
+    args: &Args,
+    route: &str,
+    security: &[String],
+) -> anyhow::Result<String> {
     let vm = FilledVm::start(q, guest, args.ram_mib, args.fill_mib)?;
     let dest_dir = tempfile::tempdir()?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
@@ -73,6 +122,7 @@ pub(super) fn live_speed(
             "--qemu",
         ])
         .arg(&q.binary)
+        .args(security)
         .arg("--")
         .args(filled_args(
             dest_dir.path(),
@@ -86,7 +136,7 @@ pub(super) fn live_speed(
     let said = test_guest::Lines::collect(receiver.stdout.take().expect("piped"));
     said.try_wait_for(0, Duration::from_secs(60), |l| l.contains("\"listening\""))
         .map_err(|got| anyhow::anyhow!("the receiver did not listen: {got:?}"))?;
-    let result = run_live(migrate, &vm.hmp, &listen);
+    let result = run_live(migrate, &vm.hmp, &listen, security);
     let received = receiver.wait_with_output()?;
     let result = result?;
     let dest_pid = said
@@ -102,11 +152,10 @@ pub(super) fn live_speed(
     };
     // SAFETY: a signal to the destination QEMU the receiver started.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-    out.push_str(&format!(
-        "| TCP on 127.0.0.1, `qemu-migrate receive` + `live --to tcp:` | {:.2} s | {} ms | {:.0} MB |\n",
+    Ok(format!(
+        "| {route} | {:.2} s | {} ms | {:.0} MB |\n",
         result["seconds"].as_f64().unwrap_or(0.0),
         result["downtime_ms"],
         result["bytes"].as_f64().unwrap_or(0.0) / 1e6
-    ));
-    Ok(out)
+    ))
 }

@@ -28,6 +28,8 @@ pub struct Args {
     pub instant_only: bool,
     /// Only the instant restore by RAM shape.
     pub shapes_only: bool,
+    /// Only the live migration rows.
+    pub live_only: bool,
 }
 
 pub fn run(root: &Path, args: &Args) -> anyhow::Result<()> {
@@ -52,6 +54,12 @@ pub fn run(root: &Path, args: &Args) -> anyhow::Result<()> {
         bail!(qemu::INSTALL_HINT);
     }
     let mut report = String::new();
+    for q in qemus.iter().filter(|_| args.live_only) {
+        let section = live::live_speed(q, &migrate, &guest, args)?;
+        print!("{section}");
+        report.push_str(&section);
+    }
+    let all = !args.instant_only && !args.shapes_only && !args.live_only;
     for q in qemus.iter().filter(|_| args.shapes_only) {
         let section = instant::instant_shapes(q, &migrate, &guest)?;
         print!("{section}");
@@ -68,18 +76,12 @@ pub fn run(root: &Path, args: &Args) -> anyhow::Result<()> {
         print!("{section}");
         report.push_str(&section);
     }
-    for q in qemus
-        .iter()
-        .filter(|_| !args.instant_only && !args.shapes_only)
-    {
+    for q in qemus.iter().filter(|_| all) {
         let section = monitor::monitor_round_trips(q, &send, args)?;
         print!("{section}");
         report.push_str(&section);
     }
-    for q in qemus
-        .iter()
-        .filter(|_| !args.instant_only && !args.shapes_only)
-    {
+    for q in qemus.iter().filter(|_| all) {
         let section = save::save_speed(q, &send, &migrate, &guest, args)?;
         print!("{section}");
         report.push_str(&section);

@@ -1,6 +1,8 @@
-//! The confirm channel between a migrating source and its receiver: one
-//! JSON line each way on the receiver's TCP port (Prepare: who listens;
-//! Confirm: where the guest is), told apart from QEMU's stream by its first bytes.
+//! The confirm channel between a migrating source and its receiver, on the
+//! receiver's TCP port, told apart from QEMU's stream by its first bytes:
+//! the client's hello with its nonce, the receiver's nonce and proof, the
+//! client's proof (see `tls`), then signed lines from the receiver
+//! (Prepare: who listens; Confirm: where the guest is).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -9,6 +11,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::destination::tcp_uri;
+use super::tls::{Conn, Credentials, Session};
 use crate::error::{Error, Result};
 
 /// How long a new connection to the receiver may take to say what it is.
@@ -19,15 +22,62 @@ const STREAM_MAGIC: &[u8; 4] = b"QEVM";
 /// A connection the listener thread accepted, sorted by its first bytes.
 #[derive(Debug)]
 pub(super) enum Incoming {
+    /// QEMU's plain stream (`--insecure`), to hand to the waiting QEMU.
     Stream(TcpStream),
-    Confirm(TcpStream),
+    /// A confirm client that proved it holds the key.
+    Confirm(Peer),
+    /// A connection that reached QEMU's TLS socket ended, from this address.
+    Ended(std::net::SocketAddr),
+    /// A connection refused before it reached QEMU, and why.
+    Refused(std::net::SocketAddr, &'static str),
 }
 
-/// The first line a confirm client sends.
-#[derive(Debug, Serialize, Deserialize)]
-pub(super) struct Hello {
-    #[serde(rename = "qemu-migrate")]
-    pub(super) role: String,
+/// A confirm client the receiver answers, with the MAC session of its lines.
+#[derive(Debug)]
+pub(super) struct Peer {
+    pub(super) stream: Conn,
+    pub(super) session: Session,
+}
+
+impl Peer {
+    /// Sends `said`, signed; errors are the client's loss.
+    pub(super) fn say(&mut self, said: &Said) {
+        let text = serde_json::to_string(said).expect("serialises");
+        let line = self.session.sign(&text);
+        let _ = self.stream.write_all(line.as_bytes());
+    }
+}
+
+/// The source's end of the confirm channel: the receiver's lines, checked.
+#[derive(Debug)]
+pub(super) struct Channel {
+    reader: BufReader<Conn>,
+    session: Session,
+}
+
+impl Channel {
+    /// The socket, to see whether the receiver went away.
+    pub(super) fn stream(&self) -> &TcpStream {
+        self.reader.get_ref().tcp()
+    }
+
+    /// One line from the receiver, waiting up to `timeout`.
+    pub(super) fn read_said(&mut self, timeout: Duration) -> std::io::Result<Said> {
+        self.reader
+            .get_ref()
+            .tcp()
+            .set_read_timeout(Some(timeout))?;
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the receiver closed the connection",
+            ));
+        }
+        let text = self.session.open(line.trim_end())?;
+        serde_json::from_str(&text)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    }
 }
 
 /// Where the destination is.
@@ -67,8 +117,9 @@ pub(super) struct Said {
     pub(super) machine: Option<String>,
 }
 
-/// Prepare: connects to the receiver, which answers with its state and QEMU version.
-pub(super) fn open_confirm(host: &str, port: u16) -> Result<(BufReader<TcpStream>, Said)> {
+/// Prepare: connects to the receiver, proves we hold the key and checks it
+/// does, and reads its state and QEMU version.
+pub(super) fn open_confirm(host: &str, port: u16, creds: &Credentials) -> Result<(Channel, Said)> {
     let unreachable = |e: std::io::Error| Error::Receiver {
         addr: tcp_uri(host, port),
         detail: format!("no receiver there ({e}); start one on that host first"),
@@ -79,17 +130,35 @@ pub(super) fn open_confirm(host: &str, port: u16) -> Result<(BufReader<TcpStream
         .next()
         .ok_or_else(|| unreachable(std::io::ErrorKind::NotFound.into()))?;
     let mut stream = TcpStream::connect_timeout(&addr, HELLO_TIMEOUT).map_err(unreachable)?;
-    let hello = serde_json::to_string(&Hello {
-        role: "confirm".into(),
-    })
-    .expect("hello serialises");
-    stream
-        .write_all(format!("{hello}\n").as_bytes())
-        .map_err(unreachable)?;
-    let mut reader = BufReader::new(stream);
-    let said = read_said(&mut reader, HELLO_TIMEOUT).map_err(|e| Error::Receiver {
-        addr: tcp_uri(host, port),
-        detail: format!("not a qemu-migrate receiver ({e})"),
+    let tls = creds.server_tls().is_some() || creds.has_client_tls();
+    let (hello, pending) = super::tls::client_hello(creds.auth_key(), tls)?;
+    stream.write_all(hello.as_bytes()).map_err(unreachable)?;
+    let conn = creds
+        .client_conn(stream, host, HELLO_TIMEOUT)
+        .map_err(|detail| Error::NotAuthenticated {
+            addr: tcp_uri(host, port),
+            detail: format!("the receiver was not authenticated: {detail}"),
+        })?;
+    let mut reader = BufReader::new(conn);
+    let session = pending
+        .finish(&mut reader, HELLO_TIMEOUT)
+        .map_err(|detail| Error::NotAuthenticated {
+            addr: tcp_uri(host, port),
+            detail: format!("the receiver was not authenticated: {detail}"),
+        })?;
+    let mut channel = Channel { reader, session };
+    let said = channel.read_said(HELLO_TIMEOUT).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            Error::NotAuthenticated {
+                addr: tcp_uri(host, port),
+                detail: "the receiver refused our proof: its key (or CA) differs from ours".into(),
+            }
+        } else {
+            Error::Receiver {
+                addr: tcp_uri(host, port),
+                detail: format!("not a qemu-migrate receiver ({e})"),
+            }
+        }
     })?;
     if said.state != State::Listening {
         return Err(Error::Receiver {
@@ -100,27 +169,24 @@ pub(super) fn open_confirm(host: &str, port: u16) -> Result<(BufReader<TcpStream
             ),
         });
     }
-    Ok((reader, said))
+    Ok((channel, said))
 }
 
-/// One line from the receiver, waiting up to `timeout`.
-pub(super) fn read_said(
-    reader: &mut BufReader<TcpStream>,
-    timeout: Duration,
-) -> std::io::Result<Said> {
-    reader.get_ref().set_read_timeout(Some(timeout))?;
-    let mut line = String::new();
-    if reader.read_line(&mut line)? == 0 {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::UnexpectedEof,
-            "the receiver closed the connection",
-        ));
-    }
-    serde_json::from_str(&line).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+/// What a new connection to the receiver is, by its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kind {
+    /// QEMU's plain stream (`QEVM`).
+    PlainStream,
+    /// A TLS handshake (a record of type 22): QEMU's encrypted stream.
+    Tls,
+    /// A line of JSON: a confirm client's hello.
+    Hello,
 }
 
-/// QEMU's stream or a confirm client, by the first bytes; anything else is dropped.
-pub(super) fn classify(stream: TcpStream) -> Option<Incoming> {
+/// Waits (up to [`HELLO_TIMEOUT`]) for the first bytes of `stream`, without
+/// taking them; `None` for a peer that stays silent, closes, or sends
+/// something else.
+pub(super) fn classify(stream: &TcpStream) -> Option<Kind> {
     stream.set_read_timeout(Some(HELLO_TIMEOUT)).ok()?;
     let mut head = [0u8; 4];
     let deadline = Instant::now() + HELLO_TIMEOUT;
@@ -138,20 +204,28 @@ pub(super) fn classify(stream: TcpStream) -> Option<Incoming> {
         // The peer sent part of its first write; peek returns at once now.
         std::thread::sleep(Duration::from_millis(1));
     }
-    if &head == STREAM_MAGIC {
-        return Some(Incoming::Stream(stream));
+    match head {
+        h if &h == STREAM_MAGIC => Some(Kind::PlainStream),
+        // ContentType handshake, then TLS major version 3.
+        [0x16, 0x03, ..] => Some(Kind::Tls),
+        [b'{', ..] => Some(Kind::Hello),
+        _ => None,
     }
-    // A confirm client's hello line, read byte by byte so nothing after it is lost.
+}
+
+/// A confirm client's hello line, read byte by byte so nothing after it is
+/// taken; its JSON when it says it is one.
+pub(super) fn read_hello(stream: &TcpStream) -> Option<serde_json::Value> {
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
     while line.len() < 1024 {
         use std::io::Read;
-        match (&stream).read(&mut byte) {
+        match (&*stream).read(&mut byte) {
             Ok(1) if byte[0] == b'\n' => break,
             Ok(1) => line.push(byte[0]),
             _ => return None,
         }
     }
-    let hello: Hello = serde_json::from_slice(&line).ok()?;
-    (hello.role == "confirm").then_some(Incoming::Confirm(stream))
+    let hello: serde_json::Value = serde_json::from_slice(&line).ok()?;
+    (hello.get("qemu-migrate")? == "confirm").then_some(hello)
 }

@@ -8,13 +8,15 @@
 //! - `Local`: a new QEMU on this host with the same command line, loading
 //!   through a private unix socket. Its QMP socket tells when the guest runs.
 //! - `Tcp`: a QEMU on another host started by [`receive`]. The receiver owns
-//!   the TCP port: the first bytes of a connection tell QEMU's stream
-//!   (`QEVM`) from a confirm channel, so one port serves both. The source's
-//!   `qemu-migrate` opens the confirm channel before the migration (the
+//!   the TCP port: the first bytes of a connection tell QEMU's stream (a TLS
+//!   handshake, or `QEVM` with `--insecure`) from a confirm channel, so one
+//!   port serves both. The source's `qemu-migrate` opens the confirm channel
+//!   before the migration (both sides prove they hold the key, then the
 //!   receiver answers with its QEMU version: Prepare) and reads the
 //!   destination's final state on it after QEMU reports `completed`
-//!   (Confirm). A plain `migrate tcp:...` from a QEMU monitor still works
-//!   against a receiver; it just gets no confirmation.
+//!   (Confirm). A plain `migrate tcp:...` from a QEMU monitor with the right
+//!   TLS credentials still works against a receiver; it just gets no
+//!   confirmation. How both channels are secured is in [`Security`].
 //!
 //! **A known QEMU bug** ([`crate::known_bugs`]): QEMU 9.0 and later under
 //! TCG abort the source of a running guest whose RAM is several blocks.
@@ -46,9 +48,8 @@ mod confirm;
 mod destination;
 mod handover;
 mod receive;
+mod tls;
 
-use std::io::BufReader;
-use std::net::TcpStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -63,10 +64,11 @@ use crate::progress::Progress;
 use crate::vm::Vm;
 use crate::UNCAPPED;
 
-use confirm::{read_said, Said, State};
+use confirm::{Channel, Said, State};
 pub use destination::{parse_tcp, Destination};
 use handover::{ListenerHandover, SocketHandover};
 pub use receive::{receive, ReceiveOptions, Received, Receiver, VmSpec};
+pub use tls::{one_time_key, Security, INSECURE_WARNING};
 
 /// How often progress is reported (and an HMP-only source is polled).
 const PROGRESS_TICK: Duration = Duration::from_millis(100);
@@ -127,6 +129,9 @@ pub struct LiveOptions {
     /// The local destination's QEMU, when not the source's (a newer one:
     /// the source's machine type is pinned for it).
     pub destination_qemu: Option<PathBuf>,
+    /// How a migration over TCP is secured; `None` refuses one. A local
+    /// migration goes through a private unix socket and takes none.
+    pub security: Option<Security>,
 }
 
 /// [`LiveOptions::timeout`] by default: long enough for any guest that
@@ -146,6 +151,7 @@ impl Default for LiveOptions {
             timeout_suspend: false,
             cancel: Arc::default(),
             destination_qemu: None,
+            security: None,
         }
     }
 }
@@ -191,6 +197,20 @@ pub fn live(
     let _lock = VmLock::take(vm.pid())?;
     let was_running = vm.check_migratable("migrate")?;
     vm.check_live_replayable(matches!(to, Destination::Local))?;
+    if matches!(to, Destination::Local) && options.security.is_some() {
+        return Err(Error::BadAddress {
+            given: to.to_string(),
+            expected: "tcp:HOST:PORT with --tls-psk, --tls-x509 or --insecure (a local migration \
+                       goes through a private unix socket)",
+        });
+    }
+    let creds = match to {
+        Destination::Tcp { .. } => Some(tls::Credentials::load(
+            options.security.as_ref(),
+            tls::Endpoint::Client,
+        )?),
+        Destination::Local => None,
+    };
     if options.timeout_suspend && !matches!(to, Destination::Local) {
         return Err(Error::BadAddress {
             given: to.to_string(),
@@ -268,7 +288,8 @@ pub fn live(
             }
         }
         Destination::Tcp { host, port } => {
-            let (stream, said) = confirm::open_confirm(host, *port)?;
+            let creds = creds.as_ref().expect("loaded for TCP");
+            let (stream, said) = confirm::open_confirm(host, *port, creds)?;
             if let Ok(theirs) = said.qemu.parse::<qemu_monitor::QemuVersion>() {
                 if theirs < vm.version() {
                     return Err(Error::OlderDestination {
@@ -295,7 +316,24 @@ pub fn live(
         }
     };
 
-    let old_bandwidth = vm.monitor.migration_parameter("max-bandwidth")?;
+    // QEMU's TLS, set on the source only now that the receiver proved itself.
+    let tls_on = creds.as_ref().is_some_and(tls::Credentials::is_tls);
+    let _installed = match &creds {
+        Some(c) => {
+            let pid = vm.pid();
+            c.install(&mut vm.monitor, tls::Endpoint::Client, pid)?
+        }
+        None => None,
+    };
+    let old_bandwidth = match vm.monitor.migration_parameter("max-bandwidth") {
+        Ok(b) => b,
+        Err(e) => {
+            if tls_on {
+                tls::remove(&mut vm.monitor);
+            }
+            return Err(e.into());
+        }
+    };
     let old_auto_converge = vm.monitor.capability("auto-converge").ok().flatten();
     // From here on, if this process dies, the watchdog puts the VM back.
     let mut watchdog = {
@@ -309,12 +347,16 @@ pub fn live(
             auto_converge: old_auto_converge,
             then: options.then,
             wait: options.confirm_timeout,
+            tls: tls_on,
         };
         match os::Watchdog::spawn(move |last| undo.run(last == Some(CONFIRMED))) {
             Ok(w) => w,
             Err(e) => {
                 drop(local);
                 sockets.back_to_source();
+                if tls_on {
+                    tls::remove(&mut vm.monitor);
+                }
                 return Err(e);
             }
         }
@@ -340,6 +382,9 @@ pub fn live(
             drop(local);
             sockets.back_to_source();
             restore_settings(&mut vm.monitor, old_bandwidth, old_auto_converge);
+            if tls_on {
+                tls::remove(&mut vm.monitor);
+            }
             if was_running && !matches!(e, Error::QemuExited { .. } | Error::SourceDied { .. }) {
                 vm.resume_quietly();
             }
@@ -367,6 +412,9 @@ pub fn live(
         }
         AfterLive::Stop => {
             restore_settings(&mut vm.monitor, old_bandwidth, old_auto_converge);
+            if tls_on {
+                tls::remove(&mut vm.monitor);
+            }
             source_sockets = sockets.kept_for_source();
             warnings.extend(forwards.iter().map(|f| {
                 format!(
@@ -473,6 +521,8 @@ struct Undo {
     auto_converge: Option<bool>,
     then: AfterLive,
     wait: Duration,
+    /// Whether TLS credentials were set on the source, to take out again.
+    tls: bool,
 }
 
 impl Undo {
@@ -510,6 +560,9 @@ impl Undo {
                 let _ = src.wait_migration(Instant::now() + Duration::from_secs(10), |_| {});
             }
             restore_settings(&mut src, self.bandwidth, self.auto_converge);
+            if self.tls {
+                tls::remove(&mut src);
+            }
             if self.was_running && src.status().is_ok_and(|s| !s.is_running()) {
                 let _ = src.cont_after_migration();
             }
@@ -531,7 +584,12 @@ impl Undo {
                 os::wait_gone(self.source_pid, self.wait);
                 self.sockets.after_source_quit();
             }
-            AfterLive::Stop => restore_settings(&mut src, self.bandwidth, self.auto_converge),
+            AfterLive::Stop => {
+                restore_settings(&mut src, self.bandwidth, self.auto_converge);
+                if self.tls {
+                    tls::remove(&mut src);
+                }
+            }
         }
         os::write_stderr(
             "qemu-migrate: the migrating process died after the destination confirmed: the \
@@ -555,7 +613,7 @@ fn perform(
     vm: &mut Vm,
     uri: &str,
     mut local: Option<&mut Vm>,
-    confirm: Option<&mut BufReader<TcpStream>>,
+    confirm: Option<&mut Channel>,
     was_running: bool,
     pause_first: bool,
     ram_bytes: u64,
@@ -624,7 +682,7 @@ fn perform(
                 src.migrate_cancel()?;
             }
         }
-        if !receiver_gone && confirm.as_ref().is_some_and(|c| peer_closed(c.get_ref())) {
+        if !receiver_gone && confirm.as_ref().is_some_and(|c| peer_closed(c.stream())) {
             // The receiving qemu-migrate is gone: nobody would confirm or
             // run the guest there.
             receiver_gone = true;
@@ -649,7 +707,7 @@ fn perform(
     // Its QEMU may have gone with it and failed the migration first.
     receiver_gone = receiver_gone
         || (info.status != MigrationStatus::Completed
-            && confirm.as_ref().is_some_and(|c| peer_closed(c.get_ref())));
+            && confirm.as_ref().is_some_and(|c| peer_closed(c.stream())));
     if receiver_gone && info.status != MigrationStatus::Completed {
         return Err(Error::MigrationFailed(format!(
             "the receiving qemu-migrate went away during the migration, so it was cancelled; {keeps}"
@@ -675,7 +733,7 @@ fn perform(
             .clone()
             .unwrap_or_else(|| format!("QEMU reports status {:?}", info.status));
         // The receiver may know more (QEMU's own words on the destination).
-        let theirs = confirm.and_then(|c| read_said(c, Duration::from_secs(2)).ok());
+        let theirs = confirm.and_then(|c| c.read_said(Duration::from_secs(2)).ok());
         return Err(Error::MigrationFailed(match theirs {
             Some(Said {
                 state: State::Failed,
@@ -706,7 +764,7 @@ fn perform(
             }
         }
         (None, Some(c)) => {
-            let said = read_said(c, options.confirm_timeout).map_err(|e| {
+            let said = c.read_said(options.confirm_timeout).map_err(|e| {
                 Error::MigrationFailed(format!(
                     "QEMU sent the whole state, but the receiver did not confirm ({e}); the \
                      source is left paused (postmigrate): check the destination, and `cont` \
@@ -737,7 +795,7 @@ fn perform(
 
 /// Whether the other end of `stream` has closed it (a receiver that died):
 /// readable, and a peek finds the end rather than data.
-fn peer_closed(stream: &TcpStream) -> bool {
+fn peer_closed(stream: &std::net::TcpStream) -> bool {
     if !os::readable(stream, Duration::ZERO) {
         return false;
     }

@@ -1,5 +1,15 @@
 //! The receiving side: a destination QEMU waiting on a TCP port, which
 //! answers confirm clients and hands QEMU's stream to it.
+//!
+//! With TLS the waiting QEMU listens on a private unix socket with its
+//! credentials set, and each connection that opens with a TLS handshake is
+//! relayed to it: QEMU refuses one that fails the handshake (another key,
+//! another CA, not TLS at all) and keeps listening, so nobody without the
+//! key disturbs the destination. QEMU takes an incoming migration only
+//! once (`migrate-incoming`), which is why the stream is not handed over
+//! as a descriptor as it is with `--insecure`. Anything else (a silent
+//! client, garbage, a plain stream) is dropped before it reaches QEMU, and
+//! a confirm client is answered only once it proved it holds the key.
 
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
@@ -11,8 +21,9 @@ use std::time::{Duration, Instant};
 
 use qemu_monitor::RunState;
 
-use super::confirm::{classify, Incoming, Said, State};
+use super::confirm::{classify, read_hello, Incoming, Kind, Peer, Said, State, HELLO_TIMEOUT};
 use super::destination::{parse_tcp, tcp_uri};
+use super::tls::{self, Credentials, Endpoint, Security};
 use super::PROGRESS_TICK;
 use crate::error::{Error, Result};
 use crate::machine;
@@ -44,6 +55,8 @@ pub struct ReceiveOptions {
     pub console: Console,
     /// Set (e.g. by a signal handler) to stop waiting; QEMU is stopped.
     pub cancel: Arc<AtomicBool>,
+    /// How the migration is secured; `None` refuses to start.
+    pub security: Option<Security>,
 }
 
 /// A destination QEMU waiting for a migration on a TCP port.
@@ -61,6 +74,14 @@ pub struct Receiver {
     thread: Option<std::thread::JoinHandle<()>>,
     /// Ends the waiting QEMU if this process dies before it has the guest.
     watchdog: Option<crate::os::Watchdog>,
+    /// Whether QEMU's stream is TLS (QEMU listens on `_socket_dir`).
+    tls: bool,
+    /// The key for QEMU, while it may still need it.
+    _creds: Option<tls::Installed>,
+    /// Where QEMU's TLS socket is.
+    _socket_dir: Option<tempfile::TempDir>,
+    /// Removes both directories if this process dies before it does.
+    _sweeper: Option<crate::os::Watchdog>,
 }
 
 /// A received VM: running (or paused, as it was on the source).
@@ -96,6 +117,7 @@ impl Receiver {
     /// manifest, or QEMU failing to start.
     pub fn start(listen: &str, spec: &VmSpec, options: &ReceiveOptions) -> Result<Receiver> {
         let started = Instant::now();
+        let creds = Credentials::load(options.security.as_ref(), Endpoint::Server)?;
         let (host, port) = parse_tcp(listen).map_err(|_| Error::BadAddress {
             given: listen.to_string(),
             expected: "tcp:ADDR:PORT",
@@ -144,19 +166,60 @@ impl Receiver {
                 source,
             })?;
         let running = machine::resolve(&binary, &env, &args)?;
-        let vm = Vm::launch_incoming(&binary, &args, &LaunchOptions::new(options.console, env))?;
+        let mut vm =
+            Vm::launch_incoming(&binary, &args, &LaunchOptions::new(options.console, env))?;
         let watchdog = crate::os::Watchdog::ending(
             vm.pid(),
             "qemu-migrate: the receiving process died before the guest was received; its QEMU was ended\n",
         )?;
+        let pid = vm.pid();
+        let installed = creds.install(&mut vm.monitor, Endpoint::Server, pid)?;
+        let (socket_dir, to) = if creds.is_tls() {
+            let dir = tempfile::Builder::new()
+                .prefix("qemu-migrate-receive.")
+                .tempdir()
+                .map_err(Error::os("creating a private directory for QEMU's socket"))?;
+            let socket = dir.path().join("stream.sock");
+            vm.monitor
+                .migrate_incoming(&format!("unix:{}", socket.display()))?;
+            (Some(dir), StreamTo::Relay(socket))
+        } else {
+            (None, StreamTo::Fd)
+        };
+        // Killed (kill -9 included) before the end, this process leaves no
+        // copy of the key behind: QEMU's watchdog ends QEMU, this one the files.
+        let private: Vec<PathBuf> = installed
+            .as_ref()
+            .and_then(tls::Installed::key_dir)
+            .into_iter()
+            .chain(socket_dir.as_ref().map(tempfile::TempDir::path))
+            .map(PathBuf::from)
+            .collect();
+        let sweeper = if private.is_empty() {
+            None
+        } else {
+            Some(crate::os::Watchdog::spawn(move |_| {
+                for d in private {
+                    let _ = std::fs::remove_dir_all(d);
+                }
+            })?)
+        };
         let (tx, incoming) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
-        let version = vm.version().to_string();
+        let listening = Said {
+            state: State::Listening,
+            qemu: vm.version().to_string(),
+            pid: None,
+            error: None,
+            machine: running,
+        };
         let thread = {
             let stop = Arc::clone(&stop);
+            let key = *creds.auth_key();
+            let server_tls = creds.server_tls();
             std::thread::Builder::new()
                 .name("receive-accept".into())
-                .spawn(move || accept_loop(listener, tx, &stop, &version, running))
+                .spawn(move || accept_loop(listener, tx, &stop, listening, key, server_tls, to))
                 .map_err(Error::os("starting the thread that accepts connections"))?
         };
         Ok(Receiver {
@@ -168,6 +231,10 @@ impl Receiver {
             stop,
             thread: Some(thread),
             watchdog: Some(watchdog),
+            tls: creds.is_tls(),
+            _creds: installed,
+            _socket_dir: socket_dir,
+            _sweeper: sweeper,
         })
     }
 
@@ -204,14 +271,19 @@ impl Receiver {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        while let Ok(Incoming::Confirm(c)) = self.incoming.try_recv() {
-            confirms.push(c);
+        while let Ok(i) = self.incoming.try_recv() {
+            if let Incoming::Confirm(c) = i {
+                confirms.push(c);
+            }
         }
-        let line = format!("{}\n", serde_json::to_string(&said).expect("serialises"));
         for mut c in confirms {
-            let _ = c.write_all(line.as_bytes());
+            c.say(&said);
         }
         let state = outcome?;
+        if self.tls {
+            // A later save of this VM goes through a pipe, in clear.
+            tls::remove(&mut self.vm.monitor);
+        }
         if let Some(w) = self.watchdog.take() {
             w.dismiss();
         }
@@ -224,37 +296,44 @@ impl Receiver {
 
     fn load(
         &mut self,
-        confirms: &mut Vec<TcpStream>,
+        confirms: &mut Vec<Peer>,
         options: &ReceiveOptions,
         progress: &dyn Progress,
     ) -> Result<RunState> {
-        let stream = loop {
-            match self.incoming.recv_timeout(PROGRESS_TICK) {
-                Ok(Incoming::Stream(s)) => break s,
-                Ok(Incoming::Confirm(c)) => confirms.push(c),
-                Err(_) => {
-                    self.check_alive("while waiting for the migration")?;
-                    if options.cancel.load(Ordering::Relaxed) {
-                        return Err(Error::Cancelled(
-                            "no migration was received; QEMU was stopped".into(),
-                        ));
+        if !self.tls {
+            let stream = loop {
+                match self.incoming.recv_timeout(PROGRESS_TICK) {
+                    Ok(Incoming::Stream(s)) => break s,
+                    Ok(i) => sort(i, confirms, progress, None),
+                    Err(_) => {
+                        self.check_alive("while waiting for the migration")?;
+                        if options.cancel.load(Ordering::Relaxed) {
+                            return Err(Error::Cancelled(
+                                "no migration was received; QEMU was stopped".into(),
+                            ));
+                        }
                     }
                 }
-            }
-        };
-        stream
-            .set_read_timeout(None)
-            .map_err(Error::os("accepting the migration stream"))?;
-        self.vm
-            .monitor
-            .migrate_incoming_fd(FD_NAME, stream.as_fd())?;
-        drop(stream);
+            };
+            stream
+                .set_read_timeout(None)
+                .map_err(Error::os("accepting the migration stream"))?;
+            self.vm
+                .monitor
+                .migrate_incoming_fd(FD_NAME, stream.as_fd())?;
+            drop(stream);
+        }
         let incoming = &self.incoming;
         self.vm.wait_loaded(PROGRESS_TICK, |vm| {
             let info = vm.monitor.migration()?;
             progress.update("receiving", info.transferred, None);
-            while let Ok(Incoming::Confirm(c)) = incoming.try_recv() {
-                confirms.push(c);
+            while let Ok(i) = incoming.try_recv() {
+                sort(i, confirms, progress, Some(info.status));
+            }
+            if let Some(l) = vm.child.as_mut() {
+                if l.has_exited() {
+                    return Err(vm.exited("while waiting for the migration"));
+                }
             }
             if options.cancel.load(Ordering::Relaxed) {
                 return Err(Error::Cancelled(
@@ -281,45 +360,182 @@ impl Receiver {
     }
 }
 
-/// Accepts connections until told to stop, sorting QEMU's stream from confirm clients.
+/// Where an incoming stream goes.
+#[derive(Debug, Clone)]
+enum StreamTo {
+    /// `--insecure`: the first plain stream is handed to QEMU as a descriptor.
+    Fd,
+    /// TLS: every TLS connection is relayed to QEMU's socket, which
+    /// refuses those that fail the handshake and keeps listening.
+    Relay(PathBuf),
+}
+
+/// At most this many connections are sorted or relayed at once; more are dropped.
+const MAX_PENDING: usize = 64;
+
+/// Sorts what the listener thread sent: confirm clients kept, refusals said.
+fn sort(
+    i: Incoming,
+    confirms: &mut Vec<Peer>,
+    progress: &dyn Progress,
+    status: Option<qemu_monitor::MigrationStatus>,
+) {
+    use qemu_monitor::MigrationStatus as S;
+    match i {
+        Incoming::Confirm(c) => confirms.push(c),
+        Incoming::Stream(_) => {}
+        Incoming::Refused(peer, why) => {
+            progress.note(&format!(
+                "refused a connection from {peer}: {why}; still waiting"
+            ));
+        }
+        Incoming::Ended(peer) => {
+            if matches!(status, Some(S::None | S::Setup)) {
+                progress.note(&format!(
+                    "refused a connection from {peer}: QEMU's TLS handshake failed (another key \
+                     or CA, or not a migration); still waiting"
+                ));
+            }
+        }
+    }
+}
+
+/// Accepts connections until told to stop, each sorted on its own thread
+/// so that a silent one holds up no other.
 fn accept_loop(
     listener: TcpListener,
     tx: mpsc::Sender<Incoming>,
     stop: &AtomicBool,
-    qemu: &str,
-    machine: Option<String>,
+    listening: Said,
+    key: [u8; 32],
+    server_tls: Option<Arc<rustls::ServerConfig>>,
+    to: StreamTo,
 ) {
-    let listening = Said {
-        state: State::Listening,
-        qemu: qemu.to_string(),
-        pid: None,
-        error: None,
-        machine,
-    };
-    let listening = format!(
-        "{}\n",
-        serde_json::to_string(&listening).expect("serialises")
-    );
+    let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // --insecure: QEMU takes one stream; later ones are refused.
+    let handed = Arc::new(AtomicBool::new(false));
     while !stop.load(Ordering::Relaxed) {
         if !os::readable(&listener, PROGRESS_TICK) {
             continue;
         }
-        let Ok((stream, _)) = listener.accept() else {
+        let Ok((stream, peer)) = listener.accept() else {
             continue;
         };
-        let incoming = match classify(stream) {
-            Some(Incoming::Confirm(mut c)) => {
-                // Prepare: the client learns who listens before QEMU sends anything.
-                if c.write_all(listening.as_bytes()).is_err() {
-                    continue;
-                }
-                Incoming::Confirm(c)
-            }
-            Some(stream) => stream,
-            None => continue,
-        };
-        if tx.send(incoming).is_err() {
-            return;
+        if pending.load(Ordering::Relaxed) >= MAX_PENDING {
+            let _ = tx.send(Incoming::Refused(peer, "too many connections at once"));
+            continue;
         }
+        pending.fetch_add(1, Ordering::Relaxed);
+        let (tx, listening, to, mine, handed, server_tls) = (
+            tx.clone(),
+            listening.clone(),
+            to.clone(),
+            Arc::clone(&pending),
+            Arc::clone(&handed),
+            server_tls.clone(),
+        );
+        let spawned = std::thread::Builder::new()
+            .name("receive-sort".into())
+            .spawn(move || {
+                let refused = |why| {
+                    let _ = tx.send(Incoming::Refused(peer, why));
+                };
+                match (classify(&stream), &to) {
+                    (Some(Kind::Hello), _) => {
+                        let authenticated = read_hello(&stream).and_then(|hello| {
+                            // x509: the channel runs through TLS, and only then.
+                            let wants_tls =
+                                hello.get("tls") == Some(&serde_json::Value::Bool(true));
+                            let mut conn = match (&server_tls, wants_tls) {
+                                (Some(config), true) => {
+                                    tls::server_conn(stream, config, HELLO_TIMEOUT)?
+                                }
+                                (None, false) => tls::Conn::Plain(stream),
+                                _ => return None,
+                            };
+                            let session =
+                                tls::server_handshake(&mut conn, &hello, &key, HELLO_TIMEOUT)?;
+                            Some((conn, session))
+                        });
+                        mine.fetch_sub(1, Ordering::Relaxed);
+                        match authenticated {
+                            Some((stream, session)) => {
+                                let mut peer = Peer { stream, session };
+                                // Prepare: the client learns who listens before QEMU sends anything.
+                                peer.say(&listening);
+                                let _ = tx.send(Incoming::Confirm(peer));
+                            }
+                            None => refused("a confirm client that did not prove it holds the key"),
+                        }
+                    }
+                    (Some(Kind::PlainStream), StreamTo::Fd) => {
+                        mine.fetch_sub(1, Ordering::Relaxed);
+                        if handed.swap(true, Ordering::Relaxed) {
+                            refused("a second stream while QEMU loads the first");
+                        } else {
+                            let _ = tx.send(Incoming::Stream(stream));
+                        }
+                    }
+                    (Some(Kind::Tls), StreamTo::Relay(socket)) => {
+                        // Counted while it lasts: QEMU gives a handshake no deadline.
+                        if relay(stream, socket).is_ok() {
+                            let _ = tx.send(Incoming::Ended(peer));
+                        }
+                        mine.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    (Some(Kind::PlainStream), StreamTo::Relay(_)) => {
+                        mine.fetch_sub(1, Ordering::Relaxed);
+                        refused("a stream in clear, and this receiver takes TLS only")
+                    }
+                    (Some(Kind::Tls), StreamTo::Fd) => {
+                        mine.fetch_sub(1, Ordering::Relaxed);
+                        refused("a TLS stream, and this receiver was started --insecure")
+                    }
+                    (None, _) => {
+                        mine.fetch_sub(1, Ordering::Relaxed);
+                        refused("it said nothing a receiver understands")
+                    }
+                }
+            });
+        if spawned.is_err() {
+            // The closure, and with it the connection, is dropped.
+            pending.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Relays `stream` both ways to QEMU's socket until either side ends.
+fn relay(stream: TcpStream, socket: &std::path::Path) -> std::io::Result<()> {
+    let qemu = std::os::unix::net::UnixStream::connect(socket)?;
+    stream.set_read_timeout(None)?;
+    let (from_peer, to_qemu) = (stream.try_clone()?, qemu.try_clone()?);
+    let up = std::thread::Builder::new()
+        .name("receive-relay".into())
+        .spawn(move || {
+            // The stream itself: through a pipe, never copied into this process.
+            let _ = os::splice_all(from_peer.as_fd(), to_qemu.as_fd());
+            let _ = to_qemu.shutdown(std::net::Shutdown::Write);
+        })?;
+    let (mut from_qemu, mut to_peer) = (qemu, stream);
+    let _ = copy(&mut from_qemu, &mut to_peer);
+    let _ = to_peer.shutdown(std::net::Shutdown::Both);
+    let _ = from_qemu.shutdown(std::net::Shutdown::Both);
+    let _ = up.join();
+    Ok(())
+}
+
+/// Copies until the end (QEMU's side of the handshake: a few KB).
+fn copy(from: &mut impl std::io::Read, to: &mut impl Write) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut total = 0;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        to.write_all(&buf[..n])?;
+        total += n as u64;
     }
 }

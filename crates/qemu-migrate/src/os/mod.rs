@@ -18,6 +18,7 @@ mod fds;
 mod files;
 mod lock;
 mod process;
+mod relay;
 mod verity;
 mod watchdog;
 
@@ -26,6 +27,7 @@ pub use fds::*;
 pub use files::*;
 pub use lock::*;
 pub use process::*;
+pub use relay::*;
 pub(crate) use verity::*;
 pub use watchdog::*;
 

@@ -279,10 +279,14 @@ impl<'a> Run<'a> {
                     }
                 }
                 let stop_receiver = Arc::new(AtomicBool::new(false));
+                // Over TCP the check runs as users should: with QEMU's TLS and a key.
+                let (_key_dir, security) = live::one_time_key()
+                    .or_else(|e| fail(FailureKind::Setup, "setup", e.to_string()))?;
                 let ro = ReceiveOptions {
                     qemu: Some(c.restore_qemu.clone().unwrap_or_else(|| c.qemu.clone())),
                     console: Console::Null,
                     cancel: Arc::clone(&stop_receiver),
+                    security: Some(security.clone()),
                 };
                 let receiver = live::Receiver::start(
                     &format!("tcp:127.0.0.1:{port}"),
@@ -295,6 +299,8 @@ impl<'a> Run<'a> {
                     host: "127.0.0.1".into(),
                     port,
                 };
+                let mut options = options.clone();
+                options.security = Some(security);
                 let outcome = live::live(&mut src, &to, &options, &Quiet);
                 if outcome.is_err() {
                     // The receiver waits for a stream that will not come.
