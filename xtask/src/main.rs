@@ -130,6 +130,9 @@ enum Task {
         /// Only the live migration rows (local, TCP in clear, TCP with TLS).
         #[arg(long)]
         live_only: bool,
+        /// Only the save rows (the recipe, save, snapshot, restore, the bounds).
+        #[arg(long)]
+        save_only: bool,
     },
     /// Build the test guest (fixtures/guest) into target/guest.
     BuildGuest,
@@ -153,6 +156,7 @@ fn main() -> ExitCode {
             instant_only,
             shapes_only,
             live_only,
+            save_only,
         } => bench::run(
             &root,
             &bench::Args {
@@ -163,6 +167,7 @@ fn main() -> ExitCode {
                 instant_only,
                 shapes_only,
                 live_only,
+                save_only,
             },
         ),
         Task::Fuzz { seconds } => fuzz::run(&root, seconds),

@@ -30,6 +30,8 @@ pub struct Args {
     pub shapes_only: bool,
     /// Only the live migration rows.
     pub live_only: bool,
+    /// Only the save rows.
+    pub save_only: bool,
 }
 
 pub fn run(root: &Path, args: &Args) -> anyhow::Result<()> {
@@ -59,7 +61,12 @@ pub fn run(root: &Path, args: &Args) -> anyhow::Result<()> {
         print!("{section}");
         report.push_str(&section);
     }
-    let all = !args.instant_only && !args.shapes_only && !args.live_only;
+    for q in qemus.iter().filter(|_| args.save_only) {
+        let section = save::save_speed(q, &send, &migrate, &guest, args)?;
+        print!("{section}");
+        report.push_str(&section);
+    }
+    let all = !args.instant_only && !args.shapes_only && !args.live_only && !args.save_only;
     for q in qemus.iter().filter(|_| args.shapes_only) {
         let section = instant::instant_shapes(q, &migrate, &guest)?;
         print!("{section}");

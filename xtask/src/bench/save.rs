@@ -23,7 +23,7 @@ pub(super) struct FilledVm {
     pub(super) hmp: PathBuf,
     /// The bench's own QMP session, through the library the CLIs use.
     control: Monitor,
-    _serial: test_guest::Lines,
+    serial: test_guest::Lines,
 }
 
 /// The options of the filled guest, its sockets in `dir`.
@@ -121,7 +121,7 @@ impl FilledVm {
             _dir: dir,
             hmp,
             control,
-            _serial: serial,
+            serial,
         })
     }
 
@@ -218,6 +218,49 @@ pub(super) fn save_speed(
             name.into(),
             took,
             format!("peak RSS {:.1} MiB", rss as f64 / 1024.0),
+        ));
+    }
+    // The snapshot: the guest runs while RAM is written; its pause is
+    // QEMU's downtime, its pace the guest's ticks (10 a second) meanwhile.
+    {
+        let ticks = |vm: &FilledVm| {
+            vm.serial
+                .snapshot()
+                .iter()
+                .filter(|l| test_guest::tick(l).is_some())
+                .count()
+        };
+        let before = ticks(&vm);
+        let start = Instant::now();
+        let out = Command::new(migrate)
+            .args(["--json", "snapshot", "--monitor"])
+            .arg(&vm.hmp)
+            .arg(&state)
+            .output()?;
+        let took = start.elapsed();
+        if !out.status.success() {
+            bail!("snapshot: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let during = ticks(&vm) - before;
+        let said: serde_json::Value = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .find(|v: &serde_json::Value| v.get("saved").is_some())
+            .unwrap_or_default();
+        let _ = std::fs::remove_file(&state);
+        let _ = std::fs::remove_file(dir.join("state.manifest.json"));
+        rows.push((
+            "`qemu-migrate snapshot` (fsync; the guest runs throughout)".into(),
+            took,
+            format!(
+                "paused {} ms; the guest ticked at {:.0} % of its pace meanwhile{}",
+                said["downtime_ms"].as_u64().map_or("?".into(), |d| d.to_string()),
+                100.0 * during as f64 / (took.as_secs_f64() * 10.0),
+                said["manifest"]["format"]
+                    .as_str()
+                    .filter(|_| said["fallback"].is_string())
+                    .map_or(String::new(), |_| " (fell back to a paused save)".into())
+            ),
         ));
     }
     let has_file = (q.version.major, q.version.minor) >= (8, 2);
