@@ -106,6 +106,34 @@ fn strs(v: &[String]) -> Vec<&str> {
 }
 
 #[test]
+fn a_snapshot_roundtrip_carries_on_from_the_instant_the_snapshot_began() {
+    for qemu in qemus() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut args = test_guest_checks(&qemu, "snapshot");
+        // A snapshot holds the instant it began; the source's RAM after it
+        // is later: judged by the counter alone.
+        let ram = args.iter().position(|a| a == "--ram").unwrap();
+        args.drain(ram..ram + 2);
+        let (code, report) = roundtrip(&strs(&args), &recipe_options(dir.path()));
+        let what = format!("{} snapshot", qemu.display());
+        assert_passed(code, &report, &what);
+        assert_continued(&report, &what);
+        // Asked to compare RAM, it says why it cannot.
+        let (code, report) = roundtrip(
+            &strs(&test_guest_checks(&qemu, "snapshot")),
+            &recipe_options(dir.path()),
+        );
+        assert_ne!(code, 0, "{report:#}");
+        assert!(
+            report
+                .to_string()
+                .contains("a snapshot holds the instant it began"),
+            "{report:#}"
+        );
+    }
+}
+
+#[test]
 fn the_test_guest_carries_on_through_every_transport_on_every_qemu() {
     for qemu in qemus() {
         for transport in TRANSPORTS {

@@ -83,7 +83,8 @@ pub struct Args {
     restore_qemu: Option<PathBuf>,
     /// How the state goes over: file (save, restore), live-local or live-tcp
     /// (a live migration on this host, over a unix socket or TCP on 127.0.0.1),
-    /// instant (save --instant, a restore that maps the RAM image).
+    /// instant (save --instant, a restore that maps the RAM image), snapshot
+    /// (a point-in-time snapshot while the guest runs, then a restore).
     #[arg(long, default_value = "file")]
     transport: Transport,
     /// Seconds the boot, and each wait after the restore, may take.

@@ -254,7 +254,9 @@ pub(super) fn save_speed(
             took,
             format!(
                 "paused {} ms; the guest ticked at {:.0} % of its pace meanwhile{}",
-                said["downtime_ms"].as_u64().map_or("?".into(), |d| d.to_string()),
+                said["downtime_ms"]
+                    .as_u64()
+                    .map_or("?".into(), |d| d.to_string()),
                 100.0 * during as f64 / (took.as_secs_f64() * 10.0),
                 said["manifest"]["format"]
                     .as_str()

@@ -66,6 +66,9 @@ pub enum Transport {
     LiveTcp,
     /// `qemu-migrate save --instant`, then a restore that maps the RAM image.
     Instant,
+    /// `qemu-migrate snapshot` (the guest runs while RAM is written), then
+    /// `restore`: the guest must carry on from the instant the snapshot began.
+    Snapshot,
 }
 
 impl std::str::FromStr for Transport {
@@ -77,8 +80,9 @@ impl std::str::FromStr for Transport {
             "live-local" => Ok(Transport::LiveLocal),
             "live-tcp" => Ok(Transport::LiveTcp),
             "instant" => Ok(Transport::Instant),
+            "snapshot" => Ok(Transport::Snapshot),
             _ => Err(format!(
-                "{s:?}: expected file, live-local, live-tcp or instant"
+                "{s:?}: expected file, live-local, live-tcp, instant or snapshot"
             )),
         }
     }
@@ -91,6 +95,7 @@ impl std::fmt::Display for Transport {
             Transport::LiveLocal => "live-local",
             Transport::LiveTcp => "live-tcp",
             Transport::Instant => "instant",
+            Transport::Snapshot => "snapshot",
         })
     }
 }

@@ -127,7 +127,7 @@ impl<'a> Run<'a> {
         self.check_reject()?;
 
         let (dest, reap, after) = match c.transport {
-            Transport::File | Transport::Instant => self.by_file(src)?,
+            Transport::File | Transport::Instant | Transport::Snapshot => self.by_file(src)?,
             Transport::LiveLocal | Transport::LiveTcp => self.live(src)?,
         };
         let _reap = reap;
@@ -144,6 +144,24 @@ impl<'a> Run<'a> {
     pub(super) fn by_file(&mut self, mut src: Vm) -> Result<(Option<Vm>, Reap, usize), Failure> {
         let c = self.check;
         let state = c.workdir.join("state");
+        let snapshot = c.transport == Transport::Snapshot;
+        if snapshot {
+            if c.ram.is_some() {
+                let _ = src.monitor.quit();
+                return fail(
+                    FailureKind::SaveFailed,
+                    "save",
+                    "--ram compares the source's RAM after the save with the restored one; a \
+                     snapshot holds the instant it began, and the guest ran on after: check \
+                     it by its serial counter",
+                );
+            }
+            // The state is of the instant the snapshot begins: the counter
+            // must carry on from what the source had printed by then.
+            self.serial.poll();
+            let upto = self.serial.lines().len();
+            self.record_counter_before(upto);
+        }
         let options = SaveOptions {
             then: if c.ram.is_some() {
                 Then::Stop
@@ -154,18 +172,24 @@ impl<'a> Run<'a> {
             no_sync: true,
             cancel: Arc::clone(&c.cancel),
             instant: c.transport == Transport::Instant,
+            snapshot,
             ..SaveOptions::default()
         };
         let saved = save::save(&mut src, &state, &options, &Quiet)
             .or_else(|e| fail(kind_of(&e, FailureKind::SaveFailed), "save", said(&e)))?;
         if let Some(why) = &saved.fallback {
-            // A check of the instant path that ran the plain one would
-            // pass for the wrong reason.
+            // A check of the instant path (or of a snapshot) that ran the
+            // plain one would pass for the wrong reason.
             let _ = src.monitor.quit();
+            let what = if snapshot {
+                "as a snapshot"
+            } else {
+                "in the instant layout"
+            };
             return fail(
                 FailureKind::SaveFailed,
                 "save",
-                format!("the VM cannot be saved in the instant layout: {why}"),
+                format!("the VM cannot be saved {what}: {why}"),
             );
         }
         self.report.save_seconds = Some(saved.elapsed.as_secs_f64());
@@ -192,7 +216,9 @@ impl<'a> Run<'a> {
         drop(src);
         self.serial.poll();
         let after = self.serial.lines().len();
-        self.record_counter_before(after);
+        if !snapshot {
+            self.record_counter_before(after);
+        }
 
         let options = RestoreOptions {
             qemu: c.restore_qemu.clone(),
