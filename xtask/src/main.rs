@@ -32,6 +32,8 @@ enum TransportArg {
     QemuMigrate,
     /// `qemu-migrate save --instant` and `restore`: RAM as an image the restore maps.
     QemuMigrateInstant,
+    /// `qemu-migrate snapshot` while the guest runs, and `restore`.
+    QemuMigrateSnapshot,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -202,6 +204,7 @@ fn main() -> ExitCode {
                     TransportArg::File => e2e::Transport::File,
                     TransportArg::QemuMigrate => e2e::Transport::QemuMigrate,
                     TransportArg::QemuMigrateInstant => e2e::Transport::QemuMigrateInstant,
+                    TransportArg::QemuMigrateSnapshot => e2e::Transport::QemuMigrateSnapshot,
                 },
                 monitor: match monitor {
                     MonitorArg::Hmp => e2e::MonitorKind::Hmp,

@@ -40,12 +40,18 @@ pub enum Transport {
     QemuMigrate,
     /// The same with `save --instant`: RAM as an image the restore maps.
     QemuMigrateInstant,
+    /// `qemu-migrate snapshot` while the guest runs, then `restore`: the
+    /// guest carries on from the instant the snapshot began.
+    QemuMigrateSnapshot,
 }
 
 impl Transport {
     /// Saved and restored by the library rather than by the recipe's line.
     fn by_library(self) -> bool {
-        matches!(self, Transport::QemuMigrate | Transport::QemuMigrateInstant)
+        matches!(
+            self,
+            Transport::QemuMigrate | Transport::QemuMigrateInstant | Transport::QemuMigrateSnapshot
+        )
     }
 }
 
@@ -224,10 +230,13 @@ fn run_in(kit: &Kit, sc: &Scenario, dir: &Path) -> Result<Report, Failure> {
         .set_capability("events", true)
         .map_err(Failure::of("monitor"))?;
     let (uri, live) = phases::listen_first(&setup)?;
+    // A snapshot is of the instant it begins: the guest ticks on meanwhile.
+    let at_start =
+        (sc.transport == Transport::QemuMigrateSnapshot).then(|| checks::Before::of(&source));
     let save = phases::save(kit, &setup, &uri, &mut watch)?;
     checks.push("save completed");
     let state_bytes = fs::metadata(&setup.state).ok().map(|m| m.len());
-    let before = checks::Before::of(&source);
+    let before = at_start.unwrap_or_else(|| checks::Before::of(&source));
     let _ = watch.quit();
     let ticking = source.ticking;
     let mut report = Report {
@@ -283,6 +292,11 @@ pub fn all_scenarios(qemu: &Qemu, accel: Accel, with_linux: bool) -> Vec<Scenari
     add(Transport::QemuMigrate, MonitorKind::Hmp, GuestKind::Test);
     add(
         Transport::QemuMigrateInstant,
+        MonitorKind::Hmp,
+        GuestKind::Test,
+    );
+    add(
+        Transport::QemuMigrateSnapshot,
         MonitorKind::Hmp,
         GuestKind::Test,
     );

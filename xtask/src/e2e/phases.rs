@@ -268,7 +268,9 @@ pub(super) fn listen_first(setup: &Setup) -> Result<(String, Option<Running>), F
     Ok(match sc.transport {
         Transport::Exec => (format!("exec:cat > {state}"), None),
         Transport::File => (format!("file:{state}"), None),
-        Transport::QemuMigrate | Transport::QemuMigrateInstant => (String::new(), None),
+        Transport::QemuMigrate | Transport::QemuMigrateInstant | Transport::QemuMigrateSnapshot => {
+            (String::new(), None)
+        }
         Transport::Unix | Transport::Tcp => {
             let incoming = if sc.transport == Transport::Unix {
                 format!("unix:{}", setup.dir.join("migration.sock").display())
@@ -306,6 +308,7 @@ pub(super) fn save(
         let mut options = qemu_migrate::save::SaveOptions::default();
         options.then = qemu_migrate::save::Then::Quit;
         options.instant = setup.sc.transport == Transport::QemuMigrateInstant;
+        options.snapshot = setup.sc.transport == Transport::QemuMigrateSnapshot;
         let report = qemu_migrate::save::save(
             &mut vm,
             &setup.state,
@@ -313,6 +316,12 @@ pub(super) fn save(
             &qemu_migrate::progress::Quiet,
         )
         .map_err(Failure::of("save"))?;
+        if options.snapshot && report.fallback.is_some() {
+            return fail(
+                "save",
+                format!("not saved as a snapshot: {:?}", report.fallback),
+            );
+        }
         if options.instant && report.manifest.instant.is_none() {
             return fail(
                 "save",
