@@ -27,6 +27,16 @@ pub struct Vm {
     pub(crate) child: Option<Launched>,
     /// What of the command line a second QEMU can have (attached VMs only).
     pub(crate) replay: crate::replay::Plan,
+    /// SHA-256 of the binary it runs, begun when attached (see [`Vm::binary_sha256`]).
+    exe_sha256: Mutex<ExeDigest>,
+}
+
+/// The digest of a QEMU's binary: being read in the background, or read.
+#[derive(Debug)]
+enum ExeDigest {
+    Reading(std::thread::JoinHandle<Option<String>>),
+    Read(Option<String>),
+    NotBegun,
 }
 
 /// Whether the monitor at `addr` shares a mux chardev with a console (see
@@ -72,7 +82,7 @@ pub(crate) fn is_mux_monitor(addr: &MonitorAddr) -> bool {
 #[derive(Debug)]
 pub struct Launched {
     child: Child,
-    _dir: tempfile::TempDir,
+    _dir: os::RunDir,
     stderr: Arc<Mutex<Vec<u8>>>,
     stderr_thread: Option<std::thread::JoinHandle<()>>,
     kill_on_drop: bool,
@@ -114,6 +124,8 @@ impl Drop for Launched {
         // A launched QEMU outlives this handle only when asked to (`detach`).
         if self.kill_on_drop {
             let _ = self.child.kill();
+            // Let go while it cannot be reaped yet: its pid is still its own.
+            os::keeper::release(self.child.id());
             let _ = self.child.wait();
         }
     }
@@ -186,6 +198,19 @@ impl Vm {
         &self.binary
     }
 
+    /// SHA-256 of the binary this QEMU runs (`/proc/PID/exe`), 64 hex
+    /// digits; `None` when it cannot be read.
+    pub fn binary_sha256(&self) -> Option<String> {
+        let mut d = self.exe_sha256.lock().expect("digest lock");
+        let read = match std::mem::replace(&mut *d, ExeDigest::NotBegun) {
+            ExeDigest::Reading(t) => t.join().ok().flatten(),
+            ExeDigest::Read(r) => r,
+            ExeDigest::NotBegun => crate::trust::exe_sha256(self.pid),
+        };
+        *d = ExeDigest::Read(read.clone());
+        read
+    }
+
     /// The command line without argv[0].
     pub fn args(&self) -> &[String] {
         &self.args
@@ -235,6 +260,12 @@ impl Vm {
         let args = crate::instant::without_image_options(info.args);
         // Descriptors become the names a second QEMU can open.
         let replay = crate::replay::plan(pid, &args);
+        // Read while the save runs, from the file QEMU runs (its binary may
+        // have been replaced on disk since it started).
+        let exe_sha256 = std::thread::Builder::new()
+            .name("qemu-digest".into())
+            .spawn(move || crate::trust::exe_sha256(pid))
+            .map_or(ExeDigest::NotBegun, ExeDigest::Reading);
         Ok(Vm {
             monitor,
             pid,
@@ -244,6 +275,7 @@ impl Vm {
             version,
             child: None,
             replay,
+            exe_sha256: Mutex::new(exe_sha256),
         })
     }
 
@@ -253,13 +285,7 @@ impl Vm {
     /// When QEMU cannot be started, or exits before its monitor answers
     /// (with what it said on stderr).
     pub fn launch(binary: &Path, args: &[String], options: &LaunchOptions) -> Result<Vm> {
-        let dir = tempfile::Builder::new()
-            .prefix("qemu-migrate-")
-            .tempdir()
-            .map_err(Error::file(
-                std::env::temp_dir(),
-                "creating a private directory",
-            ))?;
+        let dir = os::RunDir::new("qmp-")?;
         // QEMU connects to this socket while it starts (see QmpListener):
         // no connect of ours races its start-up.
         let qmp = qemu_monitor::QmpListener::bind(dir.path().join("qmp.sock"))?;
@@ -294,6 +320,8 @@ impl Vm {
             }
         }
         os::pass_fds(&mut cmd, passed);
+        // Until handed over, it ends with this process, from before its exec on.
+        os::keeper::end_with_us(&mut cmd)?;
         let mut child = cmd.spawn().map_err(|source| Error::Launch {
             binary: binary.to_path_buf(),
             source,
@@ -340,6 +368,7 @@ impl Vm {
             version,
             child: Some(launched),
             replay: crate::replay::Plan::default(),
+            exe_sha256: Mutex::new(ExeDigest::NotBegun),
         })
     }
 
@@ -402,7 +431,18 @@ impl Vm {
         if let Some(l) = self.child.as_mut() {
             l.kill_on_drop = false;
         }
+        self.hand_over();
         self.pid
+    }
+
+    /// Hands a launched QEMU over: until now it ends with this process if
+    /// this one dies (`kill -9` included), from now on it outlives it (a
+    /// VM restored in the foreground runs on). Dropping the `Vm` still ends
+    /// it unless [`Vm::detach`]ed.
+    pub fn hand_over(&mut self) {
+        if self.child.is_some() {
+            os::keeper::release(self.pid);
+        }
     }
 
     /// Refuses a VM that cannot start a migration now (already migrated,

@@ -346,6 +346,11 @@ pub fn live(
         }
     };
 
+    // The destination has the guest: from here on it outlives this process
+    // (before, the watchdog ends it and the source runs on).
+    if let Some((dest, _)) = local.as_mut() {
+        dest.hand_over();
+    }
     watchdog.step(CONFIRMED);
     let mut source_sockets = Vec::new();
     match options.then {

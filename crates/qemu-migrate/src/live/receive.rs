@@ -111,11 +111,10 @@ impl Receiver {
                     reason: format!("not a qemu-migrate manifest: {e}"),
                 })?;
                 crate::trust::check_runs_as(path, m.qemu_uid, false)?;
-                if options.qemu.is_none() {
-                    crate::trust::check_binary(&m.qemu)?;
-                }
+                // Only the recorded binary, unchanged, unless --qemu names one.
+                let (binary, _) =
+                    crate::trust::recorded_qemu(Some((path, &m)), options.qemu.as_deref())?;
                 let env = crate::trust::qemu_env(&m.env);
-                let binary = options.qemu.clone().unwrap_or(m.qemu.clone());
                 // -- cross-version: another QEMU gets the saved machine type pinned
                 let mut args = m.args;
                 if binary != m.qemu {
@@ -129,10 +128,7 @@ impl Receiver {
                 (binary, args, env)
             }
             VmSpec::Args(args) => (
-                options
-                    .qemu
-                    .clone()
-                    .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64")),
+                crate::trust::recorded_qemu(None, options.qemu.as_deref())?.0,
                 args.clone(),
                 Default::default(),
             ),
@@ -212,6 +208,7 @@ impl Receiver {
             let _ = c.write_all(line.as_bytes());
         }
         let state = outcome?;
+        self.vm.hand_over();
         if let Some(w) = self.watchdog.take() {
             w.dismiss();
         }

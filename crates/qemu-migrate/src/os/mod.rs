@@ -14,14 +14,17 @@ use crate::error::{Error, Result};
 
 mod fds;
 mod files;
+pub(crate) mod keeper;
 mod lock;
 mod process;
+mod rundir;
 mod watchdog;
 
 pub use fds::*;
 pub use files::*;
 pub use lock::*;
 pub use process::*;
+pub use rundir::*;
 pub use watchdog::*;
 
 /// The pipe's buffer: large, so QEMU and the copying thread rarely wait on each other.

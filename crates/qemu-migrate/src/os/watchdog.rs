@@ -131,7 +131,7 @@ impl Drop for Watchdog {
 
 /// Closes every descriptor above stderr but `keep`: `close_range` (Linux
 /// 5.9), else each one `/proc/self/fd` lists.
-fn close_all_but(keep: libc::c_int) {
+pub(super) fn close_all_but(keep: libc::c_int) {
     let ranges = [(3, keep - 1), (keep + 1, libc::c_int::MAX)];
     // SAFETY: close_range only closes this process's descriptors in the range.
     let ok = ranges.iter().all(|&(lo, hi)| {
