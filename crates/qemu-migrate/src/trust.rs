@@ -239,3 +239,40 @@ pub fn check_runs_as(statefile: &Path, qemu_uid: Option<u32>, as_root: bool) -> 
         _ => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_digest_of_a_running_binary_is_of_the_file_it_runs_even_replaced_since() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sleeper");
+        std::fs::copy("/bin/sleep", &path).unwrap();
+        let original = file_sha256(&path).unwrap();
+        let mut child = std::process::Command::new(&path).arg("60").spawn().unwrap();
+        // Upgraded as a package manager does: the old file unlinked, a new one put there.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, b"#!/bin/sh\nexit 0\n").unwrap();
+        let running = exe_sha256(child.id());
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(running.as_deref(), Some(original.as_str()));
+        assert_ne!(file_sha256(&path).unwrap(), original);
+        assert_eq!(original.len(), 64);
+    }
+
+    #[test]
+    fn only_qemu_variables_are_applied_and_each_other_one_is_named() {
+        let env: BTreeMap<String, String> = [("LD_PRELOAD", "/x.so"), ("QEMU_MODULE_DIR", "/m")]
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .into();
+        assert_eq!(
+            qemu_env(&env).keys().collect::<Vec<_>>(),
+            ["QEMU_MODULE_DIR"]
+        );
+        let dropped = dropped_env(&env);
+        assert_eq!(dropped.len(), 1);
+        assert!(dropped[0].contains("LD_PRELOAD"), "{dropped:?}");
+    }
+}
