@@ -61,7 +61,10 @@ pub struct RestoreOptions {
 /// from the state file and the directory its new overlays go to (when one
 /// was chosen); run in place of a revert that died midway.
 #[derive(Clone)]
-pub struct Revive(pub Arc<dyn Fn(&Path, Option<&Path>) -> Vec<std::ffi::OsString> + Send + Sync>);
+pub struct Revive(pub Arc<ReviveCommand>);
+
+/// Makes the command of a [`Revive`]: from the state file and the overlays' directory.
+pub type ReviveCommand = dyn Fn(&Path, Option<&Path>) -> Vec<std::ffi::OsString> + Send + Sync;
 
 impl std::fmt::Debug for Revive {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
