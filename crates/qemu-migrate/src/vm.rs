@@ -435,6 +435,18 @@ impl Vm {
         self.pid
     }
 
+    /// Undoes [`Vm::hand_over`]: the launched QEMU ends with this process
+    /// again if this one dies (a check that restored a VM only to look at it).
+    ///
+    /// # Errors
+    /// [`Error::Os`] when the keeper process cannot be started or told.
+    pub fn end_with_this_process(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            os::keeper::adopt(self.pid)?;
+        }
+        Ok(())
+    }
+
     /// Hands a launched QEMU over: until now it ends with this process if
     /// this one dies (`kill -9` included), from now on it outlives it (a
     /// VM restored in the foreground runs on). Dropping the `Vm` still ends
