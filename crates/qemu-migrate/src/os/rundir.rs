@@ -77,8 +77,8 @@ impl Drop for RunDir {
 }
 
 /// Removes this user's run directories in `tmp` whose run is dead: its
-/// lock file is free, or, made by an older version without one, none of
-/// its sockets is in use and it is older than a minute.
+/// lock file is free, or, made by an older version without one, it holds
+/// only sockets, none of them in use, and is older than a minute.
 pub fn sweep(tmp: &Path) {
     let me = super::process::uid();
     let Ok(entries) = std::fs::read_dir(tmp) else {
@@ -87,7 +87,12 @@ pub fn sweep(tmp: &Path) {
     let bound: Vec<String> = super::unix_sockets().into_iter().map(|s| s.name).collect();
     for entry in entries.flatten() {
         let name = entry.file_name();
-        if !name.to_str().is_some_and(|n| n.starts_with(PREFIX)) {
+        // `qemu-migrate-UID` is the lock directory (see `lock.rs`), never a run's.
+        let lock_dir = format!("{PREFIX}{me}");
+        if !name
+            .to_str()
+            .is_some_and(|n| n.starts_with(PREFIX) && n != lock_dir)
+        {
             continue;
         }
         let path = entry.path();
@@ -115,7 +120,14 @@ pub fn sweep(tmp: &Path) {
                     .is_some_and(|age| age > UNLOCKED_AGE);
                 let prefix = format!("{}/", path.display());
                 let in_use = bound.iter().any(|s| s.starts_with(&prefix));
-                if old && !in_use {
+                // An older version's run directory holds sockets and nothing else.
+                let only_sockets = std::fs::read_dir(&path).is_ok_and(|d| {
+                    d.flatten().all(|e| {
+                        use std::os::unix::fs::FileTypeExt;
+                        e.file_type().is_ok_and(|t| t.is_socket())
+                    })
+                });
+                if old && !in_use && only_sockets {
                     let _ = std::fs::remove_dir_all(&path);
                 }
             }
@@ -145,8 +157,15 @@ mod tests {
         let young = tmp.path().join("qemu-migrate-young");
         std::fs::create_dir(&other).unwrap();
         std::fs::create_dir(&young).unwrap();
+        // The lock directory, however old, is never a run's.
+        let locks = tmp
+            .path()
+            .join(format!("qemu-migrate-{}", crate::os::uid()));
+        std::fs::create_dir(&locks).unwrap();
+        let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+        File::open(&locks).unwrap().set_modified(old).unwrap();
         sweep(tmp.path());
         assert!(!dead.exists(), "the dead run's directory is removed");
-        assert!(live.exists() && other.exists() && young.exists());
+        assert!(live.exists() && other.exists() && young.exists() && locks.exists());
     }
 }
