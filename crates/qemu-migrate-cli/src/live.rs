@@ -187,6 +187,9 @@ pub(crate) fn receive(
     options.console = console(*daemonize);
     options.cancel = Arc::clone(&cancel);
     let receiver = library::Receiver::start(listen, &spec, &options)?;
+    for w in &receiver.warnings {
+        eprintln!("qemu-migrate: warning: {w}");
+    }
     if cli.json {
         say!(
             "{}",

@@ -55,6 +55,9 @@ pub struct Receiver {
     pub listen: String,
     /// The machine type pinned for a QEMU other than the manifest's.
     pub pinned: Option<machine::Pinned>,
+    /// What the user should know, a line each (a manifest's variable left
+    /// out, a binary run unchecked).
+    pub warnings: Vec<String>,
     started: Instant,
     incoming: mpsc::Receiver<Incoming>,
     stop: Arc<AtomicBool>,
@@ -101,6 +104,7 @@ impl Receiver {
             expected: "tcp:ADDR:PORT",
         })?;
         let mut pinned = None;
+        let mut warnings = Vec::new();
         let (binary, args, env) = match spec {
             VmSpec::Manifest(path) => {
                 crate::trust::check_file(path, "manifest")?;
@@ -112,8 +116,10 @@ impl Receiver {
                 })?;
                 crate::trust::check_runs_as(path, m.qemu_uid, false)?;
                 // Only the recorded binary, unchanged, unless --qemu names one.
-                let (binary, _) =
+                let (binary, checked) =
                     crate::trust::recorded_qemu(Some((path, &m)), options.qemu.as_deref())?;
+                warnings.extend(checked);
+                warnings.extend(crate::trust::dropped_env(&m.env));
                 let env = crate::trust::qemu_env(&m.env);
                 // -- cross-version: another QEMU gets the saved machine type pinned
                 let mut args = m.args;
@@ -159,6 +165,7 @@ impl Receiver {
             vm,
             listen: tcp_uri(&host, port),
             pinned,
+            warnings,
             started,
             incoming,
             stop,

@@ -141,7 +141,11 @@ fn keeper_socket() -> Result<RawFd> {
     }
     let k = fork_keeper()?;
     let fd = k.socket.as_raw_fd();
-    *keeper = Some(k);
+    // A dead keeper's socket stays open: a child being spawned right now
+    // may still name itself on that number, which must not become another file.
+    if let Some(old) = keeper.replace(k) {
+        std::mem::forget(old.socket);
+    }
     Ok(fd)
 }
 
