@@ -180,6 +180,12 @@ pub(crate) fn exe_sha256(pid: u32) -> Option<String> {
     file_sha256(Path::new(&format!("/proc/{pid}/exe"))).ok()
 }
 
+/// SHA-256 of the binary `binary` names (`PATH` searched for a bare name);
+/// `None` when there is none or it cannot be read.
+pub(crate) fn binary_sha256(binary: &Path) -> Option<String> {
+    file_sha256(&find(binary)?).ok()
+}
+
 fn sha256_of(mut file: impl std::io::Read) -> std::io::Result<String> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];

@@ -36,7 +36,11 @@ pub struct Vm {
 enum ExeDigest {
     Reading(std::thread::JoinHandle<Option<String>>),
     Read(Option<String>),
+    /// Of `/proc/PID/exe`, when asked.
     NotBegun,
+    /// Of the binary a launched QEMU was started as (a launcher script
+    /// that execs QEMU is the file a restore runs again), when asked.
+    OfFile(PathBuf),
 }
 
 /// Whether the monitor at `addr` shares a mux chardev with a console (see
@@ -198,14 +202,16 @@ impl Vm {
         &self.binary
     }
 
-    /// SHA-256 of the binary this QEMU runs (`/proc/PID/exe`), 64 hex
-    /// digits; `None` when it cannot be read.
+    /// SHA-256 of the binary [`Vm::binary`] names as it was when this QEMU
+    /// started (for an attached VM, the very file it runs: `/proc/PID/exe`),
+    /// 64 hex digits; `None` when it cannot be read.
     pub fn binary_sha256(&self) -> Option<String> {
         let mut d = self.exe_sha256.lock().expect("digest lock");
         let read = match std::mem::replace(&mut *d, ExeDigest::NotBegun) {
             ExeDigest::Reading(t) => t.join().ok().flatten(),
             ExeDigest::Read(r) => r,
             ExeDigest::NotBegun => crate::trust::exe_sha256(self.pid),
+            ExeDigest::OfFile(path) => crate::trust::binary_sha256(&path),
         };
         *d = ExeDigest::Read(read.clone());
         read
@@ -368,7 +374,7 @@ impl Vm {
             version,
             child: Some(launched),
             replay: crate::replay::Plan::default(),
-            exe_sha256: Mutex::new(ExeDigest::NotBegun),
+            exe_sha256: Mutex::new(ExeDigest::OfFile(binary.to_path_buf())),
         })
     }
 
