@@ -249,7 +249,7 @@ pub enum Error {
         from: QemuFrom,
     },
     /// QEMU could not be started.
-    #[error("starting {}: {}", .binary.display(), os_message(.source))]
+    #[error("{}", launch_words(.binary, .source))]
     Launch {
         /// The QEMU binary.
         binary: PathBuf,
@@ -432,6 +432,21 @@ fn qemu_not_found(binary: &std::path::Path, from: &QemuFrom) -> String {
              {looked}: install QEMU (Debian: apt-get install qemu-system-x86), or give --qemu PATH"
         ),
     }
+}
+
+fn launch_words(binary: &std::path::Path, source: &io::Error) -> String {
+    if source.kind() == io::ErrorKind::NotFound {
+        return format!(
+            "starting {}: there is no such QEMU binary{}; give the path of an installed one",
+            binary.display(),
+            if binary.components().count() == 1 {
+                " on PATH"
+            } else {
+                ""
+            }
+        );
+    }
+    format!("starting {}: {}", binary.display(), os_message(source))
 }
 
 fn still_held(leftover: &Option<String>) -> String {

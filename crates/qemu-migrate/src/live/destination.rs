@@ -107,7 +107,11 @@ pub(super) fn local_qemu(
     Option<crate::machine::Pinned>,
 )> {
     let source = vm.binary().to_path_buf();
-    let binary = qemu.map_or_else(|| source.clone(), std::path::Path::to_path_buf);
+    let binary = match qemu {
+        // A binary that is not there is said so, with what to do.
+        Some(q) => crate::trust::recorded_qemu(None, Some(q))?.0,
+        None => source.clone(),
+    };
     if binary == source {
         return Ok((binary, vm.args().to_vec(), None));
     }

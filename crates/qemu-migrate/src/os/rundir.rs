@@ -34,7 +34,7 @@ impl RunDir {
     /// [`Error::File`] when it cannot be made or locked.
     pub fn new(kind: &str) -> Result<RunDir> {
         let tmp = std::env::temp_dir();
-        sweep(&tmp);
+        sweep_run_dirs(&tmp);
         let err = |what| Error::file(&tmp, what);
         let made = tempfile::Builder::new()
             .prefix(&format!(".{PREFIX}{kind}"))
@@ -79,7 +79,7 @@ impl Drop for RunDir {
 /// Removes this user's run directories in `tmp` whose run is dead: its
 /// lock file is free, or, made by an older version without one, it holds
 /// only sockets, none of them in use, and is older than a minute.
-pub fn sweep(tmp: &Path) {
+pub fn sweep_run_dirs(tmp: &Path) {
     let me = super::process::uid();
     let Ok(entries) = std::fs::read_dir(tmp) else {
         return;
@@ -164,7 +164,7 @@ mod tests {
         std::fs::create_dir(&locks).unwrap();
         let old = std::time::SystemTime::now() - Duration::from_secs(3600);
         File::open(&locks).unwrap().set_modified(old).unwrap();
-        sweep(tmp.path());
+        sweep_run_dirs(tmp.path());
         assert!(!dead.exists(), "the dead run's directory is removed");
         assert!(live.exists() && other.exists() && young.exists() && locks.exists());
     }
