@@ -7,8 +7,8 @@
 //! what was ended, the next restore works, and it leaves neither the dead
 //! runs' private directories nor their lock files. A QEMU left paused in
 //! `inmigrate` by an older version is named with its pid and how to end
-//! it. A `revert` killed once it has ended the old VM brings the VM back
-//! from the checkpoint.
+//! it. A `revert` killed as it stops the old VM, as it ends it, or as the
+//! new QEMU starts leaves the VM running from the checkpoint.
 //!
 //! Each run gets `TMPDIR` and `XDG_RUNTIME_DIR` of the test's own, so what
 //! it leaves there is the test's to see.
@@ -334,8 +334,36 @@ fn status(hmp: &Path) -> String {
     m.human_command("info status").expect("info status")
 }
 
+/// The steps of a revert's main thread once its checks passed, as the
+/// system call that begins each: the old VM's `stop` and `quit` (the
+/// fourth and fifth `sendto`, after `info block` and the two messages that
+/// leave the old VM and the way back with the keeper), and the new QEMU's
+/// start.
+const REVERT_STEPS: &[(&str, u32, &str)] = &[
+    ("sendto", 4, "as it stops the old VM"),
+    ("sendto", 5, "as it ends the old VM"),
+    ("accept4", 1, "as the new QEMU starts"),
+];
+
+/// Waits until the only process naming `dir` is `pid`.
+fn wait_only_left(dir: &Path, pid: u32, what: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let left: Vec<(u32, String)> = processes_of(dir)
+            .into_iter()
+            .filter(|(p, _)| *p != pid)
+            .collect();
+        let Some((other, _)) = left.first() else {
+            return;
+        };
+        let now = Instant::now();
+        assert!(now < deadline, "{what}: processes left: {left:#?}");
+        testkit::wait_gone(*other, deadline - now);
+    }
+}
+
 #[test]
-fn a_revert_killed_after_it_ended_the_vm_brings_the_vm_back() {
+fn a_revert_killed_at_any_step_leaves_the_vm_running_from_the_checkpoint() {
     for qemu in qemus() {
         let place = Place::new();
         let disk = place.path().join("disk.raw");
@@ -354,31 +382,39 @@ fn a_revert_killed_after_it_ended_the_vm_brings_the_vm_back() {
             .output()
             .unwrap();
         assert!(out.status.success(), "checkpoint: {}", stderr(&out));
-        let old = vm.pid();
-        // Killed as the new QEMU starts: the old one was ended by then.
         let pidfile = place.path().join("reverted.pid");
-        let out = killed_at(
-            &place,
-            "accept4",
-            1,
-            &[
-                "revert".as_ref(),
-                "--monitor".as_ref(),
-                vm.hmp.as_os_str(),
-                "--daemonize".as_ref(),
-                "--pidfile".as_ref(),
-                pidfile.as_os_str(),
-                statefile.as_os_str(),
-            ],
-        );
-        let err = stderr(&out);
-        assert!(recipe_tests::has_exited(old), "the old VM was ended: {err}");
-        assert!(err.contains("putting things right"), "{err}");
-        let pid = pid_in(&pidfile).unwrap_or_else(|| panic!("no VM was brought back: {err}"));
-        assert_ne!(pid, old);
-        assert!(!recipe_tests::has_exited(pid), "{err}");
-        assert!(status(&vm.hmp).contains("running"), "{err}");
-        kill_and_wait(pid);
+        let mut old = vm.pid();
+        for &(syscall, when, step) in REVERT_STEPS {
+            let what = format!("{} revert killed {step}", qemu.display());
+            let _ = std::fs::remove_file(&pidfile);
+            let out = killed_at(
+                &place,
+                syscall,
+                when,
+                &[
+                    "revert".as_ref(),
+                    "--monitor".as_ref(),
+                    vm.hmp.as_os_str(),
+                    "--daemonize".as_ref(),
+                    "--pidfile".as_ref(),
+                    pidfile.as_os_str(),
+                    statefile.as_os_str(),
+                ],
+            );
+            let err = stderr(&out);
+            assert!(
+                recipe_tests::has_exited(old),
+                "{what}: the old VM was ended: {err}"
+            );
+            assert!(err.contains("putting things right"), "{what}: {err}");
+            let pid =
+                pid_in(&pidfile).unwrap_or_else(|| panic!("{what}: no VM was brought back: {err}"));
+            assert_ne!(pid, old);
+            wait_only_left(place.path(), pid, &what);
+            assert!(status(&vm.hmp).contains("running"), "{what}: {err}");
+            old = pid;
+        }
+        kill_and_wait(old);
         vm.wait_exit();
     }
 }
