@@ -202,9 +202,10 @@ impl Vm {
         &self.binary
     }
 
-    /// SHA-256 of the binary [`Vm::binary`] names as it was when this QEMU
-    /// started (for an attached VM, the very file it runs: `/proc/PID/exe`),
-    /// 64 hex digits; `None` when it cannot be read.
+    /// SHA-256 of the binary [`Vm::binary`] names, 64 hex digits: for an
+    /// attached VM, of the very file it runs (`/proc/PID/exe`, read in the
+    /// background from the attach on); for a QEMU started here, of the file
+    /// it was started as, read when first asked. `None` when it cannot be read.
     pub fn binary_sha256(&self) -> Option<String> {
         let mut d = self.exe_sha256.lock().expect("digest lock");
         let read = match std::mem::replace(&mut *d, ExeDigest::NotBegun) {
