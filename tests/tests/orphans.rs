@@ -1,8 +1,8 @@
 //! No orphans: a QEMU that a run starts ends with it until the run hands it
 //! over, whatever ends the run. `restore` is killed (SIGKILL, injected by
 //! strace on a system call of each step) before QEMU is forked, while it
-//! starts, while it waits for the stream, while it loads and just before
-//! the guest resumes: afterwards no process of that run is left (found by
+//! starts, while it waits for the stream, as it loads, once loaded, just
+//! before the guest resumes and as QEMU is handed over: afterwards no process of that run is left (found by
 //! the test's own directory in `/proc/*/cmdline`), a line on stderr says
 //! what was ended, the next restore works, and it leaves neither the dead
 //! runs' private directories nor their lock files. A QEMU left paused in
@@ -135,14 +135,18 @@ fn pid_in(pidfile: &Path) -> Option<u32> {
 
 /// The steps of a restore's main thread, as the system call that begins
 /// each: forking QEMU (the first fork is the keeper's), waiting for QEMU to
-/// connect to its monitor, passing it the stream's pipe, starting the
-/// load, and resuming the guest (the third command after the pipe).
+/// connect to its monitor, passing it the stream's pipe, and then its QMP
+/// commands (`qmp_capabilities` and `migrate-set-capabilities` come
+/// first): `migrate-incoming` (the load begins), `query-status` (loaded),
+/// `cont` (the guest resumes), and the message that hands QEMU over.
 const RESTORE_STEPS: &[(&str, u32, &str, bool)] = &[
     ("clone", 2, "before QEMU is forked", false),
     ("accept4", 1, "while QEMU starts", true),
     ("sendmsg", 1, "while QEMU waits for the stream", true),
-    ("sendto", 1, "as the load begins", true),
-    ("sendto", 3, "just before the guest resumes", true),
+    ("sendto", 3, "as the load begins", true),
+    ("sendto", 4, "once the state is loaded", true),
+    ("sendto", 5, "just before the guest resumes", true),
+    ("sendto", 6, "as QEMU is handed over", true),
 ];
 
 #[test]
