@@ -327,6 +327,46 @@ fn a_qemu_left_paused_in_inmigrate_is_named_with_how_to_end_it() {
     }
 }
 
+#[test]
+fn a_local_live_migration_killed_as_its_destination_starts_leaves_no_destination() {
+    for qemu in qemus() {
+        let place = Place::new();
+        let (mut vm, _) = Vm::start_ticking(&qemu, &recipe_options(place.path()));
+        let source = vm.pid();
+        // Killed as the destination QEMU starts, before the migration's own
+        // watchdog exists: only the keeper can end it.
+        let out = killed_at(
+            &place,
+            "accept4",
+            1,
+            &[
+                "live".as_ref(),
+                "--monitor".as_ref(),
+                vm.hmp.as_os_str(),
+                "--to".as_ref(),
+                "local".as_ref(),
+            ],
+        );
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{err}");
+        wait_only_left(
+            place.path(),
+            source,
+            "live killed as its destination starts",
+        );
+        assert!(
+            err.contains("died before it handed over what it had started; ended qemu-system"),
+            "{err}"
+        );
+        assert!(
+            status(&vm.hmp).contains("running"),
+            "the source runs on: {err}"
+        );
+        kill_and_wait(source);
+        vm.wait_exit();
+    }
+}
+
 /// Asks the VM at `hmp` for its run state.
 fn status(hmp: &Path) -> String {
     let options = qemu_monitor::Options {

@@ -76,14 +76,9 @@ pub(super) fn start_local(
     binary: &std::path::Path,
     args: &[String],
     passed: Vec<(std::os::fd::OwnedFd, i32)>,
-) -> Result<(Vm, tempfile::TempDir, String)> {
-    let dir = tempfile::Builder::new()
-        .prefix("qemu-migrate-live-")
-        .tempdir()
-        .map_err(Error::file(
-            std::env::temp_dir(),
-            "creating a private directory",
-        ))?;
+) -> Result<(Vm, crate::os::RunDir, String)> {
+    // Locked while this run lives: a dead run's is removed by the next one.
+    let dir = crate::os::RunDir::new("live-")?;
     let mut options = LaunchOptions::new(Console::Null, vm.env().clone());
     options.passed = passed
         .into_iter()
