@@ -77,8 +77,9 @@ impl Drop for RunDir {
 }
 
 /// Removes this user's run directories in `tmp` whose run is dead: its
-/// lock file is free, or, made by an older version without one, it holds
-/// only sockets, none of them in use, and is older than a minute.
+/// lock file is free, or, made by an older version without one (named as
+/// it named them), it holds only sockets, none of them in use, and is
+/// older than a minute.
 pub fn sweep_run_dirs(tmp: &Path) {
     let me = super::process::uid();
     let Ok(entries) = std::fs::read_dir(tmp) else {
@@ -120,19 +121,36 @@ pub fn sweep_run_dirs(tmp: &Path) {
                     .is_some_and(|age| age > UNLOCKED_AGE);
                 let prefix = format!("{}/", path.display());
                 let in_use = bound.iter().any(|s| s.starts_with(&prefix));
-                // An older version's run directory holds sockets and nothing else.
+                // An older version's run directory, by its name, holds sockets
+                // and nothing else.
                 let only_sockets = std::fs::read_dir(&path).is_ok_and(|d| {
-                    d.flatten().all(|e| {
-                        use std::os::unix::fs::FileTypeExt;
-                        e.file_type().is_ok_and(|t| t.is_socket())
-                    })
+                    let kinds: Vec<bool> = d
+                        .flatten()
+                        .map(|e| {
+                            use std::os::unix::fs::FileTypeExt;
+                            e.file_type().is_ok_and(|t| t.is_socket())
+                        })
+                        .collect();
+                    !kinds.is_empty() && kinds.iter().all(|&s| s)
                 });
-                if old && !in_use && only_sockets {
+                if old && !in_use && only_sockets && is_older_versions(&name.to_string_lossy()) {
                     let _ = std::fs::remove_dir_all(&path);
                 }
             }
         }
     }
+}
+
+/// Whether `name` is one an older version gave its run directories:
+/// `qemu-migrate-` and six random characters (QEMU's monitor socket), or
+/// `qemu-migrate-stream-…` and `qemu-migrate-live-…`.
+fn is_older_versions(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix(PREFIX) else {
+        return false;
+    };
+    (rest.len() == 6 && rest.chars().all(|c| c.is_ascii_alphanumeric()))
+        || rest.starts_with("stream-")
+        || rest.starts_with("live-")
 }
 
 #[cfg(test)]
@@ -157,6 +175,16 @@ mod tests {
         let young = tmp.path().join("qemu-migrate-young");
         std::fs::create_dir(&other).unwrap();
         std::fs::create_dir(&young).unwrap();
+        // Another part's directory (files, not sockets), however old, is not a run's.
+        let other_part = tmp.path().join("qemu-migrate-tls.abcdef");
+        std::fs::create_dir(&other_part).unwrap();
+        std::fs::write(other_part.join("key"), b"").unwrap();
+        File::open(&other_part)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))
+            .unwrap();
+        assert!(!is_older_versions("qemu-migrate-tls.abcdef"));
+        assert!(is_older_versions("qemu-migrate-Ab3xYz"));
         // The lock directory, however old, is never a run's.
         let locks = tmp
             .path()
@@ -167,5 +195,6 @@ mod tests {
         sweep_run_dirs(tmp.path());
         assert!(!dead.exists(), "the dead run's directory is removed");
         assert!(live.exists() && other.exists() && young.exists() && locks.exists());
+        assert!(other_part.exists());
     }
 }
