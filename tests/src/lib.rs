@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+pub mod loopfs;
+
 /// Every QEMU the tests must pass on (see [`testkit::qemu::from_env`]).
 pub fn qemus() -> Vec<PathBuf> {
     testkit::qemu::from_env()

@@ -183,7 +183,15 @@ fn a_damaged_or_missing_ram_image_is_refused_before_qemu_starts() {
         flipped[at] ^= 0x40;
         std::fs::write(&image, &flipped).unwrap();
         let err = restore_err(&[]);
-        assert!(err.contains("damaged: its checksum is"), "{err}");
+        // Named by its chunk: 4 MiB of the 32.
+        let chunk = at >> 22;
+        let named = format!(
+            "chunk {chunk} of 8 (bytes {}-{}",
+            chunk << 22,
+            ((chunk + 1) << 22) - 1
+        );
+        assert!(err.contains(&named), "{err}");
+        assert!(err.contains("is damaged: its checksum is"), "{err}");
 
         std::fs::write(&image, &good[..good.len() - 4096]).unwrap();
         let err = restore_err(&[]);
@@ -208,7 +216,7 @@ fn a_damaged_or_missing_ram_image_is_refused_before_qemu_starts() {
         );
         let text = String::from_utf8_lossy(&report.stdout);
         assert!(
-            text.contains("RAM image: read in full, its checksum matches"),
+            text.contains("RAM image state.ram: read in full: every chunk's checksum matches"),
             "{text}"
         );
 

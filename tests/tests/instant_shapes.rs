@@ -442,7 +442,9 @@ fn a_damaged_second_image_is_refused_and_a_save_of_fewer_blocks_takes_the_rest_a
             "{err}"
         );
 
-        // The same file saved again from a -m VM: one image, the other gone.
+        // The same file saved again from a -m VM: one image, under the
+        // other set of names (the old save stays whole until the new one
+        // is in place), and the old images gone.
         std::fs::write(&second, &good).unwrap();
         let (source, _) = Vm::start_ticking(&qemu, &recipe_options(dir.path()));
         ok(migrate()
@@ -461,11 +463,15 @@ fn a_damaged_second_image_is_refused_and_a_save_of_fewer_blocks_takes_the_rest_a
         let m = manifest(&statefile);
         assert_eq!(
             images(&m),
-            vec![("state.ram".to_string(), "pc.ram".to_string(), None)]
+            vec![("state.ram-b".to_string(), "pc.ram".to_string(), None)]
         );
         // Recorded as saves before several images were: fields inline.
-        assert_eq!(m["instant"]["image"], "state.ram", "{m}");
+        assert_eq!(m["instant"]["image"], "state.ram-b", "{m}");
         assert!(m["instant"]["images"].is_null(), "{m}");
         assert!(!second.exists(), "the old second image is removed");
+        assert!(
+            !dir.path().join("state.ram").exists(),
+            "the old first image is removed"
+        );
     }
 }

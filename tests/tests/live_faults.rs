@@ -64,3 +64,42 @@ fn a_local_live_migration_killed_midway_leaves_the_source_as_it_was() {
         wait_tick_above(&log, last);
     }
 }
+
+#[test]
+fn during_a_local_live_migration_the_vms_sockets_answer_from_the_source_and_a_second_save_is_refused_at_once(
+) {
+    for qemu in qemus() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("serial.log");
+        let mut vm = Vm::start(&qemu, &guest_logged_to(&log));
+        wait_tick_above(&log, 1);
+        let qmp = vm.hmp.with_file_name("qmp.sock");
+
+        let mut live = recipe_tests::slow_live_midway(&vm.hmp);
+        // The destination waits for the guest's state; the user's socket
+        // paths still lead to the VM that runs.
+        assert_eq!(who(&qmp), (vm.pid(), "running".to_string()));
+        // A second save is refused in words while the first holds the
+        // monitor, not left waiting for it.
+        let out = recipe_tests::migrate()
+            .args(["save", "--monitor"])
+            .arg(&vm.hmp)
+            .arg(dir.path().join("second"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains("another qemu-migrate is already saving or migrating this VM"),
+            "{err}"
+        );
+        assert!(
+            live.try_wait().unwrap().is_none(),
+            "the live migration runs on"
+        );
+        live.kill().unwrap();
+        let _ = live.wait_with_output();
+        assert_eq!(who(&qmp), (vm.pid(), "running".to_string()));
+        assert_eq!(vm.status(), "running");
+    }
+}

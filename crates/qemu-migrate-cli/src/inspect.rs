@@ -19,7 +19,8 @@ use crate::restore::previous_save_note;
 #[derive(Debug, clap::Args)]
 pub(crate) struct InspectArgs {
     pub(crate) statefile: PathBuf,
-    /// Also say whether these QEMU options (after --) would restore it.
+    /// Also read an instant save's RAM images whole (every chunk checked), and say
+    /// whether these QEMU options (after --) would restore it.
     #[arg(long)]
     check: bool,
     /// With --check: the QEMU that would restore it (default: qemu-system-x86_64).
@@ -63,20 +64,31 @@ fn show(
             reason: e.to_string(),
         })?,
     };
-    // An instant save's RAM image: its identity, or read whole with --check.
+    // An instant save's RAM images: digest or identity, or read whole with --check.
     let layout = manifest.as_ref().and_then(|m| m.instant.clone());
-    let mut image_check = None;
+    let mut image_checks = Vec::new();
     if let (Ok(_), Some(l)) = (&verdict, &layout) {
         match qemu_migrate::instant::check_image(statefile, l, check_with.is_some(), &Quiet) {
-            Ok(c) => image_check = Some(c),
+            Ok(c) => image_checks = c,
             Err(e) => verdict = Err(e),
         }
     }
-    let image_words = image_check.map(|c| match c {
-        qemu_migrate::instant::ImageCheck::Identity => {
-            "the very file the save wrote, unchanged (size and identity; --check reads it whole)"
-        }
-        _ => "read in full, its checksum matches",
+    let image_json: Option<Vec<serde_json::Value>> = layout.as_ref().map(|l| {
+        l.images
+            .iter()
+            .enumerate()
+            .map(|(n, i)| {
+                let how = image_checks.get(n);
+                serde_json::json!({
+                    "image": i.image,
+                    "checked": how,
+                    "words": how.map(|c| c.words()),
+                    "chunks": i.chunks.as_ref().map(|c| c.crc32.len() / 8),
+                    "chunk_bytes": i.chunks.as_ref().map(|c| c.bytes),
+                    "verity": i.verity,
+                })
+            })
+            .collect()
     });
     if cli.json {
         say!(
@@ -85,7 +97,8 @@ fn show(
                 "file": statefile,
                 "stream": summary,
                 "manifest": manifest,
-                "ram_image": image_words,
+                "ram_images": image_json,
+                "stream_checksum": verdict.is_ok() && manifest.is_some(),
                 "restorable": verdict.is_ok(),
                 "previous_save": verdict.as_ref().is_ok_and(|c| c.previous_save),
                 "problem": verdict.as_ref().err().map(|e| redact(&e.to_string())),
@@ -136,15 +149,20 @@ fn show(
                  export {}\"",
                 statefile.display()
             );
-            if let Some(w) = image_words {
-                say!("RAM image: {w}");
+            for (i, how) in l.images.iter().zip(&image_checks) {
+                let hint = if *how == qemu_migrate::instant::ImageCheck::Identity {
+                    "; --check reads it whole"
+                } else {
+                    ""
+                };
+                say!("RAM image {}: {}{hint}", i.image, how.words());
             }
         }
         match &verdict {
             Ok(_) => say!(
                 "complete: yes{}",
                 if manifest.is_some() {
-                    ", checksum matches"
+                    ", the stream's checksum matches"
                 } else {
                     ""
                 }

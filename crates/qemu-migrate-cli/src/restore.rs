@@ -38,16 +38,19 @@ pub(crate) struct RestoreArgs {
     /// As root, restore a VM that another user's QEMU ran (it will run as root).
     #[arg(long)]
     as_root: bool,
-    /// For an instant save: read the whole RAM image and check its checksum first
-    /// (by default its size and identity are checked, and it is read whole only
-    /// when it is not the very file the save wrote).
+    /// For an instant save: read the whole RAM image and check every chunk before QEMU
+    /// starts (by default a sealed image's fs-verity digest is checked, or the very file
+    /// the save wrote is read in the background as the guest runs, the VM stopped on a
+    /// damaged chunk; any other file is read whole first).
     #[arg(long)]
     verify: bool,
     /// Start another VM from this state while the first runs: its own monitor and
     /// serial sockets and logs (PATH.cloneN); refused if both would write one disk.
     #[arg(long)]
     clone: bool,
-    /// A checkpoint's fresh disk overlays go here (default: beside the state file).
+    /// What the restore must write goes here: a checkpoint's fresh disk overlays
+    /// (default: beside the state file); for a QEMU before 8.2, a copy of an instant
+    /// save it cannot map from read-only storage.
     #[arg(long, value_name = "DIR")]
     into: Option<PathBuf>,
     /// Replace OLD by NEW in every argument of the recorded command line: supplies
@@ -145,7 +148,7 @@ pub(crate) fn restore(
     if cli.json {
         say!(
             "{}",
-            serde_json::json!({ "restored": statefile, "pid": pid, "seconds": restored.elapsed.as_secs_f64(), "renamed": restored.renamed, "pinned_machine": restored.pinned, "overlays": restored.overlays })
+            serde_json::json!({ "restored": statefile, "pid": pid, "seconds": restored.elapsed.as_secs_f64(), "renamed": restored.renamed, "pinned_machine": restored.pinned, "overlays": restored.overlays, "ram_images_checking_in_background": restored.checking_in_background, "copy": restored.copy })
         );
     } else if let Some(p) = &restored.pinned {
         eprintln!("qemu-migrate: {p}");
@@ -156,6 +159,12 @@ pub(crate) fn restore(
             statefile.display(),
             restored.elapsed.as_secs_f64(),
             overlays_said(&restored.overlays)
+        );
+    }
+    if let (false, Some(copy)) = (cli.json, &restored.copy) {
+        eprintln!(
+            "  restored from a copy of the save, {} (this QEMU cannot map RAM images from              read-only storage); the copy stays, and restores again by that name",
+            copy.display()
         );
     }
     if !cli.json {

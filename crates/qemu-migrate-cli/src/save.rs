@@ -88,10 +88,13 @@ pub(crate) fn save(args: &SaveArgs, cli: &Cli, cancel: Arc<AtomicBool>) -> Resul
     if let (Some(why), false) = (&report.fallback, cli.json) {
         eprintln!("qemu-migrate: not an instant save: {why}");
     }
+    for w in &report.warnings {
+        eprintln!("qemu-migrate: saved, but: {w}");
+    }
     if cli.json {
         say!(
             "{}",
-            serde_json::json!({ "saved": report.path, "seconds": report.elapsed.as_secs_f64(), "manifest": m, "fallback": report.fallback, "paused_for": report.paused_for })
+            serde_json::json!({ "saved": report.path, "seconds": report.elapsed.as_secs_f64(), "manifest": m, "fallback": report.fallback, "paused_for": report.paused_for, "warnings": report.warnings })
         );
     } else {
         eprintln!(

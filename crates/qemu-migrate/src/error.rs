@@ -171,6 +171,24 @@ pub enum Error {
     /// The operation was cancelled (a signal, the caller's flag).
     #[error("cancelled: {0}")]
     Cancelled(String),
+    /// An error, and what it left changed that its own words do not say.
+    #[error("{source}; {note}")]
+    Noted {
+        /// What failed.
+        source: Box<Error>,
+        /// What stays changed.
+        note: String,
+    },
+    /// A save that could not be put in place; the target is as it was.
+    #[error("{source}; {}", crate::commit::kept_words(.target, *.had_save))]
+    NotSaved {
+        /// The state file the save was for.
+        target: PathBuf,
+        /// Whether an earlier save is there (and stays).
+        had_save: bool,
+        /// What failed.
+        source: Box<Error>,
+    },
     /// A state file or its manifest is incomplete, damaged or unreadable.
     #[error("{}: {reason}", .path.display())]
     BadStateFile {
@@ -284,6 +302,7 @@ impl Error {
     #[must_use]
     pub fn kind(&self) -> ErrorKind {
         match self {
+            Error::Noted { source, .. } => source.kind(),
             Error::BadStateFile { .. }
             | Error::Mismatch { .. }
             | Error::NotMigratable { .. }
@@ -302,6 +321,7 @@ impl Error {
             | Error::Disk(_) => ErrorKind::Refused,
             Error::MigrationFailed(_)
             | Error::File { .. }
+            | Error::NotSaved { .. }
             | Error::Os { .. }
             | Error::QemuExited { .. }
             | Error::SourceDied { .. } => ErrorKind::Failed,
@@ -332,7 +352,7 @@ impl Error {
 /// A `Result` whose error is this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-fn os_message(e: &io::Error) -> String {
+pub(crate) fn os_message(e: &io::Error) -> String {
     let s = e.to_string();
     match s.find(" (os error") {
         Some(i) => s[..i].to_string(),

@@ -35,6 +35,7 @@
 
 pub mod argv;
 pub mod checkpoint;
+mod commit;
 mod error;
 pub mod guard;
 pub mod instant;

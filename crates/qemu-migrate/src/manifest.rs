@@ -2,12 +2,12 @@
 //! it without the user repeating an option, and to tell it is complete.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::os::durable;
 
 /// The manifest format this version writes and reads.
 pub const FORMAT: &str = "qemu-migrate/1";
@@ -69,6 +69,11 @@ pub struct Manifest {
     /// this (see [`crate::save`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous: Option<Box<Manifest>>,
+    /// Written while the save is being committed (see [`crate::commit`]):
+    /// the files this manifest describes may not all be in place yet, and
+    /// until they are, the target is the previous save (or none).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub committing: bool,
     /// For an instant save: where guest RAM is ([`crate::instant`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instant: Option<crate::instant::Layout>,
@@ -127,11 +132,10 @@ impl Manifest {
     pub fn write_new(&self, tmp: &Path, sync: bool) -> Result<std::fs::File> {
         let text = serde_json::to_string_pretty(self).expect("a manifest always serialises");
         let write = || -> std::io::Result<std::fs::File> {
-            let mut f = crate::os::create_locked(tmp)?;
-            f.write_all(text.as_bytes())?;
-            f.write_all(b"\n")?;
+            let f = crate::os::create_locked(tmp)?;
+            durable::write_all(&f, tmp, format!("{text}\n").as_bytes())?;
             if sync {
-                f.sync_all()?;
+                durable::fsync(&f, tmp)?;
             }
             Ok(f)
         };
@@ -158,6 +162,15 @@ impl Manifest {
             b.argv = b.argv.iter().map(|a| crate::argv::redact(a)).collect();
         }
         m.previous = m.previous.map(|p| Box::new(p.redacted()));
+        m
+    }
+
+    /// The same save without RAM images: what is left to keep of a save
+    /// that never was.
+    #[must_use]
+    pub fn without_images(&self) -> Manifest {
+        let mut m = self.clone();
+        m.instant = None;
         m
     }
 

@@ -46,7 +46,9 @@ pub struct RestoreOptions {
     /// Start another VM from the state while the first runs: sockets and
     /// logs of its own; refused when the two would share a writable disk.
     pub clone: bool,
-    /// Where a checkpoint's fresh disk overlays go (default: beside the state file).
+    /// Where what a restore must write goes: a checkpoint's fresh disk
+    /// overlays (default: beside the state file); a copy of an instant save
+    /// that a QEMU before 8.2 cannot map where it is (read-only storage).
     pub into: Option<PathBuf>,
     /// Substring replacements in the recorded command line (`--replace OLD
     /// NEW`): what supplies a descriptor the save could not name.
@@ -225,6 +227,12 @@ pub struct Restored {
     /// What the user should know of the restore, a line each (an
     /// environment variable of the manifest left out, an unchecked binary).
     pub warnings: Vec<String>,
+    /// The copy of an instant save made in `--into`'s directory and run
+    /// from (its storage was read-only to this QEMU).
+    pub copy: Option<PathBuf>,
+    /// An instant save's RAM images whose content is being checked in the
+    /// background, as the guest runs (see [`crate::instant::check`]).
+    pub checking_in_background: Vec<PathBuf>,
 }
 
 /// Checks `path`, starts QEMU with the recorded (or given) options and loads it.
@@ -336,6 +344,7 @@ pub fn restore_checked(
     let (args, pinned) = pin_machine(&checked, &binary, args, &env)?;
     // --
     // The disks: as they were saved, or a checkpoint's fresh overlays.
+    refuse_unwritable_overlays(&checked, options.into.as_deref())?;
     let disks = checkpoint::thaw::thaw(
         checked.manifest.as_ref(),
         path,
@@ -351,7 +360,12 @@ pub fn restore_checked(
     let probe_args = if unchanged { &args } else { &disks.args };
     let qemu = preflight::check(&checked, &binary, probe_args, &env)?;
     // An instant save's RAM images are mapped, not loaded; a clone gets paths of its own.
-    let (args, renamed) = crate::instant::launch_args(
+    let crate::instant::Launch {
+        args,
+        renamed,
+        unread,
+        copy,
+    } = crate::instant::launch_args(
         &checked,
         disks.args.clone(),
         disks.overlays(),
@@ -379,6 +393,9 @@ pub fn restore_checked(
     }
     vm.hand_over();
     backends.keep();
+    // The images not read before the start: read now, beside the guest.
+    let image_checks =
+        crate::instant::check::in_background(&vm, copy.as_deref().unwrap_or(path), unread)?;
     // Launchers find their VM by its -pidfile (QEMU removed it when the
     // saved one quit): it names the restored QEMU now. A clone is another VM.
     if !options.clone {
@@ -396,7 +413,38 @@ pub fn restore_checked(
         pinned,
         overlays,
         warnings,
+        checking_in_background: image_checks,
+        copy,
     })
+}
+
+/// A checkpoint's fresh overlays go beside its state file unless `--into`
+/// says elsewhere: where they cannot be made there (read-only storage), the
+/// restore is refused before anything starts, saying what to give.
+fn refuse_unwritable_overlays(checked: &Checked, into: Option<&Path>) -> Result<()> {
+    let frozen = checked
+        .manifest
+        .as_ref()
+        .and_then(|m| m.checkpoint.as_ref())
+        .is_some_and(|r| r.frozen && !r.disks.is_empty());
+    if !frozen || into.is_some() {
+        return Ok(());
+    }
+    let dir = match checked.path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    match os::not_writable_dir(dir) {
+        None => Ok(()),
+        Some(e) => Err(Error::BadStateFile {
+            path: checked.path.clone(),
+            reason: format!(
+                "a checkpoint's disks run on fresh overlays, made beside it by default, and                  {} cannot take them ({}): give them a writable directory with                  `restore --into DIR`",
+                dir.display(),
+                crate::error::os_message(&e)
+            ),
+        }),
+    }
 }
 
 /// Pins the state's machine type into `args` when `binary` would resolve

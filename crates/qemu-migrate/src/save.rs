@@ -2,19 +2,11 @@
 //! own writer, into a private temporary file beside the target, synced and
 //! renamed only when QEMU says the migration completed.
 //!
-//! Replacing an earlier save is crash-safe: at every instant the target
-//! and its manifest form a restorable save, the old one or the new one.
-//! The commit is three renames, each synced before the next:
-//!
-//! 1. the new manifest, carrying the old one as [`Manifest::previous`],
-//!    replaces the old manifest: beside the old stream it still verifies
-//!    (through `previous`), and a restore says it restores the previous save;
-//! 2. the new stream replaces the old one: the pair is the new save;
-//! 3. the new manifest without `previous` replaces the one from step 1.
-//!
-//! A save killed before step 1 leaves the old pair untouched and its
-//! temporary files, which the next save of the same target removes (a
-//! running save holds a lock on its own, so only dead ones are removed).
+//! Replacing an earlier save is crash-safe: the commit is the one every
+//! kind of save shares ([`crate::commit`]); a save killed before it leaves
+//! the old save untouched and its temporary files, which the next save of
+//! the same target removes (a running save holds a lock on its own, so only
+//! dead ones are removed).
 
 use std::fs::File;
 use std::io::{PipeReader, Read, Write};
@@ -112,6 +104,8 @@ pub struct SaveReport {
     pub fallback: Option<String>,
     /// Why a live save was made with the guest paused, when it was (a known QEMU bug).
     pub paused_for: Option<String>,
+    /// What could not be tidied up once the save was in place (it is).
+    pub warnings: Vec<String>,
 }
 
 /// What the copy thread wrote.
@@ -168,8 +162,8 @@ pub(crate) fn save_plain(
 
     let was_running = vm.check_migratable("save")?;
     vm.check_replayable(options.then)?;
+    settle(path, &[]);
     let previous = replaced_save(path, options.force)?;
-    os::remove_stale_partials(path);
     let ram_bytes = vm.monitor.ram_size()?;
     // A checkpoint freezes the disks at one instant: the memory's too.
     let live = options.live && !options.with_disks;
@@ -183,8 +177,10 @@ pub(crate) fn save_plain(
         let addr = vm.monitor.addr().clone();
         let resume = was_running && !live;
         let then = options.then;
+        let target = path.to_path_buf();
         os::Watchdog::spawn(move |last| {
-            put_back(&addr, resume, old_bandwidth, then, last == Some(COMMITTED))
+            put_back(&addr, resume, old_bandwidth, then, last == Some(COMMITTED));
+            settle(&target, &[]);
         })?
     };
     let (files, file) = SaveFiles::create(path)?;
@@ -203,6 +199,13 @@ pub(crate) fn save_plain(
         return Err(e);
     }
     disks.keep_overlays();
+    let noted = |e: Error| match disks.left_on_overlays() {
+        Some(note) => Error::Noted {
+            source: Box::new(e),
+            note,
+        },
+        None => e,
+    };
     let result = run_migration(vm, file, path, ram_bytes, options, progress);
     // Put QEMU's own setting back whatever happened.
     let _ = vm
@@ -216,7 +219,7 @@ pub(crate) fn save_plain(
             if was_running && !live && !matches!(e, Error::QemuExited { .. }) {
                 let _ = vm.monitor.cont();
             }
-            return Err(e);
+            return Err(noted(e));
         }
     };
 
@@ -232,7 +235,7 @@ pub(crate) fn save_plain(
             if was_running && !live {
                 let _ = vm.monitor.cont_after_migration();
             }
-            return Err(e);
+            return Err(noted(e));
         }
     };
     if checkpoint.is_some() {
@@ -251,22 +254,27 @@ pub(crate) fn save_plain(
         guarded,
     );
     manifest.checkpoint = checkpoint;
-    let sync = !options.no_sync;
-    if let Err(e) = commit(
-        &files,
-        &copied.file,
-        path,
-        &manifest,
+    let committed = crate::commit::Staged {
+        target: path,
+        files: &files,
+        stream: &copied.file,
+        parts: Vec::new(),
         previous,
-        sync,
-        &options.cancel,
-    ) {
-        files.remove();
-        if was_running && !live {
-            let _ = vm.monitor.cont_after_migration();
-        }
-        return Err(e);
+        sync: !options.no_sync,
+        cancel: &options.cancel,
     }
+    .place()
+    .and_then(|placed| placed.commit(&manifest));
+    let committed = match committed {
+        Ok(c) => c,
+        Err(e) => {
+            files.remove();
+            if was_running && !live {
+                let _ = vm.monitor.cont_after_migration();
+            }
+            return Err(noted(e));
+        }
+    };
     finish(
         vm,
         options.then,
@@ -278,6 +286,7 @@ pub(crate) fn save_plain(
             migration: info,
             fallback: None,
             paused_for: None,
+            warnings: committed.warnings,
         },
     )
 }
@@ -315,6 +324,7 @@ pub(crate) fn manifest_of(
         qemu_uid: os::process_uid(vm.pid()),
         files,
         previous: None,
+        committing: false,
         instant: None,
         checkpoint: None,
         unreplayable: vm.replay.unreplayable.clone(),
@@ -354,6 +364,11 @@ pub(crate) fn replaced_save(target: &Path, force: bool) -> Result<Option<Box<Man
     if state.is_none() && !manifest_there {
         return Ok(None);
     }
+    // A save killed in its commit before its stream was in place, where
+    // there was no save: nothing is there but its leftovers.
+    if state.is_none() && Manifest::load(target).is_ok_and(|m| m.is_some_and(|m| m.committing)) {
+        return Ok(None);
+    }
     if !force {
         return Err(Error::Exists {
             path: target.to_path_buf(),
@@ -376,6 +391,14 @@ pub(crate) fn replaced_save(target: &Path, force: bool) -> Result<Option<Box<Man
         candidates.retain(|m| m.describes(state.len(), crc));
     }
     Ok(candidates.into_iter().next())
+}
+
+/// Finishes or undoes what a dead save of `target` left ([`crate::commit::settle`]),
+/// saying so on stderr.
+pub(crate) fn settle(target: &Path, placed: &[PathBuf]) {
+    if let Some(done) = crate::commit::settle(target, placed) {
+        os::write_stderr(&format!("qemu-migrate: {done}\n"));
+    }
 }
 
 /// The watchdog's step after the save is committed: from then on, a death
@@ -434,65 +457,6 @@ pub(crate) fn put_back(
     os::write_stderr(&format!(
         "qemu-migrate: the saving process died: {done}, and QEMU's bandwidth cap put back\n"
     ));
-}
-
-/// Puts the finished save in place: the three synced renames of the module
-/// docs. At every instant, what is at `target` restores (old or new).
-pub(crate) fn commit(
-    files: &SaveFiles,
-    stream: &File,
-    target: &Path,
-    manifest: &Manifest,
-    previous: Option<Box<Manifest>>,
-    sync: bool,
-    cancel: &AtomicBool,
-) -> Result<()> {
-    let manifest_path = manifest::path_for(target);
-    let rename = |from: &Path, to: &Path, what: &'static str| -> Result<()> {
-        std::fs::rename(from, to).map_err(Error::file(to, what))?;
-        if sync {
-            os::sync_dir(to);
-        }
-        Ok(())
-    };
-    if sync {
-        stream
-            .sync_all()
-            .map_err(Error::file(target, "syncing the state file"))?;
-    }
-    // The last moment a Ctrl-C still cancels: after this, the save is kept.
-    if cancel.load(Ordering::Relaxed) {
-        return Err(Error::Cancelled(
-            "the save was cancelled; nothing was kept".into(),
-        ));
-    }
-    let had_previous = previous.is_some();
-    if had_previous {
-        let mut bridge = manifest.clone();
-        bridge.previous = previous;
-        let _locked = bridge.write_new(&files.manifest, sync)?;
-        rename(&files.manifest, &manifest_path, "replacing the manifest")?;
-    } else {
-        let _locked = manifest.write_new(&files.manifest, sync)?;
-        rename(&files.manifest, &manifest_path, "writing the manifest")?;
-    }
-    if let Err(e) = rename(
-        &files.state,
-        target,
-        "renaming the finished state file into place",
-    ) {
-        if !had_previous {
-            let _ = std::fs::remove_file(&manifest_path);
-        }
-        return Err(e);
-    }
-    if had_previous {
-        // The old save is gone; its description goes too. Failing here
-        // leaves a manifest that still describes the new stream.
-        let _locked = manifest.write_new(&files.manifest, sync)?;
-        rename(&files.manifest, &manifest_path, "writing the manifest")?;
-    }
-    Ok(())
 }
 
 /// Sends the VM's state through a pipe into `file`; returns what was copied

@@ -186,6 +186,26 @@ impl LaunchOptions {
     }
 }
 
+/// QEMU serves one monitor client at a time: a second save would wait in
+/// silence for the first to let the monitor go. When another qemu-migrate
+/// holds the lock of the VM behind `addr`, say so at once instead.
+fn refuse_if_busy(addr: &MonitorAddr) -> Result<()> {
+    let MonitorAddr::Path(path) = addr else {
+        return Ok(());
+    };
+    let held = os::held_vms();
+    if held.is_empty() {
+        return Ok(());
+    }
+    match os::socket_listener(path) {
+        Some(pid) if held.contains(&pid) => Err(Error::Busy {
+            pid,
+            migration: None,
+        }),
+        _ => Ok(()),
+    }
+}
+
 impl Vm {
     /// The monitor session: typed commands in QEMU's words.
     pub fn monitor(&mut self) -> &mut Monitor {
@@ -245,6 +265,7 @@ impl Vm {
     /// process behind it cannot be read.
     pub fn attach(monitor: impl Into<MonitorAddr>, timeout: Duration) -> Result<Vm> {
         let monitor = monitor.into();
+        refuse_if_busy(&monitor)?;
         let options = Options {
             timeout,
             wait_socket: None,

@@ -347,6 +347,10 @@ impl Connection {
     }
 
     /// Gives up the socket, with the bytes read and not yet consumed.
+    pub(crate) fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.stream)
+    }
+
     pub fn into_socket(mut self) -> (Socket, Vec<u8>) {
         let _ = self.poll.registry().deregister(&mut self.stream);
         (self.stream.into_socket(), self.buf)

@@ -66,7 +66,7 @@ pub struct HmpReply {
 /// A session with QEMU's human monitor.
 #[derive(Debug)]
 pub struct HmpSession {
-    conn: Connection,
+    pub(crate) conn: Connection,
     banner: String,
     timeout: Duration,
     /// A command was dispatched without awaiting its reply; its prompt is

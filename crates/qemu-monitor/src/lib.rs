@@ -237,3 +237,14 @@ impl Monitor {
         }
     }
 }
+
+/// The session's socket, for a process that inherits it (a forked helper
+/// that must reach the same QEMU after this process has gone).
+impl std::os::fd::AsRawFd for Monitor {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        match self {
+            Monitor::Hmp(s) => s.conn.as_raw_fd(),
+            Monitor::Qmp(s) => s.conn.as_raw_fd(),
+        }
+    }
+}

@@ -106,7 +106,7 @@ pub struct QmpError {
 /// A session with QEMU's machine monitor.
 #[derive(Debug)]
 pub struct QmpSession {
-    conn: Connection,
+    pub(crate) conn: Connection,
     greeting: Greeting,
     timeout: Duration,
     events: VecDeque<Event>,

@@ -164,9 +164,12 @@ impl Freeze {
                     path: top, format, ..
                 } = &d.chain[0];
                 let dir = top.parent().unwrap_or(Path::new("/"));
+                // Named after the image the command line defines, never
+                // after an overlay: the name stays as long at every checkpoint.
+                let defined = &d.chain[d.above.min(d.chain.len() - 1)].path;
                 let stem = format!(
                     "{}.after-{}",
-                    top.file_name().unwrap_or_default().to_string_lossy(),
+                    overlay::base_name(defined),
                     overlay::label(&name)
                 );
                 let path = overlay::reserve(dir, &stem)?;
@@ -279,6 +282,28 @@ impl Freeze {
             cwd: self.cwd.clone(),
             disks,
         }))
+    }
+
+    /// What a failure after [`Freeze::freeze`] leaves changed, in words:
+    /// the VM writes to the new overlays from then on. `None` when no disk
+    /// was switched.
+    #[must_use]
+    pub fn left_on_overlays(&self) -> Option<String> {
+        if !self.in_use {
+            return None;
+        }
+        let overlays: Vec<String> = self
+            .disks
+            .iter()
+            .filter_map(|d| d.overlay.as_ref())
+            .map(|o| o.display().to_string())
+            .collect();
+        Some(format!(
+            "the VM's disks stay switched to the new overlays {}, over images frozen as they were \
+             at the failed checkpoint; that is safe (the guest sees no change), and the next \
+             checkpoint freezes them in turn",
+            overlays.join(", ")
+        ))
     }
 
     /// Lets the overlays this save made stay (once QEMU writes to them).

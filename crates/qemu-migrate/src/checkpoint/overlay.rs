@@ -123,6 +123,19 @@ fn qcow2_overlay(backing: &[u8], format: &str, size: u64) -> Option<Vec<u8>> {
     Some(image)
 }
 
+/// The file name of `image` up to the first `.after-` (the overlays of
+/// checkpoints are named `IMAGE.after-STATEFILE.N.qcow2`): what a new
+/// overlay over it is named after, so names do not grow checkpoint by
+/// checkpoint.
+#[must_use]
+pub fn base_name(image: &Path) -> String {
+    let name = image.file_name().unwrap_or_default().to_string_lossy();
+    match name.find(".after-") {
+        Some(at) if at > 0 => name[..at].to_string(),
+        _ => name.into_owned(),
+    }
+}
+
 /// A name made of letters, digits, `-` and `_` only, for a file name.
 #[must_use]
 pub fn label(name: &str) -> String {
@@ -171,6 +184,21 @@ mod tests {
     use std::os::unix::fs::MetadataExt;
 
     use super::*;
+
+    #[test]
+    fn an_overlay_is_named_after_the_image_below_every_overlay() {
+        assert_eq!(base_name(Path::new("/d/disk.qcow2")), "disk.qcow2");
+        assert_eq!(
+            base_name(Path::new("/d/disk.qcow2.after-state.3.qcow2")),
+            "disk.qcow2"
+        );
+        assert_eq!(
+            base_name(Path::new(
+                "/d/disk.qcow2.after-state.1.qcow2.after-state.1.qcow2"
+            )),
+            "disk.qcow2"
+        );
+    }
 
     /// QEMU's own tools read the image as an overlay of its backing file
     /// and find nothing wrong with it.

@@ -48,13 +48,20 @@
 //! is saved as a plain stream.
 //!
 //! **Checks.** The manifest records the stream's CRC-32, the image's
-//! checksum (a CRC-32 over the CRC-32 of every page, see [`image`]) and the
-//! image file's identity (device, inode, size, modification and change
-//! times). A restore checks the stream in full (it is small) and the image's
-//! size and identity: an image that is the very file the save wrote,
-//! unchanged since, has the content the save checksummed. Any other (copied,
-//! moved, touched) is read in full and its checksum compared before QEMU
-//! starts, as `restore --verify` and `inspect` always do.
+//! checksum (a CRC-32 over the CRC-32 of every page, see [`image`]), a
+//! checksum per 4 MiB chunk, the image file's identity (device, inode,
+//! size, modification and change times) and, where the file system has
+//! fs-verity, the digest the image was sealed with. A restore checks the
+//! stream in full (it is small), the image's size, and then:
+//! - a sealed image: its digest, asked of the kernel (O(1)), which then
+//!   checks every page QEMU reads;
+//! - an image that is the very file the save wrote (same identity): its
+//!   chunks, read in the background while the guest runs, the VM stopped
+//!   on damage;
+//! - any other (copied, moved, touched), or with `restore --verify`: every
+//!   chunk, read before QEMU starts, and refused on damage.
+//!
+//! See [`check`] for why, and what each proves.
 //!
 //! **Where the layout cannot serve**, the save writes a plain stream and says
 //! why ([`unsuitable`], `shape::targets`): `-mem-path` or a backend on
@@ -67,10 +74,12 @@
 //! runs, with its own sockets and logs; refused when the VM has a writable
 //! disk that two VMs would share.
 
+pub mod check;
 mod clone;
 pub mod image;
 mod save;
 pub(crate) mod shape;
+mod storage;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -83,6 +92,7 @@ use crate::manifest::Manifest;
 use crate::progress::Progress;
 use crate::restore::{Checked, RestoreOptions};
 
+pub use check::{Chunks, Damage};
 pub use image::Identity;
 pub(crate) use save::save;
 
@@ -119,6 +129,13 @@ pub struct Image {
     pub image_crc32: String,
     /// The image file as the save left it.
     pub identity: Identity,
+    /// The checksum of each chunk (none in saves of older versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks: Option<Chunks>,
+    /// The fs-verity digest the image was sealed with (`sha256:HEX`), where
+    /// the file system has fs-verity and the saving QEMU maps it read-only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verity: Option<String>,
 }
 
 /// How an instant save is laid out, as its manifest records it: an image
@@ -136,7 +153,7 @@ pub struct Layout {
 #[serde(untagged)]
 enum LayoutRecord {
     Images { images: Vec<Image> },
-    One(Image),
+    One(Box<Image>),
 }
 
 impl From<LayoutRecord> for Layout {
@@ -144,7 +161,7 @@ impl From<LayoutRecord> for Layout {
         match r {
             LayoutRecord::Images { images } => Layout { images },
             LayoutRecord::One(image) => Layout {
-                images: vec![image],
+                images: vec![*image],
             },
         }
     }
@@ -178,22 +195,68 @@ pub fn image_path(statefile: &Path) -> PathBuf {
 /// Where the RAM image number `n` of state file `FILE` lives: `FILE.ram`,
 /// then `FILE.ram.1`, `FILE.ram.2`, …
 pub fn image_path_n(statefile: &Path, n: usize) -> PathBuf {
+    image_path_in(statefile, "", n)
+}
+
+/// The second set of names: `FILE.ram-b`, `FILE.ram-b.1`, …
+const SECOND_SET: &str = "-b";
+
+fn image_path_in(statefile: &Path, set: &str, n: usize) -> PathBuf {
     let mut name = statefile.file_name().unwrap_or_default().to_os_string();
     name.push(".ram");
+    name.push(set);
     if n > 0 {
         name.push(format!(".{n}"));
     }
     statefile.with_file_name(name)
 }
 
+/// The names of the `count` RAM images of a new save of `statefile`: the
+/// set of names the save there now (images `in_use`) does not use, so
+/// that it stays whole until the new one is committed
+/// ([`crate::commit`]). Saves alternate between `FILE.ram`, `FILE.ram.1`…
+/// and `FILE.ram-b`, `FILE.ram-b.1`…
+#[must_use]
+pub fn image_names(statefile: &Path, count: usize, in_use: &[String]) -> Vec<PathBuf> {
+    let names = |set: &str| -> Vec<PathBuf> {
+        (0..count)
+            .map(|n| image_path_in(statefile, set, n))
+            .collect()
+    };
+    let first = names("");
+    let clash = first.iter().any(|p| {
+        p.file_name()
+            .is_some_and(|f| in_use.iter().any(|u| f.to_string_lossy() == *u))
+    });
+    if clash {
+        names(SECOND_SET)
+    } else {
+        first
+    }
+}
+
+/// Both sets of names an image of `statefile` may have, for `count` images.
+#[must_use]
+pub fn all_image_names(statefile: &Path, count: usize) -> Vec<PathBuf> {
+    (0..count)
+        .flat_map(|n| {
+            [
+                image_path_in(statefile, "", n),
+                image_path_in(statefile, SECOND_SET, n),
+            ]
+        })
+        .collect()
+}
+
 /// The state file whose RAM image `path` would be, by its name
-/// (`FILE.ram` or `FILE.ram.N` → `FILE`).
+/// (`FILE.ram`, `FILE.ram.N`, `FILE.ram-b` or `FILE.ram-b.N` → `FILE`).
 fn image_stem(path: &Path) -> Option<PathBuf> {
     let s = path.to_str()?;
     let s = match s.rsplit_once('.') {
         Some((head, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => head,
         _ => s,
     };
+    let s = s.strip_suffix(SECOND_SET).unwrap_or(s);
     s.strip_suffix(".ram").map(PathBuf::from)
 }
 
@@ -218,14 +281,14 @@ pub fn not_the_image(path: &Path) -> Result<()> {
 
 /// The first QEMU that can open a RAM image read-only yet map it writable
 /// (`memory-backend-file`'s `rom` property).
-const READ_ONLY_IMAGES: QemuVersion = QemuVersion {
+pub(crate) const READ_ONLY_IMAGES: QemuVersion = QemuVersion {
     major: 8,
     minor: 2,
     micro: 0,
 };
 
 /// Whether `qemu` opens the images read-only (see the module docs).
-fn read_only_images(qemu: QemuVersion) -> bool {
+pub(crate) fn read_only_images(qemu: QemuVersion) -> bool {
     qemu >= READ_ONLY_IMAGES
 }
 
@@ -346,40 +409,63 @@ pub fn layout(checked: &Checked) -> Option<&Layout> {
 }
 
 /// How the image of an instant save was checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
 pub enum ImageCheck {
-    /// The very file the save wrote, unchanged since (size and identity).
+    /// Its size and identity only: the very file the save wrote, unchanged
+    /// through the file system since; its content not read (a restore reads
+    /// it in the background).
     Identity,
-    /// Read in full; its checksum matches the save's.
+    /// Sealed with fs-verity, with the digest the save recorded: the kernel
+    /// checks each page as it is read.
+    Verity,
+    /// Read in full; every chunk's checksum (or the whole image's, for an
+    /// older save) matches.
     Checksum,
 }
 
+impl ImageCheck {
+    /// What was checked, in words.
+    pub fn words(self) -> &'static str {
+        match self {
+            ImageCheck::Identity => {
+                "size and identity only (the very file the save wrote, unchanged through the file                  system); its content was not read"
+            }
+            ImageCheck::Verity => {
+                "sealed with fs-verity, digest as saved: the kernel checks every page as it is read"
+            }
+            ImageCheck::Checksum => "read in full: every chunk's checksum matches the save's",
+        }
+    }
+}
+
 /// Checks the images of the instant save `statefile`: their sizes always;
-/// their identity, or, when that differs or `full`, their checksum by
-/// reading them whole. Says [`ImageCheck::Checksum`] when any was read.
+/// then a sealed image's fs-verity digest; an unsealed one's identity, or,
+/// when that differs or `full`, every chunk by reading it whole. Says how
+/// each image was checked, in the layout's order.
 ///
 /// # Errors
-/// [`Error::BadStateFile`] saying what is wrong with which image.
+/// [`Error::BadStateFile`] saying what is wrong with which image (for
+/// damage, which chunk).
 pub fn check_image(
     statefile: &Path,
     layout: &Layout,
     full: bool,
     progress: &dyn Progress,
-) -> Result<ImageCheck> {
-    let mut how = ImageCheck::Identity;
-    for image in &layout.images {
-        if check_one(statefile, image, full, progress)? == ImageCheck::Checksum {
-            how = ImageCheck::Checksum;
-        }
-    }
-    Ok(how)
+) -> Result<Vec<ImageCheck>> {
+    layout
+        .images
+        .iter()
+        .map(|image| check_one(statefile, image, full, None, progress))
+        .collect()
 }
 
 fn check_one(
     statefile: &Path,
     layout: &Image,
     full: bool,
+    qemu: Option<QemuVersion>,
     progress: &dyn Progress,
 ) -> Result<ImageCheck> {
     let path = statefile.with_file_name(&layout.image);
@@ -404,31 +490,73 @@ fn check_one(
             id.size, layout.block_bytes
         )));
     }
+    if let Some(want) = &layout.verity {
+        let got = std::fs::File::open(&path)
+            .and_then(|f| crate::os::measure_verity(&f))
+            .map_err(Error::file(
+                &path,
+                "measuring the RAM image's fs-verity digest",
+            ))?;
+        match got {
+            Some(got) if got == *want => {
+                if let Some(q) = qemu.filter(|q| !read_only_images(*q)) {
+                    return Err(bad(format!(
+                        "it is sealed with fs-verity (read-only for good), and QEMU {q} opens                          guest RAM's file for writing: restore with QEMU {READ_ONLY_IMAGES} or                          later (--qemu), or from a copy of the save (a copy is not sealed)"
+                    )));
+                }
+                if !full {
+                    return Ok(ImageCheck::Verity);
+                }
+            }
+            Some(got) => {
+                return Err(bad(format!(
+                    "replaced or damaged: its fs-verity digest is {got}, the save sealed it with                      {want} (manifest)"
+                )))
+            }
+            // Not sealed: a copy of the save (copies lose the seal), checked as any.
+            None => {}
+        }
+    }
     if !full && id == layout.identity {
         return Ok(ImageCheck::Identity);
     }
     progress.update("checking the RAM image", 0, Some(layout.block_bytes));
-    let sum = image::ImageReader::open(&path)
-        .and_then(|mut r| r.checksum(layout.page_size))
-        .map_err(Error::file(&path, "reading the RAM image"))?;
+    let damage = check::read_whole(&path, layout, &mut || true).map_err(|e| {
+        if e.raw_os_error() == Some(libc::EIO) && layout.verity.is_some() {
+            bad(format!(
+                "the kernel's fs-verity check failed while reading it ({e}): it is damaged                  below the file system; restore from an intact copy of the save or from an                  earlier save"
+            ))
+        } else {
+            Error::file(&path, "reading the RAM image")(e)
+        }
+    })?;
     progress.update(
         "checking the RAM image",
         layout.block_bytes,
         Some(layout.block_bytes),
     );
-    let got = format!("{:08x}", sum.crc);
-    if got != layout.image_crc32 {
-        return Err(bad(format!(
-            "damaged: its checksum is {got}, the save recorded {} (manifest)",
-            layout.image_crc32
-        )));
+    if let Some(damage) = damage {
+        return Err(check::refusal(statefile, &damage));
     }
     Ok(ImageCheck::Checksum)
 }
 
+/// How a restore starts its QEMU.
+pub(crate) struct Launch {
+    /// The options.
+    pub args: Vec<String>,
+    /// Paths a clone was given of its own.
+    pub renamed: Renamed,
+    /// Images whose content was not read, for [`check::in_background`].
+    pub unread: Vec<Image>,
+    /// The copy of the save made with `--into` and mapped (see [`storage`]).
+    pub copy: Option<PathBuf>,
+}
+
 /// The QEMU options a restore by QEMU `qemu` starts with: `args`, with the
 /// images mapped as guest RAM for an instant save, and with sockets and logs
-/// of its own for a clone. Checks the images first (see the module docs).
+/// of its own for a clone. Checks the images first (see the module docs),
+/// and returns those whose content was not read, for [`check::in_background`].
 ///
 /// # Errors
 /// [`Error::BadStateFile`] for a damaged or missing image; [`Error::Mismatch`]
@@ -440,7 +568,7 @@ pub(crate) fn launch_args(
     qemu: QemuVersion,
     options: &RestoreOptions,
     progress: &dyn Progress,
-) -> Result<(Vec<String>, Renamed)> {
+) -> Result<Launch> {
     let refuse = |why: String| Error::Mismatch {
         path: checked.path.clone(),
         differences: vec![why],
@@ -453,7 +581,13 @@ pub(crate) fn launch_args(
         }
     };
     let Some(layout) = layout(checked) else {
-        return with_clone(args);
+        let (args, renamed) = with_clone(args)?;
+        return Ok(Launch {
+            args,
+            renamed,
+            unread: Vec::new(),
+            copy: None,
+        });
     };
     if let Some(why) = unsuitable(&args, qemu) {
         return Err(refuse(format!(
@@ -485,12 +619,26 @@ pub(crate) fn launch_args(
             None => {}
         }
     }
-    check_image(&checked.path, layout, options.verify, progress)?;
+    // Where QEMU can map them from: in place, or a copy made with --into.
+    let (base, copied) = storage::mappable(
+        &checked.path,
+        layout,
+        qemu,
+        options.into.as_deref(),
+        progress,
+    )?;
+    let mut unread = Vec::new();
+    for image in &layout.images {
+        let how = check_one(&base, image, options.verify, Some(qemu), progress)?;
+        if how == ImageCheck::Identity {
+            unread.push(image.clone());
+        }
+    }
     // Last, as it reserves the clone's paths.
     let (mut args, renamed) = with_clone(args)?;
     let read_only = read_only_images(qemu);
     for image in &layout.images {
-        let path = checked.path.with_file_name(&image.image);
+        let path = base.with_file_name(&image.image);
         let path = std::path::absolute(&path).unwrap_or(path);
         match &image.backend {
             Some(id) => {
@@ -521,7 +669,12 @@ pub(crate) fn launch_args(
             }
         }
     }
-    Ok((args, renamed))
+    Ok(Launch {
+        args,
+        renamed,
+        unread,
+        copy: copied.then_some(base),
+    })
 }
 
 /// Writes the instant save `statefile` to `out` as one plain stream, which
@@ -538,7 +691,9 @@ pub fn export(statefile: &Path, out: impl Write) -> Result<qemu_stream::split::S
             reason: "not an instant save (it is a plain stream already: use it as it is)".into(),
         });
     };
-    check_image(statefile, layout, false, &crate::progress::Quiet)?;
+    // Every chunk checked first: what is exported is run by hand, with no
+    // check of ours behind it.
+    check_image(statefile, layout, true, &crate::progress::Quiet)?;
     let mut sources = Vec::new();
     for i in &layout.images {
         let image = statefile.with_file_name(&i.image);
@@ -632,6 +787,14 @@ mod tests {
         let s = Path::new("/d/state");
         assert_eq!(image_path_n(s, 0), Path::new("/d/state.ram"));
         assert_eq!(image_path_n(s, 2), Path::new("/d/state.ram.2"));
+        let in_use = ["state.ram".to_string(), "state.ram.1".to_string()];
+        assert_eq!(
+            image_names(s, 2, &in_use),
+            [Path::new("/d/state.ram-b"), Path::new("/d/state.ram-b.1")]
+        );
+        let in_use = ["state.ram-b".to_string()];
+        assert_eq!(image_names(s, 1, &in_use), [Path::new("/d/state.ram")]);
+        assert_eq!(image_stem(Path::new("/d/state.ram-b.1")).unwrap(), s);
         assert_eq!(image_stem(Path::new("/d/state.ram.2")).unwrap(), s);
         assert_eq!(image_stem(Path::new("/d/state.ram")).unwrap(), s);
         assert_eq!(image_stem(Path::new("/d/state.1")), None);
@@ -643,6 +806,7 @@ mod tests {
             "page_size": 4096, "data_pages": 1, "zero_pages": 0, "pages_in_stream": 0,
             "image_crc32": "00000000",
             "identity": {"dev": 1, "ino": 2, "size": 4096, "mtime": [0, 0], "ctime": [0, 0]}});
+        // Saves of older versions have no chunk checksums or digest.
         let layout: Layout = serde_json::from_value(one.clone()).unwrap();
         assert_eq!(layout.images.len(), 1);
         assert_eq!(serde_json::to_value(&layout).unwrap(), one);

@@ -11,7 +11,7 @@
 
 use std::fs::File;
 use std::io::{BufWriter, PipeReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -20,9 +20,8 @@ use qemu_stream::split::{self, SplitReport};
 
 use super::image::{Identity, ImageWriter, Written};
 use super::shape::{self, Target};
-use super::{image_path_n, manifest_with, unsuitable, Image, Layout};
+use super::{manifest_with, unsuitable, Image, Layout};
 use crate::error::{Error, Result};
-use crate::manifest::Manifest;
 use crate::os::{self, SaveFiles, VmLock};
 use crate::progress::Progress;
 use crate::save::{SaveOptions, SaveReport};
@@ -74,12 +73,16 @@ pub(crate) fn save(
     let _lock = VmLock::take(vm.pid())?;
     let was_running = vm.check_migratable("save")?;
     vm.check_replayable(options.then)?;
+    crate::save::settle(path, &[]);
     let previous = crate::save::replaced_save(path, options.force)?;
-    os::remove_stale_partials(path);
-    let images: Vec<PathBuf> = (0..targets.len()).map(|i| image_path_n(path, i)).collect();
-    for image in &images {
-        os::remove_stale_partials(image);
-    }
+    // New images never take the names of those of the save they replace:
+    // it stays whole until the new one is committed.
+    let in_use: Vec<String> = previous
+        .as_ref()
+        .and_then(|m| m.instant.as_ref())
+        .map(|l| l.images.iter().map(|i| i.image.clone()).collect())
+        .unwrap_or_default();
+    let images = super::image_names(path, targets.len(), &in_use);
     let ram_bytes = vm.monitor.ram_size()?;
     // Its disks, and the refusals they call for, before anything changes.
     let disks = crate::checkpoint::freeze::Freeze::prepare(vm, path, false, false)?;
@@ -91,6 +94,8 @@ pub(crate) fn save(
         let addr = vm.monitor.addr().clone();
         let resume = was_running && !options.live;
         let then = options.then;
+        let target = path.to_path_buf();
+        let placed = images.clone();
         os::Watchdog::spawn(move |last| {
             crate::save::put_back(
                 &addr,
@@ -98,7 +103,8 @@ pub(crate) fn save(
                 old_bandwidth,
                 then,
                 last == Some(crate::save::COMMITTED),
-            )
+            );
+            crate::save::settle(&target, &placed);
         })?
     };
 
@@ -206,26 +212,38 @@ pub(crate) fn save(
         )
     });
 
-    let sync = !options.no_sync;
-    let commit = || -> Result<Manifest> {
+    // The images QEMU does not migrate (a backend nothing uses), and all
+    // of them when the stream is kept whole, are no part of the save.
+    let mut parts = Vec::new();
+    let mut kept = Vec::new();
+    for (i, ((file, sum), moved)) in written_images.iter().zip(&report.blocks).enumerate() {
+        if fallback.is_some() || !moved.announced {
+            image_files[i].remove();
+            continue;
+        }
+        parts.push(crate::commit::Part {
+            file,
+            partial: &image_files[i].state,
+            name: images[i].clone(),
+        });
+        kept.push((i, sum, moved));
+    }
+    let staged = crate::commit::Staged {
+        target: path,
+        files: &files,
+        stream: &stream_file,
+        parts,
+        previous,
+        sync: !options.no_sync,
+        cancel: &options.cancel,
+    };
+    let committed = staged.place().and_then(|placed| {
         let manifest = if fallback.is_some() {
-            image_files.iter().for_each(SaveFiles::remove);
             plain.clone()
         } else {
             let mut laid_out = Vec::new();
-            for (i, ((file, sum), moved)) in written_images.iter().zip(&report.blocks).enumerate() {
-                let (partial, image) = (&image_files[i].state, &images[i]);
-                if !moved.announced {
-                    // QEMU does not migrate it (a backend nothing uses).
-                    image_files[i].remove();
-                    continue;
-                }
-                if sync {
-                    file.sync_all()
-                        .map_err(Error::file(partial, "syncing the RAM image"))?;
-                }
-                std::fs::rename(partial, image)
-                    .map_err(Error::file(image, "renaming the finished RAM image"))?;
+            for (i, sum, moved) in kept {
+                let image = &images[i];
                 // After the rename, which changes the file's status time.
                 let identity =
                     Identity::of(image).map_err(Error::file(image, "reading the RAM image"))?;
@@ -240,22 +258,19 @@ pub(crate) fn save(
                     pages_in_stream: moved.pages_kept,
                     image_crc32: format!("{:08x}", sum.crc),
                     identity,
+                    chunks: Some(super::Chunks::of(
+                        super::image::chunk_bytes(report.page_size),
+                        &sum.chunks,
+                    )),
+                    verity: sum.verity.clone(),
                 });
             }
             manifest_with(plain.clone(), Layout { images: laid_out })
         };
-        crate::save::commit(
-            &files,
-            &stream_file,
-            path,
-            &manifest,
-            previous.clone(),
-            sync,
-            &options.cancel,
-        )?;
-        Ok(manifest)
-    };
-    let manifest = match commit() {
+        let committed = placed.commit(&manifest)?;
+        Ok((manifest, committed))
+    });
+    let (manifest, committed) = match committed {
         Ok(m) => m,
         Err(e) => {
             cleanup();
@@ -265,14 +280,13 @@ pub(crate) fn save(
             return Err(e);
         }
     };
-    // The images of a save this one replaced, that it has not: a plain
-    // save replacing an instant one, or one of fewer blocks.
-    let kept: Vec<String> = manifest
-        .instant
-        .iter()
-        .flat_map(|l| l.images.iter().map(|i| i.image.clone()))
-        .collect();
-    remove_other_images(path, &kept);
+    // Images of this target no save uses: of a save this one replaced (a
+    // plain save replacing an instant one, one of fewer blocks), of saves
+    // killed in their commit. Kept while the manifest still describes the
+    // earlier save too.
+    if committed.warnings.is_empty() {
+        crate::commit::remove_unused_images(path, &manifest);
+    }
     crate::save::finish(
         vm,
         options.then,
@@ -284,6 +298,7 @@ pub(crate) fn save(
             migration: info,
             fallback,
             paused_for: None,
+            warnings: committed.warnings,
         },
     )
 }
@@ -300,12 +315,14 @@ fn run_migration(
     progress: &dyn Progress,
 ) -> Result<(Split, MigrationInfo)> {
     let sync = !options.no_sync;
+    // Sealed with fs-verity only for a QEMU that can map a sealed file.
+    let seal = super::read_only_images(vm.version());
     crate::save::stream(
         vm,
         ram_bytes,
         options,
         progress,
-        move |pipe, read| copy(pipe, files, &blocks, read, sync),
+        move |pipe, read| copy(pipe, files, &blocks, read, (sync, seal)),
         |written: &mut Split| match &written.outcome {
             Err(split::SplitError::Write(e)) => Some(Error::File {
                 path: partial.to_path_buf(),
@@ -354,7 +371,7 @@ fn copy(
     (stream, images): (File, Vec<File>),
     blocks: &[String],
     read: &AtomicU64,
-    sync: bool,
+    (sync, seal): (bool, bool),
 ) -> Split {
     let mut out = StreamOut {
         inner: BufWriter::with_capacity(1 << 20, stream),
@@ -364,7 +381,7 @@ fn copy(
     };
     let mut sinks: Vec<ImageWriter> = images
         .into_iter()
-        .map(|f| ImageWriter::new(f, sync))
+        .map(|f| ImageWriter::new(f, sync, seal))
         .collect();
     // The pipe is dropped when `split` returns: a failed split makes
     // QEMU's next write fail, so the migration fails rather than blocks.
@@ -405,32 +422,4 @@ fn file_name(path: &Path) -> String {
         .unwrap_or_default()
         .to_string_lossy()
         .into_owned()
-}
-
-/// Removes the RAM images of state file `path` (`FILE.ram`, `FILE.ram.N`)
-/// whose names are not in `keep`.
-fn remove_other_images(path: &Path, keep: &[String]) {
-    let Some(dir) = path.parent().map(|d| {
-        if d.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            d
-        }
-    }) else {
-        return;
-    };
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    let ours = file_name(&image_path_n(path, 0));
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let is_image = name == ours
-            || name
-                .strip_prefix(&format!("{ours}."))
-                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-        if is_image && !keep.contains(&name) {
-            let _ = std::fs::remove_file(e.path());
-        }
-    }
 }

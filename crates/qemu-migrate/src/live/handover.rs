@@ -42,9 +42,35 @@ impl SocketHandover {
         Ok(handover)
     }
 
+    /// Right after the destination started (and bound the user's paths):
+    /// the source's sockets back at the paths, the destination's linked
+    /// aside, so that whoever connects during the migration reaches the
+    /// VM that runs, not one waiting for its state.
+    pub(super) fn source_answers(&self) {
+        for (path, source, dest) in &self.links {
+            let _ = std::fs::remove_file(dest);
+            if std::fs::hard_link(path, dest).is_ok() && std::fs::rename(source, path).is_ok() {
+                let _ = std::fs::hard_link(path, source);
+            }
+        }
+    }
+
+    /// Once the destination runs the guest: its sockets at the user's
+    /// paths (the source's stay reachable aside). Done again, it changes
+    /// nothing.
+    pub(super) fn destination_answers(&self) {
+        for (path, _, dest) in &self.links {
+            if std::fs::rename(dest, path).is_ok() {
+                let _ = std::fs::hard_link(path, dest);
+            }
+        }
+    }
+
     /// The source's sockets back at the user's paths.
     pub(super) fn back_to_source(&mut self) {
-        for (path, source, _) in self.links.drain(..) {
+        for (path, source, dest) in self.links.drain(..) {
+            // The destination's, if it was linked aside, goes with it.
+            let _ = std::fs::remove_file(&dest);
             let _ = std::fs::rename(&source, &path);
             // Where the path still is the source's socket, the two names
             // are links of one file and rename(2) leaves both: the aside

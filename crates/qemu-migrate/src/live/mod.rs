@@ -243,6 +243,7 @@ pub fn live(
             sockets = SocketHandover::keep_source(vm.args(), vm.pid())?;
             match destination::start_local(vm, &dest_qemu, &dest_args, passed) {
                 Ok((mut dest, dir, uri)) => {
+                    sockets.source_answers();
                     if let Some(fd) = listeners.vnc.take() {
                         // Both servers accept on the one socket until the source quits.
                         use std::os::fd::AsFd;
@@ -351,6 +352,7 @@ pub fn live(
     if let Some((dest, _)) = local.as_mut() {
         dest.hand_over();
     }
+    sockets.destination_answers();
     watchdog.step(CONFIRMED);
     let mut source_sockets = Vec::new();
     match options.then {
@@ -522,6 +524,7 @@ impl Undo {
             );
             return;
         }
+        self.sockets.destination_answers();
         let addr = source_addr(&self.sockets, &self.source);
         let Ok(mut src) = qemu_monitor::connect(addr, &options) else {
             return;

@@ -95,6 +95,44 @@ impl VmLock {
     }
 }
 
+/// The QEMU pids whose VM lock some process holds now, read from the
+/// kernel's lock table (`/proc/locks`) without touching the locks.
+pub fn held_vms() -> Vec<u32> {
+    let Ok(dir) = lock_dir() else {
+        return Vec::new();
+    };
+    let Ok(locks) = std::fs::read_to_string("/proc/locks") else {
+        return Vec::new();
+    };
+    // `1: FLOCK  ADVISORY  WRITE 1234 00:2f:5678 0 EOF`: inode last.
+    let held: Vec<u64> = locks
+        .lines()
+        .filter(|l| l.contains("FLOCK"))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .nth(5)?
+                .rsplit(':')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.metadata().is_ok_and(|m| held.contains(&m.ino())))
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_prefix("vm-")?
+                .strip_suffix(".lock")?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
 /// Removes the lock files nobody holds: those of a process killed with
 /// SIGKILL, which could not remove its own. Each is locked before it is
 /// removed, so a holder keeps its file, and a taker that had opened one

@@ -12,19 +12,24 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 
+mod background;
+pub mod durable;
 mod fds;
 mod files;
 pub(crate) mod keeper;
 mod lock;
 mod process;
 mod rundir;
+mod verity;
 mod watchdog;
 
+pub(crate) use background::*;
 pub use fds::*;
 pub use files::*;
 pub use lock::*;
 pub use process::*;
 pub use rundir::*;
+pub(crate) use verity::*;
 pub use watchdog::*;
 
 /// The pipe's buffer: large, so QEMU and the copying thread rarely wait on each other.
@@ -49,18 +54,14 @@ pub(crate) fn pipe() -> Result<(PipeReader, PipeWriter)> {
     Ok((r, w))
 }
 
-/// Makes a rename durable: the directory entry itself is synced.
-pub(crate) fn sync_dir(path: &Path) {
-    if let Some(dir) = path.parent() {
-        let dir = if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        };
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
+/// Why this process cannot create files in directory `dir` (a read-only
+/// file system, no permission), where it cannot.
+pub(crate) fn not_writable_dir(dir: &Path) -> Option<std::io::Error> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: access reads the NUL-terminated path, which lives across the call.
+    let r = unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) };
+    (r != 0).then(std::io::Error::last_os_error)
 }
 
 /// Asks the kernel to start writing `len` bytes at `offset` to disk now, so
@@ -182,7 +183,7 @@ mod tests {
         assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
         std::os::unix::fs::symlink("/nonexistent-target", dir.path().join("b")).unwrap();
         assert!(create_private(&dir.path().join("b")).is_err());
-        assert!(!Path::new("/nonexistent-target").exists());
+        assert!(!std::path::Path::new("/nonexistent-target").exists());
     }
 
     #[test]

@@ -56,6 +56,7 @@ impl Watchdog {
             });
         }
         // The child.
+        super::durable::no_faults();
         drop(tx);
         let keep = rx.as_fd().as_raw_fd();
         // SAFETY: plain calls on this process's own signals and descriptors.
