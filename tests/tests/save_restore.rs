@@ -504,7 +504,7 @@ fn a_save_killed_mid_stream_resumes_the_guest_and_puts_qemus_settings_back() {
         let (save, _out) = slow_save(&vm, &statefile, &["--bandwidth", "100"]);
         // SAFETY: a signal to a process we started.
         unsafe { libc::kill(save.id() as i32, libc::SIGKILL) };
-        // Its stderr ends when the keeper, which shares it, is done.too.
+        // Its stderr ends when the watchdog, which shares it, is done too.
         let out = save.wait_with_output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
