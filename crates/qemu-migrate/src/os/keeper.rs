@@ -54,13 +54,8 @@ pub(crate) fn end_with_us(cmd: &mut std::process::Command) -> Result<()> {
     // fork and exec; the descriptor stays open in this process for good.
     unsafe {
         cmd.pre_exec(move || {
-            let pid = libc::getpid() as u32;
-            send_raw(fd, &message(ADOPT, pid)).map_err(|e| {
-                std::io::Error::new(
-                    e.kind(),
-                    format!("telling the keeper process of the new child: {e}"),
-                )
-            })
+            // No allocation here: the error is the system's own.
+            send_raw(fd, &message(ADOPT, libc::getpid() as u32))
         });
     }
     Ok(())
