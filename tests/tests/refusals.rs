@@ -164,7 +164,21 @@ fn another_qemu_at_the_saved_binarys_path_is_refused_in_words() {
             serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
         m["qemu"] = swapped.display().to_string().into();
         std::fs::write(&manifest, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+        // Its content is not what the save recorded: refused before it runs.
         let out = restore(&[statefile.as_os_str(), "--daemonize".as_ref()]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains("its content changed since the save") && err.contains("--qemu"),
+            "{err}"
+        );
+        // Named with --qemu it runs, and the pre-flight finds the other version.
+        let out = restore(&[
+            statefile.as_os_str(),
+            "--daemonize".as_ref(),
+            "--qemu".as_ref(),
+            swapped.as_os_str(),
+        ]);
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(2), "{err}");
         assert!(

@@ -613,10 +613,13 @@ fn a_restore_killed_while_loading_leaves_no_qemu_holding_the_vms_sockets() {
             }
         }
         first.kill().unwrap();
-        // Its stderr ends when the watchdog, which shares it, is done.
+        // Its stderr ends when the keeper, which shares it, is done.
         let end = first.wait_with_output().unwrap();
         let err = String::from_utf8_lossy(&end.stderr);
-        assert!(err.contains("that QEMU was ended"), "{err}");
+        assert!(
+            err.contains("died before it handed over what it had started; ended qemu-system"),
+            "{err}"
+        );
         assert!(
             std::os::unix::net::UnixStream::connect(&hmp).is_err(),
             "nothing listens on the VM's socket any more"

@@ -108,8 +108,17 @@ fn only_a_trusted_binary_runs_and_only_qemu_variables_reach_it() {
         )
         .unwrap();
         chmod(&wrapper, 0o755);
+        // As if the save had recorded the wrapper (see `recorded_qemu.rs`
+        // for a binary whose content changed since).
+        let digest = Command::new("sha256sum").arg(&wrapper).output().unwrap();
+        let digest = String::from_utf8_lossy(&digest.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string();
         edit_manifest(&statefile, |m| {
             m["qemu"] = wrapper.display().to_string().into();
+            m["qemu_sha256"] = digest.into();
             m["env"]["LD_PRELOAD"] = "/nonexistent/evil.so".into();
             m["env"]["QEMU_TRUST_TEST"] = "applied".into();
         });

@@ -257,6 +257,9 @@ pub(crate) fn receive(
     options.cancel = Arc::clone(&cancel);
     options.security = security.security();
     let receiver = library::Receiver::start(listen, &spec, &options)?;
+    for w in &receiver.warnings {
+        eprintln!("qemu-migrate: warning: {w}");
+    }
     if cli.json {
         say!(
             "{}",

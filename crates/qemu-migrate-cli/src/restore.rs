@@ -81,6 +81,9 @@ pub(crate) struct RevertArgs {
     /// With --daemonize: write QEMU's pid here.
     #[arg(long, requires = "daemonize")]
     pidfile: Option<PathBuf>,
+    /// The QEMU binary (default: the one that saved the checkpoint, if unchanged since).
+    #[arg(long)]
+    qemu: Option<PathBuf>,
     /// Deadline for each monitor reply, in seconds.
     #[arg(long, default_value = "30")]
     timeout: u64,
@@ -130,6 +133,7 @@ pub(crate) fn restore(
     let restored = library::restore(statefile, &options, shown.progress());
     shown.done();
     let restored = restored?;
+    warn(&restored.warnings);
     if restored.previous_save {
         eprintln!("{}", previous_save_note(statefile));
     }
@@ -183,18 +187,22 @@ pub(crate) fn revert(
         paused,
         daemonize,
         pidfile,
+        qemu,
         timeout,
     } = args;
     let vm = Vm::attach(monitor.clone(), Duration::from_secs(*timeout))?;
     let mut options = RestoreOptions::default();
     options.into.clone_from(into);
+    options.qemu.clone_from(qemu);
     options.paused = *paused;
     options.console = console(*daemonize);
     options.cancel = Arc::clone(&cancel);
+    options.revive = revive(*paused, qemu.clone(), pidfile.clone());
     let shown = Shown::new(cli);
     let restored = checkpoint::revert(vm, statefile, &options, shown.progress());
     shown.done();
     let restored = restored?;
+    warn(&restored.warnings);
     let pid = restored.vm.pid();
     if cli.json {
         say!(
@@ -226,6 +234,42 @@ pub(crate) fn previous_save_note(statefile: &std::path::Path) -> String {
         statefile.display()
     )
 }
+/// How a revert killed midway brings its VM back: this very program
+/// restores the checkpoint in the background, as the revert would have.
+fn revive(
+    paused: bool,
+    qemu: Option<PathBuf>,
+    pidfile: Option<PathBuf>,
+) -> Option<library::Revive> {
+    let exe = std::env::current_exe().ok()?;
+    Some(library::Revive(Arc::new(move |statefile, into| {
+        let mut argv: Vec<std::ffi::OsString> =
+            vec![exe.clone().into(), "restore".into(), "--daemonize".into()];
+        if let Some(p) = &pidfile {
+            argv.extend(["--pidfile".into(), p.clone().into()]);
+        }
+        if let Some(d) = into {
+            argv.extend(["--into".into(), d.into()]);
+        }
+        if let Some(q) = &qemu {
+            argv.extend(["--qemu".into(), q.clone().into()]);
+        }
+        if paused {
+            argv.push("--paused".into());
+        }
+        argv.push(statefile.into());
+        argv
+    })))
+}
+
+/// What the user should know of a restore, a line each on stderr (also
+/// with --json, whose stdout stays one object).
+fn warn(warnings: &[String]) {
+    for w in warnings {
+        eprintln!("qemu-migrate: warning: {w}");
+    }
+}
+
 /// Where a launched QEMU's console goes: this terminal, or nowhere in the background.
 pub(crate) fn console(daemonize: bool) -> Console {
     if daemonize {

@@ -234,11 +234,7 @@ pub enum Error {
     },
     /// A socket or disk of the VM is still held by a running process: the
     /// saved VM itself, or another restore of it.
-    #[error(
-        "{what} is still held by process {pid} ({name}): the saved VM, or another restore of \
-         it, still runs; end it first (`quit` on its monitor), since two QEMUs of one VM take \
-         each other's sockets and disks"
-    )]
+    #[error("{what} is still held by process {pid} ({name}){}", still_held(.leftover))]
     StillHeld {
         /// The socket or disk, in words.
         what: String,
@@ -246,6 +242,9 @@ pub enum Error {
         pid: u32,
         /// Its name.
         name: String,
+        /// What it is when it is known to be left by a run that died (a
+        /// QEMU waiting for a migration nobody feeds), and how to end it.
+        leftover: Option<String>,
     },
     /// The target of a save exists and replacing it was not asked for.
     #[error(
@@ -259,8 +258,16 @@ pub enum Error {
         /// Whether it is a save (it has a manifest).
         is_save: bool,
     },
+    /// The QEMU binary to run does not exist.
+    #[error("{}", qemu_not_found(.binary, .from))]
+    QemuNotFound {
+        /// The binary, as named.
+        binary: PathBuf,
+        /// Who named it.
+        from: QemuFrom,
+    },
     /// QEMU could not be started.
-    #[error("starting {}: {}", .binary.display(), os_message(.source))]
+    #[error("{}", launch_words(.binary, .source))]
     Launch {
         /// The QEMU binary.
         binary: PathBuf,
@@ -345,6 +352,7 @@ impl Error {
             Error::Cancelled(_) => ErrorKind::Cancelled,
             Error::Monitor(_)
             | Error::Launch { .. }
+            | Error::QemuNotFound { .. }
             | Error::BadAddress { .. }
             | Error::NotLocal { .. }
             | Error::Receiver { .. }
@@ -428,6 +436,71 @@ fn busy(pid: u32, migration: &Option<MigrationStatus>) -> String {
         None => {
             format!("another qemu-migrate is already saving or migrating this VM (QEMU pid {pid})")
         }
+    }
+}
+
+/// Who named a QEMU binary, for [`Error::QemuNotFound`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum QemuFrom {
+    /// The manifest at this path: the QEMU that ran the saved VM.
+    Manifest(PathBuf),
+    /// `--qemu`.
+    Given,
+    /// Nobody: the default name, looked up on `PATH`.
+    Default,
+}
+
+fn qemu_not_found(binary: &std::path::Path, from: &QemuFrom) -> String {
+    let b = binary.display();
+    let bare = binary.components().count() == 1;
+    let looked = if bare {
+        format!(
+            " on PATH ({})",
+            std::env::var("PATH").unwrap_or_else(|_| "not set".into())
+        )
+    } else {
+        String::new()
+    };
+    match from {
+        QemuFrom::Manifest(m) => format!(
+            "the QEMU binary {b} is not there{looked}: it ran the saved VM, and the manifest {} \
+             names it. Install it again, or give --qemu PATH to use another QEMU (a newer one is \
+             given the saved machine type)",
+            m.display()
+        ),
+        QemuFrom::Given => format!(
+            "the QEMU binary {b} given with --qemu is not there{looked}: give the path of an \
+             installed QEMU, e.g. --qemu /usr/bin/qemu-system-x86_64"
+        ),
+        QemuFrom::Default => format!(
+            "the QEMU binary {b} (the default, as no manifest or --qemu names one) is not there\
+             {looked}: install QEMU (Debian: apt-get install qemu-system-x86), or give --qemu PATH"
+        ),
+    }
+}
+
+fn launch_words(binary: &std::path::Path, source: &io::Error) -> String {
+    if source.kind() == io::ErrorKind::NotFound {
+        return format!(
+            "starting {}: there is no such QEMU binary{}; give the path of an installed one",
+            binary.display(),
+            if binary.components().count() == 1 {
+                " on PATH"
+            } else {
+                ""
+            }
+        );
+    }
+    format!("starting {}: {}", binary.display(), os_message(source))
+}
+
+fn still_held(leftover: &Option<String>) -> String {
+    match leftover {
+        Some(words) => format!(": {words}"),
+        None => ": the saved VM, or another restore of it, still runs; end it first (`quit` on \
+                 its monitor), since two QEMUs of one VM take each other's sockets and disks"
+            .to_string(),
     }
 }
 

@@ -55,7 +55,7 @@ pub mod trust;
 pub mod vm;
 pub mod vmrunner;
 
-pub use error::{qemu_stderr_lines, Error, ErrorKind, Result};
+pub use error::{qemu_stderr_lines, Error, ErrorKind, QemuFrom, Result};
 pub use manifest::Manifest;
 pub use qemu_monitor::{MigrationInfo, MigrationStatus, Monitor, RunState};
 pub use vm::Vm;

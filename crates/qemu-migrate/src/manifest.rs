@@ -46,6 +46,14 @@ pub struct Manifest {
     pub saved_at: u64,
     /// How QEMU sent the stream (`fd`).
     pub transport: String,
+    /// SHA-256 of the QEMU binary `qemu` names, as the saved VM ran it: for
+    /// a VM attached to, read through `/proc/PID/exe` at the save (so a
+    /// binary deleted and replaced since it started is told apart); for one
+    /// this tool started, of the file it was started as. 64 hex digits. A restore runs `qemu` only
+    /// while its content is still this, unless given `--qemu`. Manifests
+    /// of older versions have none (see [`crate::trust::recorded_qemu`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu_sha256: Option<String>,
     /// The user the saved QEMU ran as: root restores another user's VM
     /// only when told to.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -384,9 +384,12 @@ pub struct Started {
 }
 
 impl Started {
-    /// The restore succeeded: the backends stay, serving the new QEMU.
+    /// The restore succeeded: the backends stay, serving the new QEMU (and
+    /// outlive this process from now on).
     pub fn keep(mut self) {
-        self.children.clear();
+        for c in self.children.drain(..) {
+            crate::os::keeper::release(c.id());
+        }
     }
 }
 
@@ -394,6 +397,7 @@ impl Drop for Started {
     fn drop(&mut self) {
         for c in &mut self.children {
             let _ = c.kill();
+            crate::os::keeper::release(c.id());
             let _ = c.wait();
         }
     }
@@ -421,6 +425,8 @@ pub fn start_backends(backends: &[Backend]) -> Result<Started> {
         if let Some(cwd) = b.cwd.as_ref().filter(|d| d.is_dir()) {
             cmd.current_dir(cwd);
         }
+        // Until the restore succeeds, it ends with this process.
+        crate::os::keeper::end_with_us(&mut cmd)?;
         let refuse = |why: String| Error::NotReplayable {
             verb: "restore",
             items: vec![format!(
@@ -445,6 +451,7 @@ pub fn start_backends(backends: &[Backend]) -> Result<Started> {
             }
             if std::time::Instant::now() > deadline {
                 let _ = child.kill();
+                crate::os::keeper::release(child.id());
                 let _ = child.wait();
                 return Err(refuse(format!(
                     "\"{}\" did not listen within {} s",

@@ -53,6 +53,25 @@ pub struct RestoreOptions {
     /// Substring replacements in the recorded command line (`--replace OLD
     /// NEW`): what supplies a descriptor the save could not name.
     pub replace: Vec<(String, String)>,
+    /// For a revert: how another process brings the VM back from the
+    /// checkpoint if this one dies (`kill -9`) once it has begun to end
+    /// the old VM and before the new one runs.
+    pub revive: Option<Revive>,
+}
+
+/// The command that restores a checkpoint in a process of its own, made
+/// from the state file and the directory its new overlays go to (when one
+/// was chosen); run in place of a revert that died midway.
+#[derive(Clone)]
+pub struct Revive(pub Arc<ReviveCommand>);
+
+/// Makes the command of a [`Revive`]: from the state file and the overlays' directory.
+pub type ReviveCommand = dyn Fn(&Path, Option<&Path>) -> Vec<std::ffi::OsString> + Send + Sync;
+
+impl std::fmt::Debug for Revive {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Revive(..)")
+    }
 }
 
 /// A state file that passed its checks.
@@ -205,6 +224,9 @@ pub struct Restored {
     pub pinned: Option<crate::machine::Pinned>,
     /// The fresh overlays a checkpoint's disks were given (the VM writes to them).
     pub overlays: Vec<PathBuf>,
+    /// What the user should know of the restore, a line each (an
+    /// environment variable of the manifest left out, an unchecked binary).
+    pub warnings: Vec<String>,
     /// The copy of an instant save made in `--into`'s directory and run
     /// from (its storage was read-only to this QEMU).
     pub copy: Option<PathBuf>,
@@ -235,13 +257,8 @@ pub fn restore_checked(
     progress: &dyn Progress,
 ) -> Result<Restored> {
     let path = checked.path.as_path();
-    let (binary, args, env, was_running) = match (&checked.manifest, &options.args) {
+    let (args, env, was_running) = match (&checked.manifest, &options.args) {
         (_, Some(args)) => (
-            options
-                .qemu
-                .clone()
-                .or_else(|| checked.manifest.as_ref().map(|m| m.qemu.clone()))
-                .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64")),
             args.clone(),
             checked
                 .manifest
@@ -254,7 +271,6 @@ pub fn restore_checked(
                 .is_none_or(|m| m.guest_was_running),
         ),
         (Some(m), None) => (
-            options.qemu.clone().unwrap_or_else(|| m.qemu.clone()),
             crate::replay::replace(&m.args, &options.replace).map_err(|old| {
                 Error::BadStateFile {
                     path: path.to_path_buf(),
@@ -277,10 +293,18 @@ pub fn restore_checked(
     };
     if let Some(m) = &checked.manifest {
         trust::check_runs_as(path, m.qemu_uid, options.as_root)?;
-        if options.qemu.is_none() {
-            // The manifest chose the binary: run it only if it is trusted.
-            trust::check_binary(&binary)?;
-        }
+    }
+    // The manifest's binary runs only if trusted and unchanged since the save.
+    let manifest_path = crate::manifest::path_for(path);
+    let (binary, mut warnings) = trust::recorded_qemu(
+        checked
+            .manifest
+            .as_ref()
+            .map(|m| (manifest_path.as_path(), m)),
+        options.qemu.as_deref(),
+    )?;
+    if let Some(m) = &checked.manifest {
+        warnings.extend(trust::dropped_env(&m.env));
     }
     // A clone gets socket and log paths of its own, and is refused a
     // writable disk it would share (see `instant::launch_args`): clones of
@@ -354,13 +378,10 @@ pub fn restore_checked(
         Some(m) => crate::replay::start_backends(&m.backends)?,
         None => crate::replay::Started::default(),
     };
-    let mut vm = Vm::launch_incoming(&binary, &args, &LaunchOptions::new(options.console, env))?;
     // A QEMU half-loaded by a restore that died would hold the VM's
-    // sockets and disks with no guest to run: it goes with us until loaded.
-    let watchdog = os::Watchdog::ending(
-        vm.pid(),
-        "qemu-migrate: the restoring process died before QEMU had loaded the state; that QEMU was ended\n",
-    )?;
+    // sockets and disks with no guest to run: it ends with this process
+    // (see `os::keeper`) until handed over below.
+    let mut vm = Vm::launch_incoming(&binary, &args, &LaunchOptions::new(options.console, env))?;
     load(&mut vm, &checked, options, progress)?;
     let overlays = disks.keep();
     if was_running && !options.paused {
@@ -370,7 +391,7 @@ pub fn restore_checked(
     } else if options.paused && vm.monitor.status()?.is_running() {
         vm.monitor.stop()?;
     }
-    watchdog.dismiss();
+    vm.hand_over();
     backends.keep();
     // The images not read before the start: read now, beside the guest.
     let image_checks =
@@ -391,6 +412,7 @@ pub fn restore_checked(
         renamed,
         pinned,
         overlays,
+        warnings,
         checking_in_background: image_checks,
         copy,
     })
@@ -481,6 +503,7 @@ fn refuse_if_still_held(args: &[String], manifest: Option<&Manifest>) -> Result<
                     what: format!("its socket {}", sock.display()),
                     pid,
                     name: os::process_name(pid),
+                    leftover: leftover(pid),
                 });
             }
         }
@@ -495,10 +518,53 @@ fn refuse_if_still_held(args: &[String], manifest: Option<&Manifest>) -> Result<
                 what: format!("its disk {}", disk.path.display()),
                 pid,
                 name: os::process_name(pid),
+                leftover: leftover(pid),
             });
         }
     }
     Ok(())
+}
+
+/// Words for process `pid` when it is a QEMU that a run of this tool
+/// started to take a VM in (`-incoming`, its QMP socket in one of our
+/// private directories) and that no running qemu-migrate feeds: the run died
+/// before it had loaded the VM (a kill -9 of a version without the keeper
+/// of `os::keeper`, or the keeper killed too). It runs no guest.
+fn leftover(pid: u32) -> Option<String> {
+    let info = os::process_info(pid).ok()?;
+    let at = info.args.iter().position(|a| a == "-incoming")?;
+    let ours = info
+        .args
+        .windows(2)
+        .any(|w| w[0] == "-qmp" && w[1].contains("/qemu-migrate-"));
+    let parent = os::parent_pid(pid)?;
+    if !ours || os::process_name(parent) == "qemu-migrate" {
+        return None;
+    }
+    // A restored VM keeps `-incoming` in its command line: only its
+    // monitor tells one still waiting.
+    let monitor = info
+        .args
+        .windows(2)
+        .filter(|w| matches!(w[0].as_str(), "-monitor" | "-qmp"))
+        .find_map(|w| crate::argv::unix_server_path(&w[0], &w[1]))?;
+    let addr = qemu_monitor::MonitorAddr::Path(monitor);
+    let options = qemu_monitor::Options {
+        timeout: Duration::from_secs(2),
+        wait_socket: None,
+        mux_escape: crate::vm::is_mux_monitor(&addr),
+    };
+    let state = qemu_monitor::connect(addr, &options).ok()?.status().ok()?;
+    if state != qemu_monitor::RunState::Inmigrate {
+        return None;
+    }
+    Some(format!(
+        "a QEMU paused waiting for an incoming migration (-incoming {}) that no qemu-migrate \
+         feeds any more: the restore, receive or revert that started it died before the VM was loaded, \
+         so it runs no guest and holds the VM's sockets and disks for nothing. End it with \
+         `kill {pid}`, then run the restore again",
+        info.args.get(at + 1).map_or("", String::as_str)
+    ))
 }
 
 /// Feeds the stream to the waiting QEMU and waits for it to say it loaded.

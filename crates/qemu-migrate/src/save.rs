@@ -362,6 +362,7 @@ pub(crate) fn manifest_of(
         format: manifest::FORMAT.to_string(),
         qemu: vm.binary().to_path_buf(),
         qemu_version: vm.version().to_string(),
+        qemu_sha256: vm.binary_sha256(),
         vm_options: argv::vm_options(&args),
         args,
         env: vm.env().clone(),

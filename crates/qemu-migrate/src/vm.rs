@@ -27,6 +27,20 @@ pub struct Vm {
     pub(crate) child: Option<Launched>,
     /// What of the command line a second QEMU can have (attached VMs only).
     pub(crate) replay: crate::replay::Plan,
+    /// SHA-256 of the binary it runs, begun when attached (see [`Vm::binary_sha256`]).
+    exe_sha256: Mutex<ExeDigest>,
+}
+
+/// The digest of a QEMU's binary: being read in the background, or read.
+#[derive(Debug)]
+enum ExeDigest {
+    Reading(std::thread::JoinHandle<Option<String>>),
+    Read(Option<String>),
+    /// Of `/proc/PID/exe`, when asked.
+    NotBegun,
+    /// Of the binary a launched QEMU was started as (a launcher script
+    /// that execs QEMU is the file a restore runs again), when asked.
+    OfFile(PathBuf),
 }
 
 /// Whether the monitor at `addr` shares a mux chardev with a console (see
@@ -72,7 +86,7 @@ pub(crate) fn is_mux_monitor(addr: &MonitorAddr) -> bool {
 #[derive(Debug)]
 pub struct Launched {
     child: Child,
-    _dir: tempfile::TempDir,
+    _dir: os::RunDir,
     stderr: Arc<Mutex<Vec<u8>>>,
     stderr_thread: Option<std::thread::JoinHandle<()>>,
     kill_on_drop: bool,
@@ -114,6 +128,8 @@ impl Drop for Launched {
         // A launched QEMU outlives this handle only when asked to (`detach`).
         if self.kill_on_drop {
             let _ = self.child.kill();
+            // Let go while it cannot be reaped yet: its pid is still its own.
+            os::keeper::release(self.child.id());
             let _ = self.child.wait();
         }
     }
@@ -206,6 +222,22 @@ impl Vm {
         &self.binary
     }
 
+    /// SHA-256 of the binary [`Vm::binary`] names, 64 hex digits: for an
+    /// attached VM, of the very file it runs (`/proc/PID/exe`, read in the
+    /// background from the attach on); for a QEMU started here, of the file
+    /// it was started as, read when first asked. `None` when it cannot be read.
+    pub fn binary_sha256(&self) -> Option<String> {
+        let mut d = self.exe_sha256.lock().expect("digest lock");
+        let read = match std::mem::replace(&mut *d, ExeDigest::NotBegun) {
+            ExeDigest::Reading(t) => t.join().ok().flatten(),
+            ExeDigest::Read(r) => r,
+            ExeDigest::NotBegun => crate::trust::exe_sha256(self.pid),
+            ExeDigest::OfFile(path) => crate::trust::binary_sha256(&path),
+        };
+        *d = ExeDigest::Read(read.clone());
+        read
+    }
+
     /// The command line without argv[0].
     pub fn args(&self) -> &[String] {
         &self.args
@@ -256,6 +288,12 @@ impl Vm {
         let args = crate::instant::without_image_options(info.args);
         // Descriptors become the names a second QEMU can open.
         let replay = crate::replay::plan(pid, &args);
+        // Read while the save runs, from the file QEMU runs (its binary may
+        // have been replaced on disk since it started).
+        let exe_sha256 = std::thread::Builder::new()
+            .name("qemu-digest".into())
+            .spawn(move || crate::trust::exe_sha256(pid))
+            .map_or(ExeDigest::NotBegun, ExeDigest::Reading);
         Ok(Vm {
             monitor,
             pid,
@@ -265,6 +303,7 @@ impl Vm {
             version,
             child: None,
             replay,
+            exe_sha256: Mutex::new(exe_sha256),
         })
     }
 
@@ -274,13 +313,7 @@ impl Vm {
     /// When QEMU cannot be started, or exits before its monitor answers
     /// (with what it said on stderr).
     pub fn launch(binary: &Path, args: &[String], options: &LaunchOptions) -> Result<Vm> {
-        let dir = tempfile::Builder::new()
-            .prefix("qemu-migrate-")
-            .tempdir()
-            .map_err(Error::file(
-                std::env::temp_dir(),
-                "creating a private directory",
-            ))?;
+        let dir = os::RunDir::new("qmp-")?;
         // QEMU connects to this socket while it starts (see QmpListener):
         // no connect of ours races its start-up.
         let qmp = qemu_monitor::QmpListener::bind(dir.path().join("qmp.sock"))?;
@@ -315,6 +348,8 @@ impl Vm {
             }
         }
         os::pass_fds(&mut cmd, passed);
+        // Until handed over, it ends with this process, from before its exec on.
+        os::keeper::end_with_us(&mut cmd)?;
         let mut child = cmd.spawn().map_err(|source| Error::Launch {
             binary: binary.to_path_buf(),
             source,
@@ -361,6 +396,7 @@ impl Vm {
             version,
             child: Some(launched),
             replay: crate::replay::Plan::default(),
+            exe_sha256: Mutex::new(ExeDigest::OfFile(binary.to_path_buf())),
         })
     }
 
@@ -423,7 +459,30 @@ impl Vm {
         if let Some(l) = self.child.as_mut() {
             l.kill_on_drop = false;
         }
+        self.hand_over();
         self.pid
+    }
+
+    /// Undoes [`Vm::hand_over`]: the launched QEMU ends with this process
+    /// again if this one dies (a check that restored a VM only to look at it).
+    ///
+    /// # Errors
+    /// [`Error::Os`] when the keeper process cannot be started or told.
+    pub fn end_with_this_process(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            os::keeper::adopt(self.pid)?;
+        }
+        Ok(())
+    }
+
+    /// Hands a launched QEMU over: until now it ends with this process if
+    /// this one dies (`kill -9` included), from now on it outlives it (a
+    /// VM restored in the foreground runs on). Dropping the `Vm` still ends
+    /// it unless [`Vm::detach`]ed.
+    pub fn hand_over(&mut self) {
+        if self.child.is_some() {
+            os::keeper::release(self.pid);
+        }
     }
 
     /// Refuses a VM that cannot start a migration now (already migrated,

@@ -124,10 +124,6 @@ pub fn revert(
         })
         .collect();
 
-    vm.monitor.stop()?;
-    vm.quit_and_wait(QUIT_TIMEOUT)?;
-    drop(vm);
-
     let mut options = options.clone();
     if options.into.is_none() {
         options.into = discard
@@ -135,11 +131,51 @@ pub fn revert(
             .and_then(|p| p.parent())
             .map(Path::to_path_buf);
     }
-    let restored = restore::restore_checked(checked, started, &options, progress)?;
+    // From here until the new VM runs, a death of this process leaves no
+    // VM: the old one is ended with it, and the checkpoint restored anew.
+    let revival = match &options.revive {
+        Some(r) => Some(Revival::arm(
+            vm.pid(),
+            &(r.0)(statefile, options.into.as_deref()),
+        )?),
+        None => None,
+    };
+    vm.monitor.stop()?;
+    vm.quit_and_wait(QUIT_TIMEOUT)?;
+    drop(vm);
+
+    let restored = restore::restore_checked(checked, started, &options, progress);
+    drop(revival);
+    let restored = restored?;
     for p in &discard {
         if !restored.overlays.contains(p) {
             let _ = std::fs::remove_file(p);
         }
     }
     Ok(restored)
+}
+
+/// The old VM and the command that restores the checkpoint, left with the
+/// keeper (see `os::keeper`) while a revert ends one VM and starts another;
+/// taken back when the revert returns, whatever it returns.
+struct Revival {
+    old: u32,
+}
+
+impl Revival {
+    fn arm(old: u32, command: &[std::ffi::OsString]) -> Result<Revival> {
+        crate::os::keeper::adopt(old)?;
+        if let Err(e) = crate::os::keeper::on_death_run(Some(command)) {
+            crate::os::keeper::release(old);
+            return Err(e);
+        }
+        Ok(Revival { old })
+    }
+}
+
+impl Drop for Revival {
+    fn drop(&mut self) {
+        let _ = crate::os::keeper::on_death_run(None);
+        crate::os::keeper::release(self.old);
+    }
 }

@@ -76,14 +76,9 @@ pub(super) fn start_local(
     binary: &std::path::Path,
     args: &[String],
     passed: Vec<(std::os::fd::OwnedFd, i32)>,
-) -> Result<(Vm, tempfile::TempDir, String)> {
-    let dir = tempfile::Builder::new()
-        .prefix("qemu-migrate-live-")
-        .tempdir()
-        .map_err(Error::file(
-            std::env::temp_dir(),
-            "creating a private directory",
-        ))?;
+) -> Result<(Vm, crate::os::RunDir, String)> {
+    // Locked while this run lives: a dead run's is removed by the next one.
+    let dir = crate::os::RunDir::new("live-")?;
     let mut options = LaunchOptions::new(Console::Null, vm.env().clone());
     options.passed = passed
         .into_iter()
@@ -107,7 +102,11 @@ pub(super) fn local_qemu(
     Option<crate::machine::Pinned>,
 )> {
     let source = vm.binary().to_path_buf();
-    let binary = qemu.map_or_else(|| source.clone(), std::path::Path::to_path_buf);
+    let binary = match qemu {
+        // A binary that is not there is said so, with what to do.
+        Some(q) => crate::trust::recorded_qemu(None, Some(q))?.0,
+        None => source.clone(),
+    };
     if binary == source {
         return Ok((binary, vm.args().to_vec(), None));
     }

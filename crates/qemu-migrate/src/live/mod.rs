@@ -392,6 +392,11 @@ pub fn live(
         }
     };
 
+    // The destination has the guest: from here on it outlives this process
+    // (before, the watchdog ends it and the source runs on).
+    if let Some((dest, _)) = local.as_mut() {
+        dest.hand_over();
+    }
     sockets.destination_answers();
     watchdog.step(CONFIRMED);
     let mut source_sockets = Vec::new();

@@ -68,6 +68,9 @@ pub struct Receiver {
     pub listen: String,
     /// The machine type pinned for a QEMU other than the manifest's.
     pub pinned: Option<machine::Pinned>,
+    /// What the user should know, a line each (a manifest's variable left
+    /// out, a binary run unchecked).
+    pub warnings: Vec<String>,
     started: Instant,
     incoming: mpsc::Receiver<Incoming>,
     stop: Arc<AtomicBool>,
@@ -123,6 +126,7 @@ impl Receiver {
             expected: "tcp:ADDR:PORT",
         })?;
         let mut pinned = None;
+        let mut warnings = Vec::new();
         let (binary, args, env) = match spec {
             VmSpec::Manifest(path) => {
                 crate::trust::check_file(path, "manifest")?;
@@ -133,11 +137,12 @@ impl Receiver {
                     reason: format!("not a qemu-migrate manifest: {e}"),
                 })?;
                 crate::trust::check_runs_as(path, m.qemu_uid, false)?;
-                if options.qemu.is_none() {
-                    crate::trust::check_binary(&m.qemu)?;
-                }
+                // Only the recorded binary, unchanged, unless --qemu names one.
+                let (binary, checked) =
+                    crate::trust::recorded_qemu(Some((path, &m)), options.qemu.as_deref())?;
+                warnings.extend(checked);
+                warnings.extend(crate::trust::dropped_env(&m.env));
                 let env = crate::trust::qemu_env(&m.env);
-                let binary = options.qemu.clone().unwrap_or(m.qemu.clone());
                 // -- cross-version: another QEMU gets the saved machine type pinned
                 let mut args = m.args;
                 if binary != m.qemu {
@@ -151,10 +156,7 @@ impl Receiver {
                 (binary, args, env)
             }
             VmSpec::Args(args) => (
-                options
-                    .qemu
-                    .clone()
-                    .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64")),
+                crate::trust::recorded_qemu(None, options.qemu.as_deref())?.0,
                 args.clone(),
                 Default::default(),
             ),
@@ -226,6 +228,7 @@ impl Receiver {
             vm,
             listen: tcp_uri(&host, port),
             pinned,
+            warnings,
             started,
             incoming,
             stop,
@@ -284,6 +287,7 @@ impl Receiver {
             // A later save of this VM goes through a pipe, in clear.
             tls::remove(&mut self.vm.monitor);
         }
+        self.vm.hand_over();
         if let Some(w) = self.watchdog.take() {
             w.dismiss();
         }

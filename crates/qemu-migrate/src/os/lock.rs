@@ -23,6 +23,8 @@ impl VmLock {
     /// [`Error::Busy`] when another process holds it; [`Error::File`] when
     /// the lock directory is not private.
     pub fn take(pid: u32) -> Result<VmLock> {
+        // A save or migration cleans up after dead runs as a restore does.
+        super::sweep_run_dirs(&std::env::temp_dir());
         VmLock::take_in(&lock_dir()?, pid)
     }
 

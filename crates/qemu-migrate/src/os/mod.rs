@@ -16,9 +16,11 @@ mod background;
 pub mod durable;
 mod fds;
 mod files;
+pub(crate) mod keeper;
 mod lock;
 mod process;
 mod relay;
+mod rundir;
 mod verity;
 mod watchdog;
 
@@ -28,6 +30,7 @@ pub use files::*;
 pub use lock::*;
 pub use process::*;
 pub use relay::*;
+pub use rundir::*;
 pub(crate) use verity::*;
 pub use watchdog::*;
 

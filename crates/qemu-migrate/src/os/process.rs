@@ -154,6 +154,13 @@ pub(crate) fn is_exiting(pid: u32) -> bool {
     })
 }
 
+/// The parent of process `pid` (the 4th field of `/proc/PID/stat`).
+pub(crate) fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// Kernels before 5.3 have no pidfd: watch /proc instead.
 fn wait_gone_by_proc(pid: libc::pid_t, timeout: Duration) {
     let deadline = Instant::now() + timeout;

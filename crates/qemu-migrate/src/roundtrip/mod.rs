@@ -343,7 +343,8 @@ fn said(e: &Error) -> String {
 }
 
 /// A QEMU the check started some other way than `Vm::launch` (a live
-/// migration's detached destination): killed when the check ends.
+/// migration's detached destination): killed when the check ends, and by
+/// the keeper (see `os::keeper`) if the check dies first.
 struct Reap(Option<u32>);
 
 impl Drop for Reap {
@@ -353,6 +354,7 @@ impl Drop for Reap {
             unsafe {
                 libc::kill(pid as libc::pid_t, libc::SIGKILL);
             }
+            crate::os::keeper::release(pid);
         }
     }
 }

@@ -237,6 +237,9 @@ impl<'a> Run<'a> {
         self.report.restore_seconds = Some(restored.elapsed.as_secs_f64());
         self.report.pinned_machine.clone_from(&restored.pinned);
         let mut dest = restored.vm;
+        // A check's VM ends with the check, whatever ends it.
+        dest.end_with_this_process()
+            .or_else(|e| fail(FailureKind::Setup, "setup", said(&e)))?;
         let mapped = restored
             .manifest
             .as_ref()
@@ -334,7 +337,11 @@ impl<'a> Run<'a> {
                 }
                 let received = waiting.join().expect("the receiver thread does not panic");
                 match (outcome, received) {
-                    (Ok(r), Ok(received)) => (Ok(r), Some(received.vm)),
+                    (Ok(r), Ok(received)) => {
+                        let mut vm = received.vm;
+                        let _ = vm.end_with_this_process();
+                        (Ok(r), Some(vm))
+                    }
                     (Ok(_), Err(e)) | (Err(e), _) => (Err(e), None),
                 }
             }
@@ -357,6 +364,9 @@ impl<'a> Run<'a> {
             self.report.pinned_machine.clone_from(&r.pinned);
         }
         let reap = Reap(r.destination_pid.filter(|_| dest.is_none()));
+        if let Some(pid) = reap.0 {
+            let _ = crate::os::keeper::adopt(pid);
+        }
         let mut dest = match dest {
             Some(d) => d,
             None => Vm::attach(self.check.workdir.join("roundtrip-qmp.sock"), c.timeout)
