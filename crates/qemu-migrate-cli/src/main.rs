@@ -117,12 +117,21 @@ fn main() -> ExitCode {
     // to report in words, never a silent death with a VM half-handled.
     // `checkpoint` is `save --with-disks`.
     let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    if argv.get(1).is_some_and(|a| a == "checkpoint") {
-        argv.splice(1..2, ["save".into(), "--with-disks".into()]);
-    }
-    // `snapshot` is `save --snapshot`.
-    if argv.get(1).is_some_and(|a| a == "snapshot") {
-        argv.splice(1..2, ["save".into(), "--snapshot".into()]);
+    // `snapshot` is `save --snapshot`. Global flags may come first.
+    if let Some(at) = argv
+        .iter()
+        .skip(1)
+        .position(|a| !a.to_string_lossy().starts_with('-'))
+        .map(|i| i + 1)
+    {
+        let flag = match argv[at].to_str() {
+            Some("checkpoint") => Some("--with-disks"),
+            Some("snapshot") => Some("--snapshot"),
+            _ => None,
+        };
+        if let Some(flag) = flag {
+            argv.splice(at..=at, ["save".into(), flag.into()]);
+        }
     }
     let cli = Cli::parse_from(argv);
     let cancel = Arc::new(AtomicBool::new(false));

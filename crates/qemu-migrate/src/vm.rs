@@ -197,12 +197,12 @@ fn refuse_if_busy(addr: &MonitorAddr) -> Result<()> {
     if held.is_empty() {
         return Ok(());
     }
-    match os::socket_listener(path) {
-        Some(pid) if held.contains(&pid) => Err(Error::Busy {
+    match held.iter().find(|pid| os::listens_on(**pid, path)) {
+        Some(&pid) => Err(Error::Busy {
             pid,
             migration: None,
         }),
-        _ => Ok(()),
+        None => Ok(()),
     }
 }
 

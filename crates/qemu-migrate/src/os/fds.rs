@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// What a process's descriptor refers to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -178,6 +178,33 @@ pub fn unix_sockets() -> Vec<UnixSocket> {
             })
         })
         .collect()
+}
+
+/// Whether process `pid` listens on the unix socket at `path`, read from
+/// `/proc` without connecting to it (a connection would be a client the
+/// listener has to serve).
+#[must_use]
+pub fn listens_on(pid: u32, path: &Path) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    let inodes: Vec<u64> = fds
+        .flatten()
+        .filter_map(|fd| {
+            let link = std::fs::read_link(fd.path()).ok()?;
+            let l = link.to_str()?;
+            l.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+        })
+        .collect();
+    let cwd = process_cwd(pid).unwrap_or_default();
+    let want = std::fs::canonicalize(path).ok();
+    unix_sockets()
+        .iter()
+        .filter(|s| s.listening && inodes.contains(&s.inode) && !s.name.is_empty())
+        .any(|s| {
+            let bound = cwd.join(&s.name);
+            bound == path || std::fs::canonicalize(&bound).ok() == want && want.is_some()
+        })
 }
 
 /// A listening TCP socket of this host: its inode and address.
