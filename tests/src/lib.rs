@@ -285,3 +285,37 @@ pub fn key_file(dir: &Path) -> PathBuf {
     std::io::Write::write_all(&mut f, format!("{hex}\n").as_bytes()).expect("writing the key");
     path
 }
+
+/// `qemu-migrate restore --daemonize --pidfile STATEFILE.pid-beside EXTRA
+/// STATEFILE`: its output, and the restored QEMU's pid where one started.
+pub fn restore_daemonized(statefile: &Path, extra: &[&str]) -> (std::process::Output, Option<i32>) {
+    let pidfile = statefile.with_file_name("restored.pid");
+    let _ = std::fs::remove_file(&pidfile);
+    let out = migrate()
+        .args(["restore", "--daemonize", "--pidfile"])
+        .arg(&pidfile)
+        .args(extra)
+        .arg(statefile)
+        .output()
+        .expect("running qemu-migrate restore");
+    let pid = std::fs::read_to_string(&pidfile)
+        .ok()
+        .and_then(|p| p.trim().parse().ok());
+    (out, pid)
+}
+
+/// `quit` through the human monitor at `sock` (monitor-send), which must
+/// succeed.
+pub fn monitor_quit(sock: &Path) {
+    let out = Command::new(bin("monitor-send"))
+        .arg(sock)
+        .arg("quit")
+        .output()
+        .expect("running monitor-send");
+    assert!(
+        out.status.success(),
+        "quit through {}: {}",
+        sock.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -4,10 +4,10 @@
 //! to its new overlay, and the last checkpoint restores.
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use recipe_tests::{bin, migrate, qemus, recipe_options, spawn_lines, tick, Vm};
+use recipe_tests::{migrate, qemus, recipe_options, spawn_lines, tick, Vm};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -85,12 +85,7 @@ fn a_vm_checkpointed_twenty_times_keeps_short_overlay_names_and_a_failed_one_say
             "{:?}",
             lines.snapshot()
         );
-        let q = Command::new(bin("monitor-send"))
-            .arg(&vm.hmp)
-            .arg("quit")
-            .output()
-            .unwrap();
-        assert!(q.status.success());
+        recipe_tests::monitor_quit(&vm.hmp);
         assert!(child.wait().unwrap().success());
     }
 }

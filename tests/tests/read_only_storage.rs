@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 
 use recipe_tests::loopfs::{saved_with, LoopFs};
-use recipe_tests::{assert_carries_on, at_least, bin, migrate, qemus, spawn_lines};
+use recipe_tests::{assert_carries_on, at_least, migrate, qemus, spawn_lines};
 
 fn refused(args: &[&str], statefile: &Path) -> String {
     let out = migrate().args(args).arg(statefile).output().unwrap();
@@ -18,25 +18,12 @@ fn refused(args: &[&str], statefile: &Path) -> String {
     err
 }
 
-fn quit(sock: &Path) {
-    let out = Command::new(bin("monitor-send"))
-        .arg(sock)
-        .arg("quit")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// `restore ARGS STATEFILE` in the foreground: the guest carries on from
 /// `last`; then quit. Returns what the restore said on stderr.
 fn restores(qemu: &Path, args: &[&str], statefile: &Path, hmp: &Path, last: u64) -> String {
     let (child, console) = spawn_lines(migrate().arg("restore").args(args).arg(statefile));
     assert_carries_on(qemu, &console, last);
-    quit(hmp);
+    recipe_tests::monitor_quit(hmp);
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     String::from_utf8_lossy(&out.stderr).into_owned()

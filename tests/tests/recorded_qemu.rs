@@ -42,22 +42,11 @@ fn edit_manifest(statefile: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
 /// `restore --daemonize` of `statefile` with `extra`; its output, and the
 /// restored QEMU ended if one runs.
 fn restore(statefile: &Path, extra: &[&str]) -> Output {
-    let pidfile = statefile.with_file_name("restored.pid");
-    let _ = std::fs::remove_file(&pidfile);
-    let out = migrate()
-        .args(["restore", "--daemonize", "--pidfile"])
-        .arg(&pidfile)
-        .args(extra)
-        .arg(statefile)
-        .output()
-        .unwrap();
-    if let Some(pid) = std::fs::read_to_string(&pidfile)
-        .ok()
-        .and_then(|p| p.trim().parse::<u32>().ok())
-    {
+    let (out, pid) = recipe_tests::restore_daemonized(statefile, extra);
+    if let Some(pid) = pid {
         // SAFETY: a signal to the QEMU this test restored.
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-        testkit::wait_gone(pid, Duration::from_secs(30));
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        testkit::wait_gone(pid as u32, Duration::from_secs(30));
     }
     out
 }

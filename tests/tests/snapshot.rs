@@ -4,9 +4,9 @@
 //! QEMU refuses a background snapshot, a paused save is made, said so.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
-use recipe_tests::{bin, guest_logged_to, log_ticks, migrate, qemus, wait_tick_above, Vm};
+use recipe_tests::{guest_logged_to, log_ticks, migrate, qemus, wait_tick_above, Vm};
 
 fn snapshot(hmp: &Path, target: &Path) -> Output {
     // (The first test spawns its own, to watch QEMU's events meanwhile.)
@@ -94,12 +94,7 @@ fn a_snapshot_holds_the_instant_it_began_while_the_guest_ticked_on() {
             first > began.saturating_sub(1) && first <= began + 2,
             "restored at tick {first}: the snapshot began after tick {began} and ended after {ended}"
         );
-        let q = Command::new(bin("monitor-send"))
-            .arg(&vm.hmp)
-            .arg("quit")
-            .output()
-            .unwrap();
-        assert!(q.status.success());
+        recipe_tests::monitor_quit(&vm.hmp);
     }
 }
 
@@ -188,12 +183,7 @@ fn a_snapshot_is_also_an_instant_save_and_a_checkpoint_and_each_restores() {
             recipe_tests::wait_log(&log, "a tick of the restored guest", |t| {
                 t.len() > before + 1
             });
-            let q = Command::new(bin("monitor-send"))
-                .arg(&vm.hmp)
-                .arg("quit")
-                .output()
-                .unwrap();
-            assert!(q.status.success(), "{name}");
+            recipe_tests::monitor_quit(&vm.hmp);
             // Its QEMU gone, the next restore may take the sockets.
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
             while vm.hmp.exists() && std::time::Instant::now() < deadline {

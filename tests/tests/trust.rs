@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use recipe_tests::{migrate, qemus, recipe_options, save_then_quit, Vm};
+use recipe_tests::{migrate, qemus, recipe_options, restore_daemonized, save_then_quit, Vm};
 
 const NOBODY: u32 = 65534;
 
@@ -47,22 +47,6 @@ fn edit_manifest(statefile: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     edit(&mut m);
     std::fs::write(&path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
-}
-
-fn restore_daemonized(statefile: &Path, extra: &[&str]) -> (Output, Option<i32>) {
-    let pidfile = statefile.with_file_name("restored.pid");
-    let _ = std::fs::remove_file(&pidfile);
-    let out = migrate()
-        .args(["restore", "--daemonize", "--pidfile"])
-        .arg(&pidfile)
-        .args(extra)
-        .arg(statefile)
-        .output()
-        .unwrap();
-    let pid = std::fs::read_to_string(&pidfile)
-        .ok()
-        .and_then(|p| p.trim().parse().ok());
-    (out, pid)
 }
 
 fn kill(pid: Option<i32>) {
