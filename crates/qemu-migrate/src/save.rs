@@ -93,6 +93,45 @@ pub struct SaveOptions {
     /// Resume the guest (paused for a checkpoint's disks) as soon as QEMU
     /// has taken the device state of a snapshot.
     pub(crate) resume_when_captured: bool,
+    /// QEMU's migration capabilities this save changed, and the values to
+    /// put back (by the save, or by its watchdog if it dies).
+    pub(crate) capabilities_back: Vec<(&'static str, bool)>,
+}
+
+/// Capabilities a one-way stream into a file cannot have: they need QEMU
+/// to read back from the stream (a return path) or several channels. A VM
+/// left with one on (by an earlier migration, or by hand) failed every save
+/// with "Unable to write to file: Bad file descriptor". Dependents first.
+const TWO_WAY: &[&str] = &[
+    "switchover-ack",
+    "postcopy-preempt",
+    "postcopy-ram",
+    "return-path",
+    "zero-copy-send",
+    "mapped-ram",
+    "multifd",
+];
+
+/// Turns off what of [`TWO_WAY`] is on; returns what to put back.
+fn one_way(vm: &mut Vm) -> Result<Vec<(&'static str, bool)>> {
+    let mut back = Vec::new();
+    for &cap in TWO_WAY {
+        if vm.monitor.capability(cap)? == Some(true) {
+            if let Err(e) = vm.monitor.set_capability(cap, false) {
+                put_capabilities_back(&mut vm.monitor, &back);
+                return Err(e.into());
+            }
+            back.push((cap, true));
+        }
+    }
+    Ok(back)
+}
+
+/// Sets the capabilities of `back` to their values again, last changed first.
+fn put_capabilities_back(monitor: &mut qemu_monitor::Monitor, back: &[(&'static str, bool)]) {
+    for (cap, on) in back.iter().rev() {
+        let _ = monitor.set_capability(cap, *on);
+    }
 }
 
 /// What a finished save wrote.
@@ -149,10 +188,36 @@ pub fn save(
         progress.note(&format!("the guest is saved paused, not live: {why}"));
     }
     // --
+    options.capabilities_back = one_way(vm)?;
+    let report = save_with(vm, path, options, progress);
+    report.map(|r| SaveReport { paused_for, ..r })
+}
+
+/// [`save`], the capabilities of a one-way stream set: a snapshot where
+/// asked and QEMU can, else a plain save; QEMU's capabilities put back.
+fn save_with(
+    vm: &mut Vm,
+    path: &Path,
+    mut options: SaveOptions,
+    progress: &dyn Progress,
+) -> Result<SaveReport> {
+    let put_back = |vm: &mut Vm, back: &[(&'static str, bool)]| {
+        // Not after `--then quit`.
+        if vm.monitor.status().is_ok() {
+            put_capabilities_back(&mut vm.monitor, back);
+        }
+    };
     let mut not_snapshot = None;
     if options.snapshot {
-        if let Err(why) = crate::snapshot::enable(vm)? {
-            not_snapshot = Some(why);
+        match crate::snapshot::enable(vm) {
+            Ok(Ok(())) => options
+                .capabilities_back
+                .push((crate::snapshot::CAPABILITY, false)),
+            Ok(Err(why)) => not_snapshot = Some(why),
+            Err(e) => {
+                put_back(vm, &options.capabilities_back);
+                return Err(e);
+            }
         }
     }
     let run = |vm: &mut Vm, options: &SaveOptions| {
@@ -168,7 +233,6 @@ pub fn save(
         Err(Error::MigrationFailed(String::new()))
     };
     if options.snapshot && not_snapshot.is_none() {
-        crate::snapshot::disable(vm);
         // What QEMU can track only shows once the migration starts.
         if let Err(Error::MigrationFailed(why)) = &report {
             if crate::snapshot::refused_at_start(why) {
@@ -178,11 +242,20 @@ pub fn save(
     }
     if let Some(why) = &not_snapshot {
         progress.note(&format!("not a snapshot, saved paused: {why}"));
+        if let Some(i) = options
+            .capabilities_back
+            .iter()
+            .position(|(c, _)| *c == crate::snapshot::CAPABILITY)
+        {
+            crate::snapshot::disable(vm);
+            options.capabilities_back.remove(i);
+        }
         let mut paused = options.clone();
         paused.snapshot = false;
         paused.live = false;
         report = run(vm, &paused);
     }
+    put_back(vm, &options.capabilities_back);
     let mut report = report?;
     if let Some(why) = not_snapshot {
         let why = format!("{why}: saved with the guest paused, as a plain save is");
@@ -194,10 +267,7 @@ pub fn save(
         // The snapshot let the guest run; a save leaves it paused if asked.
         vm.monitor.stop()?;
     }
-    Ok(SaveReport {
-        paused_for,
-        ..report
-    })
+    Ok(report)
 }
 
 /// [`save`] as a plain stream.
@@ -229,8 +299,9 @@ pub(crate) fn save_plain(
         let resume = was_running && !live;
         let then = options.then;
         let target = path.to_path_buf();
+        let settings = (old_bandwidth, options.capabilities_back.clone());
         os::Watchdog::spawn(move |last| {
-            put_back(&addr, resume, old_bandwidth, then, last == Some(COMMITTED));
+            put_back(&addr, resume, &settings, then, last == Some(COMMITTED));
             settle(&target, &[]);
         })?
     };
@@ -467,7 +538,7 @@ pub(crate) const COMMITTED: u8 = b'C';
 pub(crate) fn put_back(
     addr: &qemu_monitor::MonitorAddr,
     resume: bool,
-    bandwidth: u64,
+    (bandwidth, capabilities): &(u64, Vec<(&'static str, bool)>),
     then: Then,
     committed: bool,
 ) {
@@ -489,7 +560,8 @@ pub(crate) fn put_back(
         let _ = monitor.migrate_cancel();
         let _ = monitor.wait_migration(Instant::now() + Duration::from_secs(10), |_| {});
     }
-    let _ = monitor.set_migration_parameter("max-bandwidth", bandwidth);
+    let _ = monitor.set_migration_parameter("max-bandwidth", *bandwidth);
+    put_capabilities_back(&mut monitor, capabilities);
     let done = if committed {
         match then {
             Then::Stop => "the save was complete; the VM stays paused as asked",

@@ -98,11 +98,12 @@ pub(crate) fn save(
         let then = options.then;
         let target = path.to_path_buf();
         let placed = images.clone();
+        let settings = (old_bandwidth, options.capabilities_back.clone());
         os::Watchdog::spawn(move |last| {
             crate::save::put_back(
                 &addr,
                 resume,
-                old_bandwidth,
+                &settings,
                 then,
                 last == Some(crate::save::COMMITTED),
             );

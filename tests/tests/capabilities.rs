@@ -1,0 +1,83 @@
+//! A VM left with migration capabilities that need a two-way or
+//! multi-channel stream (postcopy, a return path, multifd), by an earlier
+//! migration or by hand, is saved all the same: the save turns them off for
+//! its one-way stream and puts them back, and the save restores.
+
+use recipe_tests::{
+    guest_logged_to, log_ticks, migrate, monitor_quit, qemus, wait_log, wait_tick_above, Vm,
+};
+use serde_json::json;
+
+/// Sets QEMU takes together (postcopy does not go with multifd).
+const TWO_WAY: [&[&str]; 2] = [&["return-path", "postcopy-ram"], &["multifd"]];
+
+fn capabilities_on(vm: &mut Vm) -> Vec<String> {
+    let caps = vm
+        .qmp()
+        .execute("query-migrate-capabilities", None)
+        .unwrap();
+    caps.as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["state"] == true)
+        .map(|c| c["capability"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn a_vm_left_with_postcopy_and_multifd_on_is_saved_and_snapshotted_and_keeps_its_settings() {
+    for (qemu, set) in qemus()
+        .into_iter()
+        .flat_map(|q| TWO_WAY.map(|set| (q.clone(), set)))
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("serial.log");
+        let mut vm = Vm::start(&qemu, &guest_logged_to(&log));
+        wait_tick_above(&log, 1);
+        let caps: Vec<_> = set
+            .iter()
+            .map(|c| json!({"capability": c, "state": true}))
+            .collect();
+        vm.qmp()
+            .execute(
+                "migrate-set-capabilities",
+                Some(json!({ "capabilities": caps })),
+            )
+            .unwrap();
+        let before = capabilities_on(&mut vm);
+
+        for (name, verb) in [("snap", "snapshot"), ("state", "save")] {
+            let out = migrate()
+                .args([verb, "--then", "resume", "--monitor"])
+                .arg(&vm.hmp)
+                .arg(dir.path().join(name))
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "{verb}: {err}");
+            assert!(!err.contains("not a snapshot"), "{verb}: {err}");
+            assert_eq!(
+                capabilities_on(&mut vm),
+                before,
+                "{verb}: settings put back"
+            );
+            assert_eq!(vm.status(), "running");
+        }
+
+        let _ = vm.qmp().execute("quit", None);
+        vm.wait_exit();
+        let seen = log_ticks(&log).len();
+        let out = migrate()
+            .args(["restore", "--daemonize"])
+            .arg(dir.path().join("state"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        wait_log(&log, "the restored guest ticking", |t| t.len() > seen + 1);
+        monitor_quit(&vm.hmp);
+    }
+}
