@@ -319,3 +319,20 @@ pub fn monitor_quit(sock: &Path) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Ends the QEMU with pid `.0` when dropped (a test that fails midway
+/// leaves no restored VM behind), if it still runs QEMU.
+#[derive(Debug)]
+pub struct EndOnDrop(pub Option<i32>);
+
+impl Drop for EndOnDrop {
+    fn drop(&mut self) {
+        let Some(pid) = self.0 else { return };
+        let is_qemu = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains("qemu-system"));
+        if is_qemu {
+            // SAFETY: a signal to a QEMU the test started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}

@@ -67,11 +67,8 @@ fn a_vm_left_with_postcopy_and_multifd_on_is_saved_and_snapshotted_and_keeps_its
         let _ = vm.qmp().execute("quit", None);
         vm.wait_exit();
         let seen = log_ticks(&log).len();
-        let out = migrate()
-            .args(["restore", "--daemonize"])
-            .arg(dir.path().join("state"))
-            .output()
-            .unwrap();
+        let (out, pid) = recipe_tests::restore_daemonized(&dir.path().join("state"), &[]);
+        let _end = recipe_tests::EndOnDrop(pid);
         assert!(
             out.status.success(),
             "{}",

@@ -74,11 +74,8 @@ fn a_snapshot_holds_the_instant_it_began_while_the_guest_ticked_on() {
 
         // Restored: it carries on from when the snapshot began.
         let before = log_ticks(&log).len();
-        let restore = migrate()
-            .args(["restore", "--daemonize"])
-            .arg(&target)
-            .output()
-            .unwrap();
+        let (restore, pid) = recipe_tests::restore_daemonized(&target, &[]);
+        let _end = recipe_tests::EndOnDrop(pid);
         assert!(
             restore.status.success(),
             "{}",
@@ -170,11 +167,8 @@ fn a_snapshot_is_also_an_instant_save_and_a_checkpoint_and_each_restores() {
         vm.wait_exit();
         for name in ["instant", "checkpoint"] {
             let before = log_ticks(&log).len();
-            let out = migrate()
-                .args(["restore", "--daemonize"])
-                .arg(dir.path().join(name))
-                .output()
-                .unwrap();
+            let (out, pid) = recipe_tests::restore_daemonized(&dir.path().join(name), &[]);
+            let _end = recipe_tests::EndOnDrop(pid);
             assert!(
                 out.status.success(),
                 "{name}: {}",
