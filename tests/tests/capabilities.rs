@@ -78,3 +78,70 @@ fn a_vm_left_with_postcopy_and_multifd_on_is_saved_and_snapshotted_and_keeps_its
         monitor_quit(&vm.hmp);
     }
 }
+
+#[test]
+fn a_save_killed_midway_gets_the_capabilities_it_turned_off_put_back_by_its_watchdog() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    for qemu in qemus() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("serial.log");
+        let mut options = guest_logged_to(&log);
+        let m = options.iter().position(|o| o == "-m").unwrap();
+        options[m + 1] = "256".into();
+        options.extend(["-append".into(), "fill=200".into()]);
+        let mut vm = Vm::start(&qemu, &options);
+        wait_tick_above(&log, 1);
+        let caps: Vec<_> = TWO_WAY[0]
+            .iter()
+            .map(|c| json!({"capability": c, "state": true}))
+            .collect();
+        vm.qmp()
+            .execute(
+                "migrate-set-capabilities",
+                Some(json!({ "capabilities": caps })),
+            )
+            .unwrap();
+        let before = capabilities_on(&mut vm);
+
+        // Capped at 10 MiB/s: killed once the stream flows.
+        let mut save = migrate()
+            .args([
+                "--json",
+                "save",
+                "--bandwidth",
+                "10",
+                "--then",
+                "resume",
+                "--monitor",
+            ])
+            .arg(&vm.hmp)
+            .arg(dir.path().join("state"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(save.stdout.take().unwrap());
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(
+                out.read_line(&mut line).unwrap() > 0,
+                "the save ended early"
+            );
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if v["done"].as_u64().unwrap_or(0) > 0 {
+                break;
+            }
+        }
+        save.kill().unwrap();
+        // Its stderr ends when the watchdog, which shares it, is done.
+        let end = save.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&end.stderr);
+        assert!(err.contains("the saving process died"), "{err}");
+        assert_eq!(capabilities_on(&mut vm), before, "{err}");
+        assert_eq!(vm.status(), "running", "{err}");
+        let _ = vm.qmp().execute("quit", None);
+        vm.wait_exit();
+    }
+}

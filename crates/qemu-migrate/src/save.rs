@@ -328,6 +328,14 @@ pub(crate) fn save_plain(
         },
         None => e,
     };
+    // After the migration completed: nothing kept, the guest resumed.
+    let failed_after = |vm: &mut Vm, e: Error| {
+        files.remove();
+        if was_running && !live {
+            let _ = vm.monitor.cont_after_migration();
+        }
+        noted(e)
+    };
     let mut options = options.clone();
     options.resume_when_captured = options.snapshot && options.with_disks && was_running;
     let options = &options;
@@ -353,16 +361,7 @@ pub(crate) fn save_plain(
     // A plain save's disks are guarded by `guard`; a checkpoint's frozen
     // images by their own record.
     let recorded = guard::record(vm).and_then(|g| Ok((g, disks.record()?.filter(|r| r.frozen))));
-    let (mut guarded, checkpoint) = match recorded {
-        Ok(r) => r,
-        Err(e) => {
-            files.remove();
-            if was_running && !live {
-                let _ = vm.monitor.cont_after_migration();
-            }
-            return Err(noted(e));
-        }
-    };
+    let (mut guarded, checkpoint) = recorded.map_err(|e| failed_after(vm, e))?;
     if checkpoint.is_some() {
         // A checkpoint's disks are its frozen images, guarded by its own
         // record; the overlays the VM now writes to are no part of the save.
@@ -390,16 +389,7 @@ pub(crate) fn save_plain(
     }
     .place()
     .and_then(|placed| placed.commit(&manifest));
-    let committed = match committed {
-        Ok(c) => c,
-        Err(e) => {
-            files.remove();
-            if was_running && !live {
-                let _ = vm.monitor.cont_after_migration();
-            }
-            return Err(noted(e));
-        }
-    };
+    let committed = committed.map_err(|e| failed_after(vm, e))?;
     finish(
         vm,
         options.then,
