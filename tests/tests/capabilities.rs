@@ -24,6 +24,19 @@ fn capabilities_on(vm: &mut Vm) -> Vec<String> {
         .collect()
 }
 
+fn turn_on(vm: &mut Vm, set: &[&str]) {
+    let caps: Vec<_> = set
+        .iter()
+        .map(|c| json!({"capability": c, "state": true}))
+        .collect();
+    vm.qmp()
+        .execute(
+            "migrate-set-capabilities",
+            Some(json!({ "capabilities": caps })),
+        )
+        .unwrap();
+}
+
 #[test]
 fn a_vm_left_with_postcopy_and_multifd_on_is_saved_and_snapshotted_and_keeps_its_settings() {
     for (qemu, set) in qemus()
@@ -34,16 +47,7 @@ fn a_vm_left_with_postcopy_and_multifd_on_is_saved_and_snapshotted_and_keeps_its
         let log = dir.path().join("serial.log");
         let mut vm = Vm::start(&qemu, &guest_logged_to(&log));
         wait_tick_above(&log, 1);
-        let caps: Vec<_> = set
-            .iter()
-            .map(|c| json!({"capability": c, "state": true}))
-            .collect();
-        vm.qmp()
-            .execute(
-                "migrate-set-capabilities",
-                Some(json!({ "capabilities": caps })),
-            )
-            .unwrap();
+        turn_on(&mut vm, set);
         let before = capabilities_on(&mut vm);
 
         for (name, verb) in [("snap", "snapshot"), ("state", "save")] {
@@ -92,16 +96,7 @@ fn a_save_killed_midway_gets_the_capabilities_it_turned_off_put_back_by_its_watc
         options.extend(["-append".into(), "fill=200".into()]);
         let mut vm = Vm::start(&qemu, &options);
         wait_tick_above(&log, 1);
-        let caps: Vec<_> = TWO_WAY[0]
-            .iter()
-            .map(|c| json!({"capability": c, "state": true}))
-            .collect();
-        vm.qmp()
-            .execute(
-                "migrate-set-capabilities",
-                Some(json!({ "capabilities": caps })),
-            )
-            .unwrap();
+        turn_on(&mut vm, TWO_WAY[0]);
         let before = capabilities_on(&mut vm);
 
         // Capped at 10 MiB/s: killed once the stream flows.

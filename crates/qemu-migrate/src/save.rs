@@ -227,17 +227,18 @@ fn save_with(
             save_plain(vm, path, options, progress)
         }
     };
-    let mut report = if not_snapshot.is_none() {
-        run(vm, &options)
-    } else {
-        Err(Error::MigrationFailed(String::new()))
-    };
-    if options.snapshot && not_snapshot.is_none() {
-        // What QEMU can track only shows once the migration starts.
-        if let Err(Error::MigrationFailed(why)) = &report {
-            if crate::snapshot::refused_at_start(why) {
+    // A snapshot QEMU refuses only once the migration starts (what it can
+    // track) is made again paused, as one refused up front is.
+    let mut report = None;
+    if not_snapshot.is_none() {
+        let tried = run(vm, &options);
+        match &tried {
+            Err(Error::MigrationFailed(why))
+                if options.snapshot && crate::snapshot::refused_at_start(why) =>
+            {
                 not_snapshot = Some(format!("QEMU could not start a background snapshot: {why}"));
             }
+            _ => report = Some(tried),
         }
     }
     if let Some(why) = &not_snapshot {
@@ -253,8 +254,9 @@ fn save_with(
         let mut paused = options.clone();
         paused.snapshot = false;
         paused.live = false;
-        report = run(vm, &paused);
+        report = Some(run(vm, &paused));
     }
+    let report = report.expect("a save was run");
     put_back(vm, &options.capabilities_back);
     let mut report = report?;
     if let Some(why) = not_snapshot {
