@@ -163,7 +163,7 @@ pub(crate) fn restore(
     }
     if let (false, Some(copy)) = (cli.json, &restored.copy) {
         eprintln!(
-            "  restored from a copy of the save, {} (this QEMU cannot map RAM images from              read-only storage); the copy stays, and restores again by that name",
+            "  restored from a copy of the save, {} (this QEMU cannot map RAM images from read-only storage); the copy stays, and restores again by that name",
             copy.display()
         );
     }

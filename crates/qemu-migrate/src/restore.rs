@@ -439,7 +439,7 @@ fn refuse_unwritable_overlays(checked: &Checked, into: Option<&Path>) -> Result<
         Some(e) => Err(Error::BadStateFile {
             path: checked.path.clone(),
             reason: format!(
-                "a checkpoint's disks run on fresh overlays, made beside it by default, and                  {} cannot take them ({}): give them a writable directory with                  `restore --into DIR`",
+                "a checkpoint's disks run on fresh overlays, made beside it by default, and {} cannot take them ({}): give them a writable directory with `restore --into DIR`",
                 dir.display(),
                 crate::error::os_message(&e)
             ),

@@ -430,7 +430,7 @@ impl ImageCheck {
     pub fn words(self) -> &'static str {
         match self {
             ImageCheck::Identity => {
-                "size and identity only (the very file the save wrote, unchanged through the file                  system); its content was not read"
+                "size and identity only (the very file the save wrote, unchanged through the file system); its content was not read"
             }
             ImageCheck::Verity => {
                 "sealed with fs-verity, digest as saved: the kernel checks every page as it is read"
@@ -501,7 +501,7 @@ fn check_one(
             Some(got) if got == *want => {
                 if let Some(q) = qemu.filter(|q| !read_only_images(*q)) {
                     return Err(bad(format!(
-                        "it is sealed with fs-verity (read-only for good), and QEMU {q} opens                          guest RAM's file for writing: restore with QEMU {READ_ONLY_IMAGES} or                          later (--qemu), or from a copy of the save (a copy is not sealed)"
+                        "it is sealed with fs-verity (read-only for good), and QEMU {q} opens guest RAM's file for writing: restore with QEMU {READ_ONLY_IMAGES} or later (--qemu), or from a copy of the save (a copy is not sealed)"
                     )));
                 }
                 if !full {
@@ -510,7 +510,7 @@ fn check_one(
             }
             Some(got) => {
                 return Err(bad(format!(
-                    "replaced or damaged: its fs-verity digest is {got}, the save sealed it with                      {want} (manifest)"
+                    "replaced or damaged: its fs-verity digest is {got}, the save sealed it with {want} (manifest)"
                 )))
             }
             // Not sealed: a copy of the save (copies lose the seal), checked as any.
@@ -524,7 +524,7 @@ fn check_one(
     let damage = check::read_whole(&path, layout, &mut || true).map_err(|e| {
         if e.raw_os_error() == Some(libc::EIO) && layout.verity.is_some() {
             bad(format!(
-                "the kernel's fs-verity check failed while reading it ({e}): it is damaged                  below the file system; restore from an intact copy of the save or from an                  earlier save"
+                "the kernel's fs-verity check failed while reading it ({e}): it is damaged below the file system; restore from an intact copy of the save or from an earlier save"
             ))
         } else {
             Error::file(&path, "reading the RAM image")(e)
