@@ -104,25 +104,26 @@ pub fn held_vms() -> Vec<u32> {
     let Ok(locks) = std::fs::read_to_string("/proc/locks") else {
         return Vec::new();
     };
-    // `1: FLOCK  ADVISORY  WRITE 1234 00:2f:5678 0 EOF`: inode last.
-    let held: Vec<u64> = locks
+    // `1: FLOCK  ADVISORY  WRITE 1234 00:2f:5678 0 EOF`: the device's
+    // major and minor in hex, then the inode. An inode number alone also
+    // names files of other file systems (another program's lock).
+    let held: Vec<(u32, u32, u64)> = locks
         .lines()
         .filter(|l| l.contains("FLOCK"))
         .filter_map(|l| {
-            l.split_whitespace()
-                .nth(5)?
-                .rsplit(':')
-                .next()?
-                .parse()
-                .ok()
+            let mut id = l.split_whitespace().nth(5)?.split(':');
+            let major = u32::from_str_radix(id.next()?, 16).ok()?;
+            let minor = u32::from_str_radix(id.next()?, 16).ok()?;
+            Some((major, minor, id.next()?.parse().ok()?))
         })
         .collect();
+    let id = |m: &std::fs::Metadata| (libc::major(m.dev()), libc::minor(m.dev()), m.ino());
     let Ok(entries) = std::fs::read_dir(&dir) else {
         return Vec::new();
     };
     entries
         .flatten()
-        .filter(|e| e.metadata().is_ok_and(|m| held.contains(&m.ino())))
+        .filter(|e| e.metadata().is_ok_and(|m| held.contains(&id(&m))))
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
             name.strip_prefix("vm-")?
